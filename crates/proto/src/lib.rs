@@ -1,0 +1,16 @@
+//! The one place protobuf codegen runs. Everything else imports `duplex_proto::v1`.
+
+#[allow(clippy::all, clippy::pedantic, clippy::unwrap_used)]
+pub mod v1 {
+    tonic::include_proto!("duplex.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Duplex service, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/duplex_descriptor.bin"));
+
+/// Metadata key that carries an account ticket on storage calls.
+pub const TICKET_METADATA_KEY: &str = "duplex-ticket-bin";
+
+/// Largest gRPC message any Duplex service sends or accepts: one chunk (at
+/// most 8 MiB) plus framing.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;

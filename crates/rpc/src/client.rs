@@ -1,0 +1,94 @@
+//! Client plumbing: channels with Duplex's message limits and window sizes,
+//! and retries driven by an explicit table of gRPC codes.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid endpoint {url:?}: {source}")]
+    Endpoint {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// A lazily connecting channel to `url`: the first call connects, and a
+/// broken connection is re-established by the next call.
+pub fn channel(url: &str) -> Result<Channel, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| ClientError::Endpoint {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .connect_lazy())
+}
+
+/// Codes worth retrying: the call did not happen or may succeed elsewhere
+/// or later. Never `Internal`, `InvalidArgument`, `DataLoss` or auth
+/// failures, which would fail the same way again.
+pub fn is_retryable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::ResourceExhausted | Code::Aborted)
+}
+
+/// Retries an idempotent call on retryable codes with exponential backoff
+/// until `deadline` has passed.
+pub async fn retry<T, F, Fut>(deadline: Duration, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(status) if is_retryable(status.code()) && start.elapsed() + backoff < deadline => {
+                tracing::debug!(code = ?status.code(), message = status.message(), "retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_unavailable_but_not_internal() {
+        let calls = AtomicU32::new(0);
+        let ok = retry(Duration::from_secs(5), || async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                Err(tonic::Status::unavailable("down"))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(ok.ok(), Some(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+
+        let calls = AtomicU32::new(0);
+        let err = retry(Duration::from_secs(5), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(tonic::Status::internal("bug"))
+        })
+        .await;
+        assert_eq!(err.map_err(|s| s.code()), Err(Code::Internal));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -1,0 +1,11 @@
+//! RPC plumbing shared by every Duplex server and client.
+
+pub mod client;
+pub mod config;
+pub mod health;
+pub mod serve;
+pub mod telemetry;
+pub mod ticket;
+
+pub use client::{channel, ClientError};
+pub use serve::{bind, serve, shutdown_on_signals, Bound, ServeError};

@@ -1,0 +1,147 @@
+//! Serving a set of gRPC services the way every Duplex server does: bound
+//! to `--listen` (port 0 allowed; the real address is printed), with the
+//! standard health service and reflection (v1 and v1alpha), and a graceful
+//! drain on SIGTERM / SIGINT that first reports NOT_SERVING.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+
+/// How long in-flight calls may run after shutdown begins.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("reflection setup failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A bound listener whose real address is known before serving starts.
+pub struct Bound {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+/// Binds `listen` and prints `listening on http://ADDR` on stdout, the line
+/// test harnesses and the playground read to learn a port-0 address.
+pub async fn bind(listen: &str) -> Result<Bound, ServeError> {
+    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind {
+        addr: listen.to_owned(),
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind {
+        addr: listen.to_owned(),
+        source,
+    })?;
+    let mut out = std::io::stdout().lock();
+    // Stdout closed (daemonised) is no reason to fail: the log line says it too.
+    let _ = writeln!(out, "listening on http://{addr}");
+    let _ = out.flush();
+    tracing::info!(%addr, "listening");
+    Ok(Bound { listener, addr })
+}
+
+/// Serves `routes` (whose fully qualified service names are `names`, for
+/// health) on `bound` until `shutdown` is cancelled, then reports
+/// NOT_SERVING and drains in-flight calls for at most [`DRAIN_DEADLINE`].
+pub async fn serve(
+    bound: Bound,
+    names: &[&'static str],
+    routes: Routes,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let names = names.to_vec();
+    for name in &names {
+        reporter.set_service_status(*name, ServingStatus::Serving).await;
+    }
+    reporter.set_service_status("", ServingStatus::Serving).await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(duplex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(duplex_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let routes = routes
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let drain_started = CancellationToken::new();
+    let signal = {
+        let shutdown = shutdown.clone();
+        let drain_started = drain_started.clone();
+        async move {
+            shutdown.cancelled().await;
+            // Probes and load balancers see NOT_SERVING before connections close.
+            reporter.set_service_status("", ServingStatus::NotServing).await;
+            for name in names {
+                reporter.set_service_status(name, ServingStatus::NotServing).await;
+            }
+            tracing::info!("shutting down: draining in-flight calls");
+            drain_started.cancel();
+        }
+    };
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(4 * 1024 * 1024))
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(bound.listener), signal);
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => return res.map_err(ServeError::from),
+        () = drain_started.cancelled() => {}
+    }
+    match tokio::time::timeout(DRAIN_DEADLINE, server).await {
+        Ok(res) => res.map_err(ServeError::from),
+        Err(_) => {
+            tracing::warn!("drain deadline passed; closing remaining calls");
+            Ok(())
+        }
+    }
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let child = token.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        child.cancel();
+    });
+    token
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stopping on ctrl-c only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
