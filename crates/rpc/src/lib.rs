@@ -1,5 +1,6 @@
 //! RPC plumbing shared by every Duplex server and client.
 
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod health;

@@ -1,0 +1,65 @@
+//! Command-line options every server binary shares.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// TOML file whose keys are defaults for these options (e.g. `listen = "0.0.0.0:7000"`).
+    #[arg(long, env = "DUPLEX_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on; port 0 picks a free port (printed on stdout).
+    #[arg(long, env = "DUPLEX_LISTEN", global = true)]
+    pub listen: Option<String>,
+    /// Where this server keeps its data.
+    #[arg(long, env = "DUPLEX_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Unique, operator-chosen name, e.g. `storage-a`.
+    #[arg(long, env = "DUPLEX_NAME", global = true)]
+    pub name: Option<String>,
+    /// The site this server belongs to.
+    #[arg(long, env = "DUPLEX_SITE", default_value = "a", global = true)]
+    pub site: String,
+    /// Address clients should use to reach this server (default: the listen address).
+    #[arg(long, env = "DUPLEX_ADVERTISE", global = true)]
+    pub advertise: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ServerCommand {
+    /// Run the server (the default).
+    Serve,
+    /// Ask a running server's gRPC health service; exit 0 only when SERVING.
+    Healthcheck {
+        /// Server to ask (default: derived from --listen).
+        #[arg(long)]
+        addr: Option<String>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("--{0} is required (or set DUPLEX_{1})")]
+pub struct MissingOption(pub &'static str, pub &'static str);
+
+impl ServerArgs {
+    pub fn listen_or(&self, default: &str) -> String {
+        self.listen.clone().unwrap_or_else(|| default.to_owned())
+    }
+
+    pub fn data_dir(&self) -> Result<PathBuf, MissingOption> {
+        self.data_dir.clone().ok_or(MissingOption("data-dir", "DATA_DIR"))
+    }
+
+    pub fn name(&self) -> Result<String, MissingOption> {
+        self.name.clone().ok_or(MissingOption("name", "NAME"))
+    }
+
+    /// The URL clients use: `--advertise`, else the bound address.
+    pub fn advertised(&self, bound: std::net::SocketAddr) -> String {
+        match &self.advertise {
+            Some(a) => crate::health::dial_url(a),
+            None => crate::health::dial_url(&bound.to_string()),
+        }
+    }
+}

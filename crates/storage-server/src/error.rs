@@ -1,0 +1,21 @@
+//! The one mapping from engine errors to gRPC statuses.
+
+use tonic::Status;
+
+use crate::store::StoreError;
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match &e {
+            StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            StoreError::HashMismatch { .. } => Status::data_loss(e.to_string()),
+            StoreError::MissingChunks { .. } => Status::failed_precondition(e.to_string()),
+            StoreError::NotFound(_) => Status::not_found(e.to_string()),
+            StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
+            StoreError::Io { .. } | StoreError::Db(_) => {
+                tracing::error!(error = %e, "storage failure");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Duplex storage server: the storage engine (`store`) and its gRPC face.
+
+pub mod auth;
+mod error;
+pub mod server;
+pub mod service;
+pub mod store;

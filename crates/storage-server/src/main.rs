@@ -1,0 +1,48 @@
+use anyhow::Context;
+use clap::Parser;
+use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use duplex_storage_server::server::{run, Config};
+
+/// Duplex storage server: backup data as deduplicated, compressed chunks.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Account servers (comma-separated URLs) that sign tickets and home accounts here.
+    #[arg(long, env = "DUPLEX_ACCOUNT_SERVERS", value_delimiter = ',', global = true)]
+    account_servers: Vec<String>,
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:7100";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    duplex_rpc::config::load_config_file_into_env()?;
+    let cli = Cli::parse();
+    duplex_rpc::telemetry::init();
+    let listen = cli.server.listen_or(DEFAULT_LISTEN);
+    if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
+        let addr = addr.clone().unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
+        duplex_rpc::health::check(&addr, "").await?;
+        return Ok(());
+    }
+    if cli.account_servers.is_empty() {
+        anyhow::bail!("--account-servers is required (or set DUPLEX_ACCOUNT_SERVERS)");
+    }
+    let data_dir = cli.server.data_dir()?;
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let shutdown = duplex_rpc::shutdown_on_signals();
+    let bound = duplex_rpc::bind(&listen).await?;
+    let config = Config {
+        data_dir,
+        name: cli.server.name()?,
+        site: cli.server.site.clone(),
+        advertise: cli.server.advertised(bound.addr),
+        account_servers: cli.account_servers,
+    };
+    run(config, bound, shutdown).await?;
+    Ok(())
+}

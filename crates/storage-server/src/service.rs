@@ -1,0 +1,225 @@
+//! Thin gRPC handlers over the storage engine: authenticate, validate,
+//! run the engine call off the async threads, map errors.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use duplex_proto::v1::storage_admin_server::StorageAdmin;
+use duplex_proto::v1::storage_service_server::StorageService;
+use duplex_proto::v1::{
+    Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest,
+    ListSnapshotsRequest, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
+    PutChunksResponse, ServerInfo, SnapshotInfo, StorageServerStatus, VerifyRequest, VerifyResponse,
+};
+use duplex_types::ChunkId;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{Access, Auth};
+use crate::store::snapshots::NewSnapshot;
+use crate::store::{PackWriter, PutStats, Store, StoreError, MAX_CHUNK_BYTES};
+
+/// A pack is fsynced and indexed every this many bytes, so an upload cut
+/// short keeps (and the retry reuses) what was already sent.
+const COMMIT_EVERY_BYTES: u64 = 32 * 1024 * 1024;
+/// Most chunk ids one call may name.
+const MAX_IDS_PER_CALL: usize = 100_000;
+
+pub struct StorageApi {
+    pub store: Arc<Store>,
+    pub auth: Arc<Auth>,
+    pub info: ServerInfo,
+}
+
+/// Runs a blocking engine call on the blocking pool.
+async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Status::internal(format!("storage task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
+    if raw.len() > MAX_IDS_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "{} chunk ids in one call; at most {MAX_IDS_PER_CALL}",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .map(|b| ChunkId::from_bytes(b).map_err(|e| Status::invalid_argument(e.to_string())))
+        .collect()
+}
+
+fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
+    if chunk.raw_len as usize > MAX_CHUNK_BYTES || chunk.data.len() > MAX_CHUNK_BYTES + 1024 {
+        return Err(Status::invalid_argument(format!(
+            "chunk larger than the {MAX_CHUNK_BYTES}-byte limit"
+        )));
+    }
+    Ok(())
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StorageService for StorageApi {
+    async fn missing_chunks(
+        &self,
+        request: Request<MissingChunksRequest>,
+    ) -> Result<Response<MissingChunksResponse>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let ids = chunk_ids(&request.get_ref().ids)?;
+        let missing = blocking(&self.store, move |s| s.missing(caller.account, &ids)).await?;
+        Ok(Response::new(MissingChunksResponse {
+            missing: missing.into_iter().map(ChunkId::to_vec).collect(),
+        }))
+    }
+
+    async fn put_chunks(&self, request: Request<Streaming<Chunk>>) -> Result<Response<PutChunksResponse>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let mut stream = request.into_inner();
+        let account = caller.account;
+        let mut writer = blocking(&self.store, move |s| s.begin_pack(account)).await?;
+        let mut stats = PutStats::default();
+        while let Some(chunk) = stream.message().await? {
+            check_chunk_shape(&chunk)?;
+            let (w, added) = blocking_add(&self.store, writer, chunk).await?;
+            writer = w;
+            stats += added;
+        }
+        let (writer, committed) = blocking_commit(&self.store, writer).await?;
+        stats += committed;
+        writer.discard_if_empty();
+        Ok(Response::new(PutChunksResponse {
+            stored: stats.stored,
+            already_present: stats.already_present,
+            stored_bytes: stats.stored_bytes,
+        }))
+    }
+
+    type GetChunksStream = ChunkStream;
+
+    async fn get_chunks(&self, request: Request<GetChunksRequest>) -> Result<Response<ChunkStream>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let ids = chunk_ids(&request.get_ref().ids)?;
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in ids {
+                let item = match store.read_chunk(caller.account, id) {
+                    Ok(Some(c)) => Ok(Chunk {
+                        id: c.id.to_vec(),
+                        compression: c.compression as i32,
+                        raw_len: c.raw_len,
+                        data: c.data.into(),
+                    }),
+                    Ok(None) => Err(Status::not_found(format!("chunk {id} not found"))),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit_snapshot(&self, request: Request<CommitSnapshotRequest>) -> Result<Response<SnapshotInfo>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let req = request.into_inner();
+        let manifest_chunks = chunk_ids(&req.manifest_chunks)?;
+        if req.paths.len() > 10_000 || req.hostname.len() > 255 {
+            return Err(Status::invalid_argument("too many paths or hostname too long"));
+        }
+        let new = NewSnapshot {
+            manifest_chunks,
+            paths: req.paths,
+            hostname: req.hostname,
+        };
+        let info = blocking(&self.store, move |s| s.commit_snapshot(caller.account, new)).await?;
+        tracing::info!(account = %caller.name, snapshot = %info.id, files = info.files, bytes = info.bytes, "snapshot committed");
+        Ok(Response::new(info))
+    }
+
+    async fn list_snapshots(
+        &self,
+        request: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let snapshots = blocking(&self.store, move |s| s.list_snapshots(caller.account)).await?;
+        Ok(Response::new(ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn get_snapshot(&self, request: Request<GetSnapshotRequest>) -> Result<Response<SnapshotInfo>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let query = request.into_inner().id;
+        let info = blocking(&self.store, move |s| s.get_snapshot(caller.account, &query)).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let snapshot = request.into_inner().snapshot_id;
+        let report = blocking(&self.store, move |s| {
+            s.verify(caller.account, (!snapshot.is_empty()).then_some(snapshot.as_str()))
+        })
+        .await?;
+        Ok(Response::new(VerifyResponse {
+            chunks_checked: report.chunks_checked,
+            bytes_checked: report.bytes_checked,
+            missing: report.missing.into_iter().map(ChunkId::to_vec).collect(),
+            corrupt: report.corrupt.into_iter().map(ChunkId::to_vec).collect(),
+        }))
+    }
+}
+
+/// Appends one chunk off the async threads, committing the pack when
+/// enough bytes are pending.
+async fn blocking_add(store: &Arc<Store>, mut writer: PackWriter, chunk: Chunk) -> Result<(PackWriter, PutStats), Status> {
+    let store = store.clone();
+    let (writer, result) = tokio::task::spawn_blocking(move || {
+        let result = writer.add(&chunk).and_then(|()| {
+            if writer.pending_bytes() >= COMMIT_EVERY_BYTES {
+                store.commit_pack(&mut writer)
+            } else {
+                Ok(PutStats::default())
+            }
+        });
+        (writer, result)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+    Ok((writer, result?))
+}
+
+async fn blocking_commit(store: &Arc<Store>, mut writer: PackWriter) -> Result<(PackWriter, PutStats), Status> {
+    let store = store.clone();
+    let (writer, result) = tokio::task::spawn_blocking(move || {
+        let result = store.commit_pack(&mut writer);
+        (writer, result)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+    Ok((writer, result?))
+}
+
+#[tonic::async_trait]
+impl StorageAdmin for StorageApi {
+    async fn get_status(
+        &self,
+        _request: Request<GetStorageStatusRequest>,
+    ) -> Result<Response<StorageServerStatus>, Status> {
+        let mut status = blocking(&self.store, Store::status).await?;
+        status.server = Some(self.info.clone());
+        Ok(Response::new(status))
+    }
+}

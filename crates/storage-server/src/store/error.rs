@@ -1,0 +1,48 @@
+use duplex_types::ChunkId;
+
+/// Everything the storage engine can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("metadata store: {0}")]
+    Db(#[from] redb::Error),
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("chunk {id} does not match its content (hash is {actual})")]
+    HashMismatch { id: ChunkId, actual: ChunkId },
+    #[error("snapshot names {count} chunks this server does not hold, e.g. {first}")]
+    MissingChunks { count: usize, first: ChunkId },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("stored chunk {id} is corrupt: {reason}")]
+    Corrupt { id: ChunkId, reason: String },
+}
+
+impl StoreError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+        let context = context.into();
+        move |source| StoreError::Io { context, source }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Db(e.into())
+            }
+        }
+    )*};
+}
+
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

@@ -1,0 +1,149 @@
+//! Pack files: chunks appended one after another, fsynced before the index
+//! that points into them commits. One writer per upload stream, so packs
+//! never need locking.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use duplex_proto::v1::Chunk;
+use duplex_types::{AccountId, ChunkId};
+
+use super::codec;
+use super::tables::ChunkLoc;
+use super::{fsync_dir, StoreError};
+
+/// What one `PutChunks` stream did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PutStats {
+    pub stored: u64,
+    pub already_present: u64,
+    pub stored_bytes: u64,
+}
+
+impl std::ops::AddAssign for PutStats {
+    fn add_assign(&mut self, rhs: Self) {
+        self.stored += rhs.stored;
+        self.already_present += rhs.already_present;
+        self.stored_bytes += rhs.stored_bytes;
+    }
+}
+
+pub struct PendingChunk {
+    pub id: ChunkId,
+    pub loc: ChunkLoc,
+}
+
+pub struct PackWriter {
+    account: AccountId,
+    pack: u64,
+    path: PathBuf,
+    dir: PathBuf,
+    file: File,
+    offset: u64,
+    dir_synced: bool,
+    pending: Vec<PendingChunk>,
+    pending_bytes: u64,
+}
+
+pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
+    dir.join(format!("{pack:016x}.pack"))
+}
+
+impl PackWriter {
+    pub fn create(dir: &Path, account: AccountId) -> Result<PackWriter, StoreError> {
+        loop {
+            let pack: u64 = rand::random();
+            let path = pack_path(dir, pack);
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(file) => {
+                    return Ok(PackWriter {
+                        account,
+                        pack,
+                        path,
+                        dir: dir.to_path_buf(),
+                        file,
+                        offset: 0,
+                        dir_synced: false,
+                        pending: Vec::new(),
+                        pending_bytes: 0,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(StoreError::io(format!("creating {}", path.display()))(e)),
+            }
+        }
+    }
+
+    pub fn account(&self) -> AccountId {
+        self.account
+    }
+
+    /// Bytes appended since the last commit.
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    /// Verifies `chunk` against its id and appends it. A chunk that does not
+    /// verify is refused before a byte of it is written.
+    pub fn add(&mut self, chunk: &Chunk) -> Result<(), StoreError> {
+        let id = ChunkId::from_bytes(&chunk.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let compression = chunk.compression();
+        let compression_code = u8::try_from(chunk.compression)
+            .map_err(|_| StoreError::Invalid(format!("unknown compression {}", chunk.compression)))?;
+        if codec::compression_from_u8(compression_code).is_none() {
+            return Err(StoreError::Invalid(format!("unknown compression {}", chunk.compression)));
+        }
+        codec::verify(id, compression, chunk.raw_len as usize, &chunk.data)?;
+        let len = u32::try_from(chunk.data.len())
+            .map_err(|_| StoreError::Invalid("chunk payload larger than 4 GiB".into()))?;
+        self.file
+            .write_all(&chunk.data)
+            .map_err(StoreError::io(format!("writing {}", self.path.display())))?;
+        self.pending.push(PendingChunk {
+            id,
+            loc: ChunkLoc {
+                pack: self.pack,
+                offset: self.offset,
+                len,
+                raw_len: chunk.raw_len,
+                compression: compression_code,
+            },
+        });
+        self.offset += u64::from(len);
+        self.pending_bytes += u64::from(len);
+        Ok(())
+    }
+
+    /// Fsyncs the pack (and, the first time, its directory entry) and hands
+    /// back the chunks now safe to index.
+    pub(super) fn sync(&mut self) -> Result<Vec<PendingChunk>, StoreError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.file
+            .sync_data()
+            .map_err(StoreError::io(format!("fsync of {}", self.path.display())))?;
+        if !self.dir_synced {
+            fsync_dir(&self.dir)?;
+            self.dir_synced = true;
+        }
+        self.pending_bytes = 0;
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    /// Removes the pack if nothing in it was ever indexed.
+    pub fn discard_if_empty(self) {
+        if self.offset == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+pub fn read(dir: &Path, loc: &ChunkLoc) -> std::io::Result<Vec<u8>> {
+    let file = File::open(pack_path(dir, loc.pack))?;
+    let mut buf = vec![0u8; loc.len as usize];
+    file.read_exact_at(&mut buf, loc.offset)?;
+    Ok(buf)
+}

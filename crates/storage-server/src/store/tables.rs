@@ -1,0 +1,75 @@
+//! redb table layout.
+
+use duplex_types::{Seq, ServerId};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::StoreError;
+
+/// "server_id" → uuid string; later: role, epoch.
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// (account, chunk id) → where the chunk's bytes are.
+pub const CHUNKS: TableDefinition<(u64, [u8; 32]), (u64, u64, u32, u32, u8)> = TableDefinition::new("chunks");
+/// (account, snapshot id) → encoded `SnapshotInfo`.
+pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::new("snapshots");
+/// seq → encoded `ChangeRecord`.
+pub const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
+
+/// Where one chunk's (possibly compressed) bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkLoc {
+    pub pack: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub raw_len: u32,
+    pub compression: u8,
+}
+
+impl ChunkLoc {
+    pub fn to_tuple(self) -> (u64, u64, u32, u32, u8) {
+        (self.pack, self.offset, self.len, self.raw_len, self.compression)
+    }
+
+    pub fn from_tuple((pack, offset, len, raw_len, compression): (u64, u64, u32, u32, u8)) -> Self {
+        Self {
+            pack,
+            offset,
+            len,
+            raw_len,
+            compression,
+        }
+    }
+}
+
+/// Creates the tables and the server id on first open; returns the id.
+pub fn init(db: &Database) -> Result<ServerId, StoreError> {
+    let txn = db.begin_write()?;
+    let id = {
+        let mut meta = txn.open_table(META)?;
+        txn.open_table(CHUNKS)?;
+        txn.open_table(SNAPSHOTS)?;
+        txn.open_table(FEED)?;
+        let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
+        match existing {
+            Some(bytes) => {
+                let text = String::from_utf8(bytes).map_err(|_| StoreError::Invalid("stored server id is not UTF-8".into()))?;
+                ServerId::parse(&text).map_err(|e| StoreError::Invalid(e.to_string()))?
+            }
+            None => {
+                let id = ServerId::generate();
+                meta.insert("server_id", id.to_string().as_bytes())?;
+                id
+            }
+        }
+    };
+    txn.commit()?;
+    Ok(id)
+}
+
+pub fn last_seq(db: &Database) -> Result<Seq, StoreError> {
+    let txn = db.begin_read()?;
+    last_seq_in(&txn.open_table(FEED)?)
+}
+
+pub fn last_seq_in(feed: &impl ReadableTable<u64, &'static [u8]>) -> Result<Seq, StoreError> {
+    Ok(feed.last()?.map(|(k, _)| Seq(k.value())).unwrap_or_default())
+}
