@@ -1,0 +1,244 @@
+//! Thin gRPC handlers over the account store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_proto::v1::account_admin_server::AccountAdmin;
+use duplex_proto::v1::account_service_server::AccountService;
+use duplex_proto::v1::{
+    AccountRecord, AccountServerStatus, AccountView, CreateAccountRequest, CreateAccountResponse,
+    GetAccountStatusRequest, GetTicketKeysRequest, GetTicketKeysResponse, GroupView, ListAccountsRequest,
+    ListAccountsResponse, ListGroupsRequest, ListGroupsResponse, ListStorageServersRequest,
+    ListStorageServersResponse, LoginRequest, LoginResponse, Purpose, RegisterStorageServerRequest,
+    RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest, TicketClaims,
+};
+use duplex_rpc::ticket::{now_unix, TicketSigner};
+use duplex_types::{validate_name, Epoch, NameKind, ServerId};
+use tonic::{Request, Response, Status};
+
+use crate::error::AccountError;
+use crate::store::{AccountStore, NewAccount};
+
+/// How long a ticket stays valid. Short, so a disabled group or a moved
+/// home takes effect within minutes even for a client that never logs in again.
+pub const TICKET_TTL: Duration = Duration::from_secs(15 * 60);
+const DEFAULT_GROUP: &str = "default";
+
+pub struct AccountApi {
+    pub store: Arc<AccountStore>,
+    pub signer: Arc<TicketSigner>,
+    pub info: ServerInfo,
+    pub epoch: Epoch,
+}
+
+async fn blocking<T, F>(store: &Arc<AccountStore>, f: F) -> Result<T, Status>
+where
+    T: Send + 'static,
+    F: FnOnce(&AccountStore) -> Result<T, AccountError> + Send + 'static,
+{
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| Status::internal(format!("account task failed: {e}")))?
+        .map_err(Status::from)
+}
+
+pub fn hash_token(token: &str) -> [u8; 32] {
+    *blake3::hash(token.as_bytes()).as_bytes()
+}
+
+fn new_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("dpx_{hex}")
+}
+
+fn view(record: &AccountRecord, servers: &HashMap<String, ServerInfo>) -> AccountView {
+    AccountView {
+        id: record.id,
+        name: record.name.clone(),
+        group: record.group.clone(),
+        home: servers.get(&record.home_id).map(|s| s.name.clone()).unwrap_or_default(),
+        home_id: record.home_id.clone(),
+        quota_bytes: record.quota_bytes,
+    }
+}
+
+fn servers_by_id(store: &AccountStore) -> Result<HashMap<String, ServerInfo>, AccountError> {
+    Ok(store.storage_servers()?.into_iter().map(|s| (s.id.clone(), s)).collect())
+}
+
+#[tonic::async_trait]
+impl AccountService for AccountApi {
+    async fn login(&self, request: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
+        let req = request.into_inner();
+        if req.token.is_empty() || req.token.len() > 256 {
+            return Err(Status::unauthenticated("unknown or revoked token"));
+        }
+        let purpose = Purpose::try_from(req.purpose)
+            .map_err(|_| Status::invalid_argument(format!("unknown purpose {}", req.purpose)))?;
+        let hash = hash_token(&req.token);
+        let (record, enabled, servers) = blocking(&self.store, move |s| {
+            let record = s.account_by_token(&hash)?;
+            let enabled = s.group_enabled(&record.group)?;
+            Ok((record, enabled, servers_by_id(s)?))
+        })
+        .await?;
+        if purpose == Purpose::Backup && !enabled {
+            return Err(Status::failed_precondition(format!(
+                "backups are disabled for group {:?} (account {:?})",
+                record.group, record.name
+            )));
+        }
+        let home = servers.get(&record.home_id).cloned().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "account {:?} has home {} which is not a known storage server",
+                record.name, record.home_id
+            ))
+        })?;
+        let now = now_unix();
+        let expires = now + TICKET_TTL.as_secs() as i64;
+        let ticket = self.signer.sign(&TicketClaims {
+            account_id: record.id,
+            account_name: record.name.clone(),
+            group: record.group.clone(),
+            can_write: purpose == Purpose::Backup && enabled,
+            issued_at_unix: now,
+            expires_at_unix: expires,
+        });
+        Ok(Response::new(LoginResponse {
+            ticket,
+            account: Some(view(&record, &servers)),
+            home: Some(home),
+            expires_at_unix: expires,
+        }))
+    }
+
+    async fn get_ticket_keys(
+        &self,
+        _request: Request<GetTicketKeysRequest>,
+    ) -> Result<Response<GetTicketKeysResponse>, Status> {
+        Ok(Response::new(GetTicketKeysResponse {
+            keys: vec![self.signer.public_key()],
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl AccountAdmin for AccountApi {
+    async fn create_account(
+        &self,
+        request: Request<CreateAccountRequest>,
+    ) -> Result<Response<CreateAccountResponse>, Status> {
+        let req = request.into_inner();
+        validate_name(NameKind::Account, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let group = if req.group.is_empty() { DEFAULT_GROUP.to_owned() } else { req.group };
+        validate_name(NameKind::Group, &group).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let home = (!req.home.is_empty()).then_some(req.home);
+        if let Some(h) = &home {
+            validate_name(NameKind::Server, h).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let token = new_token();
+        let new = NewAccount {
+            name: req.name,
+            group,
+            token_hash: hash_token(&token),
+            home,
+            quota_bytes: req.quota_bytes,
+        };
+        let epoch = self.epoch;
+        let (record, servers) = blocking(&self.store, move |s| Ok((s.create_account(epoch, new)?, servers_by_id(s)?))).await?;
+        tracing::info!(account = %record.name, group = %record.group, "account created");
+        Ok(Response::new(CreateAccountResponse {
+            account: Some(view(&record, &servers)),
+            token,
+        }))
+    }
+
+    async fn list_accounts(
+        &self,
+        _request: Request<ListAccountsRequest>,
+    ) -> Result<Response<ListAccountsResponse>, Status> {
+        let (records, servers) = blocking(&self.store, |s| Ok((s.accounts()?, servers_by_id(s)?))).await?;
+        Ok(Response::new(ListAccountsResponse {
+            accounts: records.iter().map(|r| view(r, &servers)).collect(),
+        }))
+    }
+
+    async fn list_groups(&self, _request: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+        let (groups, records) = blocking(&self.store, |s| Ok((s.groups()?, s.accounts()?))).await?;
+        let groups = groups
+            .into_iter()
+            .map(|(name, enabled)| GroupView {
+                accounts: records.iter().filter(|r| r.group == name).count() as u64,
+                name,
+                enabled,
+            })
+            .collect();
+        Ok(Response::new(ListGroupsResponse { groups }))
+    }
+
+    async fn set_group_enabled(&self, request: Request<SetGroupEnabledRequest>) -> Result<Response<GroupView>, Status> {
+        let req = request.into_inner();
+        validate_name(NameKind::Group, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let epoch = self.epoch;
+        let name = req.name.clone();
+        let accounts = blocking(&self.store, move |s| {
+            s.set_group(epoch, &name, req.enabled)?;
+            Ok(s.accounts()?.iter().filter(|r| r.group == name).count() as u64)
+        })
+        .await?;
+        tracing::info!(group = %req.name, enabled = req.enabled, "group updated");
+        Ok(Response::new(GroupView {
+            name: req.name,
+            enabled: req.enabled,
+            accounts,
+        }))
+    }
+
+    async fn register_storage_server(
+        &self,
+        request: Request<RegisterStorageServerRequest>,
+    ) -> Result<Response<RegisterStorageServerResponse>, Status> {
+        let server = request
+            .into_inner()
+            .server
+            .ok_or_else(|| Status::invalid_argument("server is required"))?;
+        ServerId::parse(&server.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_name(NameKind::Server, &server.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_name(NameKind::Site, &server.site).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if server.kind != "storage" {
+            return Err(Status::invalid_argument(format!("kind must be \"storage\", got {:?}", server.kind)));
+        }
+        if !(server.addr.starts_with("http://") || server.addr.starts_with("https://")) {
+            return Err(Status::invalid_argument(format!("addr {:?} must be an http(s) URL", server.addr)));
+        }
+        let epoch = self.epoch;
+        let name = server.name.clone();
+        blocking(&self.store, move |s| s.put_storage_server(epoch, server)).await?;
+        tracing::info!(server = %name, "storage server registered");
+        Ok(Response::new(RegisterStorageServerResponse {}))
+    }
+
+    async fn list_storage_servers(
+        &self,
+        _request: Request<ListStorageServersRequest>,
+    ) -> Result<Response<ListStorageServersResponse>, Status> {
+        let servers = blocking(&self.store, AccountStore::storage_servers).await?;
+        Ok(Response::new(ListStorageServersResponse { servers }))
+    }
+
+    async fn get_status(&self, _request: Request<GetAccountStatusRequest>) -> Result<Response<AccountServerStatus>, Status> {
+        let (lsn, hash, accounts) =
+            blocking(&self.store, |s| Ok((s.last_lsn()?, s.state_hash()?, s.accounts()?.len() as u64))).await?;
+        Ok(Response::new(AccountServerStatus {
+            server: Some(self.info.clone()),
+            role: "master".into(),
+            epoch: self.epoch.0,
+            lsn: lsn.0,
+            state_hash: hash,
+            accounts,
+        }))
+    }
+}
