@@ -1,0 +1,196 @@
+//! `duplex backup`: scan, chunk and hash on every core, upload only what
+//! the server lacks, then commit a snapshot whose manifest names every
+//! chunk. Nothing is visible until the commit, so a backup cut short
+//! leaves no snapshot, and the next one reuses every chunk already stored.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use duplex_proto::v1::{Chunk, CommitSnapshotRequest, EntryKind, FileEntry, Manifest};
+use duplex_types::ChunkId;
+use indicatif::ProgressBar;
+use prost::Message;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::chunking::{chunk_stream, Batch, Uploader};
+use crate::scan::{scan, Item};
+use crate::session::Session;
+use crate::AgentError;
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct BackupReport {
+    pub snapshot: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub uploaded_bytes: u64,
+}
+
+pub async fn backup(
+    session: &Session,
+    roots: &[PathBuf],
+    progress: ProgressBar,
+    warn: Arc<dyn Fn(String) + Send + Sync>,
+) -> Result<BackupReport, AgentError> {
+    if roots.is_empty() {
+        return Err(AgentError::Invalid("nothing to back up: give at least one PATH".into()));
+    }
+    let scan_roots = roots.to_vec();
+    let scan_warn = warn.clone();
+    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &*scan_warn))
+        .await
+        .map_err(|e| AgentError::Invalid(format!("scan failed: {e}")))??;
+    let total: u64 = items.iter().map(|i| i.entry.size).sum();
+    progress.set_length(total);
+
+    let (tx, rx) = mpsc::channel::<Chunk>(8);
+    let mut storage = session.storage.clone();
+    let upload = tokio::spawn(async move { storage.put_chunks(ReceiverStream::new(rx)).await });
+    let uploader = Arc::new(Uploader::new(session.storage.clone(), tokio::runtime::Handle::current(), tx));
+
+    let chunked = {
+        let uploader = uploader.clone();
+        let progress = progress.clone();
+        tokio::task::spawn_blocking(move || chunk_all(items, &uploader, &progress, &*warn))
+            .await
+            .map_err(|e| AgentError::Invalid(format!("chunking failed: {e}")))?
+    };
+    let entries = match chunked {
+        Ok(entries) => entries,
+        // A closed upload stream means the upload failed: report why.
+        Err(e) => return Err(upload_error(upload).await.unwrap_or(e)),
+    };
+    let manifest_chunks = {
+        let uploader = uploader.clone();
+        tokio::task::spawn_blocking(move || upload_manifest(entries, &uploader))
+            .await
+            .map_err(|e| AgentError::Invalid(format!("manifest upload failed: {e}")))?
+    };
+    let (manifest_chunks, files, bytes) = match manifest_chunks {
+        Ok(v) => v,
+        Err(e) => return Err(upload_error(upload).await.unwrap_or(e)),
+    };
+    let uploaded_bytes = uploader.uploaded_bytes.load(Ordering::Relaxed);
+    drop(uploader);
+    upload
+        .await
+        .map_err(|e| AgentError::Invalid(format!("upload task failed: {e}")))?
+        .map_err(AgentError::rpc("uploading chunks"))?;
+
+    let mut storage = session.storage.clone();
+    let info = storage
+        .commit_snapshot(CommitSnapshotRequest {
+            manifest_chunks: manifest_chunks.iter().map(|c| c.to_vec()).collect(),
+            paths: roots.iter().map(|p| p.display().to_string()).collect(),
+            hostname: hostname(),
+        })
+        .await
+        .map_err(AgentError::rpc("committing the snapshot"))?
+        .into_inner();
+    progress.finish_and_clear();
+    Ok(BackupReport {
+        snapshot: info.id,
+        files,
+        bytes,
+        uploaded_bytes,
+    })
+}
+
+async fn upload_error(
+    upload: tokio::task::JoinHandle<Result<tonic::Response<duplex_proto::v1::PutChunksResponse>, tonic::Status>>,
+) -> Option<AgentError> {
+    match upload.await {
+        Ok(Err(status)) => Some(AgentError::rpc("uploading chunks")(status)),
+        _ => None,
+    }
+}
+
+/// Chunks every file on all cores. Files that vanish or cannot be read
+/// are skipped with a warning rather than failing the whole backup.
+fn chunk_all(
+    items: Vec<Item>,
+    uploader: &Uploader,
+    progress: &ProgressBar,
+    warn: &(dyn Fn(String) + Send + Sync),
+) -> Result<Vec<FileEntry>, AgentError> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<FileEntry>>> = Mutex::new((0..items.len()).map(|_| None).collect());
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| -> Result<(), AgentError> {
+                    let mut batch = Batch::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        match chunk_file(item, uploader, &mut batch, progress) {
+                            Ok(entry) => lock(&results)?[i] = Some(entry),
+                            Err(AgentError::Io { path, source }) => {
+                                warn(format!("skipped {}: {source}", path.display()));
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    uploader.flush(&mut batch)
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))??;
+        }
+        Ok::<(), AgentError>(())
+    })?;
+    let results = results.into_inner().map_err(|_| AgentError::Invalid("results poisoned".into()))?;
+    Ok(results.into_iter().flatten().collect())
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, AgentError> {
+    m.lock().map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))
+}
+
+fn chunk_file(item: &Item, uploader: &Uploader, batch: &mut Batch, progress: &ProgressBar) -> Result<FileEntry, AgentError> {
+    let mut entry = item.entry.clone();
+    if entry.kind() != EntryKind::File {
+        return Ok(entry);
+    }
+    let file = std::fs::File::open(&item.source).map_err(AgentError::io(&item.source))?;
+    let size = chunk_stream(file, &item.source, |id, data| {
+        entry.chunks.push(id.to_vec());
+        progress.inc(data.len() as u64);
+        if batch.push(id, data) {
+            uploader.flush(batch)?;
+        }
+        Ok(())
+    })?;
+    // The file may have changed since the scan; record what was read.
+    entry.size = size;
+    Ok(entry)
+}
+
+/// Encodes the manifest, stores it as chunks like any file, and returns
+/// its chunk ids with the file count and total size.
+fn upload_manifest(entries: Vec<FileEntry>, uploader: &Uploader) -> Result<(Vec<ChunkId>, u64, u64), AgentError> {
+    let files = entries.iter().filter(|e| e.kind() == EntryKind::File).count() as u64;
+    let bytes = entries.iter().filter(|e| e.kind() == EntryKind::File).map(|e| e.size).sum();
+    let encoded = Manifest { entries }.encode_to_vec();
+    let mut ids = Vec::new();
+    let mut batch = Batch::default();
+    chunk_stream(encoded.as_slice(), std::path::Path::new("<manifest>"), |id, data| {
+        ids.push(id);
+        if batch.push(id, data) {
+            uploader.flush(&mut batch)?;
+        }
+        Ok(())
+    })?;
+    uploader.flush(&mut batch)?;
+    Ok((ids, files, bytes))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}

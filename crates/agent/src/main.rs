@@ -1,0 +1,219 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use duplex_agent::chunking::hex;
+use duplex_agent::session::{login, Options, Session};
+use duplex_agent::{backup, restore};
+use duplex_proto::v1::{ListSnapshotsRequest, Purpose, VerifyRequest};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+/// Duplex backup agent.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Entry point: an account server (repeatable; comma-separated in the env).
+    #[arg(long, env = "DUPLEX_ENDPOINT", value_delimiter = ',', global = true)]
+    endpoint: Vec<String>,
+    /// The account's token.
+    #[arg(long, env = "DUPLEX_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Talk to this storage server directly, skipping discovery (debugging).
+    #[arg(long, global = true)]
+    storage: Option<String>,
+    /// Print one JSON document on stdout and no progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Back up files and directories into a new snapshot.
+    Backup {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List the account's snapshots.
+    Snapshots,
+    /// Restore a snapshot (id, unique prefix, or "latest") into a directory.
+    Restore {
+        snapshot: String,
+        #[arg(long)]
+        target: PathBuf,
+    },
+    /// Check that every chunk of a snapshot (or of the account) is present and intact.
+    Verify { snapshot: Option<String> },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    duplex_rpc::telemetry::init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let options = Options {
+        endpoints: cli.endpoint.clone(),
+        token: cli.token.clone().unwrap_or_default(),
+        storage: cli.storage.clone(),
+    };
+    let purpose = match cli.command {
+        Command::Backup { .. } => Purpose::Backup,
+        _ => Purpose::Read,
+    };
+    let session = login(&options, purpose).await?;
+    match cli.command {
+        Command::Backup { paths } => run_backup(&session, &paths, cli.json).await,
+        Command::Snapshots => run_snapshots(&session, cli.json).await,
+        Command::Restore { snapshot, target } => run_restore(&session, &snapshot, &target, cli.json).await,
+        Command::Verify { snapshot } => run_verify(&session, snapshot, cli.json).await,
+    }
+}
+
+fn progress_bar(json: bool, verb: &str) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let template = format!("{verb} {{bar:40}} {{bytes}}/{{total_bytes}} {{bytes_per_sec}} eta {{eta}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn run_backup(session: &Session, paths: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+    let bar = progress_bar(json, "backing up");
+    let warn_bar = bar.clone();
+    let warn = Arc::new(move |msg: String| warn_bar.suspend(|| eprintln!("warning: {msg}")));
+    let report = backup::backup(session, paths, bar, warn).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "snapshot {} saved to {}: {} files, {} (uploaded {})",
+            report.snapshot,
+            session.home.name,
+            report.files,
+            human_bytes(report.bytes),
+            human_bytes(report.uploaded_bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode> {
+    let mut storage = session.storage.clone();
+    let snapshots = storage.list_snapshots(ListSnapshotsRequest {}).await?.into_inner().snapshots;
+    if json {
+        let list: Vec<_> = snapshots
+            .iter()
+            .map(|s| {
+                json!({
+                    "id": s.id,
+                    "time": rfc3339(s.time_unix_ms),
+                    "files": s.files,
+                    "bytes": s.bytes,
+                    "paths": s.paths,
+                })
+            })
+            .collect();
+        println!("{}", json!({ "snapshots": list }));
+    } else {
+        println!("{:<32}  {:<20}  {:>8}  {:>10}  paths", "id", "time", "files", "size");
+        for s in &snapshots {
+            println!(
+                "{:<32}  {:<20}  {:>8}  {:>10}  {}",
+                s.id,
+                rfc3339(s.time_unix_ms),
+                s.files,
+                human_bytes(s.bytes),
+                s.paths.join(" ")
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_restore(session: &Session, snapshot: &str, target: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let bar = progress_bar(json, "restoring");
+    let report = restore::restore(session, snapshot, target, bar).await?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "restored snapshot {} into {}: {} files, {} directories, {} symlinks, {}",
+            report.snapshot,
+            target.display(),
+            report.files,
+            report.dirs,
+            report.symlinks,
+            human_bytes(report.bytes)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_verify(session: &Session, snapshot: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let mut storage = session.storage.clone();
+    let report = storage
+        .verify(VerifyRequest {
+            snapshot_id: snapshot.clone().unwrap_or_default(),
+        })
+        .await?
+        .into_inner();
+    let ok = report.missing.is_empty() && report.corrupt.is_empty();
+    let missing: Vec<String> = report.missing.iter().map(|c| hex(c)).collect();
+    let corrupt: Vec<String> = report.corrupt.iter().map(|c| hex(c)).collect();
+    if json {
+        println!(
+            "{}",
+            json!({
+                "ok": ok,
+                "chunks_checked": report.chunks_checked,
+                "bytes_checked": report.bytes_checked,
+                "missing": missing,
+                "corrupt": corrupt,
+            })
+        );
+    } else {
+        let what = snapshot.map_or_else(|| "account".to_owned(), |s| format!("snapshot {s}"));
+        println!(
+            "{what}: {} chunks ({}) checked, {} missing, {} corrupt",
+            report.chunks_checked,
+            human_bytes(report.bytes_checked),
+            missing.len(),
+            corrupt.len()
+        );
+        for id in &missing {
+            println!("missing {id}");
+        }
+        for id in &corrupt {
+            println!("corrupt {id}");
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}

@@ -1,0 +1,109 @@
+//! `duplexctl accounts` and `duplexctl groups`, against the account server.
+
+use anyhow::Context;
+use duplex_proto::v1::account_admin_client::AccountAdminClient;
+use duplex_proto::v1::{CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest};
+use serde_json::json;
+use tonic::transport::Channel;
+
+/// An admin client for the first endpoint that answers.
+pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<Channel>> {
+    let mut last = None;
+    for url in endpoints {
+        let mut client = AccountAdminClient::new(duplex_rpc::channel(url)?);
+        match client.list_groups(ListGroupsRequest {}).await {
+            Ok(_) => return Ok(client),
+            Err(status) => last = Some(anyhow::anyhow!("{url}: {}", status.message())),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint: pass --endpoint URL or set DUPLEX_ENDPOINT")))
+}
+
+pub async fn create_account(
+    client: &mut AccountAdminClient<Channel>,
+    name: &str,
+    group: Option<String>,
+    home: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let response = client
+        .create_account(CreateAccountRequest {
+            name: name.to_owned(),
+            group: group.unwrap_or_default(),
+            home: home.unwrap_or_default(),
+            quota_bytes: 0,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("creating account {name:?}: {}", s.message()))?
+        .into_inner();
+    let account = response.account.context("server returned no account")?;
+    if json {
+        println!("{}", json!({"name": account.name, "token": response.token, "home": account.home}));
+    } else {
+        println!("account {} created in group {} with home {}", account.name, account.group, account.home);
+        println!("token (shown only once): {}", response.token);
+    }
+    Ok(())
+}
+
+pub async fn list_accounts(client: &mut AccountAdminClient<Channel>, json: bool) -> anyhow::Result<()> {
+    let accounts = client
+        .list_accounts(ListAccountsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("listing accounts: {}", s.message()))?
+        .into_inner()
+        .accounts;
+    if json {
+        let list: Vec<_> = accounts
+            .iter()
+            .map(|a| json!({"name": a.name, "group": a.group, "home": a.home}))
+            .collect();
+        println!("{}", json!({ "accounts": list }));
+    } else {
+        println!("{:<24} {:<16} home", "name", "group");
+        for a in &accounts {
+            println!("{:<24} {:<16} {}", a.name, a.group, a.home);
+        }
+    }
+    Ok(())
+}
+
+pub async fn list_groups(client: &mut AccountAdminClient<Channel>, json: bool) -> anyhow::Result<()> {
+    let groups = client
+        .list_groups(ListGroupsRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("listing groups: {}", s.message()))?
+        .into_inner()
+        .groups;
+    if json {
+        let list: Vec<_> = groups
+            .iter()
+            .map(|g| json!({"name": g.name, "enabled": g.enabled, "accounts": g.accounts}))
+            .collect();
+        println!("{}", json!({ "groups": list }));
+    } else {
+        println!("{:<24} {:<8} accounts", "name", "enabled");
+        for g in &groups {
+            println!("{:<24} {:<8} {}", g.name, g.enabled, g.accounts);
+        }
+    }
+    Ok(())
+}
+
+pub async fn set_group(client: &mut AccountAdminClient<Channel>, name: &str, enabled: bool, json: bool) -> anyhow::Result<()> {
+    let group = client
+        .set_group_enabled(SetGroupEnabledRequest {
+            name: name.to_owned(),
+            enabled,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("updating group {name:?}: {}", s.message()))?
+        .into_inner();
+    if json {
+        println!("{}", json!({"name": group.name, "enabled": group.enabled, "accounts": group.accounts}));
+    } else {
+        let state = if group.enabled { "enabled" } else { "disabled: its backups are refused" };
+        println!("group {} {state} ({} accounts)", group.name, group.accounts);
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+mod admin;
+mod playground;
+mod procs;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Duplex operator CLI.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The coordinator (used once it exists; account commands go to --endpoint).
+    #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
+    coordinator: Option<String>,
+    /// Account server entry points (repeatable; comma-separated in the env).
+    #[arg(long, env = "DUPLEX_ENDPOINT", value_delimiter = ',', global = true)]
+    endpoint: Vec<String>,
+    /// Print one JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create and list accounts.
+    Accounts {
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+    /// List, disable and enable groups (a disabled group's backups are refused).
+    Groups {
+        #[command(subcommand)]
+        command: GroupsCommand,
+    },
+    /// Run a whole cluster on this machine until Ctrl-C.
+    Playground {
+        /// Where the services keep their data and logs, and playground.json.
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "active-passive", value_parser = ["active-passive", "active-active"])]
+        mode: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    Create {
+        name: String,
+        #[arg(long)]
+        group: Option<String>,
+        /// Home storage server name (default: the least loaded).
+        #[arg(long)]
+        home: Option<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum GroupsCommand {
+    List,
+    Disable { name: String },
+    Enable { name: String },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    duplex_rpc::telemetry::init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
+        Command::Accounts { command } => {
+            let mut client = admin::connect(&cli.endpoint).await?;
+            match command {
+                AccountsCommand::Create { name, group, home } => {
+                    admin::create_account(&mut client, &name, group, home, json).await
+                }
+                AccountsCommand::List => admin::list_accounts(&mut client, json).await,
+            }
+        }
+        Command::Groups { command } => {
+            let mut client = admin::connect(&cli.endpoint).await?;
+            match command {
+                GroupsCommand::List => admin::list_groups(&mut client, json).await,
+                GroupsCommand::Disable { name } => admin::set_group(&mut client, &name, false, json).await,
+                GroupsCommand::Enable { name } => admin::set_group(&mut client, &name, true, json).await,
+            }
+        }
+    }
+}

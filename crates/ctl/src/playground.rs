@@ -1,0 +1,249 @@
+//! `duplexctl playground`: a whole cluster on this machine, as child
+//! processes on loopback ports, until SIGINT / SIGTERM.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use duplex_proto::v1::account_admin_client::AccountAdminClient;
+use duplex_proto::v1::{CreateAccountRequest, ListStorageServersRequest};
+use serde::{Deserialize, Serialize};
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+
+use crate::procs;
+
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+const STOP_GRACE: Duration = Duration::from_secs(10);
+const DEMO_ACCOUNT: &str = "demo";
+
+#[derive(Serialize, Deserialize, Clone)]
+pub struct ServiceInfo {
+    pub name: String,
+    pub kind: String,
+    pub site: String,
+    pub pid: u32,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub cmd: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct AccountInfo {
+    pub name: String,
+    pub token: String,
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct PlaygroundFile {
+    pub coordinator: Option<String>,
+    pub endpoints: Vec<String>,
+    pub account: AccountInfo,
+    pub mode: String,
+    pub services: Vec<ServiceInfo>,
+}
+
+struct Running {
+    info: ServiceInfo,
+    child: Child,
+}
+
+pub async fn run(dir: &Path, mode: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    let bin_dir = bin_dir()?;
+    let previous = read_previous(&dir);
+    let shutdown = duplex_rpc::shutdown_on_signals();
+    let mut running: Vec<Running> = Vec::new();
+    let result = start_all(&dir, &bin_dir, mode, previous, &mut running, &shutdown).await;
+    if let Err(e) = &result {
+        eprintln!("playground failed to start: {e:#}");
+    } else {
+        shutdown.cancelled().await;
+        eprintln!("stopping the playground");
+    }
+    for r in &mut running {
+        procs::stop(&mut r.child, STOP_GRACE).await;
+    }
+    result
+}
+
+async fn start_all(
+    dir: &Path,
+    bin_dir: &Path,
+    mode: &str,
+    previous: Option<PlaygroundFile>,
+    running: &mut Vec<Running>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let account_port = free_port(previous.as_ref(), "account-a")?;
+    let account_url = format!("http://127.0.0.1:{account_port}");
+    let specs = vec![
+        spec(bin_dir, dir, "account-a", "account", "a", account_port, &[]),
+        spec(
+            bin_dir,
+            dir,
+            "storage-a",
+            "storage",
+            "a",
+            free_port(previous.as_ref(), "storage-a")?,
+            &["--account-servers".into(), account_url.clone()],
+        ),
+    ];
+    for info in specs {
+        let log = dir.join(format!("{}.log", info.name));
+        let mut child = procs::spawn(&info.cmd, &log)?;
+        let mut info = info;
+        info.pid = child.id().unwrap_or(0);
+        wait_healthy(&info, &mut child, &log).await?;
+        eprintln!("{} ({}) is up at {}", info.name, info.kind, info.addr);
+        running.push(Running { info, child });
+        if shutdown.is_cancelled() {
+            bail!("interrupted while starting");
+        }
+    }
+    let token = demo_account(&account_url, previous.as_ref()).await?;
+    let file = PlaygroundFile {
+        coordinator: None,
+        endpoints: vec![account_url.clone()],
+        account: AccountInfo {
+            name: DEMO_ACCOUNT.into(),
+            token: token.clone(),
+        },
+        mode: mode.to_owned(),
+        services: running.iter().map(|r| r.info.clone()).collect(),
+    };
+    write_atomically(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
+    print_banner(dir, &account_url, &token);
+    Ok(())
+}
+
+fn spec(bin_dir: &Path, dir: &Path, name: &str, kind: &str, site: &str, port: u16, extra: &[String]) -> ServiceInfo {
+    let binary = bin_dir.join(format!("duplex-{kind}-server"));
+    let data_dir = dir.join(name);
+    let mut cmd = vec![
+        binary.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--data-dir".into(),
+        data_dir.display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--site".into(),
+        site.into(),
+    ];
+    cmd.extend_from_slice(extra);
+    ServiceInfo {
+        name: name.into(),
+        kind: kind.into(),
+        site: site.into(),
+        pid: 0,
+        addr: format!("http://127.0.0.1:{port}"),
+        data_dir,
+        cmd,
+    }
+}
+
+/// The port a service had in this directory before (so its data and
+/// address stay together across runs), else a free one.
+fn free_port(previous: Option<&PlaygroundFile>, name: &str) -> anyhow::Result<u16> {
+    let old = previous
+        .and_then(|p| p.services.iter().find(|s| s.name == name))
+        .and_then(|s| s.addr.rsplit(':').next())
+        .and_then(|p| p.parse::<u16>().ok());
+    if let Some(port) = old {
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("{} exited ({status}) while starting; see {}", info.name, log.display());
+        }
+        if duplex_rpc::health::check(&info.addr, "").await.is_ok() {
+            return Ok(());
+        }
+        if start.elapsed() > READY_DEADLINE {
+            bail!("{} did not become healthy within {READY_DEADLINE:?}; see {}", info.name, log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Creates the demo account once the storage server has registered, or
+/// reuses the one a previous run in this directory created.
+async fn demo_account(account_url: &str, previous: Option<&PlaygroundFile>) -> anyhow::Result<String> {
+    let mut client = AccountAdminClient::new(duplex_rpc::channel(account_url)?);
+    let start = Instant::now();
+    loop {
+        let servers = client.list_storage_servers(ListStorageServersRequest {}).await?.into_inner().servers;
+        if !servers.is_empty() {
+            break;
+        }
+        if start.elapsed() > READY_DEADLINE {
+            bail!("no storage server registered with the account server within {READY_DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let request = CreateAccountRequest {
+        name: DEMO_ACCOUNT.into(),
+        group: String::new(),
+        home: String::new(),
+        quota_bytes: 0,
+    };
+    match client.create_account(request).await {
+        Ok(r) => Ok(r.into_inner().token),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => previous
+            .map(|p| p.account.token.clone())
+            .context("account demo exists but its token was not kept in playground.json; use a fresh --dir"),
+        Err(s) => bail!("creating account demo: {}", s.message()),
+    }
+}
+
+fn read_previous(dir: &Path) -> Option<PlaygroundFile> {
+    let bytes = std::fs::read(dir.join("playground.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Where the server binaries are: `DUPLEX_BIN_DIR`, else beside duplexctl.
+fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("DUPLEX_BIN_DIR") {
+        return Ok(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().context("locating duplexctl")?;
+    let dir = exe.parent().context("duplexctl has no parent directory")?.to_path_buf();
+    for name in ["duplex-account-server", "duplex-storage-server"] {
+        if !dir.join(name).exists() {
+            bail!(
+                "{name} is not beside duplexctl in {}; build the workspace (cargo build --release) or set DUPLEX_BIN_DIR",
+                dir.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+fn print_banner(dir: &Path, endpoint: &str, token: &str) {
+    println!("Duplex playground is running (data in {}). Press Ctrl-C to stop it.", dir.display());
+    println!();
+    println!("  export DUPLEX_ENDPOINT={endpoint}");
+    println!("  export DUPLEX_TOKEN={token}");
+    println!("  duplex backup ~/some/dir");
+    println!("  duplex snapshots");
+    println!("  duplex restore latest --target /tmp/restored");
+    println!();
+    println!("Details for scripts: {}", dir.join("playground.json").display());
+}
