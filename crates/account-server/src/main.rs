@@ -1,6 +1,6 @@
 use anyhow::Context;
 use clap::Parser;
-use duplex_account_server::server::{run, Config};
+use duplex_account_server::server::{Config, run};
 use duplex_rpc::cli::{ServerArgs, ServerCommand};
 
 /// Duplex account server: accounts, groups, tokens and homes.
@@ -22,7 +22,9 @@ async fn main() -> anyhow::Result<()> {
     duplex_rpc::telemetry::init();
     let listen = cli.server.listen_or(DEFAULT_LISTEN);
     if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
-        let addr = addr.clone().unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
+        let addr = addr
+            .clone()
+            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
         duplex_rpc::health::check(&addr, "").await?;
         return Ok(());
     }

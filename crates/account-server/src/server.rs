@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::account_admin_server::AccountAdminServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
-use duplex_proto::v1::ServerInfo;
 use duplex_rpc::ticket::TicketSigner;
 use duplex_rpc::{Bound, ServeError};
 use duplex_types::Epoch;
@@ -65,7 +65,8 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         <AccountServiceServer<AccountApi> as NamedService>::NAME,
         <AccountAdminServer<AccountApi> as NamedService>::NAME,
     ];
-    let routes = Routes::new(AccountServiceServer::from_arc(api.clone())).add_service(AccountAdminServer::from_arc(api));
+    let routes = Routes::new(AccountServiceServer::from_arc(api.clone()))
+        .add_service(AccountAdminServer::from_arc(api));
     duplex_rpc::serve(bound, &names, routes, shutdown).await?;
     Ok(())
 }

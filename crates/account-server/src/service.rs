@@ -13,8 +13,8 @@ use duplex_proto::v1::{
     ListStorageServersResponse, LoginRequest, LoginResponse, Purpose, RegisterStorageServerRequest,
     RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest, TicketClaims,
 };
-use duplex_rpc::ticket::{now_unix, TicketSigner};
-use duplex_types::{validate_name, Epoch, NameKind, ServerId};
+use duplex_rpc::ticket::{TicketSigner, now_unix};
+use duplex_types::{Epoch, NameKind, ServerId, validate_name};
 use tonic::{Request, Response, Status};
 
 use crate::error::AccountError;
@@ -59,14 +59,21 @@ fn view(record: &AccountRecord, servers: &HashMap<String, ServerInfo>) -> Accoun
         id: record.id,
         name: record.name.clone(),
         group: record.group.clone(),
-        home: servers.get(&record.home_id).map(|s| s.name.clone()).unwrap_or_default(),
+        home: servers
+            .get(&record.home_id)
+            .map(|s| s.name.clone())
+            .unwrap_or_default(),
         home_id: record.home_id.clone(),
         quota_bytes: record.quota_bytes,
     }
 }
 
 fn servers_by_id(store: &AccountStore) -> Result<HashMap<String, ServerInfo>, AccountError> {
-    Ok(store.storage_servers()?.into_iter().map(|s| (s.id.clone(), s)).collect())
+    Ok(store
+        .storage_servers()?
+        .into_iter()
+        .map(|s| (s.id.clone(), s))
+        .collect())
 }
 
 #[tonic::async_trait]
@@ -133,7 +140,11 @@ impl AccountAdmin for AccountApi {
     ) -> Result<Response<CreateAccountResponse>, Status> {
         let req = request.into_inner();
         validate_name(NameKind::Account, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let group = if req.group.is_empty() { DEFAULT_GROUP.to_owned() } else { req.group };
+        let group = if req.group.is_empty() {
+            DEFAULT_GROUP.to_owned()
+        } else {
+            req.group
+        };
         validate_name(NameKind::Group, &group).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let home = (!req.home.is_empty()).then_some(req.home);
         if let Some(h) = &home {
@@ -148,7 +159,10 @@ impl AccountAdmin for AccountApi {
             quota_bytes: req.quota_bytes,
         };
         let epoch = self.epoch;
-        let (record, servers) = blocking(&self.store, move |s| Ok((s.create_account(epoch, new)?, servers_by_id(s)?))).await?;
+        let (record, servers) = blocking(&self.store, move |s| {
+            Ok((s.create_account(epoch, new)?, servers_by_id(s)?))
+        })
+        .await?;
         tracing::info!(account = %record.name, group = %record.group, "account created");
         Ok(Response::new(CreateAccountResponse {
             account: Some(view(&record, &servers)),
@@ -166,7 +180,10 @@ impl AccountAdmin for AccountApi {
         }))
     }
 
-    async fn list_groups(&self, _request: Request<ListGroupsRequest>) -> Result<Response<ListGroupsResponse>, Status> {
+    async fn list_groups(
+        &self,
+        _request: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
         let (groups, records) = blocking(&self.store, |s| Ok((s.groups()?, s.accounts()?))).await?;
         let groups = groups
             .into_iter()
@@ -179,7 +196,10 @@ impl AccountAdmin for AccountApi {
         Ok(Response::new(ListGroupsResponse { groups }))
     }
 
-    async fn set_group_enabled(&self, request: Request<SetGroupEnabledRequest>) -> Result<Response<GroupView>, Status> {
+    async fn set_group_enabled(
+        &self,
+        request: Request<SetGroupEnabledRequest>,
+    ) -> Result<Response<GroupView>, Status> {
         let req = request.into_inner();
         validate_name(NameKind::Group, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let epoch = self.epoch;
@@ -209,10 +229,16 @@ impl AccountAdmin for AccountApi {
         validate_name(NameKind::Server, &server.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_name(NameKind::Site, &server.site).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if server.kind != "storage" {
-            return Err(Status::invalid_argument(format!("kind must be \"storage\", got {:?}", server.kind)));
+            return Err(Status::invalid_argument(format!(
+                "kind must be \"storage\", got {:?}",
+                server.kind
+            )));
         }
         if !(server.addr.starts_with("http://") || server.addr.starts_with("https://")) {
-            return Err(Status::invalid_argument(format!("addr {:?} must be an http(s) URL", server.addr)));
+            return Err(Status::invalid_argument(format!(
+                "addr {:?} must be an http(s) URL",
+                server.addr
+            )));
         }
         let epoch = self.epoch;
         let name = server.name.clone();
@@ -229,9 +255,14 @@ impl AccountAdmin for AccountApi {
         Ok(Response::new(ListStorageServersResponse { servers }))
     }
 
-    async fn get_status(&self, _request: Request<GetAccountStatusRequest>) -> Result<Response<AccountServerStatus>, Status> {
-        let (lsn, hash, accounts) =
-            blocking(&self.store, |s| Ok((s.last_lsn()?, s.state_hash()?, s.accounts()?.len() as u64))).await?;
+    async fn get_status(
+        &self,
+        _request: Request<GetAccountStatusRequest>,
+    ) -> Result<Response<AccountServerStatus>, Status> {
+        let (lsn, hash, accounts) = blocking(&self.store, |s| {
+            Ok((s.last_lsn()?, s.state_hash()?, s.accounts()?.len() as u64))
+        })
+        .await?;
         Ok(Response::new(AccountServerStatus {
             server: Some(self.info.clone()),
             role: "master".into(),

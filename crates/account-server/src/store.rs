@@ -91,7 +91,10 @@ impl AccountStore {
         let mutation = prepare(&txn)?;
         let lsn = {
             let log = txn.open_table(LOG)?;
-            log.last()?.map(|(k, _)| Lsn(k.value())).unwrap_or_default().next()
+            log.last()?
+                .map(|(k, _)| Lsn(k.value()))
+                .unwrap_or_default()
+                .next()
         };
         let entry = LogEntry {
             lsn: lsn.0,
@@ -100,7 +103,8 @@ impl AccountStore {
             mutation: Some(mutation),
         };
         apply(&txn, &entry)?;
-        txn.open_table(LOG)?.insert(lsn.0, entry.encode_to_vec().as_slice())?;
+        txn.open_table(LOG)?
+            .insert(lsn.0, entry.encode_to_vec().as_slice())?;
         txn.commit()?;
         Ok(entry)
     }
@@ -126,7 +130,9 @@ impl AccountStore {
             }))
         })?;
         let Some(Mutation::CreateAccount(c)) = entry.mutation else {
-            return Err(AccountError::Corrupt("create_account wrote another mutation".into()));
+            return Err(AccountError::Corrupt(
+                "create_account wrote another mutation".into(),
+            ));
         };
         Ok(AccountRecord {
             id: c.id,
@@ -159,13 +165,20 @@ impl AccountStore {
         if servers.iter().any(|s| s == &server) {
             return Ok(());
         }
-        if let Some(other) = servers.iter().find(|s| s.name == server.name && s.id != server.id) {
+        if let Some(other) = servers
+            .iter()
+            .find(|s| s.name == server.name && s.id != server.id)
+        {
             return Err(AccountError::Precondition(format!(
                 "storage server name {:?} is already taken by server {}",
                 server.name, other.id
             )));
         }
-        self.commit(epoch, |_| Ok(Mutation::PutStorageServer(PutStorageServer { server: Some(server) })))?;
+        self.commit(epoch, |_| {
+            Ok(Mutation::PutStorageServer(PutStorageServer {
+                server: Some(server),
+            }))
+        })?;
         Ok(())
     }
 
@@ -175,7 +188,11 @@ impl AccountStore {
         if let Some(secret) = self.ticket_secret()? {
             return Ok(secret);
         }
-        self.commit(epoch, |_| Ok(Mutation::SetTicketKey(SetTicketKey { secret: fresh.to_vec() })))?;
+        self.commit(epoch, |_| {
+            Ok(Mutation::SetTicketKey(SetTicketKey {
+                secret: fresh.to_vec(),
+            }))
+        })?;
         Ok(fresh)
     }
 
@@ -190,7 +207,8 @@ impl AccountStore {
             .get(token_hash)?
             .map(|v| v.value())
             .ok_or(AccountError::BadToken)?;
-        account_in(&txn.open_table(ACCOUNTS)?, id)?.ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))
+        account_in(&txn.open_table(ACCOUNTS)?, id)?
+            .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))
     }
 
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, AccountError> {
@@ -228,9 +246,15 @@ impl AccountStore {
 
     pub fn ticket_secret(&self) -> Result<Option<[u8; 32]>, AccountError> {
         let txn = self.read()?;
-        let secret = txn.open_table(KEYS)?.get("ticket_secret")?.map(|v| v.value().to_vec());
+        let secret = txn
+            .open_table(KEYS)?
+            .get("ticket_secret")?
+            .map(|v| v.value().to_vec());
         secret
-            .map(|s| <[u8; 32]>::try_from(s.as_slice()).map_err(|_| AccountError::Corrupt("ticket secret is not 32 bytes".into())))
+            .map(|s| {
+                <[u8; 32]>::try_from(s.as_slice())
+                    .map_err(|_| AccountError::Corrupt("ticket secret is not 32 bytes".into()))
+            })
             .transpose()
     }
 
@@ -243,7 +267,9 @@ impl AccountStore {
             h.update(b"A").update(&k.value().to_le_bytes()).update(v.value());
         }
         for (k, v) in txn.open_table(GROUPS)?.iter()?.flatten() {
-            h.update(b"G").update(k.value().as_bytes()).update(&[u8::from(v.value())]);
+            h.update(b"G")
+                .update(k.value().as_bytes())
+                .update(&[u8::from(v.value())]);
         }
         for (k, v) in txn.open_table(STORAGE)?.iter()?.flatten() {
             h.update(b"S").update(k.value().as_bytes()).update(v.value());
@@ -273,7 +299,8 @@ fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountError> {
                 .as_slice()
                 .try_into()
                 .map_err(|_| AccountError::Corrupt("token hash is not 32 bytes".into()))?;
-            txn.open_table(ACCOUNTS)?.insert(c.id, record.encode_to_vec().as_slice())?;
+            txn.open_table(ACCOUNTS)?
+                .insert(c.id, record.encode_to_vec().as_slice())?;
             txn.open_table(ACCOUNT_NAMES)?.insert(c.name.as_str(), c.id)?;
             txn.open_table(TOKENS)?.insert(hash, c.id)?;
             let mut groups = txn.open_table(GROUPS)?;
@@ -285,23 +312,38 @@ fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountError> {
             txn.open_table(GROUPS)?.insert(g.name.as_str(), g.enabled)?;
         }
         Some(Mutation::PutStorageServer(p)) => {
-            let server = p.server.as_ref().ok_or_else(|| AccountError::Corrupt("log entry without server".into()))?;
-            txn.open_table(STORAGE)?.insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
+            let server = p
+                .server
+                .as_ref()
+                .ok_or_else(|| AccountError::Corrupt("log entry without server".into()))?;
+            txn.open_table(STORAGE)?
+                .insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
         }
         Some(Mutation::SetTicketKey(k)) => {
-            txn.open_table(KEYS)?.insert("ticket_secret", k.secret.as_slice())?;
+            txn.open_table(KEYS)?
+                .insert("ticket_secret", k.secret.as_slice())?;
         }
-        None => return Err(AccountError::Corrupt(format!("log entry {} has no mutation", entry.lsn))),
+        None => {
+            return Err(AccountError::Corrupt(format!(
+                "log entry {} has no mutation",
+                entry.lsn
+            )));
+        }
     }
     Ok(())
 }
 
-fn account_in(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Option<AccountRecord>, AccountError> {
+fn account_in(
+    table: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<AccountRecord>, AccountError> {
     let v = table.get(id)?.map(|v| v.value().to_vec());
     v.map(|bytes| decode(&bytes)).transpose()
 }
 
-fn storage_servers(table: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Vec<ServerInfo>, AccountError> {
+fn storage_servers(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<ServerInfo>, AccountError> {
     let mut out = Vec::new();
     for entry in table.iter()? {
         let (_, v) = entry?;
@@ -323,7 +365,8 @@ fn pick_home(
             .map(|s| s.id.clone())
             .ok_or_else(|| AccountError::NotFound(format!("storage server {name:?}")));
     }
-    let mut load: std::collections::BTreeMap<&str, usize> = servers.iter().map(|s| (s.id.as_str(), 0)).collect();
+    let mut load: std::collections::BTreeMap<&str, usize> =
+        servers.iter().map(|s| (s.id.as_str(), 0)).collect();
     for entry in accounts.iter()? {
         let (_, v) = entry?;
         let record: AccountRecord = decode(v.value())?;

@@ -15,10 +15,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::chunking::{chunk_stream, Batch, Uploader};
-use crate::scan::{scan, Item};
-use crate::session::Session;
 use crate::AgentError;
+use crate::chunking::{Batch, Uploader, chunk_stream};
+use crate::scan::{Item, scan};
+use crate::session::Session;
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct BackupReport {
@@ -35,7 +35,9 @@ pub async fn backup(
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, AgentError> {
     if roots.is_empty() {
-        return Err(AgentError::Invalid("nothing to back up: give at least one PATH".into()));
+        return Err(AgentError::Invalid(
+            "nothing to back up: give at least one PATH".into(),
+        ));
     }
     let scan_roots = roots.to_vec();
     let scan_warn = warn.clone();
@@ -48,7 +50,11 @@ pub async fn backup(
     let (tx, rx) = mpsc::channel::<Chunk>(8);
     let mut storage = session.storage.clone();
     let upload = tokio::spawn(async move { storage.put_chunks(ReceiverStream::new(rx)).await });
-    let uploader = Arc::new(Uploader::new(session.storage.clone(), tokio::runtime::Handle::current(), tx));
+    let uploader = Arc::new(Uploader::new(
+        session.storage.clone(),
+        tokio::runtime::Handle::current(),
+        tx,
+    ));
 
     let chunked = {
         let uploader = uploader.clone();
@@ -99,7 +105,9 @@ pub async fn backup(
 }
 
 async fn upload_error(
-    upload: tokio::task::JoinHandle<Result<tonic::Response<duplex_proto::v1::PutChunksResponse>, tonic::Status>>,
+    upload: tokio::task::JoinHandle<
+        Result<tonic::Response<duplex_proto::v1::PutChunksResponse>, tonic::Status>,
+    >,
 ) -> Option<AgentError> {
     match upload.await {
         Ok(Err(status)) => Some(AgentError::rpc("uploading chunks")(status)),
@@ -117,7 +125,9 @@ fn chunk_all(
 ) -> Result<Vec<FileEntry>, AgentError> {
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<FileEntry>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(2, 8);
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
@@ -139,19 +149,28 @@ fn chunk_all(
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))??;
+            h.join()
+                .map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))??;
         }
         Ok::<(), AgentError>(())
     })?;
-    let results = results.into_inner().map_err(|_| AgentError::Invalid("results poisoned".into()))?;
+    let results = results
+        .into_inner()
+        .map_err(|_| AgentError::Invalid("results poisoned".into()))?;
     Ok(results.into_iter().flatten().collect())
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, AgentError> {
-    m.lock().map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))
+    m.lock()
+        .map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))
 }
 
-fn chunk_file(item: &Item, uploader: &Uploader, batch: &mut Batch, progress: &ProgressBar) -> Result<FileEntry, AgentError> {
+fn chunk_file(
+    item: &Item,
+    uploader: &Uploader,
+    batch: &mut Batch,
+    progress: &ProgressBar,
+) -> Result<FileEntry, AgentError> {
     let mut entry = item.entry.clone();
     if entry.kind() != EntryKind::File {
         return Ok(entry);
@@ -172,19 +191,30 @@ fn chunk_file(item: &Item, uploader: &Uploader, batch: &mut Batch, progress: &Pr
 
 /// Encodes the manifest, stores it as chunks like any file, and returns
 /// its chunk ids with the file count and total size.
-fn upload_manifest(entries: Vec<FileEntry>, uploader: &Uploader) -> Result<(Vec<ChunkId>, u64, u64), AgentError> {
+fn upload_manifest(
+    entries: Vec<FileEntry>,
+    uploader: &Uploader,
+) -> Result<(Vec<ChunkId>, u64, u64), AgentError> {
     let files = entries.iter().filter(|e| e.kind() == EntryKind::File).count() as u64;
-    let bytes = entries.iter().filter(|e| e.kind() == EntryKind::File).map(|e| e.size).sum();
+    let bytes = entries
+        .iter()
+        .filter(|e| e.kind() == EntryKind::File)
+        .map(|e| e.size)
+        .sum();
     let encoded = Manifest { entries }.encode_to_vec();
     let mut ids = Vec::new();
     let mut batch = Batch::default();
-    chunk_stream(encoded.as_slice(), std::path::Path::new("<manifest>"), |id, data| {
-        ids.push(id);
-        if batch.push(id, data) {
-            uploader.flush(&mut batch)?;
-        }
-        Ok(())
-    })?;
+    chunk_stream(
+        encoded.as_slice(),
+        std::path::Path::new("<manifest>"),
+        |id, data| {
+            ids.push(id);
+            if batch.push(id, data) {
+                uploader.flush(&mut batch)?;
+            }
+            Ok(())
+        },
+    )?;
     uploader.flush(&mut batch)?;
     Ok((ids, files, bytes))
 }

@@ -4,16 +4,16 @@
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use duplex_proto::v1::{Chunk, Compression, MissingChunksRequest};
 use duplex_types::ChunkId;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
-use crate::session::StorageClient;
 use crate::AgentError;
+use crate::session::StorageClient;
 
 pub const MIN_CHUNK: u32 = 256 * 1024;
 pub const AVG_CHUNK: u32 = 1024 * 1024;
@@ -46,8 +46,15 @@ impl Uploader {
     /// Sends whichever of `batch` the server lacks. Runs on a plain thread.
     pub fn flush(&self, batch: &mut Batch) -> Result<(), AgentError> {
         let fresh: Vec<(ChunkId, Vec<u8>)> = {
-            let mut seen = self.seen.lock().map_err(|_| AgentError::Invalid("chunk set poisoned".into()))?;
-            batch.chunks.drain(..).filter(|(id, _)| seen.insert(*id)).collect()
+            let mut seen = self
+                .seen
+                .lock()
+                .map_err(|_| AgentError::Invalid("chunk set poisoned".into()))?;
+            batch
+                .chunks
+                .drain(..)
+                .filter(|(id, _)| seen.insert(*id))
+                .collect()
         };
         batch.bytes = 0;
         if fresh.is_empty() {
@@ -69,7 +76,8 @@ impl Uploader {
                 continue;
             }
             let chunk = encode(id, &data);
-            self.uploaded_bytes.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+            self.uploaded_bytes
+                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
             if self.tx.blocking_send(chunk).is_err() {
                 return Err(AgentError::Invalid("upload stream closed".into()));
             }
@@ -96,7 +104,9 @@ impl Batch {
 
 /// Compresses with zstd unless that does not save at least 3 %.
 pub fn encode(id: ChunkId, data: &[u8]) -> Chunk {
-    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL).ok().filter(|c| c.len() * 100 < data.len() * 97);
+    let compressed = zstd::bulk::compress(data, ZSTD_LEVEL)
+        .ok()
+        .filter(|c| c.len() * 100 < data.len() * 97);
     let (compression, payload) = match compressed {
         Some(c) => (Compression::Zstd, c),
         None => (Compression::None, data.to_vec()),
@@ -118,7 +128,9 @@ pub fn decode(chunk: &Chunk) -> Result<Vec<u8>, AgentError> {
     }
     let raw = match Compression::try_from(chunk.compression) {
         Ok(Compression::None) => chunk.data.to_vec(),
-        Ok(Compression::Zstd) => zstd::bulk::decompress(&chunk.data, chunk.raw_len as usize).map_err(|_| corrupt())?,
+        Ok(Compression::Zstd) => {
+            zstd::bulk::decompress(&chunk.data, chunk.raw_len as usize).map_err(|_| corrupt())?
+        }
         Err(_) => return Err(corrupt()),
     };
     if raw.len() != chunk.raw_len as usize {

@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use duplex_agent::chunking::hex;
-use duplex_agent::session::{login, Options, Session};
+use duplex_agent::session::{Options, Session, login};
 use duplex_agent::{backup, restore};
 use duplex_proto::v1::{ListSnapshotsRequest, Purpose, VerifyRequest};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -118,7 +118,11 @@ async fn run_backup(session: &Session, paths: &[PathBuf], json: bool) -> anyhow:
 
 async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode> {
     let mut storage = session.storage.clone();
-    let snapshots = storage.list_snapshots(ListSnapshotsRequest {}).await?.into_inner().snapshots;
+    let snapshots = storage
+        .list_snapshots(ListSnapshotsRequest {})
+        .await?
+        .into_inner()
+        .snapshots;
     if json {
         let list: Vec<_> = snapshots
             .iter()
@@ -134,7 +138,10 @@ async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode
             .collect();
         println!("{}", json!({ "snapshots": list }));
     } else {
-        println!("{:<32}  {:<20}  {:>8}  {:>10}  paths", "id", "time", "files", "size");
+        println!(
+            "{:<32}  {:<20}  {:>8}  {:>10}  paths",
+            "id", "time", "files", "size"
+        );
         for s in &snapshots {
             println!(
                 "{:<32}  {:<20}  {:>8}  {:>10}  {}",
@@ -149,7 +156,12 @@ async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_restore(session: &Session, snapshot: &str, target: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+async fn run_restore(
+    session: &Session,
+    snapshot: &str,
+    target: &std::path::Path,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "restoring");
     let report = restore::restore(session, snapshot, target, bar).await?;
     if json {

@@ -14,14 +14,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use duplex_proto::v1::{EntryKind, FileEntry, GetChunksRequest, GetSnapshotRequest, Manifest};
-use duplex_types::{validate_relative_path, ChunkId};
+use duplex_types::{ChunkId, validate_relative_path};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
 use prost::Message;
 use serde::Serialize;
 
-use crate::session::{Session, StorageClient};
 use crate::AgentError;
+use crate::session::{Session, StorageClient};
 
 /// Files restored at once.
 const PARALLEL_FILES: usize = 4;
@@ -43,7 +43,9 @@ pub async fn restore(
 ) -> Result<RestoreReport, AgentError> {
     let mut storage = session.storage.clone();
     let info = storage
-        .get_snapshot(GetSnapshotRequest { id: snapshot.to_owned() })
+        .get_snapshot(GetSnapshotRequest {
+            id: snapshot.to_owned(),
+        })
         .await
         .map_err(AgentError::rpc(format!("finding snapshot {snapshot}")))?
         .into_inner();
@@ -73,7 +75,8 @@ pub async fn restore(
     for (path, entry) in plan.dirs.iter().rev() {
         let full = target.join(path);
         set_times(&full, entry.mtime_ns)?;
-        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(entry.mode)).map_err(AgentError::io(&full))?;
+        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(entry.mode))
+            .map_err(AgentError::io(&full))?;
     }
     progress.finish_and_clear();
     Ok(RestoreReport {
@@ -108,12 +111,35 @@ impl Plan {
                 EntryKind::File => plan.files.push((path, entry)),
                 EntryKind::Symlink => plan.symlinks.push((path, entry)),
                 EntryKind::Unspecified => {
-                    return Err(AgentError::Invalid(format!("manifest entry {:?} has no kind", entry.path)));
+                    return Err(AgentError::Invalid(format!(
+                        "manifest entry {:?} has no kind",
+                        entry.path
+                    )));
                 }
             }
         }
         plan.dirs.sort_by(|a, b| a.0.cmp(&b.0));
+        plan.check_parents_are_dirs()?;
         Ok(plan)
+    }
+
+    /// Every entry's parent must be a directory of the snapshot itself, so
+    /// no entry can be reached through a symlink the snapshot creates.
+    fn check_parents_are_dirs(&self) -> Result<(), AgentError> {
+        let dirs: std::collections::HashSet<&Path> = self.dirs.iter().map(|(p, _)| p.as_path()).collect();
+        let all = self.dirs.iter().chain(&self.files).chain(&self.symlinks);
+        for (path, _) in all {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+                && !dirs.contains(parent)
+            {
+                return Err(AgentError::UnsafePath(format!(
+                    "{} is inside {}, which is not a directory of the snapshot",
+                    path.display(),
+                    parent.display()
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -123,7 +149,8 @@ pub async fn fetch_manifest(storage: &StorageClient, ids: &[Vec<u8>]) -> Result<
     while let Some(raw) = stream.try_next().await? {
         bytes.extend_from_slice(&raw);
     }
-    Manifest::decode(bytes.as_slice()).map_err(|e| AgentError::Invalid(format!("snapshot manifest does not decode: {e}")))
+    Manifest::decode(bytes.as_slice())
+        .map_err(|e| AgentError::Invalid(format!("snapshot manifest does not decode: {e}")))
 }
 
 /// Streams the chunks `ids` in order, each decompressed and checked
@@ -191,7 +218,8 @@ async fn restore_file(
     }
     file.set_permissions(std::fs::Permissions::from_mode(entry.mode))
         .map_err(AgentError::io(&full))?;
-    file.set_modified(system_time(entry.mtime_ns)).map_err(AgentError::io(&full))?;
+    file.set_modified(system_time(entry.mtime_ns))
+        .map_err(AgentError::io(&full))?;
     Ok(written)
 }
 
@@ -232,11 +260,15 @@ fn make_dir(target: &Path, path: &Path) -> Result<(), AgentError> {
     let full = target.join(path);
     match std::fs::symlink_metadata(&full) {
         Ok(m) if m.file_type().is_dir() => Ok(()),
-        Ok(_) => Err(AgentError::UnsafePath(format!("{} exists and is not a directory", full.display()))),
+        Ok(_) => Err(AgentError::UnsafePath(format!(
+            "{} exists and is not a directory",
+            full.display()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir(&full).map_err(AgentError::io(&full))?;
             // Until the end of the restore, the directory must stay writable.
-            std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o700)).map_err(AgentError::io(&full))
+            std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o700))
+                .map_err(AgentError::io(&full))
         }
         Err(e) => Err(AgentError::io(&full)(e)),
     }
@@ -253,7 +285,8 @@ fn make_symlink(target: &Path, path: &Path, entry: &FileEntry) -> Result<(), Age
 
 fn set_times(path: &Path, mtime_ns: i64) -> Result<(), AgentError> {
     let dir = File::open(path).map_err(AgentError::io(path))?;
-    dir.set_modified(system_time(mtime_ns)).map_err(AgentError::io(path))
+    dir.set_modified(system_time(mtime_ns))
+        .map_err(AgentError::io(path))
 }
 
 fn system_time(ns: i64) -> SystemTime {

@@ -26,11 +26,17 @@ pub fn scan(roots: &[PathBuf], warn: &dyn Fn(String)) -> Result<Vec<Item>, Agent
                 "two paths to back up share the name {name:?}; back them up separately"
             )));
         }
-        for entry in walkdir::WalkDir::new(root).follow_links(false).sort_by_file_name() {
+        for entry in walkdir::WalkDir::new(root)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) if e.depth() == 0 => {
-                    return Err(AgentError::Invalid(format!("cannot read {}: {e}", root.display())));
+                    return Err(AgentError::Invalid(format!(
+                        "cannot read {}: {e}",
+                        root.display()
+                    )));
                 }
                 Err(e) => {
                     warn(format!("skipped: {e}"));
@@ -42,13 +48,20 @@ pub fn scan(roots: &[PathBuf], warn: &dyn Fn(String)) -> Result<Vec<Item>, Agent
                 warn(format!("skipped {}: name is not UTF-8", entry.path().display()));
                 continue;
             };
-            let path = if rel.is_empty() { name.clone() } else { format!("{name}/{rel}") };
+            let path = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}/{rel}")
+            };
             match describe(entry.path(), path) {
                 Ok(Some(entry)) => items.push(Item {
                     source: entry_source(root, rel),
                     entry,
                 }),
-                Ok(None) => warn(format!("skipped {}: not a file, directory or symlink", entry.path().display())),
+                Ok(None) => warn(format!(
+                    "skipped {}: not a file, directory or symlink",
+                    entry.path().display()
+                )),
                 Err(e) => warn(format!("skipped: {e}")),
             }
         }
@@ -57,7 +70,11 @@ pub fn scan(roots: &[PathBuf], warn: &dyn Fn(String)) -> Result<Vec<Item>, Agent
 }
 
 fn entry_source(root: &Path, rel: &str) -> PathBuf {
-    if rel.is_empty() { root.to_path_buf() } else { root.join(rel) }
+    if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    }
 }
 
 fn top_name(root: &Path) -> Result<String, AgentError> {
@@ -79,7 +96,10 @@ fn describe(source: &Path, path: String) -> Result<Option<FileEntry>, AgentError
     } else if ft.is_symlink() {
         let target = std::fs::read_link(source).map_err(AgentError::io(source))?;
         let Some(target) = target.to_str() else {
-            return Err(AgentError::Invalid(format!("{}: link target is not UTF-8", source.display())));
+            return Err(AgentError::Invalid(format!(
+                "{}: link target is not UTF-8",
+                source.display()
+            )));
         };
         (EntryKind::Symlink, target.to_owned())
     } else {

@@ -7,8 +7,8 @@ use duplex_proto::v1::storage_service_client::StorageServiceClient;
 use duplex_proto::v1::{AccountView, LoginRequest, Purpose, ServerInfo};
 use duplex_proto::{MAX_MESSAGE_BYTES, TICKET_METADATA_KEY};
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -28,7 +28,9 @@ pub struct TicketAuth(BinaryMetadataValue);
 
 impl Interceptor for TicketAuth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert_bin(TICKET_METADATA_KEY, self.0.clone());
+        request
+            .metadata_mut()
+            .insert_bin(TICKET_METADATA_KEY, self.0.clone());
         Ok(request)
     }
 }
@@ -51,7 +53,9 @@ pub async fn login(options: &Options, purpose: Purpose) -> Result<Session, Agent
         ));
     }
     if options.token.is_empty() {
-        return Err(AgentError::Invalid("no token: pass --token or set DUPLEX_TOKEN".into()));
+        return Err(AgentError::Invalid(
+            "no token: pass --token or set DUPLEX_TOKEN".into(),
+        ));
     }
     let mut last = None;
     for url in &options.endpoints {
@@ -62,7 +66,9 @@ pub async fn login(options: &Options, purpose: Purpose) -> Result<Session, Agent
         };
         match client.login(request).await {
             Ok(response) => return open(options, response.into_inner()),
-            Err(status) if duplex_rpc::client::is_retryable(status.code()) || status.code() == Code::Unknown => {
+            Err(status)
+                if duplex_rpc::client::is_retryable(status.code()) || status.code() == Code::Unknown =>
+            {
                 tracing::debug!(%url, %status, "endpoint unavailable; trying the next");
                 last = Some(AgentError::rpc(format!("login at {url}"))(status));
             }
@@ -81,9 +87,10 @@ fn open(options: &Options, login: duplex_proto::v1::LoginResponse) -> Result<Ses
         .ok_or_else(|| AgentError::Invalid("account server sent no account".into()))?;
     let storage_url = options.storage.clone().unwrap_or_else(|| home.addr.clone());
     let ticket = MetadataValue::from_bytes(&login.ticket);
-    let storage = StorageServiceClient::with_interceptor(duplex_rpc::channel(&storage_url)?, TicketAuth(ticket))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let storage =
+        StorageServiceClient::with_interceptor(duplex_rpc::channel(&storage_url)?, TicketAuth(ticket))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(Session {
         storage,
         account,

@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
-use duplex_proto::v1::{CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest};
+use duplex_proto::v1::{
+    CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
+};
 use serde_json::json;
 use tonic::transport::Channel;
 
@@ -38,9 +40,15 @@ pub async fn create_account(
         .into_inner();
     let account = response.account.context("server returned no account")?;
     if json {
-        println!("{}", json!({"name": account.name, "token": response.token, "home": account.home}));
+        println!(
+            "{}",
+            json!({"name": account.name, "token": response.token, "home": account.home})
+        );
     } else {
-        println!("account {} created in group {} with home {}", account.name, account.group, account.home);
+        println!(
+            "account {} created in group {} with home {}",
+            account.name, account.group, account.home
+        );
         println!("token (shown only once): {}", response.token);
     }
     Ok(())
@@ -90,7 +98,12 @@ pub async fn list_groups(client: &mut AccountAdminClient<Channel>, json: bool) -
     Ok(())
 }
 
-pub async fn set_group(client: &mut AccountAdminClient<Channel>, name: &str, enabled: bool, json: bool) -> anyhow::Result<()> {
+pub async fn set_group(
+    client: &mut AccountAdminClient<Channel>,
+    name: &str,
+    enabled: bool,
+    json: bool,
+) -> anyhow::Result<()> {
     let group = client
         .set_group_enabled(SetGroupEnabledRequest {
             name: name.to_owned(),
@@ -100,9 +113,16 @@ pub async fn set_group(client: &mut AccountAdminClient<Channel>, name: &str, ena
         .map_err(|s| anyhow::anyhow!("updating group {name:?}: {}", s.message()))?
         .into_inner();
     if json {
-        println!("{}", json!({"name": group.name, "enabled": group.enabled, "accounts": group.accounts}));
+        println!(
+            "{}",
+            json!({"name": group.name, "enabled": group.enabled, "accounts": group.accounts})
+        );
     } else {
-        let state = if group.enabled { "enabled" } else { "disabled: its backups are refused" };
+        let state = if group.enabled {
+            "enabled"
+        } else {
+            "disabled: its backups are refused"
+        };
         println!("group {} {state} ({} accounts)", group.name, group.accounts);
     }
     Ok(())

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::{CreateAccountRequest, ListStorageServersRequest};
 use serde::{Deserialize, Serialize};
@@ -118,7 +118,15 @@ async fn start_all(
     Ok(())
 }
 
-fn spec(bin_dir: &Path, dir: &Path, name: &str, kind: &str, site: &str, port: u16, extra: &[String]) -> ServiceInfo {
+fn spec(
+    bin_dir: &Path,
+    dir: &Path,
+    name: &str,
+    kind: &str,
+    site: &str,
+    port: u16,
+    extra: &[String],
+) -> ServiceInfo {
     let binary = bin_dir.join(format!("duplex-{kind}-server"));
     let data_dir = dir.join(name);
     let mut cmd = vec![
@@ -151,10 +159,10 @@ fn free_port(previous: Option<&PlaygroundFile>, name: &str) -> anyhow::Result<u1
         .and_then(|p| p.services.iter().find(|s| s.name == name))
         .and_then(|s| s.addr.rsplit(':').next())
         .and_then(|p| p.parse::<u16>().ok());
-    if let Some(port) = old {
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
+    if let Some(port) = old
+        && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+    {
+        return Ok(port);
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?.port())
@@ -164,13 +172,21 @@ async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyh
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
-            bail!("{} exited ({status}) while starting; see {}", info.name, log.display());
+            bail!(
+                "{} exited ({status}) while starting; see {}",
+                info.name,
+                log.display()
+            );
         }
         if duplex_rpc::health::check(&info.addr, "").await.is_ok() {
             return Ok(());
         }
         if start.elapsed() > READY_DEADLINE {
-            bail!("{} did not become healthy within {READY_DEADLINE:?}; see {}", info.name, log.display());
+            bail!(
+                "{} did not become healthy within {READY_DEADLINE:?}; see {}",
+                info.name,
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -182,7 +198,11 @@ async fn demo_account(account_url: &str, previous: Option<&PlaygroundFile>) -> a
     let mut client = AccountAdminClient::new(duplex_rpc::channel(account_url)?);
     let start = Instant::now();
     loop {
-        let servers = client.list_storage_servers(ListStorageServersRequest {}).await?.into_inner().servers;
+        let servers = client
+            .list_storage_servers(ListStorageServersRequest {})
+            .await?
+            .into_inner()
+            .servers;
         if !servers.is_empty() {
             break;
         }
@@ -224,7 +244,10 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(dir));
     }
     let exe = std::env::current_exe().context("locating duplexctl")?;
-    let dir = exe.parent().context("duplexctl has no parent directory")?.to_path_buf();
+    let dir = exe
+        .parent()
+        .context("duplexctl has no parent directory")?
+        .to_path_buf();
     for name in ["duplex-account-server", "duplex-storage-server"] {
         if !dir.join(name).exists() {
             bail!(
@@ -237,7 +260,10 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn print_banner(dir: &Path, endpoint: &str, token: &str) {
-    println!("Duplex playground is running (data in {}). Press Ctrl-C to stop it.", dir.display());
+    println!(
+        "Duplex playground is running (data in {}). Press Ctrl-C to stop it.",
+        dir.display()
+    );
     println!();
     println!("  export DUPLEX_ENDPOINT={endpoint}");
     println!("  export DUPLEX_TOKEN={token}");

@@ -19,7 +19,9 @@ pub fn spawn(argv: &[String], log: &Path) -> anyhow::Result<Child> {
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
-    let err = out.try_clone().with_context(|| format!("opening {}", log.display()))?;
+    let err = out
+        .try_clone()
+        .with_context(|| format!("opening {}", log.display()))?;
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())

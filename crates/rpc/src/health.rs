@@ -2,11 +2,11 @@
 //! healthchecks: asks the standard gRPC health service and exits 0 only on
 //! SERVING.
 
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-use crate::client::{channel, ClientError};
+use crate::client::{ClientError, channel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HealthError {
@@ -44,6 +44,8 @@ pub fn dial_url(listen_or_url: &str) -> String {
     if listen_or_url.contains("://") {
         return listen_or_url.to_owned();
     }
-    let addr = listen_or_url.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]");
+    let addr = listen_or_url
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]");
     format!("http://{addr}")
 }

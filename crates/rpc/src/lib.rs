@@ -8,5 +8,5 @@ pub mod serve;
 pub mod telemetry;
 pub mod ticket;
 
-pub use client::{channel, ClientError};
-pub use serve::{bind, serve, shutdown_on_signals, Bound, ServeError};
+pub use client::{ClientError, channel};
+pub use serve::{Bound, ServeError, bind, serve, shutdown_on_signals};

@@ -19,10 +19,7 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: String,
-        source: std::io::Error,
-    },
+    Bind { addr: String, source: std::io::Error },
     #[error("reflection setup failed: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("transport error: {0}")]
@@ -38,10 +35,12 @@ pub struct Bound {
 /// Binds `listen` and prints `listening on http://ADDR` on stdout, the line
 /// test harnesses and the playground read to learn a port-0 address.
 pub async fn bind(listen: &str) -> Result<Bound, ServeError> {
-    let listener = TcpListener::bind(listen).await.map_err(|source| ServeError::Bind {
-        addr: listen.to_owned(),
-        source,
-    })?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: listen.to_owned(),
+            source,
+        })?;
     let addr = listener.local_addr().map_err(|source| ServeError::Bind {
         addr: listen.to_owned(),
         source,
@@ -131,7 +130,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 }
 
 async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
+    use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {

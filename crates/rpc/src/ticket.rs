@@ -93,7 +93,9 @@ impl TicketVerifier {
 
     /// Decodes the envelope far enough to learn which key signed it.
     pub fn key_id_of(ticket: &[u8]) -> Result<String, TicketError> {
-        Ticket::decode(ticket).map(|t| t.key_id).map_err(|_| TicketError::Malformed)
+        Ticket::decode(ticket)
+            .map(|t| t.key_id)
+            .map_err(|_| TicketError::Malformed)
     }
 
     pub fn verify(&self, ticket: &[u8], now_unix: i64) -> Result<TicketClaims, TicketError> {
@@ -162,6 +164,9 @@ mod tests {
         let mut verifier = TicketVerifier::default();
         verifier.add_keys(&[signer.public_key()]);
         let ticket = other.sign(&claims(100));
-        assert!(matches!(verifier.verify(&ticket, 50), Err(TicketError::UnknownKey(_))));
+        assert!(matches!(
+            verifier.verify(&ticket, 50),
+            Err(TicketError::UnknownKey(_))
+        ));
     }
 }

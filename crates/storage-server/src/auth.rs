@@ -4,14 +4,14 @@
 
 use std::time::{Duration, Instant};
 
+use duplex_proto::TICKET_METADATA_KEY;
 use duplex_proto::v1::account_service_client::AccountServiceClient;
 use duplex_proto::v1::{GetTicketKeysRequest, TicketClaims};
-use duplex_proto::TICKET_METADATA_KEY;
-use duplex_rpc::ticket::{now_unix, TicketError, TicketVerifier};
+use duplex_rpc::ticket::{TicketError, TicketVerifier, now_unix};
 use duplex_types::AccountId;
 use tokio::sync::{Mutex, RwLock};
-use tonic::metadata::MetadataMap;
 use tonic::Status;
+use tonic::metadata::MetadataMap;
 
 const REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 

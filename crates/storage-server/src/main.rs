@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::Parser;
 use duplex_rpc::cli::{ServerArgs, ServerCommand};
-use duplex_storage_server::server::{run, Config};
+use duplex_storage_server::server::{Config, run};
 
 /// Duplex storage server: backup data as deduplicated, compressed chunks.
 #[derive(Parser)]
@@ -25,7 +25,9 @@ async fn main() -> anyhow::Result<()> {
     duplex_rpc::telemetry::init();
     let listen = cli.server.listen_or(DEFAULT_LISTEN);
     if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
-        let addr = addr.clone().unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
+        let addr = addr
+            .clone()
+            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
         duplex_rpc::health::check(&addr, "").await?;
         return Ok(());
     }

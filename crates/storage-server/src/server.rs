@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::storage_admin_server::StorageAdminServer;
 use duplex_proto::v1::storage_service_server::StorageServiceServer;
 use duplex_proto::v1::{RegisterStorageServerRequest, ServerInfo};
-use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_rpc::{Bound, ServeError};
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -57,7 +57,11 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         addr: config.advertise.clone(),
     };
     tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, "storage server starting");
-    tokio::spawn(register(info.clone(), config.account_servers.clone(), shutdown.clone()));
+    tokio::spawn(register(
+        info.clone(),
+        config.account_servers.clone(),
+        shutdown.clone(),
+    ));
     let api = Arc::new(StorageApi {
         store: Arc::new(store),
         auth: Arc::new(Auth::new(config.account_servers)),
@@ -88,7 +92,10 @@ async fn register(info: ServerInfo, account_servers: Vec<String>, shutdown: Canc
             let request = RegisterStorageServerRequest {
                 server: Some(info.clone()),
             };
-            match AccountAdminClient::new(channel).register_storage_server(request).await {
+            match AccountAdminClient::new(channel)
+                .register_storage_server(request)
+                .await
+            {
                 Ok(_) => {
                     tracing::info!(%url, "registered with account server");
                     return;

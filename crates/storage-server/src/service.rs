@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Access, Auth};
 use crate::store::snapshots::NewSnapshot;
-use crate::store::{PackWriter, PutStats, Store, StoreError, MAX_CHUNK_BYTES};
+use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
 
 /// A pack is fsynced and indexed every this many bytes, so an upload cut
 /// short keeps (and the retry reuses) what was already sent.
@@ -83,7 +83,10 @@ impl StorageService for StorageApi {
         }))
     }
 
-    async fn put_chunks(&self, request: Request<Streaming<Chunk>>) -> Result<Response<PutChunksResponse>, Status> {
+    async fn put_chunks(
+        &self,
+        request: Request<Streaming<Chunk>>,
+    ) -> Result<Response<PutChunksResponse>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let mut stream = request.into_inner();
         let account = caller.account;
@@ -133,7 +136,10 @@ impl StorageService for StorageApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn commit_snapshot(&self, request: Request<CommitSnapshotRequest>) -> Result<Response<SnapshotInfo>, Status> {
+    async fn commit_snapshot(
+        &self,
+        request: Request<CommitSnapshotRequest>,
+    ) -> Result<Response<SnapshotInfo>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let req = request.into_inner();
         let manifest_chunks = chunk_ids(&req.manifest_chunks)?;
@@ -159,7 +165,10 @@ impl StorageService for StorageApi {
         Ok(Response::new(ListSnapshotsResponse { snapshots }))
     }
 
-    async fn get_snapshot(&self, request: Request<GetSnapshotRequest>) -> Result<Response<SnapshotInfo>, Status> {
+    async fn get_snapshot(
+        &self,
+        request: Request<GetSnapshotRequest>,
+    ) -> Result<Response<SnapshotInfo>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Read).await?;
         let query = request.into_inner().id;
         let info = blocking(&self.store, move |s| s.get_snapshot(caller.account, &query)).await?;
@@ -170,7 +179,10 @@ impl StorageService for StorageApi {
         let caller = self.auth.check(request.metadata(), Access::Read).await?;
         let snapshot = request.into_inner().snapshot_id;
         let report = blocking(&self.store, move |s| {
-            s.verify(caller.account, (!snapshot.is_empty()).then_some(snapshot.as_str()))
+            s.verify(
+                caller.account,
+                (!snapshot.is_empty()).then_some(snapshot.as_str()),
+            )
         })
         .await?;
         Ok(Response::new(VerifyResponse {
@@ -184,7 +196,11 @@ impl StorageService for StorageApi {
 
 /// Appends one chunk off the async threads, committing the pack when
 /// enough bytes are pending.
-async fn blocking_add(store: &Arc<Store>, mut writer: PackWriter, chunk: Chunk) -> Result<(PackWriter, PutStats), Status> {
+async fn blocking_add(
+    store: &Arc<Store>,
+    mut writer: PackWriter,
+    chunk: Chunk,
+) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
         let result = writer.add(&chunk).and_then(|()| {
@@ -201,7 +217,10 @@ async fn blocking_add(store: &Arc<Store>, mut writer: PackWriter, chunk: Chunk) 
     Ok((writer, result?))
 }
 
-async fn blocking_commit(store: &Arc<Store>, mut writer: PackWriter) -> Result<(PackWriter, PutStats), Status> {
+async fn blocking_commit(
+    store: &Arc<Store>,
+    mut writer: PackWriter,
+) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
         let result = store.commit_pack(&mut writer);

@@ -60,11 +60,13 @@ impl ServerId {
     }
 
     pub fn parse(s: &str) -> Result<Self, InvalidInput> {
-        uuid::Uuid::parse_str(s).map(Self).map_err(|_| InvalidInput::Malformed {
-            what: "server id",
-            value: s.to_owned(),
-            reason: "expected a uuid",
-        })
+        uuid::Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| InvalidInput::Malformed {
+                what: "server id",
+                value: s.to_owned(),
+                reason: "expected a uuid",
+            })
     }
 }
 

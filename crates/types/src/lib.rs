@@ -6,8 +6,8 @@ mod names;
 mod paths;
 
 pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};
-pub use names::{validate_name, NameKind};
-pub use paths::{validate_relative_path, PathError};
+pub use names::{NameKind, validate_name};
+pub use paths::{PathError, validate_relative_path};
 
 /// A value from outside that does not make a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -49,17 +49,38 @@ mod tests {
 
     #[test]
     fn accepts_plain_relative_paths() {
-        assert_eq!(validate_relative_path("a/b c/d.txt"), Ok(PathBuf::from("a/b c/d.txt")));
+        assert_eq!(
+            validate_relative_path("a/b c/d.txt"),
+            Ok(PathBuf::from("a/b c/d.txt"))
+        );
     }
 
     #[test]
     fn refuses_escapes() {
-        assert!(matches!(validate_relative_path("../x"), Err(PathError::ParentDir(_))));
-        assert!(matches!(validate_relative_path("a/../../x"), Err(PathError::ParentDir(_))));
-        assert!(matches!(validate_relative_path("/etc/x"), Err(PathError::Absolute(_))));
-        assert!(matches!(validate_relative_path("a//b"), Err(PathError::Unclean(_))));
-        assert!(matches!(validate_relative_path("./a"), Err(PathError::Unclean(_))));
-        assert!(matches!(validate_relative_path("a\0b"), Err(PathError::Unclean(_))));
+        assert!(matches!(
+            validate_relative_path("../x"),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_relative_path("a/../../x"),
+            Err(PathError::ParentDir(_))
+        ));
+        assert!(matches!(
+            validate_relative_path("/etc/x"),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            validate_relative_path("a//b"),
+            Err(PathError::Unclean(_))
+        ));
+        assert!(matches!(
+            validate_relative_path("./a"),
+            Err(PathError::Unclean(_))
+        ));
+        assert!(matches!(
+            validate_relative_path("a\0b"),
+            Err(PathError::Unclean(_))
+        ));
         assert_eq!(validate_relative_path(""), Err(PathError::Empty));
     }
 }

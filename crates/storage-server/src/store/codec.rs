@@ -12,7 +12,9 @@ pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
 /// Decompresses (bounded by `raw_len`, so a hostile payload cannot balloon).
 pub fn decode(compression: Compression, raw_len: usize, data: &[u8]) -> Result<Vec<u8>, String> {
     if raw_len > MAX_CHUNK_BYTES {
-        return Err(format!("raw length {raw_len} exceeds the {MAX_CHUNK_BYTES}-byte chunk limit"));
+        return Err(format!(
+            "raw length {raw_len} exceeds the {MAX_CHUNK_BYTES}-byte chunk limit"
+        ));
     }
     let raw = match compression {
         Compression::None => data.to_vec(),

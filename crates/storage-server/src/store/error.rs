@@ -4,10 +4,7 @@ use duplex_types::ChunkId;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     #[error("metadata store: {0}")]
     Db(#[from] redb::Error),
     #[error("invalid input: {0}")]

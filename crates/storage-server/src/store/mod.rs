@@ -17,17 +17,17 @@ mod verify;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use duplex_proto::v1::{change_record, ChangeRecord, ChunkAdded, Compression, StorageServerStatus};
+use duplex_proto::v1::{ChangeRecord, ChunkAdded, Compression, StorageServerStatus, change_record};
 use duplex_types::{AccountId, ChunkId, Seq, ServerId};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-pub use codec::{decode as decode_chunk, MAX_CHUNK_BYTES};
+pub use codec::{MAX_CHUNK_BYTES, decode as decode_chunk};
 pub use error::StoreError;
 pub use packs::{PackWriter, PutStats};
 pub use verify::VerifyReport;
 
-use tables::{ChunkLoc, CHUNKS, FEED, SNAPSHOTS};
+use tables::{CHUNKS, ChunkLoc, FEED, SNAPSHOTS};
 
 /// A chunk as stored: possibly compressed bytes plus what is needed to decode them.
 pub struct StoredChunk {
@@ -49,7 +49,8 @@ impl Store {
     /// Opens (or creates) the store in `dir`, generating the server id on first start.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let packs_dir = dir.join("packs");
-        std::fs::create_dir_all(&packs_dir).map_err(StoreError::io(format!("creating {}", packs_dir.display())))?;
+        std::fs::create_dir_all(&packs_dir)
+            .map_err(StoreError::io(format!("creating {}", packs_dir.display())))?;
         fsync_dir(dir)?;
         let db = Database::create(dir.join("meta.redb"))?;
         let server_id = tables::init(&db)?;
@@ -107,11 +108,15 @@ impl Store {
                 }
                 chunks.insert(key, p.loc.to_tuple())?;
                 *seq = seq.next();
-                let record = self.change(*seq, account, change_record::Change::Chunk(ChunkAdded {
-                    id: p.id.to_vec(),
-                    raw_len: p.loc.raw_len,
-                    stored_len: p.loc.len,
-                }));
+                let record = self.change(
+                    *seq,
+                    account,
+                    change_record::Change::Chunk(ChunkAdded {
+                        id: p.id.to_vec(),
+                        raw_len: p.loc.raw_len,
+                        stored_len: p.loc.len,
+                    }),
+                );
                 feed.insert(seq.0, record.encode_to_vec().as_slice())?;
                 stats.stored += 1;
                 stats.stored_bytes += u64::from(p.loc.len);

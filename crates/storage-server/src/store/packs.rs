@@ -12,7 +12,7 @@ use duplex_types::{AccountId, ChunkId};
 
 use super::codec;
 use super::tables::ChunkLoc;
-use super::{fsync_dir, StoreError};
+use super::{StoreError, fsync_dir};
 
 /// What one `PutChunks` stream did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -93,7 +93,10 @@ impl PackWriter {
         let compression_code = u8::try_from(chunk.compression)
             .map_err(|_| StoreError::Invalid(format!("unknown compression {}", chunk.compression)))?;
         if codec::compression_from_u8(compression_code).is_none() {
-            return Err(StoreError::Invalid(format!("unknown compression {}", chunk.compression)));
+            return Err(StoreError::Invalid(format!(
+                "unknown compression {}",
+                chunk.compression
+            )));
         }
         codec::verify(id, compression, chunk.raw_len as usize, &chunk.data)?;
         let len = u32::try_from(chunk.data.len())

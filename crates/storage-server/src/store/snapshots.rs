@@ -2,8 +2,8 @@
 //! chunks; committing reads it back, validates every path and checks that
 //! every chunk it names is durable here before the snapshot becomes visible.
 
-use duplex_proto::v1::{change_record, EntryKind, FileEntry, Manifest, SnapshotInfo};
-use duplex_types::{validate_relative_path, AccountId, ChunkId, SnapshotId};
+use duplex_proto::v1::{EntryKind, FileEntry, Manifest, SnapshotInfo, change_record};
+use duplex_types::{AccountId, ChunkId, SnapshotId, validate_relative_path};
 use prost::Message;
 use redb::ReadableDatabase;
 
@@ -29,7 +29,8 @@ impl Store {
                 .map_err(|reason| StoreError::Corrupt { id: *id, reason })?;
             bytes.extend_from_slice(&raw);
         }
-        Manifest::decode(bytes.as_slice()).map_err(|e| StoreError::Invalid(format!("manifest does not decode: {e}")))
+        Manifest::decode(bytes.as_slice())
+            .map_err(|e| StoreError::Invalid(format!("manifest does not decode: {e}")))
     }
 
     pub fn commit_snapshot(&self, account: AccountId, new: NewSnapshot) -> Result<SnapshotInfo, StoreError> {
@@ -64,7 +65,8 @@ impl Store {
             snapshots.insert((account.0, *id.as_bytes()), info.encode_to_vec().as_slice())?;
             *seq = seq.next();
             let record = self.change(*seq, account, change_record::Change::Snapshot(info.clone()));
-            txn.open_table(FEED)?.insert(seq.0, record.encode_to_vec().as_slice())?;
+            txn.open_table(FEED)?
+                .insert(seq.0, record.encode_to_vec().as_slice())?;
             Ok(())
         })?;
         Ok(info)
@@ -85,7 +87,10 @@ impl Store {
     pub fn get_snapshot(&self, account: AccountId, query: &str) -> Result<SnapshotInfo, StoreError> {
         let all = self.list_snapshots(account)?;
         if query == "latest" {
-            return all.into_iter().last().ok_or_else(|| StoreError::NotFound("no snapshot yet: latest".into()));
+            return all
+                .into_iter()
+                .last()
+                .ok_or_else(|| StoreError::NotFound("no snapshot yet: latest".into()));
         }
         if query.len() < 6 || !query.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(StoreError::Invalid(format!(
@@ -97,13 +102,16 @@ impl Store {
         match matches.len() {
             0 => Err(StoreError::NotFound(format!("snapshot {query}"))),
             1 => Ok(matches.remove(0)),
-            n => Err(StoreError::Invalid(format!("snapshot id prefix {query} matches {n} snapshots"))),
+            n => Err(StoreError::Invalid(format!(
+                "snapshot id prefix {query} matches {n} snapshots"
+            ))),
         }
     }
 }
 
 fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {
-    SnapshotInfo::decode(bytes).map_err(|e| StoreError::Invalid(format!("stored snapshot record does not decode: {e}")))
+    SnapshotInfo::decode(bytes)
+        .map_err(|e| StoreError::Invalid(format!("stored snapshot record does not decode: {e}")))
 }
 
 /// Validates every entry; returns (files, bytes, every chunk id referenced).
@@ -118,7 +126,9 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(u64, u64, Vec<ChunkId>), S
             bytes += entry.size;
         }
         for c in &entry.chunks {
-            referenced.push(ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(format!("{}: {e}", entry.path)))?);
+            referenced.push(
+                ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(format!("{}: {e}", entry.path)))?,
+            );
         }
     }
     referenced.sort_unstable();
@@ -127,7 +137,8 @@ pub fn check_manifest(manifest: &Manifest) -> Result<(u64, u64, Vec<ChunkId>), S
 }
 
 fn check_entry(entry: &FileEntry) -> Result<(), StoreError> {
-    validate_relative_path(&entry.path).map_err(|e| StoreError::Invalid(format!("manifest entry refused: {e}")))?;
+    validate_relative_path(&entry.path)
+        .map_err(|e| StoreError::Invalid(format!("manifest entry refused: {e}")))?;
     match EntryKind::try_from(entry.kind) {
         Ok(EntryKind::File) => Ok(()),
         Ok(EntryKind::Dir | EntryKind::Symlink) if entry.chunks.is_empty() => Ok(()),

@@ -8,7 +8,11 @@ use super::StoreError;
 /// "server_id" → uuid string; later: role, epoch.
 pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// (account, chunk id) → where the chunk's bytes are.
-pub const CHUNKS: TableDefinition<(u64, [u8; 32]), (u64, u64, u32, u32, u8)> = TableDefinition::new("chunks");
+pub const CHUNKS: TableDefinition<ChunkKey, ChunkLocTuple> = TableDefinition::new("chunks");
+/// (account, chunk id).
+pub type ChunkKey = (u64, [u8; 32]);
+/// `ChunkLoc` as redb stores it: (pack, offset, len, raw_len, compression).
+pub type ChunkLocTuple = (u64, u64, u32, u32, u8);
 /// (account, snapshot id) → encoded `SnapshotInfo`.
 pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::new("snapshots");
 /// seq → encoded `ChangeRecord`.
@@ -25,11 +29,11 @@ pub struct ChunkLoc {
 }
 
 impl ChunkLoc {
-    pub fn to_tuple(self) -> (u64, u64, u32, u32, u8) {
+    pub fn to_tuple(self) -> ChunkLocTuple {
         (self.pack, self.offset, self.len, self.raw_len, self.compression)
     }
 
-    pub fn from_tuple((pack, offset, len, raw_len, compression): (u64, u64, u32, u32, u8)) -> Self {
+    pub fn from_tuple((pack, offset, len, raw_len, compression): ChunkLocTuple) -> Self {
         Self {
             pack,
             offset,
@@ -51,7 +55,8 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
         match existing {
             Some(bytes) => {
-                let text = String::from_utf8(bytes).map_err(|_| StoreError::Invalid("stored server id is not UTF-8".into()))?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| StoreError::Invalid("stored server id is not UTF-8".into()))?;
                 ServerId::parse(&text).map_err(|e| StoreError::Invalid(e.to_string()))?
             }
             None => {

@@ -69,13 +69,16 @@ fn snapshot_commits_only_when_complete_and_clean() {
     let store = Store::open(dir.path()).expect("open");
     let a = AccountId(1);
     let m = manifest_chunk(vec![file("x/data", b"payload")]);
-    put(&store, a, &[m.clone()]).expect("put manifest");
+    put(&store, a, std::slice::from_ref(&m)).expect("put manifest");
     let new = |m: &Chunk| NewSnapshot {
         manifest_chunks: vec![ChunkId::from_bytes(&m.id).expect("id")],
         paths: vec!["/src".into()],
         hostname: "h".into(),
     };
-    assert!(matches!(store.commit_snapshot(a, new(&m)), Err(StoreError::MissingChunks { count: 1, .. })));
+    assert!(matches!(
+        store.commit_snapshot(a, new(&m)),
+        Err(StoreError::MissingChunks { count: 1, .. })
+    ));
     assert!(store.list_snapshots(a).expect("list").is_empty());
     put(&store, a, &[chunk(b"payload")]).expect("put data");
     let info = store.commit_snapshot(a, new(&m)).expect("commit");
@@ -86,6 +89,9 @@ fn snapshot_commits_only_when_complete_and_clean() {
     assert!(store.verify(a, Some(&info.id)).expect("verify").is_clean());
 
     let evil = manifest_chunk(vec![file("../x", b"payload")]);
-    put(&store, a, &[evil.clone()]).expect("put evil manifest");
-    assert!(matches!(store.commit_snapshot(a, new(&evil)), Err(StoreError::Invalid(_))));
+    put(&store, a, std::slice::from_ref(&evil)).expect("put evil manifest");
+    assert!(matches!(
+        store.commit_snapshot(a, new(&evil)),
+        Err(StoreError::Invalid(_))
+    ));
 }

@@ -51,7 +51,12 @@ impl Store {
         Ok(report)
     }
 
-    fn verify_one(&self, account: AccountId, id: ChunkId, report: &mut VerifyReport) -> Result<(), StoreError> {
+    fn verify_one(
+        &self,
+        account: AccountId,
+        id: ChunkId,
+        report: &mut VerifyReport,
+    ) -> Result<(), StoreError> {
         report.chunks_checked += 1;
         let chunk = match self.read_chunk(account, id) {
             Ok(Some(c)) => c,

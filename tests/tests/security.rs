@@ -1,0 +1,428 @@
+//! Authentication, isolation between accounts, disabled groups, chunk
+//! verification and restore path safety.
+
+#![allow(clippy::unwrap_used)]
+
+use std::pin::Pin;
+
+use duplex_proto::v1::account_service_client::AccountServiceClient;
+use duplex_proto::v1::storage_service_client::StorageServiceClient;
+use duplex_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
+use duplex_proto::v1::{
+    Chunk, CommitSnapshotRequest, Compression, EntryKind, FileEntry, GetChunksRequest, GetSnapshotRequest,
+    ListSnapshotsRequest, ListSnapshotsResponse, LoginRequest, Manifest, MissingChunksRequest,
+    MissingChunksResponse, Purpose, PutChunksResponse, SnapshotInfo, VerifyRequest, VerifyResponse,
+};
+use duplex_tests::tree::random_bytes;
+use duplex_tests::{Cluster, runtime};
+use duplex_types::ChunkId;
+use prost::Message;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bogus_token_is_unauthenticated() {
+    let cluster = Cluster::start();
+    let out = cluster.duplex("dpx_not-a-real-token", &["snapshots"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("Unauthenticated"), "{}", stderr(&out));
+
+    // And straight at the storage server: no ticket, or a forged one.
+    runtime().block_on(async {
+        let mut storage = StorageServiceClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap());
+        let err = storage.list_snapshots(ListSnapshotsRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let mut req = Request::new(ListSnapshotsRequest {});
+        req.metadata_mut().insert_bin(
+            duplex_proto::TICKET_METADATA_KEY,
+            MetadataValue::from_bytes(b"forged"),
+        );
+        let err = storage.list_snapshots(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    });
+}
+
+#[test]
+fn one_account_cannot_see_or_restore_anothers_snapshot() {
+    let cluster = Cluster::start();
+    let alice = cluster.create_account("alice", None);
+    let mallory = cluster.create_account("mallory", None);
+    let src = cluster.path("secret");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("diary"), random_bytes(1, 300_000)).unwrap();
+    let snapshot = cluster.backup(&alice, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let listed = cluster.duplex_json(&mallory, &["snapshots"]);
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 0, "{listed}");
+
+    let target = cluster.path("stolen");
+    let out = cluster.duplex(
+        &mallory,
+        &["restore", &snapshot, "--target", target.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("NotFound"), "{}", stderr(&out));
+    assert!(!target.join("secret/diary").exists());
+
+    // Even knowing alice's chunk ids, mallory's account holds none of them.
+    let id = ChunkId::of(&random_bytes(1, 300_000));
+    runtime().block_on(async {
+        let (mut storage, _) = login(&cluster, &mallory, Purpose::Read).await;
+        let missing = storage
+            .missing_chunks(MissingChunksRequest {
+                ids: vec![id.to_vec()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing;
+        assert_eq!(missing.len(), 1);
+        let err = storage
+            .get_chunks(GetChunksRequest {
+                ids: vec![id.to_vec()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+    });
+}
+
+#[test]
+fn disabled_group_refuses_backups_naming_the_group() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("carol", Some("finance"));
+    let src = cluster.path("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), b"ledger").unwrap();
+    cluster.backup(&token, &src);
+
+    let out = cluster.ctl(&["groups", "disable", "finance"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cluster.duplex(&token, &["backup", src.to_str().unwrap()]);
+    assert!(!out.status.success(), "backup of a disabled group succeeded");
+    assert!(stderr(&out).contains("\"finance\""), "{}", stderr(&out));
+    // Reads still work while backups are blocked.
+    assert_eq!(
+        cluster.duplex_json(&token, &["snapshots"])["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    let groups: serde_json::Value =
+        serde_json::from_slice(&cluster.ctl(&["groups", "list", "--json"]).stdout).unwrap();
+    let finance = groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "finance")
+        .unwrap()
+        .clone();
+    assert_eq!(finance["enabled"], false);
+
+    assert!(cluster.ctl(&["groups", "enable", "finance"]).status.success());
+    cluster.backup(&token, &src);
+}
+
+async fn login(
+    cluster: &Cluster,
+    token: &str,
+    purpose: Purpose,
+) -> (
+    StorageServiceClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor,
+        >,
+    >,
+    Vec<u8>,
+) {
+    let mut account = AccountServiceClient::new(duplex_rpc::channel(&cluster.account.addr).unwrap());
+    let ticket = account
+        .login(LoginRequest {
+            token: token.to_owned(),
+            purpose: purpose as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket;
+    let value = MetadataValue::from_bytes(&ticket);
+    let storage = StorageServiceClient::with_interceptor(
+        duplex_rpc::channel(&cluster.storage.addr).unwrap(),
+        move |mut req: Request<()>| {
+            req.metadata_mut()
+                .insert_bin(duplex_proto::TICKET_METADATA_KEY, value.clone());
+            Ok(req)
+        },
+    );
+    (storage, ticket)
+}
+
+fn raw_chunk(data: &[u8]) -> Chunk {
+    Chunk {
+        id: ChunkId::of(data).to_vec(),
+        compression: Compression::None as i32,
+        raw_len: data.len() as u32,
+        data: data.to_vec().into(),
+    }
+}
+
+#[test]
+fn a_chunk_that_does_not_match_its_id_is_refused_and_not_stored() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("dave", None);
+    runtime().block_on(async {
+        let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
+        let claimed = ChunkId::of(b"what the client claims");
+        let lie = Chunk {
+            id: claimed.to_vec(),
+            compression: Compression::None as i32,
+            raw_len: 10,
+            data: b"other data".to_vec().into(),
+        };
+        let err = storage
+            .put_chunks(futures::stream::iter(vec![lie]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+        let missing = storage
+            .missing_chunks(MissingChunksRequest {
+                ids: vec![claimed.to_vec()],
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing;
+        assert_eq!(missing, vec![claimed.to_vec()], "the refused chunk was stored");
+
+        // A lying zstd payload is refused the same way.
+        let honest = raw_chunk(b"honest");
+        let mut bomb = honest.clone();
+        bomb.compression = Compression::Zstd as i32;
+        bomb.raw_len = 6;
+        let err = storage
+            .put_chunks(futures::stream::iter(vec![bomb]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    });
+}
+
+fn manifest_with(entries: Vec<FileEntry>) -> Vec<u8> {
+    Manifest { entries }.encode_to_vec()
+}
+
+fn file_entry(path: &str, data: &[u8]) -> FileEntry {
+    FileEntry {
+        path: path.into(),
+        kind: EntryKind::File as i32,
+        mode: 0o644,
+        size: data.len() as u64,
+        mtime_ns: 0,
+        chunks: vec![ChunkId::of(data).to_vec()],
+        symlink_target: String::new(),
+    }
+}
+
+fn symlink_entry(path: &str, target: &str) -> FileEntry {
+    FileEntry {
+        path: path.into(),
+        kind: EntryKind::Symlink as i32,
+        mode: 0o777,
+        size: 0,
+        mtime_ns: 0,
+        chunks: vec![],
+        symlink_target: target.into(),
+    }
+}
+
+#[test]
+fn storage_server_refuses_to_commit_an_escaping_manifest() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("erin", None);
+    runtime().block_on(async {
+        let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
+        for evil in ["../x", "/etc/x", "a/../../x"] {
+            let manifest = manifest_with(vec![file_entry(evil, b"payload")]);
+            let chunks = vec![raw_chunk(b"payload"), raw_chunk(&manifest)];
+            storage.put_chunks(futures::stream::iter(chunks)).await.unwrap();
+            let err = storage
+                .commit_snapshot(CommitSnapshotRequest {
+                    manifest_chunks: vec![ChunkId::of(&manifest).to_vec()],
+                    paths: vec![],
+                    hostname: String::new(),
+                })
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{evil}: {err}");
+        }
+        let listed = storage
+            .list_snapshots(ListSnapshotsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.snapshots.is_empty());
+    });
+}
+
+/// A compromised storage server that serves whatever manifest it is given.
+struct RogueStorage {
+    chunks: Vec<Vec<u8>>,
+}
+
+type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<Chunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StorageService for RogueStorage {
+    async fn missing_chunks(
+        &self,
+        _: Request<MissingChunksRequest>,
+    ) -> Result<Response<MissingChunksResponse>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+    async fn put_chunks(&self, _: Request<Streaming<Chunk>>) -> Result<Response<PutChunksResponse>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+    type GetChunksStream = ChunkStream;
+    async fn get_chunks(&self, request: Request<GetChunksRequest>) -> Result<Response<ChunkStream>, Status> {
+        let wanted = request.into_inner().ids;
+        let found: Vec<Result<Chunk, Status>> = wanted
+            .iter()
+            .map(|id| {
+                self.chunks
+                    .iter()
+                    .find(|c| ChunkId::of(c).as_bytes().as_slice() == id.as_slice())
+                    .map(|c| raw_chunk(c))
+                    .ok_or_else(|| Status::not_found("no such chunk"))
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(found))))
+    }
+    async fn commit_snapshot(
+        &self,
+        _: Request<CommitSnapshotRequest>,
+    ) -> Result<Response<SnapshotInfo>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+    async fn get_snapshot(&self, _: Request<GetSnapshotRequest>) -> Result<Response<SnapshotInfo>, Status> {
+        let manifest = self.chunks.last().unwrap();
+        Ok(Response::new(SnapshotInfo {
+            id: "0".repeat(32),
+            manifest_chunks: vec![ChunkId::of(manifest).to_vec()],
+            ..Default::default()
+        }))
+    }
+    async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
+}
+
+/// Every path the restore wrote under `dir`, relative.
+fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn restore_refuses_manifests_that_escape_the_target() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("frank", None);
+    let rt = runtime();
+    let outside = cluster.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let cases: Vec<(&str, Vec<FileEntry>)> = vec![
+        ("parent", vec![file_entry("../x", b"payload")]),
+        (
+            "absolute",
+            vec![file_entry(&format!("{}/x", outside.display()), b"payload")],
+        ),
+        (
+            "symlink",
+            vec![
+                symlink_entry("a", outside.to_str().unwrap()),
+                file_entry("a/x", b"payload"),
+            ],
+        ),
+    ];
+    for (name, entries) in cases {
+        let manifest = manifest_with(entries);
+        let rogue = RogueStorage {
+            chunks: vec![b"payload".to_vec(), manifest],
+        };
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(StorageServiceServer::new(rogue))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let case_dir = cluster.path(&format!("case-{name}"));
+        let target = case_dir.join("target");
+        let out = cluster.duplex(
+            &token,
+            &[
+                "--storage",
+                &format!("http://{addr}"),
+                "restore",
+                "latest",
+                "--target",
+                target.to_str().unwrap(),
+            ],
+        );
+        server.abort();
+        assert!(
+            !out.status.success(),
+            "{name}: restore of an escaping manifest succeeded"
+        );
+        assert!(
+            stderr(&out).contains("refusing to restore"),
+            "{name}: {}",
+            stderr(&out)
+        );
+        assert!(
+            listing(&outside).is_empty(),
+            "{name}: wrote outside the target: {:?}",
+            listing(&outside)
+        );
+        assert!(!cluster.path("x").exists(), "{name}: wrote ../x");
+        let written: Vec<String> = if case_dir.exists() {
+            listing(&case_dir)
+        } else {
+            vec![]
+        };
+        assert!(
+            written.iter().all(|p| p == "target" || p == "target/a"),
+            "{name}: unexpected files {written:?}"
+        );
+    }
+}

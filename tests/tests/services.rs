@@ -1,0 +1,179 @@
+//! Every server is self-describing (reflection v1 and v1alpha), answers
+//! the standard health check and its `healthcheck` subcommand, drains on
+//! SIGTERM; the playground starts a working cluster and leaves no orphans.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use duplex_tests::{Cluster, bin, runtime, wait_for};
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+async fn reflected_services(addr: &str) -> Vec<String> {
+    let mut client = ServerReflectionClient::new(duplex_rpc::channel(addr).unwrap());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    match response.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+fn grpcurl_list(addr: &str) -> Option<String> {
+    let host = addr.trim_start_matches("http://");
+    let out = Command::new("grpcurl")
+        .args(["-plaintext", host, "list"])
+        .output()
+        .ok()?;
+    assert!(
+        out.status.success(),
+        "grpcurl list {host}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn every_server_answers_reflection_and_health() {
+    let cluster = Cluster::start();
+    let rt = runtime();
+    for (service, expected) in [
+        (
+            &cluster.account,
+            ["duplex.v1.AccountService", "duplex.v1.AccountAdmin"],
+        ),
+        (
+            &cluster.storage,
+            ["duplex.v1.StorageService", "duplex.v1.StorageAdmin"],
+        ),
+    ] {
+        let listed = rt.block_on(reflected_services(&service.addr));
+        for name in expected
+            .iter()
+            .chain(&["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"])
+        {
+            assert!(
+                listed.iter().any(|s| s == name),
+                "{}: {name} not in {listed:?}",
+                service.name
+            );
+        }
+        rt.block_on(duplex_rpc::health::check(&service.addr, "")).unwrap();
+        rt.block_on(duplex_rpc::health::check(&service.addr, expected[0]))
+            .unwrap();
+        let binary = service.cmd[0].clone();
+        let status = Command::new(&binary)
+            .args(["healthcheck", "--addr", &service.addr])
+            .status()
+            .unwrap();
+        assert!(status.success(), "{} healthcheck failed", service.name);
+        // Real grpcurl, where installed (CI installs it).
+        match grpcurl_list(&service.addr) {
+            Some(text) => assert!(text.contains(expected[0]), "grpcurl list: {text}"),
+            None if std::env::var_os("DUPLEX_REQUIRE_GRPCURL").is_some() => {
+                panic!("grpcurl is not installed")
+            }
+            None => eprintln!("grpcurl not installed; reflection checked with the Rust client only"),
+        }
+    }
+}
+
+#[test]
+fn healthcheck_fails_when_nothing_listens_and_sigterm_exits_cleanly() {
+    let mut cluster = Cluster::start();
+    let addr = cluster.storage.addr.clone();
+    let status = cluster.storage.terminate();
+    assert!(status.success(), "storage server exited with {status} on SIGTERM");
+    assert!(cluster.storage.log_text().contains("SIGTERM received"));
+    let status = Command::new(bin("duplex-storage-server"))
+        .args(["healthcheck", "--addr", &addr])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "healthcheck passed with the server gone");
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[test]
+fn playground_runs_a_cluster_and_stops_every_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut playground = Command::new(bin("duplexctl"))
+        .args(["playground", "--dir", dir.path().to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = dir.path().join("playground.json");
+    let info: serde_json::Value = wait_for("playground.json", Duration::from_secs(60), || {
+        serde_json::from_slice(&std::fs::read(&file).ok()?).ok()
+    });
+    let endpoint = info["endpoints"][0].as_str().unwrap().to_owned();
+    let token = info["account"]["token"].as_str().unwrap().to_owned();
+    assert_eq!(info["account"]["name"], "demo");
+    let services = info["services"].as_array().unwrap().clone();
+    let names: Vec<&str> = services.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["account-a", "storage-a"]);
+    let rt = runtime();
+    for s in &services {
+        let addr = s["addr"].as_str().unwrap();
+        rt.block_on(duplex_rpc::health::check(addr, "")).unwrap();
+        assert!(!rt.block_on(reflected_services(addr)).is_empty());
+        assert!(
+            s["cmd"][0]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("duplex-{}-server", s["kind"].as_str().unwrap()))
+        );
+    }
+
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("hello"), b"hello duplex").unwrap();
+    let out = duplex_tests::cluster::duplex(&endpoint, &token, &["backup", src.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = dir.path().join("restored");
+    let out = duplex_tests::cluster::duplex(
+        &endpoint,
+        &token,
+        &["restore", "latest", "--target", target.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(target.join("src/hello")).unwrap(), b"hello duplex");
+
+    let pids: Vec<i32> = services
+        .iter()
+        .map(|s| s["pid"].as_i64().unwrap() as i32)
+        .collect();
+    // SAFETY: SIGTERM to the playground child we spawned.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(playground.id() as i32, libc::SIGTERM);
+    }
+    let status = wait_for("the playground to exit", Duration::from_secs(30), || {
+        playground.try_wait().unwrap()
+    });
+    assert!(status.success(), "playground exited with {status}");
+    wait_for("every child to exit", Duration::from_secs(10), || {
+        pids.iter().all(|p| !pid_alive(*p)).then_some(())
+    });
+}
