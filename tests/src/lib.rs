@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod accounts;
+pub mod bench;
 pub mod cluster;
 pub mod service;
 pub mod tree;

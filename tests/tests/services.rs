@@ -132,7 +132,7 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     assert_eq!(info["account"]["name"], "demo");
     let services = info["services"].as_array().unwrap().clone();
     let names: Vec<&str> = services.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["account-a", "storage-a"]);
+    assert_eq!(names, ["account-a", "account-b", "storage-a"]);
     let rt = runtime();
     for s in &services {
         let addr = s["addr"].as_str().unwrap();

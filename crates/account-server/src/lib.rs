@@ -1,7 +1,12 @@
 //! Duplex account server: accounts, groups, tokens, each account's home
-//! storage server, and the transaction log every change is written to.
+//! storage server, and the transaction log every change is written to,
+//! shipped to slaves that apply it as it arrives.
 
 mod error;
+pub mod follower;
+pub mod hub;
+pub mod node;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod store;

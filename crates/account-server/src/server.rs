@@ -1,10 +1,15 @@
-//! Wiring: open the account store, make sure a ticket key exists, serve.
+//! Wiring: open the account store, settle the role (the stored one wins
+//! over flags, so a demoted master never comes back as master by itself),
+//! start replication, serve.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::account_admin_server::AccountAdminServer;
+use duplex_proto::v1::account_replication_server::AccountReplicationServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
 use duplex_rpc::ticket::TicketSigner;
 use duplex_rpc::{Bound, ServeError};
@@ -14,14 +19,22 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use crate::error::AccountError;
+use crate::hub::{Hub, Mode};
+use crate::node::Node;
+use crate::replication::ReplicationApi;
 use crate::service::AccountApi;
-use crate::store::AccountStore;
+use crate::store::{AccountStore, RoleState};
 
 pub struct Config {
     pub data_dir: PathBuf,
     pub name: String,
     pub site: String,
     pub advertise: String,
+    /// Start as a slave of this master (ignored once a role is stored).
+    pub master: Option<String>,
+    pub mode: Mode,
+    pub sync_timeout: Duration,
+    pub snapshot_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -35,18 +48,14 @@ pub enum ServerError {
 pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> Result<(), ServerError> {
     let dir = config.data_dir.display().to_string();
     let path = config.data_dir.join("accounts.redb");
-    let epoch = Epoch(0);
-    let opened = tokio::task::spawn_blocking(move || {
-        let store = AccountStore::open(&path)?;
-        let secret = store.ensure_ticket_secret(epoch, TicketSigner::generate_secret())?;
-        Ok::<_, AccountError>((store, secret))
-    })
-    .await
-    .map_err(|e| ServerError::Store {
-        dir: dir.clone(),
-        source: AccountError::Corrupt(e.to_string()),
-    })?;
-    let (store, secret) = opened.map_err(|source| ServerError::Store { dir, source })?;
+    let master = config.master.clone();
+    let opened = tokio::task::spawn_blocking(move || open(&path, master))
+        .await
+        .map_err(|e| ServerError::Store {
+            dir: dir.clone(),
+            source: AccountError::Corrupt(e.to_string()),
+        })?;
+    let (store, role) = opened.map_err(|source| ServerError::Store { dir, source })?;
     let info = ServerInfo {
         id: store.server_id().to_string(),
         name: config.name,
@@ -54,19 +63,68 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         kind: "account".into(),
         addr: config.advertise,
     };
-    tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, "account server starting");
-    let api = Arc::new(AccountApi {
-        store: Arc::new(store),
-        signer: Arc::new(TicketSigner::from_secret(&secret)),
-        info,
-        epoch,
-    });
+    tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, master = role.is_master,
+        epoch = role.epoch.0, "account server starting");
+    let last = store.last_lsn().map_err(|source| ServerError::Store {
+        dir: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let hub = Arc::new(Hub::new(config.mode, config.sync_timeout, last.0));
+    let node = Node::new(Arc::new(store), info, hub, config.data_dir, role);
+    tokio::spawn(snapshot_timer(
+        node.clone(),
+        config.snapshot_interval,
+        shutdown.clone(),
+    ));
+
+    let api = Arc::new(AccountApi::new(node.clone()));
+    let replication = AccountReplicationServer::new(ReplicationApi { node })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let names = [
         <AccountServiceServer<AccountApi> as NamedService>::NAME,
         <AccountAdminServer<AccountApi> as NamedService>::NAME,
+        <AccountReplicationServer<ReplicationApi> as NamedService>::NAME,
     ];
     let routes = Routes::new(AccountServiceServer::from_arc(api.clone()))
-        .add_service(AccountAdminServer::from_arc(api));
+        .add_service(AccountAdminServer::from_arc(api))
+        .add_service(replication);
     duplex_rpc::serve(bound, &names, routes, shutdown).await?;
     Ok(())
+}
+
+/// Opens the store and settles the role. A master with no ticket key yet
+/// creates one (a logged write, so slaves share it).
+fn open(path: &std::path::Path, master: Option<String>) -> Result<(AccountStore, RoleState), AccountError> {
+    let store = AccountStore::open(path)?;
+    let role = match store.role()? {
+        Some(stored) => stored,
+        None => {
+            let initial = RoleState {
+                is_master: master.is_none(),
+                epoch: Epoch(0),
+                master: master.unwrap_or_default(),
+            };
+            store.save_role(&initial)?;
+            initial
+        }
+    };
+    if role.is_master {
+        store.ensure_ticket_secret(role.epoch, TicketSigner::generate_secret())?;
+    }
+    Ok((store, role))
+}
+
+async fn snapshot_timer(node: Arc<Node>, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if node.role().await.is_master {
+            node.snapshot_in_background("periodic");
+        }
+    }
 }

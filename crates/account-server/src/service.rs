@@ -8,28 +8,103 @@ use duplex_proto::v1::account_admin_server::AccountAdmin;
 use duplex_proto::v1::account_service_server::AccountService;
 use duplex_proto::v1::{
     AccountRecord, AccountServerStatus, AccountView, CreateAccountRequest, CreateAccountResponse,
-    GetAccountStatusRequest, GetTicketKeysRequest, GetTicketKeysResponse, GroupView, ListAccountsRequest,
-    ListAccountsResponse, ListGroupsRequest, ListGroupsResponse, ListStorageServersRequest,
-    ListStorageServersResponse, LoginRequest, LoginResponse, Purpose, RegisterStorageServerRequest,
-    RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest, TicketClaims,
+    CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetTicketKeysRequest,
+    GetTicketKeysResponse, GroupView, ListAccountsRequest, ListAccountsResponse, ListGroupsRequest,
+    ListGroupsResponse, ListStorageServersRequest, ListStorageServersResponse, LoginRequest, LoginResponse,
+    Purpose, RegisterStorageServerRequest, RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest,
+    TicketClaims,
 };
 use duplex_rpc::ticket::{TicketSigner, now_unix};
 use duplex_types::{Epoch, NameKind, ServerId, validate_name};
 use tonic::{Request, Response, Status};
 
 use crate::error::AccountError;
+use crate::node::Node;
 use crate::store::{AccountStore, NewAccount};
 
 /// How long a ticket stays valid. Short, so a disabled group or a moved
 /// home takes effect within minutes even for a client that never logs in again.
 pub const TICKET_TTL: Duration = Duration::from_secs(15 * 60);
 const DEFAULT_GROUP: &str = "default";
+/// Most accounts one bulk import may create.
+const MAX_BULK: usize = 20_000;
 
 pub struct AccountApi {
-    pub store: Arc<AccountStore>,
-    pub signer: Arc<TicketSigner>,
-    pub info: ServerInfo,
-    pub epoch: Epoch,
+    pub node: Arc<Node>,
+    /// Loaded on first use: a slave learns the secret through replication.
+    signer: std::sync::Mutex<Option<Arc<TicketSigner>>>,
+}
+
+impl AccountApi {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self {
+            node,
+            signer: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn store(&self) -> &Arc<AccountStore> {
+        &self.node.store
+    }
+
+    async fn signer(&self) -> Result<Arc<TicketSigner>, Status> {
+        if let Some(s) = self.signer.lock().ok().and_then(|s| s.clone()) {
+            return Ok(s);
+        }
+        let secret = blocking(self.store(), AccountStore::ticket_secret)
+            .await?
+            .ok_or_else(|| {
+                Status::unavailable("this account server has not received its state from the master yet")
+            })?;
+        let signer = Arc::new(TicketSigner::from_secret(&secret));
+        if let Ok(mut s) = self.signer.lock() {
+            *s = Some(signer.clone());
+        }
+        Ok(signer)
+    }
+
+    /// Runs one write on the master: refused on a slave (naming the
+    /// master), and in sync mode acknowledged only once a slave has it.
+    async fn write<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&AccountStore, Epoch) -> Result<T, AccountError> + Send + 'static,
+    {
+        let role = self.node.write_guard().await?;
+        let epoch = role.epoch;
+        let (value, lsn) = blocking(self.store(), move |s| {
+            let value = f(s, epoch)?;
+            Ok((value, s.last_lsn()?))
+        })
+        .await?;
+        self.node.hub.committed(lsn.0);
+        self.node.hub.wait_replicated(lsn.0).await;
+        drop(role);
+        Ok(value)
+    }
+
+    fn new_account(&self, req: CreateAccountRequest) -> Result<(NewAccount, String), Status> {
+        validate_name(NameKind::Account, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let group = if req.group.is_empty() {
+            DEFAULT_GROUP.to_owned()
+        } else {
+            req.group
+        };
+        validate_name(NameKind::Group, &group).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let home = (!req.home.is_empty()).then_some(req.home);
+        if let Some(h) = &home {
+            validate_name(NameKind::Server, h).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let token = new_token();
+        let new = NewAccount {
+            name: req.name,
+            group,
+            token_hash: hash_token(&token),
+            home,
+            quota_bytes: req.quota_bytes,
+        };
+        Ok((new, token))
+    }
 }
 
 async fn blocking<T, F>(store: &Arc<AccountStore>, f: F) -> Result<T, Status>
@@ -86,7 +161,7 @@ impl AccountService for AccountApi {
         let purpose = Purpose::try_from(req.purpose)
             .map_err(|_| Status::invalid_argument(format!("unknown purpose {}", req.purpose)))?;
         let hash = hash_token(&req.token);
-        let (record, enabled, servers) = blocking(&self.store, move |s| {
+        let (record, enabled, servers) = blocking(self.store(), move |s| {
             let record = s.account_by_token(&hash)?;
             let enabled = s.group_enabled(&record.group)?;
             Ok((record, enabled, servers_by_id(s)?))
@@ -106,7 +181,7 @@ impl AccountService for AccountApi {
         })?;
         let now = now_unix();
         let expires = now + TICKET_TTL.as_secs() as i64;
-        let ticket = self.signer.sign(&TicketClaims {
+        let ticket = self.signer().await?.sign(&TicketClaims {
             account_id: record.id,
             account_name: record.name.clone(),
             group: record.group.clone(),
@@ -127,7 +202,7 @@ impl AccountService for AccountApi {
         _request: Request<GetTicketKeysRequest>,
     ) -> Result<Response<GetTicketKeysResponse>, Status> {
         Ok(Response::new(GetTicketKeysResponse {
-            keys: vec![self.signer.public_key()],
+            keys: vec![self.signer().await?.public_key()],
         }))
     }
 }
@@ -138,31 +213,10 @@ impl AccountAdmin for AccountApi {
         &self,
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<CreateAccountResponse>, Status> {
-        let req = request.into_inner();
-        validate_name(NameKind::Account, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let group = if req.group.is_empty() {
-            DEFAULT_GROUP.to_owned()
-        } else {
-            req.group
-        };
-        validate_name(NameKind::Group, &group).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let home = (!req.home.is_empty()).then_some(req.home);
-        if let Some(h) = &home {
-            validate_name(NameKind::Server, h).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        }
-        let token = new_token();
-        let new = NewAccount {
-            name: req.name,
-            group,
-            token_hash: hash_token(&token),
-            home,
-            quota_bytes: req.quota_bytes,
-        };
-        let epoch = self.epoch;
-        let (record, servers) = blocking(&self.store, move |s| {
-            Ok((s.create_account(epoch, new)?, servers_by_id(s)?))
-        })
-        .await?;
+        let (new, token) = self.new_account(request.into_inner())?;
+        let (record, servers) = self
+            .write(move |s, epoch| Ok((s.create_account(epoch, new)?, servers_by_id(s)?)))
+            .await?;
         tracing::info!(account = %record.name, group = %record.group, "account created");
         Ok(Response::new(CreateAccountResponse {
             account: Some(view(&record, &servers)),
@@ -170,11 +224,43 @@ impl AccountAdmin for AccountApi {
         }))
     }
 
+    async fn create_accounts(
+        &self,
+        request: Request<CreateAccountsRequest>,
+    ) -> Result<Response<CreateAccountsResponse>, Status> {
+        let requests = request.into_inner().accounts;
+        if requests.len() > MAX_BULK {
+            return Err(Status::invalid_argument(format!(
+                "{} accounts in one call; at most {MAX_BULK}",
+                requests.len()
+            )));
+        }
+        let (new, tokens): (Vec<NewAccount>, Vec<String>) = requests
+            .into_iter()
+            .map(|r| self.new_account(r))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .unzip();
+        let (records, servers) = self
+            .write(move |s, epoch| Ok((s.create_accounts(epoch, new)?, servers_by_id(s)?)))
+            .await?;
+        tracing::info!(count = records.len(), "accounts imported");
+        let accounts = records
+            .iter()
+            .zip(tokens)
+            .map(|(r, token)| CreateAccountResponse {
+                account: Some(view(r, &servers)),
+                token,
+            })
+            .collect();
+        Ok(Response::new(CreateAccountsResponse { accounts }))
+    }
+
     async fn list_accounts(
         &self,
         _request: Request<ListAccountsRequest>,
     ) -> Result<Response<ListAccountsResponse>, Status> {
-        let (records, servers) = blocking(&self.store, |s| Ok((s.accounts()?, servers_by_id(s)?))).await?;
+        let (records, servers) = blocking(self.store(), |s| Ok((s.accounts()?, servers_by_id(s)?))).await?;
         Ok(Response::new(ListAccountsResponse {
             accounts: records.iter().map(|r| view(r, &servers)).collect(),
         }))
@@ -184,7 +270,7 @@ impl AccountAdmin for AccountApi {
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        let (groups, records) = blocking(&self.store, |s| Ok((s.groups()?, s.accounts()?))).await?;
+        let (groups, records) = blocking(self.store(), |s| Ok((s.groups()?, s.accounts()?))).await?;
         let groups = groups
             .into_iter()
             .map(|(name, enabled)| GroupView {
@@ -202,13 +288,13 @@ impl AccountAdmin for AccountApi {
     ) -> Result<Response<GroupView>, Status> {
         let req = request.into_inner();
         validate_name(NameKind::Group, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let epoch = self.epoch;
         let name = req.name.clone();
-        let accounts = blocking(&self.store, move |s| {
-            s.set_group(epoch, &name, req.enabled)?;
-            Ok(s.accounts()?.iter().filter(|r| r.group == name).count() as u64)
-        })
-        .await?;
+        let accounts = self
+            .write(move |s, epoch| {
+                s.set_group(epoch, &name, req.enabled)?;
+                Ok(s.accounts()?.iter().filter(|r| r.group == name).count() as u64)
+            })
+            .await?;
         tracing::info!(group = %req.name, enabled = req.enabled, "group updated");
         Ok(Response::new(GroupView {
             name: req.name,
@@ -240,9 +326,9 @@ impl AccountAdmin for AccountApi {
                 server.addr
             )));
         }
-        let epoch = self.epoch;
         let name = server.name.clone();
-        blocking(&self.store, move |s| s.put_storage_server(epoch, server)).await?;
+        self.write(move |s, epoch| s.put_storage_server(epoch, server))
+            .await?;
         tracing::info!(server = %name, "storage server registered");
         Ok(Response::new(RegisterStorageServerResponse {}))
     }
@@ -251,7 +337,7 @@ impl AccountAdmin for AccountApi {
         &self,
         _request: Request<ListStorageServersRequest>,
     ) -> Result<Response<ListStorageServersResponse>, Status> {
-        let servers = blocking(&self.store, AccountStore::storage_servers).await?;
+        let servers = blocking(self.store(), AccountStore::storage_servers).await?;
         Ok(Response::new(ListStorageServersResponse { servers }))
     }
 
@@ -259,17 +345,6 @@ impl AccountAdmin for AccountApi {
         &self,
         _request: Request<GetAccountStatusRequest>,
     ) -> Result<Response<AccountServerStatus>, Status> {
-        let (lsn, hash, accounts) = blocking(&self.store, |s| {
-            Ok((s.last_lsn()?, s.state_hash()?, s.accounts()?.len() as u64))
-        })
-        .await?;
-        Ok(Response::new(AccountServerStatus {
-            server: Some(self.info.clone()),
-            role: "master".into(),
-            epoch: self.epoch.0,
-            lsn: lsn.0,
-            state_hash: hash,
-            accounts,
-        }))
+        Ok(Response::new(self.node.status().await?))
     }
 }

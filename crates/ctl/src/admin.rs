@@ -1,6 +1,7 @@
 //! `duplexctl accounts` and `duplexctl groups`, against the account server.
 
 use anyhow::Context;
+use duplex_proto::v1::GetAccountStatusRequest;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::{
     CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
@@ -8,17 +9,38 @@ use duplex_proto::v1::{
 use serde_json::json;
 use tonic::transport::Channel;
 
-/// An admin client for the first endpoint that answers.
+/// An admin client for the master account server, found through any
+/// endpoint (a slave names its master). Falls back to the first server
+/// that answers, so reads still work while no master is reachable.
 pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<Channel>> {
+    let mut fallback = None;
     let mut last = None;
     for url in endpoints {
         let mut client = AccountAdminClient::new(duplex_rpc::channel(url)?);
-        match client.list_groups(ListGroupsRequest {}).await {
-            Ok(_) => return Ok(client),
+        match client.get_status(GetAccountStatusRequest {}).await {
+            Ok(status) => {
+                let status = status.into_inner();
+                if status.role == "master" {
+                    return Ok(client);
+                }
+                if !status.master.is_empty() {
+                    let mut master = AccountAdminClient::new(duplex_rpc::channel(&status.master)?);
+                    if master
+                        .get_status(GetAccountStatusRequest {})
+                        .await
+                        .is_ok_and(|s| s.get_ref().role == "master")
+                    {
+                        return Ok(master);
+                    }
+                }
+                fallback.get_or_insert(client);
+            }
             Err(status) => last = Some(anyhow::anyhow!("{url}: {}", status.message())),
         }
     }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint: pass --endpoint URL or set DUPLEX_ENDPOINT")))
+    fallback.ok_or_else(|| {
+        last.unwrap_or_else(|| anyhow::anyhow!("no endpoint: pass --endpoint URL or set DUPLEX_ENDPOINT"))
+    })
 }
 
 pub async fn create_account(

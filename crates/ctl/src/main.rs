@@ -1,6 +1,7 @@
 mod admin;
 mod playground;
 mod procs;
+mod servers;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,11 @@ enum Command {
         #[command(subcommand)]
         command: GroupsCommand,
     },
+    /// Inspect an account server, or change its role by hand.
+    Servers {
+        #[command(subcommand)]
+        command: ServersCommand,
+    },
     /// Run a whole cluster on this machine until Ctrl-C.
     Playground {
         /// Where the services keep their data and logs, and playground.json.
@@ -57,6 +63,28 @@ enum AccountsCommand {
         home: Option<String>,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum ServersCommand {
+    /// Role, epoch, LSN, state hash, lag and slaves of one account server.
+    Status { url: String },
+    /// Make an account server master (refused for an epoch below its own).
+    Promote {
+        url: String,
+        /// Default: one above the epoch it holds.
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
+    /// Make an account server a slave of MASTER.
+    Demote {
+        url: String,
+        #[arg(long)]
+        master: String,
+        /// Default: the master's epoch.
+        #[arg(long)]
+        epoch: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +111,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
+        Command::Servers { command } => match command {
+            ServersCommand::Status { url } => servers::status(&url, json).await,
+            ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,
+            ServersCommand::Demote { url, master, epoch } => {
+                servers::demote(&url, &master, epoch, json).await
+            }
+        },
         Command::Accounts { command } => {
             let mut client = admin::connect(&cli.endpoint).await?;
             match command {

@@ -76,20 +76,47 @@ async fn start_all(
     running: &mut Vec<Running>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let account_port = free_port(previous.as_ref(), "account-a")?;
+    let mut ports = Ports::new(previous.as_ref());
+    let account_port = ports.take("account-a")?;
     let account_url = format!("http://127.0.0.1:{account_port}");
+    let slave_port = ports.take("account-b")?;
+    let slave_url = format!("http://127.0.0.1:{slave_port}");
+    let account_servers = format!("{account_url},{slave_url}");
     let specs = vec![
-        spec(bin_dir, dir, "account-a", "account", "a", account_port, &[]),
+        spec(
+            bin_dir,
+            dir,
+            "account-a",
+            "account",
+            "a",
+            account_port,
+            &["--replication".into(), "sync".into()],
+        ),
+        spec(
+            bin_dir,
+            dir,
+            "account-b",
+            "account",
+            "b",
+            slave_port,
+            &[
+                "--master".into(),
+                account_url.clone(),
+                "--replication".into(),
+                "sync".into(),
+            ],
+        ),
         spec(
             bin_dir,
             dir,
             "storage-a",
             "storage",
             "a",
-            free_port(previous.as_ref(), "storage-a")?,
-            &["--account-servers".into(), account_url.clone()],
+            ports.take("storage-a")?,
+            &["--account-servers".into(), account_servers],
         ),
     ];
+    drop(ports);
     for info in specs {
         let log = dir.join(format!("{}.log", info.name));
         let mut child = procs::spawn(&info.cmd, &log)?;
@@ -105,7 +132,7 @@ async fn start_all(
     let token = demo_account(&account_url, previous.as_ref()).await?;
     let file = PlaygroundFile {
         coordinator: None,
-        endpoints: vec![account_url.clone()],
+        endpoints: vec![account_url.clone(), slave_url.clone()],
         account: AccountInfo {
             name: DEMO_ACCOUNT.into(),
             token: token.clone(),
@@ -114,7 +141,7 @@ async fn start_all(
         services: running.iter().map(|r| r.info.clone()).collect(),
     };
     write_atomically(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
-    print_banner(dir, &account_url, &token);
+    print_banner(dir, &format!("{account_url},{slave_url}"), &token);
     Ok(())
 }
 
@@ -152,20 +179,36 @@ fn spec(
     }
 }
 
-/// The port a service had in this directory before (so its data and
-/// address stay together across runs), else a free one.
-fn free_port(previous: Option<&PlaygroundFile>, name: &str) -> anyhow::Result<u16> {
-    let old = previous
-        .and_then(|p| p.services.iter().find(|s| s.name == name))
-        .and_then(|s| s.addr.rsplit(':').next())
-        .and_then(|p| p.parse::<u16>().ok());
-    if let Some(port) = old
-        && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-    {
-        return Ok(port);
+/// Picks ports: the one a service had in this directory before (so its
+/// data and address stay together across runs), else a free one. Probe
+/// listeners stay open until every port is chosen, so no two collide.
+struct Ports<'a> {
+    previous: Option<&'a PlaygroundFile>,
+    held: Vec<std::net::TcpListener>,
+}
+
+impl<'a> Ports<'a> {
+    fn new(previous: Option<&'a PlaygroundFile>) -> Self {
+        Self {
+            previous,
+            held: Vec::new(),
+        }
     }
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
+
+    fn take(&mut self, name: &str) -> anyhow::Result<u16> {
+        let old = self
+            .previous
+            .and_then(|p| p.services.iter().find(|s| s.name == name))
+            .and_then(|s| s.addr.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok());
+        let listener = match old.and_then(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok()) {
+            Some(l) => l,
+            None => std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?,
+        };
+        let port = listener.local_addr()?.port();
+        self.held.push(listener);
+        Ok(port)
+    }
 }
 
 async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyhow::Result<()> {

@@ -9,25 +9,19 @@ use duplex_proto::v1::{
 };
 use duplex_types::{Epoch, Lsn, ServerId};
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use crate::error::AccountError;
 
-/// Local, unreplicated facts: "server_id".
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
-/// lsn → encoded `LogEntry`.
-const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
-/// account id → encoded `AccountRecord`.
-const ACCOUNTS: TableDefinition<u64, &[u8]> = TableDefinition::new("accounts");
-const ACCOUNT_NAMES: TableDefinition<&str, u64> = TableDefinition::new("account_names");
-/// BLAKE3(token) → account id.
-const TOKENS: TableDefinition<[u8; 32], u64> = TableDefinition::new("tokens");
-/// group name → enabled.
-const GROUPS: TableDefinition<&str, bool> = TableDefinition::new("groups");
-/// storage server id → encoded `ServerInfo`.
-const STORAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("storage_servers");
-/// "ticket_secret" → bytes. Replicated like the rest of the state.
-const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+mod apply;
+pub mod log;
+pub mod meta;
+pub mod snapshot;
+pub mod tables;
+
+use apply::apply;
+pub use meta::RoleState;
+use tables::{ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, STORAGE, TOKENS};
 
 /// A validated request to create an account.
 pub struct NewAccount {
@@ -56,6 +50,8 @@ impl AccountStore {
             txn.open_table(GROUPS)?;
             txn.open_table(STORAGE)?;
             txn.open_table(KEYS)?;
+            txn.open_table(EPOCHS)?;
+            txn.open_table(HOMES)?;
             let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => ServerId::parse(&String::from_utf8_lossy(&bytes))?,
@@ -74,86 +70,96 @@ impl AccountStore {
         self.server_id
     }
 
-    pub fn last_lsn(&self) -> Result<Lsn, AccountError> {
-        let txn = self.db.begin_read()?;
-        let log = txn.open_table(LOG)?;
-        Ok(log.last()?.map(|(k, _)| Lsn(k.value())).unwrap_or_default())
-    }
-
-    /// Appends one mutation to the log and applies it, atomically and
-    /// durably. `prepare` sees the open transaction, so it can validate
-    /// against current state and fill in derived fields (like the next id).
-    fn commit<F>(&self, epoch: Epoch, prepare: F) -> Result<LogEntry, AccountError>
+    /// Writes mutations as new log entries under `epoch`, applying each as
+    /// it is written, in one durable transaction. `build` sees the state as
+    /// its own earlier writes left it, so it can validate and derive ids.
+    fn commit<F>(&self, epoch: Epoch, build: F) -> Result<Vec<LogEntry>, AccountError>
     where
-        F: FnOnce(&WriteTransaction) -> Result<Mutation, AccountError>,
+        F: FnOnce(&mut Writer<'_>) -> Result<(), AccountError>,
     {
         let txn = self.db.begin_write()?;
-        let mutation = prepare(&txn)?;
-        let lsn = {
-            let log = txn.open_table(LOG)?;
-            log.last()?
-                .map(|(k, _)| Lsn(k.value()))
-                .unwrap_or_default()
-                .next()
+        let next = log::last_lsn_in(&txn)?.next();
+        let mut writer = Writer {
+            txn: &txn,
+            epoch,
+            next,
+            entries: Vec::new(),
         };
-        let entry = LogEntry {
-            lsn: lsn.0,
-            epoch: epoch.0,
-            time_unix_ms: now_ms(),
-            mutation: Some(mutation),
-        };
-        apply(&txn, &entry)?;
-        txn.open_table(LOG)?
-            .insert(lsn.0, entry.encode_to_vec().as_slice())?;
+        build(&mut writer)?;
+        let entries = writer.entries;
         txn.commit()?;
-        Ok(entry)
+        Ok(entries)
     }
 
     /// Creates an account: validates the name is free and the home exists
     /// (or picks the storage server with the fewest accounts).
     pub fn create_account(&self, epoch: Epoch, new: NewAccount) -> Result<AccountRecord, AccountError> {
-        let entry = self.commit(epoch, |txn| {
-            if txn.open_table(ACCOUNT_NAMES)?.get(new.name.as_str())?.is_some() {
-                return Err(AccountError::Exists(format!("account {:?}", new.name)));
+        let mut created = self.create_accounts(epoch, vec![new])?;
+        created
+            .pop()
+            .ok_or_else(|| AccountError::Corrupt("no account written".into()))
+    }
+
+    /// Creates several accounts in one transaction: all or none.
+    pub fn create_accounts(
+        &self,
+        epoch: Epoch,
+        new: Vec<NewAccount>,
+    ) -> Result<Vec<AccountRecord>, AccountError> {
+        let entries = self.commit(epoch, |w| {
+            let servers = storage_servers(&w.txn.open_table(STORAGE)?)?;
+            for n in new {
+                if w.txn.open_table(ACCOUNT_NAMES)?.get(n.name.as_str())?.is_some() {
+                    return Err(AccountError::Exists(format!("account {:?}", n.name)));
+                }
+                let home_id = pick_home(&servers, &w.txn.open_table(HOMES)?, n.home.as_deref())?;
+                let id = w
+                    .txn
+                    .open_table(ACCOUNTS)?
+                    .last()?
+                    .map(|(k, _)| k.value())
+                    .unwrap_or(0)
+                    + 1;
+                w.write(Mutation::CreateAccount(CreateAccount {
+                    id,
+                    name: n.name,
+                    group: n.group,
+                    token_hash: n.token_hash.to_vec(),
+                    home_id,
+                    quota_bytes: n.quota_bytes,
+                }))?;
             }
-            let servers = storage_servers(&txn.open_table(STORAGE)?)?;
-            let accounts = txn.open_table(ACCOUNTS)?;
-            let home_id = pick_home(&servers, &accounts, new.home.as_deref())?;
-            let id = accounts.last()?.map(|(k, _)| k.value()).unwrap_or(0) + 1;
-            Ok(Mutation::CreateAccount(CreateAccount {
-                id,
-                name: new.name.clone(),
-                group: new.group.clone(),
-                token_hash: new.token_hash.to_vec(),
-                home_id,
-                quota_bytes: new.quota_bytes,
-            }))
+            Ok(())
         })?;
-        let Some(Mutation::CreateAccount(c)) = entry.mutation else {
-            return Err(AccountError::Corrupt(
-                "create_account wrote another mutation".into(),
-            ));
-        };
-        Ok(AccountRecord {
-            id: c.id,
-            name: c.name,
-            group: c.group,
-            token_hash: c.token_hash,
-            home_id: c.home_id,
-            quota_bytes: c.quota_bytes,
-        })
+        entries
+            .into_iter()
+            .map(|e| match e.mutation {
+                Some(Mutation::CreateAccount(c)) => Ok(AccountRecord {
+                    id: c.id,
+                    name: c.name,
+                    group: c.group,
+                    token_hash: c.token_hash,
+                    home_id: c.home_id,
+                    quota_bytes: c.quota_bytes,
+                }),
+                _ => Err(AccountError::Corrupt(
+                    "create_accounts wrote another mutation".into(),
+                )),
+            })
+            .collect()
     }
 
     pub fn set_group(&self, epoch: Epoch, name: &str, enabled: bool) -> Result<(), AccountError> {
-        self.commit(epoch, |txn| {
-            let known = txn.open_table(GROUPS)?.get(name)?.is_some();
+        self.commit(epoch, |w| {
+            let known = w.txn.open_table(GROUPS)?.get(name)?.is_some();
             if !known {
                 return Err(AccountError::NotFound(format!("group {name:?}")));
             }
-            Ok(Mutation::SetGroup(SetGroup {
+            w.write(Mutation::SetGroup(SetGroup {
                 name: name.to_owned(),
                 enabled,
             }))
+            .map(|_| ())
         })?;
         Ok(())
     }
@@ -174,10 +180,11 @@ impl AccountStore {
                 server.name, other.id
             )));
         }
-        self.commit(epoch, |_| {
-            Ok(Mutation::PutStorageServer(PutStorageServer {
+        self.commit(epoch, |w| {
+            w.write(Mutation::PutStorageServer(PutStorageServer {
                 server: Some(server),
             }))
+            .map(|_| ())
         })?;
         Ok(())
     }
@@ -188,10 +195,11 @@ impl AccountStore {
         if let Some(secret) = self.ticket_secret()? {
             return Ok(secret);
         }
-        self.commit(epoch, |_| {
-            Ok(Mutation::SetTicketKey(SetTicketKey {
+        self.commit(epoch, |w| {
+            w.write(Mutation::SetTicketKey(SetTicketKey {
                 secret: fresh.to_vec(),
             }))
+            .map(|_| ())
         })?;
         Ok(fresh)
     }
@@ -220,6 +228,11 @@ impl AccountStore {
             out.push(decode::<AccountRecord>(v.value())?);
         }
         Ok(out)
+    }
+
+    pub fn account_count(&self) -> Result<u64, AccountError> {
+        let txn = self.read()?;
+        Ok(txn.open_table(ACCOUNTS)?.len()?)
     }
 
     pub fn groups(&self) -> Result<Vec<(String, bool)>, AccountError> {
@@ -281,56 +294,29 @@ impl AccountStore {
     }
 }
 
-/// Applies one log entry's effect. Used by the master when it writes and
-/// (later) by slaves when they replay, so both reach the same state.
-fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountError> {
-    match &entry.mutation {
-        Some(Mutation::CreateAccount(c)) => {
-            let record = AccountRecord {
-                id: c.id,
-                name: c.name.clone(),
-                group: c.group.clone(),
-                token_hash: c.token_hash.clone(),
-                home_id: c.home_id.clone(),
-                quota_bytes: c.quota_bytes,
-            };
-            let hash: [u8; 32] = c
-                .token_hash
-                .as_slice()
-                .try_into()
-                .map_err(|_| AccountError::Corrupt("token hash is not 32 bytes".into()))?;
-            txn.open_table(ACCOUNTS)?
-                .insert(c.id, record.encode_to_vec().as_slice())?;
-            txn.open_table(ACCOUNT_NAMES)?.insert(c.name.as_str(), c.id)?;
-            txn.open_table(TOKENS)?.insert(hash, c.id)?;
-            let mut groups = txn.open_table(GROUPS)?;
-            if groups.get(c.group.as_str())?.is_none() {
-                groups.insert(c.group.as_str(), true)?;
-            }
-        }
-        Some(Mutation::SetGroup(g)) => {
-            txn.open_table(GROUPS)?.insert(g.name.as_str(), g.enabled)?;
-        }
-        Some(Mutation::PutStorageServer(p)) => {
-            let server = p
-                .server
-                .as_ref()
-                .ok_or_else(|| AccountError::Corrupt("log entry without server".into()))?;
-            txn.open_table(STORAGE)?
-                .insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
-        }
-        Some(Mutation::SetTicketKey(k)) => {
-            txn.open_table(KEYS)?
-                .insert("ticket_secret", k.secret.as_slice())?;
-        }
-        None => {
-            return Err(AccountError::Corrupt(format!(
-                "log entry {} has no mutation",
-                entry.lsn
-            )));
-        }
+/// Appends entries inside one write transaction.
+pub struct Writer<'t> {
+    txn: &'t WriteTransaction,
+    epoch: Epoch,
+    next: Lsn,
+    entries: Vec<LogEntry>,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, mutation: Mutation) -> Result<&LogEntry, AccountError> {
+        let entry = LogEntry {
+            lsn: self.next.0,
+            epoch: self.epoch.0,
+            time_unix_ms: now_ms(),
+            mutation: Some(mutation),
+        };
+        log::append_in(self.txn, &entry)?;
+        self.next = self.next.next();
+        self.entries.push(entry);
+        self.entries
+            .last()
+            .ok_or_else(|| AccountError::Corrupt("entry vanished".into()))
     }
-    Ok(())
 }
 
 fn account_in(
@@ -355,7 +341,7 @@ fn storage_servers(
 /// The requested home, or the storage server homing the fewest accounts.
 fn pick_home(
     servers: &[ServerInfo],
-    accounts: &impl ReadableTable<u64, &'static [u8]>,
+    homes: &impl ReadableTable<&'static str, u64>,
     requested: Option<&str>,
 ) -> Result<String, AccountError> {
     if let Some(name) = requested {
@@ -365,27 +351,22 @@ fn pick_home(
             .map(|s| s.id.clone())
             .ok_or_else(|| AccountError::NotFound(format!("storage server {name:?}")));
     }
-    let mut load: std::collections::BTreeMap<&str, usize> =
-        servers.iter().map(|s| (s.id.as_str(), 0)).collect();
-    for entry in accounts.iter()? {
-        let (_, v) = entry?;
-        let record: AccountRecord = decode(v.value())?;
-        if let Some(n) = load.get_mut(record.home_id.as_str()) {
-            *n += 1;
+    let mut best: Option<(u64, &ServerInfo)> = None;
+    for server in servers {
+        let load = homes.get(server.id.as_str())?.map_or(0, |v| v.value());
+        let better = match best {
+            None => true,
+            Some((l, b)) => load < l || (load == l && server.name < b.name),
+        };
+        if better {
+            best = Some((load, server));
         }
     }
-    let mut by_load: Vec<(&ServerInfo, usize)> = servers
-        .iter()
-        .map(|s| (s, load.get(s.id.as_str()).copied().unwrap_or(0)))
-        .collect();
-    by_load.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.name.cmp(&b.0.name)));
-    by_load
-        .first()
-        .map(|(s, _)| s.id.clone())
+    best.map(|(_, s)| s.id.clone())
         .ok_or_else(|| AccountError::Precondition("no storage server has registered yet".into()))
 }
 
-fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, AccountError> {
+pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, AccountError> {
     M::decode(bytes).map_err(|e| AccountError::Corrupt(e.to_string()))
 }
 

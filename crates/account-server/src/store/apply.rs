@@ -1,0 +1,66 @@
+//! The effect of one log entry on the state tables: the same function for
+//! the master when it writes and for a slave when it replays, so both
+//! reach the same state.
+
+use duplex_proto::v1::log_entry::Mutation;
+use duplex_proto::v1::{AccountRecord, LogEntry};
+use prost::Message;
+use redb::{ReadableTable, WriteTransaction};
+
+use super::tables::{ACCOUNT_NAMES, ACCOUNTS, GROUPS, HOMES, KEYS, STORAGE, TOKENS};
+use crate::error::AccountError;
+
+/// Applies one log entry's effect. Used by the master when it writes and
+/// (later) by slaves when they replay, so both reach the same state.
+pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountError> {
+    match &entry.mutation {
+        Some(Mutation::CreateAccount(c)) => {
+            let record = AccountRecord {
+                id: c.id,
+                name: c.name.clone(),
+                group: c.group.clone(),
+                token_hash: c.token_hash.clone(),
+                home_id: c.home_id.clone(),
+                quota_bytes: c.quota_bytes,
+            };
+            let hash: [u8; 32] = c
+                .token_hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| AccountError::Corrupt("token hash is not 32 bytes".into()))?;
+            txn.open_table(ACCOUNTS)?
+                .insert(c.id, record.encode_to_vec().as_slice())?;
+            txn.open_table(ACCOUNT_NAMES)?.insert(c.name.as_str(), c.id)?;
+            txn.open_table(TOKENS)?.insert(hash, c.id)?;
+            let mut homes = txn.open_table(HOMES)?;
+            let homed = homes.get(c.home_id.as_str())?.map_or(0, |v| v.value());
+            homes.insert(c.home_id.as_str(), homed + 1)?;
+            let mut groups = txn.open_table(GROUPS)?;
+            if groups.get(c.group.as_str())?.is_none() {
+                groups.insert(c.group.as_str(), true)?;
+            }
+        }
+        Some(Mutation::SetGroup(g)) => {
+            txn.open_table(GROUPS)?.insert(g.name.as_str(), g.enabled)?;
+        }
+        Some(Mutation::PutStorageServer(p)) => {
+            let server = p
+                .server
+                .as_ref()
+                .ok_or_else(|| AccountError::Corrupt("log entry without server".into()))?;
+            txn.open_table(STORAGE)?
+                .insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
+        }
+        Some(Mutation::SetTicketKey(k)) => {
+            txn.open_table(KEYS)?
+                .insert("ticket_secret", k.secret.as_slice())?;
+        }
+        None => {
+            return Err(AccountError::Corrupt(format!(
+                "log entry {} has no mutation",
+                entry.lsn
+            )));
+        }
+    }
+    Ok(())
+}
