@@ -20,6 +20,9 @@ use crate::chunking::{Batch, Uploader, chunk_stream};
 use crate::scan::{Item, scan};
 use crate::session::Session;
 
+/// Parallel upload streams (each its own pack on the server).
+const UPLOAD_STREAMS: usize = 2;
+
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct BackupReport {
     pub snapshot: String,
@@ -47,13 +50,32 @@ pub async fn backup(
     let total: u64 = items.iter().map(|i| i.entry.size).sum();
     progress.set_length(total);
 
-    let (tx, rx) = mpsc::channel::<Chunk>(8);
-    let mut storage = session.storage.clone();
-    let upload = tokio::spawn(async move { storage.put_chunks(ReceiverStream::new(rx)).await });
+    let mut txs = Vec::new();
+    let mut uploads = Vec::new();
+    for _ in 0..UPLOAD_STREAMS {
+        let (tx, rx) = mpsc::channel::<Chunk>(4);
+        let mut storage = session.storage.clone();
+        uploads.push(tokio::spawn(async move {
+            storage.put_chunks(ReceiverStream::new(rx)).await
+        }));
+        txs.push(tx);
+    }
+    let upload = async move {
+        let mut result = Ok(());
+        for u in uploads {
+            let r = u
+                .await
+                .map_err(|e| tonic::Status::internal(format!("upload task failed: {e}")))?;
+            if let Err(status) = r {
+                result = Err(status);
+            }
+        }
+        result
+    };
     let uploader = Arc::new(Uploader::new(
         session.storage.clone(),
         tokio::runtime::Handle::current(),
-        tx,
+        txs,
     ));
 
     let chunked = {
@@ -66,7 +88,7 @@ pub async fn backup(
     let entries = match chunked {
         Ok(entries) => entries,
         // A closed upload stream means the upload failed: report why.
-        Err(e) => return Err(upload_error(upload).await.unwrap_or(e)),
+        Err(e) => return Err(upload_error(upload, e).await),
     };
     let manifest_chunks = {
         let uploader = uploader.clone();
@@ -76,14 +98,11 @@ pub async fn backup(
     };
     let (manifest_chunks, files, bytes) = match manifest_chunks {
         Ok(v) => v,
-        Err(e) => return Err(upload_error(upload).await.unwrap_or(e)),
+        Err(e) => return Err(upload_error(upload, e).await),
     };
     let uploaded_bytes = uploader.uploaded_bytes.load(Ordering::Relaxed);
     drop(uploader);
-    upload
-        .await
-        .map_err(|e| AgentError::Invalid(format!("upload task failed: {e}")))?
-        .map_err(AgentError::rpc("uploading chunks"))?;
+    upload.await.map_err(AgentError::rpc("uploading chunks"))?;
 
     let mut storage = session.storage.clone();
     let info = storage
@@ -104,14 +123,14 @@ pub async fn backup(
     })
 }
 
+/// The upload's own error when it failed, else `fallback`.
 async fn upload_error(
-    upload: tokio::task::JoinHandle<
-        Result<tonic::Response<duplex_proto::v1::PutChunksResponse>, tonic::Status>,
-    >,
-) -> Option<AgentError> {
+    upload: impl std::future::Future<Output = Result<(), tonic::Status>>,
+    fallback: AgentError,
+) -> AgentError {
     match upload.await {
-        Ok(Err(status)) => Some(AgentError::rpc("uploading chunks")(status)),
-        _ => None,
+        Err(status) => AgentError::rpc("uploading chunks")(status),
+        Ok(()) => fallback,
     }
 }
 

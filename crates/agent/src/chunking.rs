@@ -27,17 +27,21 @@ const ZSTD_LEVEL: i32 = 1;
 pub struct Uploader {
     pub storage: StorageClient,
     pub handle: Handle,
-    pub tx: mpsc::Sender<Chunk>,
+    /// One sender per upload stream; chunks are spread across them so the
+    /// server writes one pack while it fsyncs another.
+    txs: Vec<mpsc::Sender<Chunk>>,
+    next_tx: std::sync::atomic::AtomicUsize,
     seen: Mutex<HashSet<ChunkId>>,
     pub uploaded_bytes: AtomicU64,
 }
 
 impl Uploader {
-    pub fn new(storage: StorageClient, handle: Handle, tx: mpsc::Sender<Chunk>) -> Self {
+    pub fn new(storage: StorageClient, handle: Handle, txs: Vec<mpsc::Sender<Chunk>>) -> Self {
         Self {
             storage,
             handle,
-            tx,
+            txs,
+            next_tx: std::sync::atomic::AtomicUsize::new(0),
             seen: Mutex::new(HashSet::new()),
             uploaded_bytes: AtomicU64::new(0),
         }
@@ -78,7 +82,11 @@ impl Uploader {
             let chunk = encode(id, &data);
             self.uploaded_bytes
                 .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-            if self.tx.blocking_send(chunk).is_err() {
+            let i = self.next_tx.fetch_add(1, Ordering::Relaxed) % self.txs.len().max(1);
+            let Some(tx) = self.txs.get(i) else {
+                return Err(AgentError::Invalid("no upload stream".into()));
+            };
+            if tx.blocking_send(chunk).is_err() {
                 return Err(AgentError::Invalid("upload stream closed".into()));
             }
         }

@@ -103,7 +103,7 @@ pub async fn serve(
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(bound.listener), signal);
+        .serve_with_incoming_shutdown(incoming(bound.listener), signal);
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => return res.map_err(ServeError::from),
@@ -116,6 +116,22 @@ pub async fn serve(
             Ok(())
         }
     }
+}
+
+/// Accepted connections with Nagle's algorithm off: the builder's
+/// `tcp_nodelay` applies only to listeners it binds itself, and small
+/// replies (acks, sync-replication answers) must not wait for delayed ACKs.
+fn incoming(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot disable Nagle on a connection");
+        }
+        Ok(conn)
+    })
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT.
