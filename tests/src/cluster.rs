@@ -14,6 +14,11 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, with extra flags for storage-a.
+    pub fn start_with(storage_flags: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let account = Service::start(
             "account-a",
@@ -22,6 +27,7 @@ impl Cluster {
         );
         let mut storage_cmd = server_cmd("duplex-storage-server", "storage-a", dir.path());
         storage_cmd.extend(["--account-servers".into(), account.addr.clone()]);
+        storage_cmd.extend(storage_flags.iter().map(|s| s.to_string()));
         let storage = Service::start("storage-a", storage_cmd, &dir.path().join("storage-a.log"));
         let cluster = Cluster {
             dir,

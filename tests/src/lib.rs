@@ -9,7 +9,9 @@
 pub mod accounts;
 pub mod bench;
 pub mod cluster;
+pub mod proxy;
 pub mod service;
+pub mod sites;
 pub mod tree;
 
 use std::path::PathBuf;

@@ -132,18 +132,27 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     assert_eq!(info["account"]["name"], "demo");
     let services = info["services"].as_array().unwrap().clone();
     let names: Vec<&str> = services.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["account-a", "account-b", "storage-a"]);
+    assert_eq!(
+        names,
+        [
+            "account-a",
+            "account-b",
+            "storage-a",
+            "storage-b",
+            "mirror-a",
+            "mirror-b"
+        ]
+    );
     let rt = runtime();
     for s in &services {
         let addr = s["addr"].as_str().unwrap();
         rt.block_on(duplex_rpc::health::check(addr, "")).unwrap();
         assert!(!rt.block_on(reflected_services(addr)).is_empty());
-        assert!(
-            s["cmd"][0]
-                .as_str()
-                .unwrap()
-                .ends_with(&format!("duplex-{}-server", s["kind"].as_str().unwrap()))
-        );
+        let binary = match s["kind"].as_str().unwrap() {
+            "mirror" => "duplex-mirror".to_owned(),
+            kind => format!("duplex-{kind}-server"),
+        };
+        assert!(s["cmd"][0].as_str().unwrap().ends_with(&binary));
     }
 
     let src = dir.path().join("src");
@@ -159,6 +168,14 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(target.join("src/hello")).unwrap(), b"hello duplex");
+    // Sync mirroring: the acknowledged snapshot is already on storage-b.
+    let b = services.iter().find(|s| s["name"] == "storage-b").unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = duplex_tests::cluster::duplex(&endpoint, &token, &["--storage", &b, "snapshots", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 1, "{listed}");
 
     let pids: Vec<i32> = services
         .iter()

@@ -31,6 +31,8 @@ pub struct Node {
     pub progress: Arc<Mutex<Progress>>,
     /// Cancelled when this server stops being master, ending log streams.
     mastership: Mutex<CancellationToken>,
+    /// Cancelled when the server starts draining.
+    pub shutdown: CancellationToken,
 }
 
 impl Node {
@@ -40,6 +42,7 @@ impl Node {
         hub: Arc<Hub>,
         data_dir: PathBuf,
         role: RoleState,
+        shutdown: CancellationToken,
     ) -> Arc<Node> {
         let node = Arc::new(Node {
             store,
@@ -49,7 +52,8 @@ impl Node {
             role: RwLock::new(role.clone()),
             follower: Mutex::new(None),
             progress: Arc::new(Mutex::new(Progress::default())),
-            mastership: Mutex::new(CancellationToken::new()),
+            mastership: Mutex::new(shutdown.child_token()),
+            shutdown,
         });
         if !role.is_master {
             node.start_follower(role.master.clone());
@@ -92,7 +96,7 @@ impl Node {
         self.persist(&state).await?;
         *role = state;
         if let Ok(mut m) = self.mastership.lock() {
-            *m = CancellationToken::new();
+            *m = self.shutdown.child_token();
         }
         let last = self.store.last_lsn().map_err(Status::from)?;
         self.hub.committed(last.0);
@@ -133,7 +137,7 @@ impl Node {
     }
 
     fn start_follower(self: &Arc<Self>, master: String) {
-        let token = CancellationToken::new();
+        let token = self.shutdown.child_token();
         if let Ok(mut f) = self.follower.lock() {
             *f = Some(token.clone());
         }

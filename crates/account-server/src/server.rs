@@ -70,7 +70,14 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         source,
     })?;
     let hub = Arc::new(Hub::new(config.mode, config.sync_timeout, last.0));
-    let node = Node::new(Arc::new(store), info, hub, config.data_dir, role);
+    let node = Node::new(
+        Arc::new(store),
+        info,
+        hub,
+        config.data_dir,
+        role,
+        shutdown.clone(),
+    );
     tokio::spawn(snapshot_timer(
         node.clone(),
         config.snapshot_interval,

@@ -62,9 +62,7 @@ pub async fn run(dir: &Path, mode: &str) -> anyhow::Result<()> {
         shutdown.cancelled().await;
         eprintln!("stopping the playground");
     }
-    for r in &mut running {
-        procs::stop(&mut r.child, STOP_GRACE).await;
-    }
+    futures::future::join_all(running.iter_mut().map(|r| procs::stop(&mut r.child, STOP_GRACE))).await;
     result
 }
 
@@ -82,6 +80,34 @@ async fn start_all(
     let slave_port = ports.take("account-b")?;
     let slave_url = format!("http://127.0.0.1:{slave_port}");
     let account_servers = format!("{account_url},{slave_url}");
+    let storage_a = ports.take("storage-a")?;
+    let storage_b = ports.take("storage-b")?;
+    let (url_a, url_b) = (
+        format!("http://127.0.0.1:{storage_a}"),
+        format!("http://127.0.0.1:{storage_b}"),
+    );
+    let active_active = mode == "active-active";
+    let storage_flags = |role: &str, primary: &str| {
+        let mut flags = vec![
+            "--account-servers".to_owned(),
+            account_servers.clone(),
+            "--role".into(),
+            role.into(),
+            "--mirroring".into(),
+            "sync".into(),
+        ];
+        if !primary.is_empty() {
+            flags.extend(["--primary".to_owned(), primary.to_owned()]);
+        }
+        flags
+    };
+    let b_role = if active_active { "primary" } else { "replica" };
+    let b_primary = if active_active { "" } else { url_a.as_str() };
+    let mut mirror_a_links = Vec::new();
+    if active_active {
+        mirror_a_links.extend(["--link".to_owned(), format!("{url_b}={url_a}")]);
+    }
+    let mirror_b_links = vec!["--link".to_owned(), format!("{url_a}={url_b}")];
     let specs = vec![
         spec(
             bin_dir,
@@ -112,8 +138,35 @@ async fn start_all(
             "storage-a",
             "storage",
             "a",
-            ports.take("storage-a")?,
-            &["--account-servers".into(), account_servers],
+            storage_a,
+            &storage_flags("primary", ""),
+        ),
+        spec(
+            bin_dir,
+            dir,
+            "storage-b",
+            "storage",
+            "b",
+            storage_b,
+            &storage_flags(b_role, b_primary),
+        ),
+        spec(
+            bin_dir,
+            dir,
+            "mirror-a",
+            "mirror",
+            "a",
+            ports.take("mirror-a")?,
+            &mirror_a_links,
+        ),
+        spec(
+            bin_dir,
+            dir,
+            "mirror-b",
+            "mirror",
+            "b",
+            ports.take("mirror-b")?,
+            &mirror_b_links,
         ),
     ];
     drop(ports);
@@ -154,7 +207,10 @@ fn spec(
     port: u16,
     extra: &[String],
 ) -> ServiceInfo {
-    let binary = bin_dir.join(format!("duplex-{kind}-server"));
+    let binary = match kind {
+        "mirror" => bin_dir.join("duplex-mirror"),
+        _ => bin_dir.join(format!("duplex-{kind}-server")),
+    };
     let data_dir = dir.join(name);
     let mut cmd = vec![
         binary.display().to_string(),
@@ -291,7 +347,7 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .parent()
         .context("duplexctl has no parent directory")?
         .to_path_buf();
-    for name in ["duplex-account-server", "duplex-storage-server"] {
+    for name in ["duplex-account-server", "duplex-storage-server", "duplex-mirror"] {
         if !dir.join(name).exists() {
             bail!(
                 "{name} is not beside duplexctl in {}; build the workspace (cargo build --release) or set DUPLEX_BIN_DIR",

@@ -42,6 +42,10 @@ impl Auth {
         }
     }
 
+    pub fn account_servers(&self) -> &[String] {
+        &self.account_servers
+    }
+
     pub async fn check(&self, metadata: &MetadataMap, access: Access) -> Result<Caller, Status> {
         let ticket = metadata
             .get_bin(TICKET_METADATA_KEY)

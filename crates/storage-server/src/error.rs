@@ -8,7 +8,10 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         match &e {
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            StoreError::HashMismatch { .. } => Status::data_loss(e.to_string()),
+            StoreError::HashMismatch { .. } => {
+                tracing::warn!(error = %e, "refused a chunk that does not match its id");
+                Status::data_loss(e.to_string())
+            }
             StoreError::MissingChunks { .. } => Status::failed_precondition(e.to_string()),
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),

@@ -2,6 +2,8 @@
 
 pub mod auth;
 mod error;
+pub mod mirroring;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -1,7 +1,9 @@
 use anyhow::Context;
 use clap::Parser;
 use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use duplex_storage_server::mirroring::Mode;
 use duplex_storage_server::server::{Config, run};
+use duplex_storage_server::store::mirror::Role;
 
 /// Duplex storage server: backup data as deduplicated, compressed chunks.
 #[derive(Parser)]
@@ -12,8 +14,44 @@ struct Cli {
     /// Account servers (comma-separated URLs) that sign tickets and home accounts here.
     #[arg(long, env = "DUPLEX_ACCOUNT_SERVERS", value_delimiter = ',', global = true)]
     account_servers: Vec<String>,
+    /// Role on first start; afterwards the role kept in the data dir wins.
+    #[arg(
+        long,
+        env = "DUPLEX_ROLE",
+        value_enum,
+        default_value = "primary",
+        global = true
+    )]
+    role: RoleArg,
+    /// For a replica: the primary to name when refusing backups.
+    #[arg(long, env = "DUPLEX_PRIMARY", default_value = "", global = true)]
+    primary: String,
+    /// sync: a snapshot is acknowledged once the other site has it; async: at once.
+    #[arg(
+        long,
+        env = "DUPLEX_MIRRORING",
+        value_enum,
+        default_value = "async",
+        global = true
+    )]
+    mirroring: MirroringArg,
+    /// How long a sync commit waits for the mirror before degrading to async.
+    #[arg(long, env = "DUPLEX_SYNC_WAIT", value_parser = humantime::parse_duration, default_value = "5s", global = true)]
+    sync_wait: std::time::Duration,
     #[command(subcommand)]
     command: Option<ServerCommand>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Primary,
+    Replica,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MirroringArg {
+    Sync,
+    Async,
 }
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:7100";
@@ -44,6 +82,16 @@ async fn main() -> anyhow::Result<()> {
         site: cli.server.site.clone(),
         advertise: cli.server.advertised(bound.addr),
         account_servers: cli.account_servers,
+        role: match cli.role {
+            RoleArg::Primary => Role::Primary,
+            RoleArg::Replica => Role::Replica,
+        },
+        primary: cli.primary,
+        mirroring: match cli.mirroring {
+            MirroringArg::Sync => Mode::Sync,
+            MirroringArg::Async => Mode::Async,
+        },
+        sync_wait: cli.sync_wait,
     };
     run(config, bound, shutdown).await?;
     Ok(())

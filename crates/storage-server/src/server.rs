@@ -15,8 +15,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
+use duplex_proto::v1::storage_replication_server::StorageReplicationServer;
+use duplex_types::Epoch;
+
 use crate::auth::Auth;
+use crate::mirroring::{Mirroring, Mode};
 use crate::service::StorageApi;
+use crate::store::mirror::{Role, RoleState};
 use crate::store::{Store, StoreError};
 
 pub struct Config {
@@ -27,6 +32,11 @@ pub struct Config {
     pub advertise: String,
     /// Account servers to fetch ticket keys from and register with.
     pub account_servers: Vec<String>,
+    /// Role on first start (afterwards the stored role wins).
+    pub role: Role,
+    pub primary: String,
+    pub mirroring: Mode,
+    pub sync_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,26 +72,63 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         config.account_servers.clone(),
         shutdown.clone(),
     ));
+    let role = match store.role() {
+        Ok(Some(stored)) => stored,
+        Ok(None) => {
+            let initial = RoleState {
+                role: config.role,
+                epoch: Epoch(0),
+                primary: config.primary.clone(),
+            };
+            store.save_role(&initial).map_err(|source| ServerError::Store {
+                dir: config.data_dir.display().to_string(),
+                source,
+            })?;
+            initial
+        }
+        Err(source) => {
+            return Err(ServerError::Store {
+                dir: config.data_dir.display().to_string(),
+                source,
+            });
+        }
+    };
+    tracing::info!(role = role.role.as_str(), epoch = role.epoch.0, "role");
+    // Only a primary takes accounts; a replica joins when it is promoted.
+    if role.role == Role::Primary {
+        tokio::spawn(register(
+            info.clone(),
+            config.account_servers.clone(),
+            shutdown.clone(),
+        ));
+    }
     let api = Arc::new(StorageApi {
         store: Arc::new(store),
         auth: Arc::new(Auth::new(config.account_servers)),
         info,
+        role: tokio::sync::RwLock::new(role),
+        mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
+        shutdown: shutdown.clone(),
     });
     let data = StorageServiceServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = StorageAdminServer::from_arc(api);
+    let admin = StorageAdminServer::from_arc(api.clone());
+    let replication = StorageReplicationServer::from_arc(api)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let names = [
         <StorageServiceServer<StorageApi> as NamedService>::NAME,
         <StorageAdminServer<StorageApi> as NamedService>::NAME,
+        <StorageReplicationServer<StorageApi> as NamedService>::NAME,
     ];
-    let routes = Routes::new(data).add_service(admin);
+    let routes = Routes::new(data).add_service(admin).add_service(replication);
     duplex_rpc::serve(bound, &names, routes, shutdown).await?;
     Ok(())
 }
 
 /// Announces this server to the account servers, retrying until one accepts.
-async fn register(info: ServerInfo, account_servers: Vec<String>, shutdown: CancellationToken) {
+pub async fn register(info: ServerInfo, account_servers: Vec<String>, shutdown: CancellationToken) {
     let mut delay = Duration::from_millis(100);
     loop {
         for url in &account_servers {

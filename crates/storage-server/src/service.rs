@@ -7,11 +7,17 @@ use std::sync::Arc;
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
-    Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest,
-    ListSnapshotsRequest, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
-    PutChunksResponse, ServerInfo, SnapshotInfo, StorageServerStatus, VerifyRequest, VerifyResponse,
+    Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
+    LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
+    PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyRequest,
+    VerifyResponse,
 };
-use duplex_types::ChunkId;
+use duplex_types::{AccountId, ChunkId, Epoch, Seq};
+use tokio::sync::RwLock;
+use tonic::metadata::MetadataValue;
+
+use crate::mirroring::Mirroring;
+use crate::store::mirror::{Role, RoleState};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -31,10 +37,41 @@ pub struct StorageApi {
     pub store: Arc<Store>,
     pub auth: Arc<Auth>,
     pub info: ServerInfo,
+    pub role: RwLock<RoleState>,
+    pub mirroring: Arc<Mirroring>,
+    /// Cancelled when the server starts draining: long-lived streams end.
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Metadata key naming the primary on a replica's refusal.
+pub const PRIMARY_METADATA_KEY: &str = "duplex-primary";
+
+impl StorageApi {
+    /// Agent writes go to the primary only.
+    async fn check_primary(&self) -> Result<(), Status> {
+        let role = self.role.read().await;
+        if role.role == Role::Primary {
+            return Ok(());
+        }
+        let mut status = Status::failed_precondition(format!(
+            "{} is a {} and takes no backups; use the primary{}",
+            self.info.name,
+            role.role.as_str(),
+            if role.primary.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", role.primary)
+            }
+        ));
+        if let Ok(v) = MetadataValue::try_from(role.primary.as_str()) {
+            status.metadata_mut().insert(PRIMARY_METADATA_KEY, v);
+        }
+        Err(status)
+    }
 }
 
 /// Runs a blocking engine call on the blocking pool.
-async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, Status>
+pub async fn blocking<T, F>(store: &Arc<Store>, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
     F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
@@ -46,7 +83,7 @@ where
         .map_err(Status::from)
 }
 
-fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
+pub fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
     if raw.len() > MAX_IDS_PER_CALL {
         return Err(Status::invalid_argument(format!(
             "{} chunk ids in one call; at most {MAX_IDS_PER_CALL}",
@@ -58,7 +95,7 @@ fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
         .collect()
 }
 
-fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
+pub fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
     if chunk.raw_len as usize > MAX_CHUNK_BYTES || chunk.data.len() > MAX_CHUNK_BYTES + 1024 {
         return Err(Status::invalid_argument(format!(
             "chunk larger than the {MAX_CHUNK_BYTES}-byte limit"
@@ -88,13 +125,14 @@ impl StorageService for StorageApi {
         request: Request<Streaming<Chunk>>,
     ) -> Result<Response<PutChunksResponse>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        self.check_primary().await?;
         let mut stream = request.into_inner();
         let account = caller.account;
-        let mut writer = blocking(&self.store, move |s| s.begin_pack(account)).await?;
+        let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
         let mut stats = PutStats::default();
         while let Some(chunk) = stream.message().await? {
             check_chunk_shape(&chunk)?;
-            let (w, added) = blocking_add(&self.store, writer, chunk).await?;
+            let (w, added) = blocking_add(&self.store, writer, account, chunk).await?;
             writer = w;
             stats += added;
         }
@@ -141,6 +179,7 @@ impl StorageService for StorageApi {
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<SnapshotInfo>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        self.check_primary().await?;
         let req = request.into_inner();
         let manifest_chunks = chunk_ids(&req.manifest_chunks)?;
         if req.paths.len() > 10_000 || req.hostname.len() > 255 {
@@ -152,6 +191,8 @@ impl StorageService for StorageApi {
             hostname: req.hostname,
         };
         let info = blocking(&self.store, move |s| s.commit_snapshot(caller.account, new)).await?;
+        // Sync mirroring: the other site has the snapshot before the ack.
+        self.mirroring.wait_mirrored(self.store.last_seq().0).await;
         tracing::info!(account = %caller.name, snapshot = %info.id, files = info.files, bytes = info.bytes, "snapshot committed");
         Ok(Response::new(info))
     }
@@ -196,14 +237,15 @@ impl StorageService for StorageApi {
 
 /// Appends one chunk off the async threads, committing the pack when
 /// enough bytes are pending.
-async fn blocking_add(
+pub async fn blocking_add(
     store: &Arc<Store>,
     mut writer: PackWriter,
+    account: AccountId,
     chunk: Chunk,
 ) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
-        let result = writer.add(&chunk).and_then(|()| {
+        let result = writer.add(account, &chunk).and_then(|()| {
             if writer.pending_bytes() >= COMMIT_EVERY_BYTES {
                 store.commit_pack(&mut writer)
             } else {
@@ -237,8 +279,83 @@ impl StorageAdmin for StorageApi {
         &self,
         _request: Request<GetStorageStatusRequest>,
     ) -> Result<Response<StorageServerStatus>, Status> {
+        Ok(Response::new(self.status().await?))
+    }
+
+    async fn set_role(
+        &self,
+        request: Request<SetRoleRequest>,
+    ) -> Result<Response<StorageServerStatus>, Status> {
+        let req = request.into_inner();
+        let role = Role::parse(&req.role).ok_or_else(|| {
+            Status::invalid_argument(format!("role must be primary or replica, not {:?}", req.role))
+        })?;
+        {
+            let mut current = self.role.write().await;
+            if req.epoch < current.epoch.0 {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {} refused: this server holds epoch {}",
+                    req.epoch, current.epoch.0
+                )));
+            }
+            let state = RoleState {
+                role,
+                epoch: Epoch(req.epoch),
+                primary: req.primary,
+            };
+            let saved = state.clone();
+            blocking(&self.store, move |s| s.save_role(&saved)).await?;
+            tracing::warn!(role = role.as_str(), epoch = req.epoch, "role changed");
+            if role == Role::Primary && current.role != Role::Primary {
+                let servers = self.auth.account_servers().to_vec();
+                tokio::spawn(crate::server::register(
+                    self.info.clone(),
+                    servers,
+                    tokio_util::sync::CancellationToken::new(),
+                ));
+            }
+            *current = state;
+        }
+        Ok(Response::new(self.status().await?))
+    }
+}
+
+impl StorageApi {
+    pub async fn status(&self) -> Result<StorageServerStatus, Status> {
         let mut status = blocking(&self.store, Store::status).await?;
+        let role = self.role.read().await.clone();
         status.server = Some(self.info.clone());
-        Ok(Response::new(status))
+        status.role = role.role.as_str().into();
+        status.epoch = role.epoch.0;
+        status.primary = role.primary;
+        status.mirroring = self.mirroring.describe();
+        let links = self.mirroring.links();
+        let (links_out, links_in, behind) = blocking(&self.store, move |s| {
+            let mut behind = std::collections::BTreeSet::new();
+            let mut out = Vec::new();
+            for link in links {
+                let pending = s.pending_after(Seq(link.applied), &link.destination_id)?;
+                behind.extend(pending.accounts.iter().copied());
+                let seconds = pending.oldest_ms.map_or(0.0, |t| {
+                    (crate::store::snapshots::now_ms() - t).max(0) as f64 / 1000.0
+                });
+                out.push(LinkProgress {
+                    destination_id: link.destination_id,
+                    destination: link.destination,
+                    applied_seq: link.applied,
+                    lag: Some(Lag {
+                        records: pending.records,
+                        bytes: pending.bytes,
+                        seconds,
+                    }),
+                });
+            }
+            Ok((out, s.checkpoints()?, behind))
+        })
+        .await?;
+        status.links_out = links_out;
+        status.links_in = links_in;
+        status.accounts_behind = behind.into_iter().collect();
+        Ok(status)
     }
 }

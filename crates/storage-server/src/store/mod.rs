@@ -9,6 +9,7 @@
 
 mod codec;
 mod error;
+pub mod mirror;
 mod packs;
 pub mod snapshots;
 mod tables;
@@ -43,6 +44,8 @@ pub struct Store {
     server_id: ServerId,
     /// Last change-feed sequence number committed.
     seq: AtomicU64,
+    /// Wakes change-feed streams when `seq` moves.
+    feed_notify: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -60,11 +63,16 @@ impl Store {
             packs_dir,
             server_id,
             seq: AtomicU64::new(seq.0),
+            feed_notify: tokio::sync::watch::Sender::new(seq.0),
         })
     }
 
     pub fn server_id(&self) -> ServerId {
         self.server_id
+    }
+
+    pub fn subscribe_feed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.feed_notify.subscribe()
     }
 
     pub fn last_seq(&self) -> Seq {
@@ -84,8 +92,8 @@ impl Store {
         Ok(missing)
     }
 
-    pub fn begin_pack(&self, account: AccountId) -> Result<PackWriter, StoreError> {
-        PackWriter::create(&self.packs_dir, account)
+    pub fn begin_pack(&self) -> Result<PackWriter, StoreError> {
+        PackWriter::create(&self.packs_dir)
     }
 
     /// Makes the chunks written to `writer` durable and visible. Chunks the
@@ -95,32 +103,10 @@ impl Store {
         if pending.is_empty() {
             return Ok(PutStats::default());
         }
-        let account = writer.account();
+        let origin = self.server_id.to_string();
         let mut stats = PutStats::default();
         self.write(|txn, seq| {
-            let mut chunks = txn.open_table(CHUNKS)?;
-            let mut feed = txn.open_table(FEED)?;
-            for p in &pending {
-                let key = (account.0, *p.id.as_bytes());
-                if chunks.get(key)?.is_some() {
-                    stats.already_present += 1;
-                    continue;
-                }
-                chunks.insert(key, p.loc.to_tuple())?;
-                *seq = seq.next();
-                let record = self.change(
-                    *seq,
-                    account,
-                    change_record::Change::Chunk(ChunkAdded {
-                        id: p.id.to_vec(),
-                        raw_len: p.loc.raw_len,
-                        stored_len: p.loc.len,
-                    }),
-                );
-                feed.insert(seq.0, record.encode_to_vec().as_slice())?;
-                stats.stored += 1;
-                stats.stored_bytes += u64::from(p.loc.len);
-            }
+            stats = index_chunks(txn, seq, &pending, &origin)?;
             Ok(())
         })?;
         Ok(stats)
@@ -168,16 +154,12 @@ impl Store {
             chunks: chunks.len()?,
             snapshots: snapshots.len()?,
             stored_bytes,
+            ..Default::default()
         })
     }
 
     fn change(&self, seq: Seq, account: AccountId, change: change_record::Change) -> ChangeRecord {
-        ChangeRecord {
-            seq: seq.0,
-            origin: self.server_id.to_string(),
-            account_id: account.0,
-            change: Some(change),
-        }
+        record(seq, &self.server_id.to_string(), account, change)
     }
 
     /// Runs `f` in one durable write transaction, handing it the feed
@@ -192,9 +174,60 @@ impl Store {
         let mut seq = tables::last_seq_in(&txn.open_table(FEED)?)?;
         f(&txn, &mut seq)?;
         txn.commit()?;
-        self.seq.fetch_max(seq.0, Ordering::SeqCst);
+        let last = self.seq.fetch_max(seq.0, Ordering::SeqCst).max(seq.0);
+        self.feed_notify.send_if_modified(|v| {
+            let changed = last > *v;
+            *v = last;
+            changed
+        });
         Ok(())
     }
+}
+
+fn record(seq: Seq, origin: &str, account: AccountId, change: change_record::Change) -> ChangeRecord {
+    ChangeRecord {
+        seq: seq.0,
+        origin: origin.to_owned(),
+        account_id: account.0,
+        change: Some(change),
+        time_unix_ms: snapshots::now_ms(),
+    }
+}
+
+/// Indexes fsynced chunks and numbers each new one in the feed, as
+/// changes from their own origin or else `origin`. Chunks already held are
+/// skipped.
+fn index_chunks(
+    txn: &WriteTransaction,
+    seq: &mut Seq,
+    pending: &[packs::PendingChunk],
+    origin: &str,
+) -> Result<PutStats, StoreError> {
+    let mut stats = PutStats::default();
+    let mut chunks = txn.open_table(CHUNKS)?;
+    let mut feed = txn.open_table(FEED)?;
+    for p in pending {
+        let key = (p.account.0, *p.id.as_bytes());
+        if chunks.get(key)?.is_some() {
+            stats.already_present += 1;
+            continue;
+        }
+        chunks.insert(key, p.loc.to_tuple())?;
+        *seq = seq.next();
+        let added = change_record::Change::Chunk(ChunkAdded {
+            id: p.id.to_vec(),
+            raw_len: p.loc.raw_len,
+            stored_len: p.loc.len,
+        });
+        let from = p.origin.as_deref().unwrap_or(origin);
+        feed.insert(
+            seq.0,
+            record(*seq, from, p.account, added).encode_to_vec().as_slice(),
+        )?;
+        stats.stored += 1;
+        stats.stored_bytes += u64::from(p.loc.len);
+    }
+    Ok(stats)
 }
 
 /// Makes a directory's entries (new files in it) durable.

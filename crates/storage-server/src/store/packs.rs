@@ -30,13 +30,16 @@ impl std::ops::AddAssign for PutStats {
     }
 }
 
+#[derive(Clone)]
 pub struct PendingChunk {
+    pub account: AccountId,
+    /// Where the chunk was first written, when that is another server.
+    pub origin: Option<String>,
     pub id: ChunkId,
     pub loc: ChunkLoc,
 }
 
 pub struct PackWriter {
-    account: AccountId,
     pack: u64,
     path: PathBuf,
     dir: PathBuf,
@@ -52,14 +55,13 @@ pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
 }
 
 impl PackWriter {
-    pub fn create(dir: &Path, account: AccountId) -> Result<PackWriter, StoreError> {
+    pub fn create(dir: &Path) -> Result<PackWriter, StoreError> {
         loop {
             let pack: u64 = rand::random();
             let path = pack_path(dir, pack);
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(PackWriter {
-                        account,
                         pack,
                         path,
                         dir: dir.to_path_buf(),
@@ -76,10 +78,6 @@ impl PackWriter {
         }
     }
 
-    pub fn account(&self) -> AccountId {
-        self.account
-    }
-
     /// Bytes appended since the last commit.
     pub fn pending_bytes(&self) -> u64 {
         self.pending_bytes
@@ -87,7 +85,17 @@ impl PackWriter {
 
     /// Verifies `chunk` against its id and appends it. A chunk that does not
     /// verify is refused before a byte of it is written.
-    pub fn add(&mut self, chunk: &Chunk) -> Result<(), StoreError> {
+    pub fn add(&mut self, account: AccountId, chunk: &Chunk) -> Result<(), StoreError> {
+        self.add_from(account, chunk, None)
+    }
+
+    /// Like `add`, for a chunk mirrored from `origin`.
+    pub fn add_from(
+        &mut self,
+        account: AccountId,
+        chunk: &Chunk,
+        origin: Option<String>,
+    ) -> Result<(), StoreError> {
         let id = ChunkId::from_bytes(&chunk.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let compression = chunk.compression();
         let compression_code = u8::try_from(chunk.compression)
@@ -105,6 +113,8 @@ impl PackWriter {
             .write_all(&chunk.data)
             .map_err(StoreError::io(format!("writing {}", self.path.display())))?;
         self.pending.push(PendingChunk {
+            account,
+            origin,
             id,
             loc: ChunkLoc {
                 pack: self.pack,

@@ -153,7 +153,7 @@ fn check_entry(entry: &FileEntry) -> Result<(), StoreError> {
     }
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)

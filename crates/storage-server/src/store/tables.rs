@@ -15,6 +15,8 @@ pub type ChunkKey = (u64, [u8; 32]);
 pub type ChunkLocTuple = (u64, u64, u32, u32, u8);
 /// (account, snapshot id) → encoded `SnapshotInfo`.
 pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::new("snapshots");
+/// source server id → last feed sequence of that source applied here.
+pub const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 /// seq → encoded `ChangeRecord`.
 pub const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
 
@@ -52,6 +54,7 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         txn.open_table(CHUNKS)?;
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(FEED)?;
+        txn.open_table(CHECKPOINTS)?;
         let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
         match existing {
             Some(bytes) => {

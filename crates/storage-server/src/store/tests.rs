@@ -15,9 +15,9 @@ fn chunk(data: &[u8]) -> Chunk {
 }
 
 fn put(store: &Store, account: AccountId, chunks: &[Chunk]) -> Result<super::PutStats, StoreError> {
-    let mut w = store.begin_pack(account)?;
+    let mut w = store.begin_pack()?;
     for c in chunks {
-        w.add(c)?;
+        w.add(account, c)?;
     }
     store.commit_pack(&mut w)
 }
@@ -51,8 +51,8 @@ fn chunks_are_durable_scoped_and_verified() {
         let mut bad = chunk(b"three");
         bad.data = b"tampered".to_vec().into();
         bad.raw_len = 8;
-        let mut w = store.begin_pack(a).expect("pack");
-        assert!(matches!(w.add(&bad), Err(StoreError::HashMismatch { .. })));
+        let mut w = store.begin_pack().expect("pack");
+        assert!(matches!(w.add(a, &bad), Err(StoreError::HashMismatch { .. })));
     }
     let store = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.last_seq().0, 2);

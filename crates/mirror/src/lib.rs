@@ -1,0 +1,4 @@
+//! duplex-mirror: runs mirroring links between storage servers.
+
+pub mod link;
+pub mod service;

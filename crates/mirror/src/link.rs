@@ -1,0 +1,288 @@
+//! One mirroring link: tail the source's change feed from the checkpoint
+//! the destination holds, send only the chunks the destination lacks, then
+//! the snapshot records, and the new checkpoint in the same batch. The
+//! mirror keeps nothing: killed anywhere, it resumes from the destination's
+//! checkpoint and at most re-sends the batch that was not acknowledged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use duplex_proto::MAX_MESSAGE_BYTES;
+use duplex_proto::v1::storage_admin_client::StorageAdminClient;
+use duplex_proto::v1::storage_replication_client::StorageReplicationClient;
+use duplex_proto::v1::{
+    ChangeFeedRequest, ChangeRecord, Checkpoint, GetCheckpointRequest, GetStorageStatusRequest, LinkSpec,
+    LinkStatus, MirrorItem, MissingChunksOfRequest, ReadChunksRequest, ReportProgressRequest, change_record,
+    mirror_item,
+};
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Records gathered into one batch at most, and how long to wait for more.
+const MAX_RECORDS: usize = 256;
+const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
+const GATHER: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("{what}: {status}")]
+    Rpc {
+        what: &'static str,
+        status: tonic::Status,
+    },
+    #[error("invalid address: {0}")]
+    Address(#[from] duplex_rpc::ClientError),
+    #[error("the change feed ended")]
+    FeedEnded,
+}
+
+fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> LinkError {
+    move |status| LinkError::Rpc { what, status }
+}
+
+type Repl = StorageReplicationClient<Channel>;
+
+fn repl(url: &str) -> Result<Repl, LinkError> {
+    Ok(StorageReplicationClient::new(duplex_rpc::channel(url)?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+async fn server_id(url: &str) -> Result<String, LinkError> {
+    let mut admin = StorageAdminClient::new(duplex_rpc::channel(url)?);
+    let status = admin
+        .get_status(GetStorageStatusRequest {})
+        .await
+        .map_err(rpc("asking for the server id"))?;
+    Ok(status.into_inner().server.map(|s| s.id).unwrap_or_default())
+}
+
+pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        update(&status, |s| s.state = "connecting".into());
+        let result = tokio::select! {
+            () = stop.cancelled() => return,
+            r = run_once(&spec, &status) => r,
+        };
+        if let Err(e) = result {
+            tracing::warn!(source = %spec.source, destination = %spec.destination, error = %e, "link interrupted; retrying");
+            update(&status, |s| {
+                s.state = format!("error: {e}");
+                s.retries += 1;
+            });
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn update(status: &Mutex<LinkStatus>, f: impl FnOnce(&mut LinkStatus)) {
+    if let Ok(mut s) = status.lock() {
+        f(&mut s);
+    }
+}
+
+async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), LinkError> {
+    let source_id = server_id(&spec.source).await?;
+    let destination_id = server_id(&spec.destination).await?;
+    let mut src = repl(&spec.source)?;
+    let mut dst = repl(&spec.destination)?;
+    let checkpoint = dst
+        .get_checkpoint(GetCheckpointRequest {
+            source_id: source_id.clone(),
+        })
+        .await
+        .map_err(rpc("reading the checkpoint"))?
+        .into_inner()
+        .seq;
+    let mut feed = src
+        .change_feed(ChangeFeedRequest {
+            from_seq: checkpoint,
+            exclude_origin: destination_id.clone(),
+        })
+        .await
+        .map_err(rpc("opening the change feed"))?
+        .into_inner();
+    update(status, |s| {
+        s.state = "running".into();
+        s.checkpoint = checkpoint;
+    });
+    tracing::info!(source = %spec.source, destination = %spec.destination, checkpoint, "link running");
+    let mut limiter = RateLimiter::new(spec.rate);
+    loop {
+        let batch = gather(&mut feed).await?;
+        let Some(last) = batch.last().map(|r| r.seq) else {
+            continue;
+        };
+        let sent = send_batch(&mut src, &mut dst, &source_id, batch, last, &mut limiter).await?;
+        src.report_progress(ReportProgressRequest {
+            destination_id: destination_id.clone(),
+            destination: spec.destination.clone(),
+            applied_seq: last,
+        })
+        .await
+        .map_err(rpc("reporting progress"))?;
+        update(status, |s| {
+            s.checkpoint = last;
+            s.chunks_sent += sent.chunks;
+            s.bytes_sent += sent.bytes;
+            s.snapshots_sent += sent.snapshots;
+        });
+    }
+}
+
+/// Waits for one record, then takes whatever else arrives within a moment.
+async fn gather(feed: &mut tonic::Streaming<ChangeRecord>) -> Result<Vec<ChangeRecord>, LinkError> {
+    let first = feed
+        .message()
+        .await
+        .map_err(rpc("reading the change feed"))?
+        .ok_or(LinkError::FeedEnded)?;
+    let mut batch = vec![first];
+    let deadline = tokio::time::Instant::now() + GATHER;
+    let mut bytes = 0u64;
+    while batch.len() < MAX_RECORDS && bytes < MAX_BATCH_BYTES {
+        match tokio::time::timeout_at(deadline, feed.next()).await {
+            Ok(Some(Ok(rec))) => {
+                if let Some(change_record::Change::Chunk(c)) = &rec.change {
+                    bytes += u64::from(c.stored_len);
+                }
+                batch.push(rec);
+            }
+            Ok(Some(Err(status))) => return Err(rpc("reading the change feed")(status)),
+            Ok(None) => return Err(LinkError::FeedEnded),
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
+}
+
+#[derive(Default)]
+struct Sent {
+    chunks: u64,
+    bytes: u64,
+    snapshots: u64,
+}
+
+/// Sends the chunks of `records` the destination lacks, their snapshot
+/// records, and the checkpoint `last`, as one batch.
+async fn send_batch(
+    src: &mut Repl,
+    dst: &mut Repl,
+    source_id: &str,
+    records: Vec<ChangeRecord>,
+    last: u64,
+    limiter: &mut RateLimiter,
+) -> Result<Sent, LinkError> {
+    // account → [(chunk id, origin)]
+    let mut wanted: BTreeMap<u64, Vec<(Vec<u8>, String)>> = BTreeMap::new();
+    let mut items = Vec::new();
+    for rec in records {
+        match &rec.change {
+            Some(change_record::Change::Chunk(c)) => {
+                wanted
+                    .entry(rec.account_id)
+                    .or_default()
+                    .push((c.id.clone(), rec.origin.clone()));
+            }
+            Some(change_record::Change::Snapshot(_)) => items.push(MirrorItem {
+                item: Some(mirror_item::Item::Snapshot(rec)),
+            }),
+            None => {}
+        }
+    }
+    let mut sent = Sent {
+        snapshots: items.len() as u64,
+        ..Sent::default()
+    };
+    let mut chunk_items = Vec::new();
+    for (account, ids) in wanted {
+        let request = MissingChunksOfRequest {
+            account_id: account,
+            ids: ids.iter().map(|(id, _)| id.clone()).collect(),
+        };
+        let missing = dst
+            .missing_chunks_of(request)
+            .await
+            .map_err(rpc("asking what the destination lacks"))?;
+        let missing = missing.into_inner().missing;
+        if missing.is_empty() {
+            continue;
+        }
+        let origins: BTreeMap<Vec<u8>, String> = ids.into_iter().collect();
+        let mut stream = src
+            .read_chunks(ReadChunksRequest {
+                account_id: account,
+                ids: missing,
+            })
+            .await
+            .map_err(rpc("reading chunks from the source"))?
+            .into_inner();
+        while let Some(mut item) = stream
+            .message()
+            .await
+            .map_err(rpc("reading chunks from the source"))?
+        {
+            let len = item.chunk.as_ref().map_or(0, |c| c.data.len() as u64);
+            item.origin = item
+                .chunk
+                .as_ref()
+                .and_then(|c| origins.get(&c.id).cloned())
+                .unwrap_or_default();
+            limiter.take(len).await;
+            sent.chunks += 1;
+            sent.bytes += len;
+            chunk_items.push(MirrorItem {
+                item: Some(mirror_item::Item::Chunk(item)),
+            });
+        }
+    }
+    // Chunks first, so every snapshot's chunks are in the same commit.
+    chunk_items.extend(items);
+    chunk_items.push(MirrorItem {
+        item: Some(mirror_item::Item::Checkpoint(Checkpoint {
+            source_id: source_id.to_owned(),
+            seq: last,
+        })),
+    });
+    dst.apply_batch(futures::stream::iter(chunk_items))
+        .await
+        .map_err(rpc("applying the batch on the destination"))?;
+    Ok(sent)
+}
+
+/// Keeps a link's chunk traffic under `rate` bytes per second (0: no limit),
+/// so a resync does not crush a busy site.
+struct RateLimiter {
+    rate: u64,
+    start: Instant,
+    sent: u64,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate,
+            start: Instant::now(),
+            sent: 0,
+        }
+    }
+
+    async fn take(&mut self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.sent += bytes;
+        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}

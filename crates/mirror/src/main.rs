@@ -1,0 +1,76 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use duplex_mirror::service::MirrorApi;
+use duplex_proto::v1::mirror_server::MirrorServer;
+use duplex_proto::v1::{LinkSpec, ServerInfo};
+use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+/// Duplex mirror: copies storage servers' changes to their mirrors.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// A link SOURCE_URL=DESTINATION_URL (repeatable; comma-separated in the env).
+    #[arg(long = "link", env = "DUPLEX_LINKS", value_delimiter = ',', global = true)]
+    links: Vec<String>,
+    /// Chunk bytes per second per link, 0 for no limit.
+    #[arg(long, env = "DUPLEX_RATE", default_value_t = 0, global = true)]
+    rate: u64,
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:7200";
+
+fn parse_link(s: &str, rate: u64) -> anyhow::Result<LinkSpec> {
+    let (source, destination) = s
+        .split_once('=')
+        .with_context(|| format!("link {s:?} must be SOURCE_URL=DESTINATION_URL"))?;
+    Ok(LinkSpec {
+        source: source.to_owned(),
+        destination: destination.to_owned(),
+        rate,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    duplex_rpc::config::load_config_file_into_env()?;
+    let cli = Cli::parse();
+    duplex_rpc::telemetry::init();
+    let listen = cli.server.listen_or(DEFAULT_LISTEN);
+    if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
+        let addr = addr
+            .clone()
+            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
+        duplex_rpc::health::check(&addr, "").await?;
+        return Ok(());
+    }
+    let links = cli
+        .links
+        .iter()
+        .map(|l| parse_link(l, cli.rate))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let shutdown = duplex_rpc::shutdown_on_signals();
+    let bound = duplex_rpc::bind(&listen).await?;
+    let info = ServerInfo {
+        // The mirror keeps no state, so its id lives only as long as the process.
+        id: uuid::Uuid::new_v4().to_string(),
+        name: cli.server.name()?,
+        site: cli.server.site.clone(),
+        kind: "mirror".into(),
+        addr: cli.server.advertised(bound.addr),
+    };
+    let api = Arc::new(MirrorApi::new(info));
+    api.set_links(links)
+        .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?;
+    let names = [<MirrorServer<MirrorApi> as NamedService>::NAME];
+    let routes = Routes::new(MirrorServer::from_arc(api));
+    duplex_rpc::serve(bound, &names, routes, shutdown).await?;
+    Ok(())
+}

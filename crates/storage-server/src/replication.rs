@@ -1,0 +1,222 @@
+//! gRPC face of mirroring on a storage server: the change feed, chunk
+//! reads and inventory for a mirror, atomic batch apply with checkpoint,
+//! and progress reports for sync mode and lag.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use duplex_proto::v1::storage_replication_server::StorageReplication;
+use duplex_proto::v1::{
+    AccountChunk, ApplyBatchResponse, ChangeFeedRequest, ChangeRecord, Checkpoint, GetCheckpointRequest,
+    MirrorItem, MissingChunksOfRequest, MissingChunksResponse, ReadChunksRequest, ReportProgressRequest,
+    ReportProgressResponse, mirror_item,
+};
+use duplex_types::{AccountId, ChunkId, Seq};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::mirroring::Outbound;
+use crate::service::{StorageApi, blocking, chunk_ids};
+use crate::store::{PutStats, Store};
+
+const FEED_BATCH: usize = 256;
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl StorageReplication for StorageApi {
+    type ChangeFeedStream = Stream_<ChangeRecord>;
+
+    async fn change_feed(
+        &self,
+        request: Request<ChangeFeedRequest>,
+    ) -> Result<Response<Self::ChangeFeedStream>, Status> {
+        let req = request.into_inner();
+        let (tx, rx) = mpsc::channel(FEED_BATCH);
+        tokio::spawn(follow_feed(
+            self.store.clone(),
+            Seq(req.from_seq),
+            req.exclude_origin,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReadChunksStream = Stream_<AccountChunk>;
+
+    async fn read_chunks(
+        &self,
+        request: Request<ReadChunksRequest>,
+    ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let req = request.into_inner();
+        let account = AccountId(req.account_id);
+        let ids = chunk_ids(&req.ids)?;
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for id in ids {
+                let item = match store.read_chunk(account, id) {
+                    Ok(Some(c)) => Ok(AccountChunk {
+                        account_id: account.0,
+                        chunk: Some(duplex_proto::v1::Chunk {
+                            id: c.id.to_vec(),
+                            compression: c.compression as i32,
+                            raw_len: c.raw_len,
+                            data: c.data.into(),
+                        }),
+                        origin: String::new(),
+                    }),
+                    Ok(None) => Err(Status::not_found(format!(
+                        "chunk {id} of account {} not found",
+                        account.0
+                    ))),
+                    Err(e) => Err(Status::from(e)),
+                };
+                let stop = item.is_err();
+                if tx.blocking_send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn missing_chunks_of(
+        &self,
+        request: Request<MissingChunksOfRequest>,
+    ) -> Result<Response<MissingChunksResponse>, Status> {
+        let req = request.into_inner();
+        let account = AccountId(req.account_id);
+        let ids = chunk_ids(&req.ids)?;
+        let missing = blocking(&self.store, move |s| s.missing(account, &ids)).await?;
+        Ok(Response::new(MissingChunksResponse {
+            missing: missing.into_iter().map(ChunkId::to_vec).collect(),
+        }))
+    }
+
+    async fn apply_batch(
+        &self,
+        request: Request<Streaming<MirrorItem>>,
+    ) -> Result<Response<ApplyBatchResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
+        let mut snapshots = Vec::new();
+        while let Some(item) = stream.message().await? {
+            match item.item {
+                Some(mirror_item::Item::Chunk(c)) => {
+                    let chunk = c
+                        .chunk
+                        .ok_or_else(|| Status::invalid_argument("chunk item without a chunk"))?;
+                    crate::service::check_chunk_shape(&chunk)?;
+                    let origin = (!c.origin.is_empty()).then_some(c.origin);
+                    writer =
+                        add_blocking(&self.store, writer, AccountId(c.account_id), chunk, origin).await?;
+                }
+                Some(mirror_item::Item::Snapshot(rec)) => snapshots.push(rec),
+                Some(mirror_item::Item::Checkpoint(cp)) => {
+                    let (stats, added) = blocking(&self.store, move |s| {
+                        let r = s.commit_mirror(&mut writer, &snapshots, &cp);
+                        writer.discard_if_empty();
+                        r
+                    })
+                    .await?;
+                    return Ok(Response::new(applied(stats, added)));
+                }
+                None => return Err(Status::invalid_argument("empty mirror item")),
+            }
+        }
+        Err(Status::invalid_argument(
+            "batch ended without a checkpoint; nothing was applied",
+        ))
+    }
+
+    async fn get_checkpoint(
+        &self,
+        request: Request<GetCheckpointRequest>,
+    ) -> Result<Response<Checkpoint>, Status> {
+        let source = request.into_inner().source_id;
+        let key = source.clone();
+        let seq = blocking(&self.store, move |s| s.checkpoint(&key)).await?;
+        Ok(Response::new(Checkpoint {
+            source_id: source,
+            seq: seq.0,
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<ReportProgressRequest>,
+    ) -> Result<Response<ReportProgressResponse>, Status> {
+        let req = request.into_inner();
+        self.mirroring.report(
+            Outbound {
+                destination_id: req.destination_id,
+                destination: req.destination,
+                applied: req.applied_seq,
+            },
+            self.store.last_seq().0,
+        );
+        Ok(Response::new(ReportProgressResponse {}))
+    }
+}
+
+fn applied(stats: PutStats, snapshots: u64) -> ApplyBatchResponse {
+    ApplyBatchResponse {
+        chunks: stats.stored,
+        snapshots,
+        bytes: stats.stored_bytes,
+    }
+}
+
+async fn add_blocking(
+    store: &Arc<Store>,
+    mut writer: crate::store::PackWriter,
+    account: AccountId,
+    chunk: duplex_proto::v1::Chunk,
+    origin: Option<String>,
+) -> Result<crate::store::PackWriter, Status> {
+    let _ = store;
+    let (writer, result) = tokio::task::spawn_blocking(move || {
+        let r = writer.add_from(account, &chunk, origin);
+        (writer, r)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+    result?;
+    Ok(writer)
+}
+
+/// Streams the feed after `sent` as it grows, until the reader goes away.
+async fn follow_feed(
+    store: Arc<Store>,
+    mut sent: Seq,
+    exclude: String,
+    tx: mpsc::Sender<Result<ChangeRecord, Status>>,
+) {
+    let mut notify = store.subscribe_feed();
+    loop {
+        let (excl, from) = (exclude.clone(), sent);
+        let batch = blocking(&store, move |s| s.feed_after(from, &excl, FEED_BATCH)).await;
+        let (records, last) = match batch {
+            Ok(b) => b,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        for rec in records {
+            if tx.send(Ok(rec)).await.is_err() {
+                return;
+            }
+        }
+        if last == sent {
+            tokio::select! {
+                () = tx.closed() => return,
+                _ = notify.changed() => {}
+            }
+        }
+        sent = last;
+    }
+}
