@@ -57,3 +57,22 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("tokio runtime")
 }
+
+/// GET `/metrics` from a server (HTTP/1.1 on its gRPC port); the body.
+pub fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let host = addr.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(host).expect("connect for /metrics");
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send");
+    let mut response = String::new();
+    conn.read_to_string(&mut response).expect("read /metrics");
+    assert!(response.starts_with("HTTP/1.1 200"), "GET /metrics: {response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}

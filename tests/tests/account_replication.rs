@@ -205,7 +205,11 @@ fn kill_master_under_load(mode: &str) -> (Vec<String>, HashSet<String>, u64) {
 #[test]
 fn sync_mode_keeps_every_acknowledged_write_when_the_master_dies() {
     let (acked, present, _) = kill_master_under_load("sync");
-    assert!(acked.len() >= 300);
+    assert!(
+        acked.len() >= 250,
+        "only {} writes were acknowledged",
+        acked.len()
+    );
     let lost: Vec<&String> = acked.iter().filter(|n| !present.contains(*n)).collect();
     assert!(
         lost.is_empty(),
@@ -321,4 +325,44 @@ fn stale_epochs_and_writes_to_a_slave_are_refused() {
     ]);
     assert!(!out.status.success(), "a demote at a stale epoch was accepted");
     assert_eq!(rt.block_on(status(&master.addr)).role, "master");
+}
+
+#[test]
+fn sync_replication_degrades_loudly_without_a_slave_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let _enter = rt.enter();
+    let master = accounts::start(
+        dir.path(),
+        "account-a",
+        &["--replication", "sync", "--sync-timeout", "200ms"],
+    );
+    rt.block_on(async {
+        register_storage(&master.addr).await;
+        admin(&master.addr)
+            .create_account(account("alone"))
+            .await
+            .unwrap();
+    });
+    let s = rt.block_on(status(&master.addr));
+    assert!(s.replication.starts_with("async (degraded"), "{}", s.replication);
+    assert!(master.log_text().contains("SYNC REPLICATION DEGRADED TO ASYNC"));
+    let metrics = duplex_tests::scrape(&master.addr);
+    assert!(
+        metrics.contains("duplex_account_sync_degraded{server=\"account-a\"} 1"),
+        "{metrics}"
+    );
+
+    let slave = accounts::start(dir.path(), "account-b", &["--master", &master.addr]);
+    rt.block_on(admin(&master.addr).create_account(account("with-slave")))
+        .unwrap();
+    wait_in_sync(&rt, &master.addr, &slave.addr, SYNC);
+    wait_for("sync replication to be restored", SYNC, || {
+        (rt.block_on(status(&master.addr)).replication == "sync").then_some(())
+    });
+    let metrics = duplex_tests::scrape(&slave.addr);
+    assert!(
+        metrics.contains("duplex_lag_records{server=\"account-b\"} 0"),
+        "{metrics}"
+    );
 }

@@ -140,6 +140,15 @@ fn sync_mirroring_degrades_loudly_when_the_mirror_is_gone() {
         let s = rt.block_on(sites::status(&cluster.storage.addr))?;
         (s.mirroring == "sync" && s.accounts_behind.is_empty()).then_some(())
     });
+    let metrics = duplex_tests::scrape(&cluster.storage.addr);
+    assert!(
+        metrics.contains("duplex_storage_sync_degraded{server=\"storage-a\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("duplex_lag_records{server=\"storage-a\",destination="),
+        "{metrics}"
+    );
 }
 
 /// Backs up a tree of `files` × 8 MiB random files; returns its path.
@@ -376,23 +385,27 @@ fn a_reversed_link_sends_only_what_the_other_side_lacks() {
     let b_bytes = rt.block_on(sites::status(&b.addr)).unwrap().stored_bytes;
     let lacking = b_bytes - a_before;
 
-    let reverse = sites::mirror(
-        cluster.dir.path(),
-        "mirror-a",
-        &[link(&b, &cluster.storage.addr)],
-        &[],
-    );
+    // The reverse link is set at run time, as the coordinator (or an operator) would.
+    let reverse = sites::mirror(cluster.dir.path(), "mirror-a", &[], &[]);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(duplex_tests::bin("duplexctl"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    ctl(&[
+        "mirror",
+        "links",
+        &reverse.addr,
+        "--link",
+        &link(&b, &cluster.storage.addr),
+        "--json",
+    ]);
     wait_converged(&rt, &b.addr, &cluster.storage.addr);
-    let sent = rt.block_on(async {
-        use duplex_proto::v1::mirror_client::MirrorClient;
-        let mut client = MirrorClient::new(duplex_rpc::channel(&reverse.addr).unwrap());
-        client
-            .get_status(duplex_proto::v1::GetMirrorStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    let bytes_sent = sent.links[0].bytes_sent;
+    let status = ctl(&["mirror", "status", &reverse.addr, "--json"]);
+    let bytes_sent = status["links"][0]["bytes_sent"].as_u64().unwrap();
     assert!(bytes_sent >= lacking, "sent {bytes_sent} but a lacked {lacking}");
     assert!(
         bytes_sent as f64 <= 1.05 * lacking as f64,

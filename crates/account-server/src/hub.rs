@@ -109,6 +109,7 @@ impl Hub {
     }
 
     pub fn slave_connected(&self, server: ServerInfo, applied: u64) {
+        let id = server.id.clone();
         if let Ok(mut slaves) = self.slaves.lock() {
             slaves.insert(
                 server.id.clone(),
@@ -120,6 +121,9 @@ impl Hub {
                 },
             );
         }
+        // A slave that joins already caught up (say, from a snapshot) sends
+        // no ack until the next write; count its position now.
+        self.slave_applied(&id, applied);
     }
 
     pub fn slave_disconnected(&self, id: &str) {

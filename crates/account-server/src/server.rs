@@ -11,6 +11,7 @@ use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::account_admin_server::AccountAdminServer;
 use duplex_proto::v1::account_replication_server::AccountReplicationServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
+use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::ticket::TicketSigner;
 use duplex_rpc::{Bound, ServeError};
 use duplex_types::Epoch;
@@ -84,6 +85,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         shutdown.clone(),
     ));
 
+    let metrics = metrics(node.clone());
     let api = Arc::new(AccountApi::new(node.clone()));
     let replication = AccountReplicationServer::new(ReplicationApi { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -96,8 +98,87 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     let routes = Routes::new(AccountServiceServer::from_arc(api.clone()))
         .add_service(AccountAdminServer::from_arc(api))
         .add_service(replication);
-    duplex_rpc::serve(bound, &names, routes, shutdown).await?;
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
+}
+
+/// `/metrics`: role, epoch, LSN, replication state and lag.
+fn metrics(node: Arc<Node>) -> MetricsFn {
+    Arc::new(move || {
+        let node = node.clone();
+        Box::pin(async move {
+            let mut e = Exposition::default();
+            let name = node.info.name.clone();
+            let l = [("server", name.as_str())];
+            e.gauge("duplex_up", "1 while the server answers.", &l, 1.0);
+            let Ok(s) = node.status().await else {
+                return e.finish();
+            };
+            e.gauge(
+                "duplex_account_is_master",
+                "1 on the master, 0 on a slave.",
+                &l,
+                f64::from(u8::from(s.role == "master")),
+            );
+            e.gauge("duplex_epoch", "Epoch this server holds.", &l, s.epoch as f64);
+            e.gauge(
+                "duplex_account_lsn",
+                "Last LSN written or applied.",
+                &l,
+                s.lsn as f64,
+            );
+            e.gauge("duplex_account_accounts", "Accounts held.", &l, s.accounts as f64);
+            e.gauge(
+                "duplex_account_sync_degraded",
+                "1 while sync replication has degraded to async.",
+                &l,
+                f64::from(u8::from(node.hub.is_degraded())),
+            );
+            e.counter(
+                "duplex_account_sync_degradations_total",
+                "Times sync replication degraded to async.",
+                &l,
+                node.hub.degradations.load(std::sync::atomic::Ordering::SeqCst) as f64,
+            );
+            e.gauge(
+                "duplex_account_divergent_entries",
+                "Entries found divergent at rejoin.",
+                &l,
+                s.divergent_entries as f64,
+            );
+            if let Some(lag) = s.lag {
+                e.gauge(
+                    "duplex_lag_records",
+                    "Records behind the source.",
+                    &l,
+                    lag.records as f64,
+                );
+                e.gauge(
+                    "duplex_lag_bytes",
+                    "Bytes behind the source.",
+                    &l,
+                    lag.bytes as f64,
+                );
+                e.gauge(
+                    "duplex_lag_seconds",
+                    "Seconds behind the source.",
+                    &l,
+                    lag.seconds,
+                );
+            }
+            for slave in &s.slaves {
+                let slave_name = slave.server.as_ref().map(|x| x.name.clone()).unwrap_or_default();
+                let records = slave.lag.map_or(0, |x| x.records);
+                e.gauge(
+                    "duplex_account_slave_lag_records",
+                    "Records a slave is behind this master.",
+                    &[("server", name.as_str()), ("slave", slave_name.as_str())],
+                    records as f64,
+                );
+            }
+            e.finish()
+        })
+    })
 }
 
 /// Opens the store and settles the role. A master with no ticket key yet

@@ -1,4 +1,5 @@
 mod admin;
+mod mirror;
 mod playground;
 mod procs;
 mod servers;
@@ -42,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: ServersCommand,
     },
+    /// See a mirror's links, or set them by hand.
+    Mirror {
+        #[command(subcommand)]
+        command: MirrorCommand,
+    },
     /// Run a whole cluster on this machine until Ctrl-C.
     Playground {
         /// Where the services keep their data and logs, and playground.json.
@@ -63,6 +69,22 @@ enum AccountsCommand {
         home: Option<String>,
     },
     List,
+}
+
+#[derive(Subcommand)]
+enum MirrorCommand {
+    /// Links of the mirror at URL with checkpoint, lag and traffic.
+    Status { url: String },
+    /// Replace the links of the mirror at URL.
+    Links {
+        url: String,
+        /// SOURCE_URL=DESTINATION_URL (repeatable; none stops every link).
+        #[arg(long = "link")]
+        links: Vec<String>,
+        /// Chunk bytes per second per link (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,6 +133,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
+        Command::Mirror { command } => match command {
+            MirrorCommand::Status { url } => mirror::status(&url, json).await,
+            MirrorCommand::Links { url, links, rate } => mirror::set_links(&url, &links, rate, json).await,
+        },
         Command::Servers { command } => match command {
             ServersCommand::Status { url } => servers::status(&url, json).await,
             ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,

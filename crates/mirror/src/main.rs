@@ -70,7 +70,8 @@ async fn main() -> anyhow::Result<()> {
     api.set_links(links)
         .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?;
     let names = [<MirrorServer<MirrorApi> as NamedService>::NAME];
+    let metrics = duplex_mirror::service::metrics(api.clone());
     let routes = Routes::new(MirrorServer::from_arc(api));
-    duplex_rpc::serve(bound, &names, routes, shutdown).await?;
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
 }

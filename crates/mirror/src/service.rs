@@ -143,3 +143,66 @@ impl Mirror for MirrorApi {
         Ok(Response::new(self.status().await))
     }
 }
+
+/// `/metrics`: per link, checkpoint, lag, bytes sent and retries.
+pub fn metrics(api: Arc<MirrorApi>) -> duplex_rpc::metrics::MetricsFn {
+    Arc::new(move || {
+        let api = api.clone();
+        Box::pin(async move {
+            let mut e = duplex_rpc::metrics::Exposition::default();
+            let name = api.info.name.clone();
+            e.gauge(
+                "duplex_up",
+                "1 while the server answers.",
+                &[("server", name.as_str())],
+                1.0,
+            );
+            for link in api.status().await.links {
+                let spec = link.spec.clone().unwrap_or_default();
+                let l = [
+                    ("server", name.as_str()),
+                    ("source", spec.source.as_str()),
+                    ("destination", spec.destination.as_str()),
+                ];
+                let lag = link.lag.unwrap_or_default();
+                e.gauge(
+                    "duplex_mirror_checkpoint",
+                    "Source sequence the destination has applied.",
+                    &l,
+                    link.checkpoint as f64,
+                );
+                e.gauge(
+                    "duplex_lag_records",
+                    "Records behind the source.",
+                    &l,
+                    lag.records as f64,
+                );
+                e.gauge(
+                    "duplex_lag_bytes",
+                    "Bytes behind the source.",
+                    &l,
+                    lag.bytes as f64,
+                );
+                e.gauge(
+                    "duplex_lag_seconds",
+                    "Seconds behind the source.",
+                    &l,
+                    lag.seconds,
+                );
+                e.counter(
+                    "duplex_mirror_bytes_sent_total",
+                    "Chunk bytes sent.",
+                    &l,
+                    link.bytes_sent as f64,
+                );
+                e.counter(
+                    "duplex_mirror_retries_total",
+                    "Times the link restarted after an error.",
+                    &l,
+                    link.retries as f64,
+                );
+            }
+            e.finish()
+        })
+    })
+}

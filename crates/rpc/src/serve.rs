@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
 
+use crate::metrics::MetricsFn;
+
 /// How long in-flight calls may run after shutdown begins.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -60,6 +62,7 @@ pub async fn serve(
     bound: Bound,
     names: &[&'static str],
     routes: Routes,
+    metrics: Option<MetricsFn>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -78,10 +81,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let routes = routes
+    let mut routes = routes
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+    if let Some(render) = metrics {
+        let router = routes.into_axum_router().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let render = render.clone();
+                async move { render().await }
+            }),
+        );
+        routes = Routes::from(router);
+    }
 
     let drain_started = CancellationToken::new();
     let signal = {
@@ -99,6 +112,7 @@ pub async fn serve(
         }
     };
     let server = tonic::transport::Server::builder()
+        .accept_http1(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))

@@ -10,6 +10,7 @@ use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::storage_admin_server::StorageAdminServer;
 use duplex_proto::v1::storage_service_server::StorageServiceServer;
 use duplex_proto::v1::{RegisterStorageServerRequest, ServerInfo};
+use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::{Bound, ServeError};
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
@@ -110,6 +111,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
         shutdown: shutdown.clone(),
     });
+    let metrics = metrics(api.clone());
     let data = StorageServiceServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -123,8 +125,96 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         <StorageReplicationServer<StorageApi> as NamedService>::NAME,
     ];
     let routes = Routes::new(data).add_service(admin).add_service(replication);
-    duplex_rpc::serve(bound, &names, routes, shutdown).await?;
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
+}
+
+/// `/metrics`: role, epoch, feed sequence, stored data, mirroring state and lag per link.
+fn metrics(api: Arc<StorageApi>) -> MetricsFn {
+    Arc::new(move || {
+        let api = api.clone();
+        Box::pin(async move {
+            let mut e = Exposition::default();
+            let name = api.info.name.clone();
+            let l = [("server", name.as_str())];
+            e.gauge("duplex_up", "1 while the server answers.", &l, 1.0);
+            let Ok(s) = api.status().await else {
+                return e.finish();
+            };
+            e.gauge(
+                "duplex_storage_is_primary",
+                "1 on a primary.",
+                &l,
+                f64::from(u8::from(s.role == "primary")),
+            );
+            e.gauge("duplex_epoch", "Epoch this server holds.", &l, s.epoch as f64);
+            e.gauge(
+                "duplex_storage_seq",
+                "Last change-feed sequence.",
+                &l,
+                s.seq as f64,
+            );
+            e.gauge("duplex_storage_chunks", "Chunks stored.", &l, s.chunks as f64);
+            e.gauge(
+                "duplex_storage_snapshots",
+                "Snapshots stored.",
+                &l,
+                s.snapshots as f64,
+            );
+            e.gauge(
+                "duplex_storage_stored_bytes",
+                "Chunk bytes stored.",
+                &l,
+                s.stored_bytes as f64,
+            );
+            e.gauge(
+                "duplex_storage_sync_degraded",
+                "1 while sync mirroring has degraded to async.",
+                &l,
+                f64::from(u8::from(s.mirroring.starts_with("async (degraded"))),
+            );
+            e.counter(
+                "duplex_storage_sync_degradations_total",
+                "Times sync mirroring degraded to async.",
+                &l,
+                api.mirroring
+                    .degradations
+                    .load(std::sync::atomic::Ordering::SeqCst) as f64,
+            );
+            e.gauge(
+                "duplex_storage_accounts_behind",
+                "Accounts with writes not yet mirrored.",
+                &l,
+                s.accounts_behind.len() as f64,
+            );
+            for link in &s.links_out {
+                let ll = [
+                    ("server", name.as_str()),
+                    ("destination", link.destination.as_str()),
+                ];
+                let lag = link.lag.unwrap_or_default();
+                e.gauge(
+                    "duplex_lag_records",
+                    "Records behind the source.",
+                    &ll,
+                    lag.records as f64,
+                );
+                e.gauge(
+                    "duplex_lag_bytes",
+                    "Bytes behind the source.",
+                    &ll,
+                    lag.bytes as f64,
+                );
+                e.gauge(
+                    "duplex_lag_seconds",
+                    "Seconds behind the source.",
+                    &ll,
+                    lag.seconds,
+                );
+            }
+            e.finish()
+        })
+    })
 }
 
 /// Announces this server to the account servers, retrying until one accepts.

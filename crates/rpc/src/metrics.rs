@@ -1,0 +1,72 @@
+//! Prometheus text exposition at `/metrics`, served on the same port as
+//! gRPC (HTTP/1.1 is accepted for it). Each server renders its own
+//! figures from the status it already keeps.
+
+use std::fmt::Write;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// Renders the server's metrics on each scrape.
+pub type MetricsFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Builds the text format, one family at a time.
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    /// Adds one sample (with its family's HELP and TYPE on first use).
+    pub fn sample(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) -> &mut Self {
+        let header = format!("# TYPE {name} {kind}\n");
+        if !self.out.contains(&header) {
+            let _ = write!(self.out, "# HELP {name} {help}\n{header}");
+        }
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            let rendered: Vec<String> = labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+                .collect();
+            let _ = write!(self.out, "{{{}}}", rendered.join(","));
+        }
+        let _ = writeln!(self.out, " {value}");
+        self
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.sample(name, "gauge", help, labels, value)
+    }
+
+    pub fn counter(&mut self, name: &str, help: &str, labels: &[(&str, &str)], value: f64) -> &mut Self {
+        self.sample(name, "counter", help, labels, value)
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_families_once_with_escaped_labels() {
+        let mut e = Exposition::default();
+        e.gauge("duplex_lag", "Lag.", &[("link", "a\"b")], 3.0);
+        e.gauge("duplex_lag", "Lag.", &[("link", "c")], 4.0);
+        let text = e.finish();
+        assert_eq!(text.matches("# TYPE duplex_lag gauge").count(), 1);
+        assert!(text.contains("duplex_lag{link=\"a\\\"b\"} 3\n"));
+        assert!(text.contains("duplex_lag{link=\"c\"} 4\n"));
+    }
+}
