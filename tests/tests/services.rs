@@ -194,3 +194,50 @@ fn playground_runs_a_cluster_and_stops_every_child() {
         pids.iter().all(|p| !pid_alive(*p)).then_some(())
     });
 }
+
+#[test]
+fn servers_read_a_toml_config_file_below_env_and_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("account.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nname = \"from-file\"\nsite = \"file-site\"\ndata-dir = \"{}\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let rt = runtime();
+    for (extra, env, name, site) in [
+        (vec![], None, "from-file", "file-site"),
+        (vec![], Some(("DUPLEX_NAME", "from-env")), "from-env", "file-site"),
+        (
+            vec!["--name", "from-flag"],
+            Some(("DUPLEX_NAME", "from-env")),
+            "from-flag",
+            "file-site",
+        ),
+    ] {
+        let mut cmd = Command::new(bin("duplex-account-server"));
+        cmd.args(["--config", config.to_str().unwrap()])
+            .args(&extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap().to_owned();
+        let status = rt.block_on(duplex_tests::accounts::status(&addr));
+        let server = status.server.unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!((server.name.as_str(), server.site.as_str()), (name, site));
+    }
+}

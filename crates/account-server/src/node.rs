@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use duplex_proto::v1::{AccountServerStatus, Lag, ServerInfo, SlaveStatus};
-use duplex_types::Epoch;
+use duplex_types::{Epoch, Lsn};
 use tokio::sync::{RwLock, RwLockReadGuard};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -208,16 +208,26 @@ impl Node {
             ..Default::default()
         };
         if role.is_master {
-            status.slaves = self
-                .hub
-                .slaves()
+            let slaves: Vec<_> = self.hub.slaves().into_iter().filter(|s| s.connected).collect();
+            let store = self.store.clone();
+            let positions: Vec<u64> = slaves.iter().map(|s| s.applied).collect();
+            let pending = tokio::task::spawn_blocking(move || {
+                positions
+                    .into_iter()
+                    .map(|p| store.pending_after(Lsn(p)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            .map_err(|e| AccountError::Corrupt(e.to_string()))??;
+            let now = millis(std::time::SystemTime::now());
+            status.slaves = slaves
                 .into_iter()
-                .filter(|s| s.connected)
-                .map(|s| SlaveStatus {
+                .zip(pending)
+                .map(|(s, (bytes, oldest))| SlaveStatus {
                     lag: Some(Lag {
                         records: lsn.0.saturating_sub(s.applied),
-                        bytes: 0,
-                        seconds: 0.0,
+                        bytes,
+                        seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0),
                     }),
                     applied_lsn: s.applied,
                     last_seen_unix_ms: millis(s.last_seen),

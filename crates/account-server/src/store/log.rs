@@ -88,6 +88,26 @@ impl AccountStore {
         Ok(out)
     }
 
+    /// Encoded bytes and the time of the oldest of the entries after
+    /// `after` (at most `LAG_SCAN` of them), for a slave's lag as the
+    /// master sees it.
+    pub fn pending_after(&self, after: Lsn) -> Result<(u64, Option<i64>), AccountError> {
+        const LAG_SCAN: usize = 100_000;
+        let txn = self.db.begin_read()?;
+        let log = txn.open_table(LOG)?;
+        let mut bytes = 0u64;
+        let mut oldest = None;
+        for item in log.range(after.0 + 1..)?.take(LAG_SCAN) {
+            let (_, v) = item?;
+            bytes += v.value().len() as u64;
+            if oldest.is_none() {
+                let entry = LogEntry::decode(v.value()).map_err(|e| AccountError::Corrupt(e.to_string()))?;
+                oldest = Some(entry.time_unix_ms);
+            }
+        }
+        Ok((bytes, oldest))
+    }
+
     /// The epoch of the entry at `lsn`, if the log still holds it; the
     /// snapshot's epoch for the snapshot's own LSN.
     pub fn epoch_at(&self, lsn: Lsn) -> Result<Option<u64>, AccountError> {
