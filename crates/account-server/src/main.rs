@@ -1,10 +1,9 @@
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use duplex_account_server::hub::Mode;
 use duplex_account_server::server::{Config, run};
-use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 
 /// Duplex account server: accounts, groups, tokens and homes.
 #[derive(Parser)]
@@ -48,16 +47,11 @@ async fn main() -> anyhow::Result<()> {
     duplex_rpc::config::load_config_file_into_env()?;
     let cli = Cli::parse();
     duplex_rpc::telemetry::init();
-    let listen = cli.server.listen_or(DEFAULT_LISTEN);
-    if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
-        let addr = addr
-            .clone()
-            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
-        duplex_rpc::health::check(&addr, "").await?;
-        return Ok(());
-    }
-    let data_dir = cli.server.data_dir()?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let listen = match start(&cli.server, cli.command.as_ref(), DEFAULT_LISTEN).await? {
+        Start::Checked => return Ok(()),
+        Start::Serve { listen } => listen,
+    };
+    let data_dir = cli.server.prepared_data_dir()?;
     let shutdown = duplex_rpc::shutdown_on_signals();
     let bound = duplex_rpc::bind(&listen).await?;
     let config = Config {

@@ -147,24 +147,7 @@ fn metrics(node: Arc<Node>) -> MetricsFn {
                 s.divergent_entries as f64,
             );
             if let Some(lag) = s.lag {
-                e.gauge(
-                    "duplex_lag_records",
-                    "Records behind the source.",
-                    &l,
-                    lag.records as f64,
-                );
-                e.gauge(
-                    "duplex_lag_bytes",
-                    "Bytes behind the source.",
-                    &l,
-                    lag.bytes as f64,
-                );
-                e.gauge(
-                    "duplex_lag_seconds",
-                    "Seconds behind the source.",
-                    &l,
-                    lag.seconds,
-                );
+                e.lag(&l, &lag);
             }
             for slave in &s.slaves {
                 let slave_name = slave.server.as_ref().map(|x| x.name.clone()).unwrap_or_default();

@@ -1,11 +1,11 @@
+use anyhow::Context;
 use std::sync::Arc;
 
-use anyhow::Context;
 use clap::Parser;
 use duplex_mirror::service::MirrorApi;
 use duplex_proto::v1::mirror_server::MirrorServer;
 use duplex_proto::v1::{LinkSpec, ServerInfo};
-use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -43,14 +43,10 @@ async fn main() -> anyhow::Result<()> {
     duplex_rpc::config::load_config_file_into_env()?;
     let cli = Cli::parse();
     duplex_rpc::telemetry::init();
-    let listen = cli.server.listen_or(DEFAULT_LISTEN);
-    if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
-        let addr = addr
-            .clone()
-            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
-        duplex_rpc::health::check(&addr, "").await?;
-        return Ok(());
-    }
+    let listen = match start(&cli.server, cli.command.as_ref(), DEFAULT_LISTEN).await? {
+        Start::Checked => return Ok(()),
+        Start::Serve { listen } => listen,
+    };
     let links = cli
         .links
         .iter()

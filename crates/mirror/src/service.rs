@@ -171,24 +171,7 @@ pub fn metrics(api: Arc<MirrorApi>) -> duplex_rpc::metrics::MetricsFn {
                     &l,
                     link.checkpoint as f64,
                 );
-                e.gauge(
-                    "duplex_lag_records",
-                    "Records behind the source.",
-                    &l,
-                    lag.records as f64,
-                );
-                e.gauge(
-                    "duplex_lag_bytes",
-                    "Bytes behind the source.",
-                    &l,
-                    lag.bytes as f64,
-                );
-                e.gauge(
-                    "duplex_lag_seconds",
-                    "Seconds behind the source.",
-                    &l,
-                    lag.seconds,
-                );
+                e.lag(&l, &lag);
                 e.counter(
                     "duplex_mirror_bytes_sent_total",
                     "Chunk bytes sent.",

@@ -63,3 +63,47 @@ impl ServerArgs {
         }
     }
 }
+
+/// What a server binary should do once its arguments are parsed.
+pub enum Start {
+    /// `healthcheck` ran and passed; exit 0.
+    Checked,
+    /// Serve on this listen address.
+    Serve { listen: String },
+}
+
+/// The start-up every server binary shares: run `healthcheck` if that was
+/// the command, else resolve the listen address.
+pub async fn start(
+    args: &ServerArgs,
+    command: Option<&ServerCommand>,
+    default_listen: &str,
+) -> Result<Start, crate::health::HealthError> {
+    let listen = args.listen_or(default_listen);
+    if let Some(ServerCommand::Healthcheck { addr }) = command {
+        let addr = addr.clone().unwrap_or_else(|| crate::health::dial_url(&listen));
+        crate::health::check(&addr, "").await?;
+        return Ok(Start::Checked);
+    }
+    Ok(Start::Serve { listen })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(transparent)]
+    Missing(#[from] MissingOption),
+    #[error("cannot create data dir {path}: {source}")]
+    Create { path: String, source: std::io::Error },
+}
+
+impl ServerArgs {
+    /// `--data-dir`, created if absent.
+    pub fn prepared_data_dir(&self) -> Result<PathBuf, DataDirError> {
+        let dir = self.data_dir()?;
+        std::fs::create_dir_all(&dir).map_err(|source| DataDirError::Create {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        Ok(dir)
+    }
+}

@@ -50,6 +50,28 @@ impl Exposition {
         self.sample(name, "counter", help, labels, value)
     }
 
+    /// The three lag gauges every replicated thing reports.
+    pub fn lag(&mut self, labels: &[(&str, &str)], lag: &duplex_proto::v1::Lag) -> &mut Self {
+        self.gauge(
+            "duplex_lag_records",
+            "Records behind the source.",
+            labels,
+            lag.records as f64,
+        );
+        self.gauge(
+            "duplex_lag_bytes",
+            "Bytes behind the source.",
+            labels,
+            lag.bytes as f64,
+        );
+        self.gauge(
+            "duplex_lag_seconds",
+            "Seconds behind the source.",
+            labels,
+            lag.seconds,
+        )
+    }
+
     pub fn finish(self) -> String {
         self.out
     }

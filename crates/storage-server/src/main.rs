@@ -1,6 +1,5 @@
-use anyhow::Context;
 use clap::Parser;
-use duplex_rpc::cli::{ServerArgs, ServerCommand};
+use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 use duplex_storage_server::mirroring::Mode;
 use duplex_storage_server::server::{Config, run};
 use duplex_storage_server::store::mirror::Role;
@@ -61,19 +60,14 @@ async fn main() -> anyhow::Result<()> {
     duplex_rpc::config::load_config_file_into_env()?;
     let cli = Cli::parse();
     duplex_rpc::telemetry::init();
-    let listen = cli.server.listen_or(DEFAULT_LISTEN);
-    if let Some(ServerCommand::Healthcheck { addr }) = &cli.command {
-        let addr = addr
-            .clone()
-            .unwrap_or_else(|| duplex_rpc::health::dial_url(&listen));
-        duplex_rpc::health::check(&addr, "").await?;
-        return Ok(());
-    }
+    let listen = match start(&cli.server, cli.command.as_ref(), DEFAULT_LISTEN).await? {
+        Start::Checked => return Ok(()),
+        Start::Serve { listen } => listen,
+    };
     if cli.account_servers.is_empty() {
         anyhow::bail!("--account-servers is required (or set DUPLEX_ACCOUNT_SERVERS)");
     }
-    let data_dir = cli.server.data_dir()?;
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let data_dir = cli.server.prepared_data_dir()?;
     let shutdown = duplex_rpc::shutdown_on_signals();
     let bound = duplex_rpc::bind(&listen).await?;
     let config = Config {

@@ -193,24 +193,7 @@ fn metrics(api: Arc<StorageApi>) -> MetricsFn {
                     ("destination", link.destination.as_str()),
                 ];
                 let lag = link.lag.unwrap_or_default();
-                e.gauge(
-                    "duplex_lag_records",
-                    "Records behind the source.",
-                    &ll,
-                    lag.records as f64,
-                );
-                e.gauge(
-                    "duplex_lag_bytes",
-                    "Bytes behind the source.",
-                    &ll,
-                    lag.bytes as f64,
-                );
-                e.gauge(
-                    "duplex_lag_seconds",
-                    "Seconds behind the source.",
-                    &ll,
-                    lag.seconds,
-                );
+                e.lag(&ll, &lag);
             }
             e.finish()
         })
