@@ -81,3 +81,16 @@ pub fn last_seq(db: &Database) -> Result<Seq, StoreError> {
 pub fn last_seq_in(feed: &impl ReadableTable<u64, &'static [u8]>) -> Result<Seq, StoreError> {
     Ok(feed.last()?.map(|(k, _)| Seq(k.value())).unwrap_or_default())
 }
+
+/// META key of the running total of chunk bytes indexed.
+pub const STORED_BYTES: &str = "stored_bytes";
+
+/// A u64 counter kept in META (0 when absent).
+pub fn counter(meta: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<u64, StoreError> {
+    match meta.get(key)? {
+        None => Ok(0),
+        Some(v) => <[u8; 8]>::try_from(v.value())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Invalid(format!("meta {key} is not a u64"))),
+    }
+}

@@ -56,6 +56,8 @@ fn chunks_are_durable_scoped_and_verified() {
     }
     let store = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.last_seq().0, 2);
+    // "one" and "two", stored once each, survive the reopen in the counter.
+    assert_eq!(store.status().expect("status").stored_bytes, 6);
     let ids = [ChunkId::of(b"one"), ChunkId::of(b"two"), ChunkId::of(b"three")];
     assert_eq!(store.missing(a, &ids).expect("missing"), vec![ids[2]]);
     // Another account sees none of them.
