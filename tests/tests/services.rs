@@ -135,6 +135,7 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     assert_eq!(
         names,
         [
+            "coordinator",
             "account-a",
             "account-b",
             "storage-a",
@@ -150,6 +151,7 @@ fn playground_runs_a_cluster_and_stops_every_child() {
         assert!(!rt.block_on(reflected_services(addr)).is_empty());
         let binary = match s["kind"].as_str().unwrap() {
             "mirror" => "duplex-mirror".to_owned(),
+            "coordinator" => "duplex-coordinator".to_owned(),
             kind => format!("duplex-{kind}-server"),
         };
         assert!(s["cmd"][0].as_str().unwrap().ends_with(&binary));
@@ -177,8 +179,69 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed["snapshots"].as_array().unwrap().len(), 1, "{listed}");
 
+    // The coordinator sees every service with its role, and a dead one as down.
+    let coordinator = info["coordinator"].as_str().unwrap().to_owned();
+    let status = |c: &str| -> serde_json::Value {
+        let out = Command::new(bin("duplexctl"))
+            .args(["--coordinator", c, "status", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let roles = |v: &serde_json::Value| -> Vec<(String, String, bool)> {
+        v["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    s["role"].as_str().unwrap().to_owned(),
+                    s["healthy"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let want = |name: &str, role: &str, healthy: bool| (name.to_owned(), role.to_owned(), healthy);
+    wait_for("every service to report", Duration::from_secs(20), || {
+        let r = roles(&status(&coordinator));
+        let expected = [
+            want("coordinator", "running", true),
+            want("account-a", "master", true),
+            want("account-b", "slave", true),
+            want("storage-a", "primary", true),
+            want("storage-b", "replica", true),
+            want("mirror-a", "running", true),
+            want("mirror-b", "running", true),
+        ];
+        expected.iter().all(|e| r.contains(e)).then_some(())
+    });
+    let storage_b = services.iter().find(|s| s["name"] == "storage-b").unwrap();
+    // SAFETY: SIGKILL to a service the playground started for this test.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(storage_b["pid"].as_i64().unwrap() as i32, libc::SIGKILL);
+    }
+    let v = wait_for("storage-b to show as down", Duration::from_secs(20), || {
+        let v = status(&coordinator);
+        roles(&v).contains(&want("storage-b", "down", false)).then_some(v)
+    });
+    let replica = v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "storage-b")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (replica["kind"].as_str(), replica["site"].as_str()),
+        (Some("storage"), Some("b"))
+    );
+
     let pids: Vec<i32> = services
         .iter()
+        .filter(|s| s["name"] != "storage-b")
         .map(|s| s["pid"].as_i64().unwrap() as i32)
         .collect();
     // SAFETY: SIGTERM to the playground child we spawned.

@@ -19,23 +19,7 @@ pub enum AccountError {
     Corrupt(String),
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for AccountError {
-            fn from(e: $t) -> Self {
-                AccountError::Db(e.into())
-            }
-        }
-    )*};
-}
-
-from_redb!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+duplex_types::from_redb_errors!(AccountError);
 
 impl From<duplex_types::InvalidInput> for AccountError {
     fn from(e: duplex_types::InvalidInput) -> Self {

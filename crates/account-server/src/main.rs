@@ -66,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         },
         sync_timeout: cli.sync_timeout,
         snapshot_interval: cli.snapshot_interval,
+        coordinator: cli.server.coordinator.clone(),
     };
     run(config, bound, shutdown).await?;
     Ok(())

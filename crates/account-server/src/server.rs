@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use duplex_proto::MAX_MESSAGE_BYTES;
-use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::account_admin_server::AccountAdminServer;
 use duplex_proto::v1::account_replication_server::AccountReplicationServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
+use duplex_proto::v1::{HeartbeatRequest, ServerInfo};
 use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::ticket::TicketSigner;
 use duplex_rpc::{Bound, ServeError};
@@ -36,6 +36,7 @@ pub struct Config {
     pub mode: Mode,
     pub sync_timeout: Duration,
     pub snapshot_interval: Duration,
+    pub coordinator: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,13 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         shutdown.clone(),
     ));
 
+    if let Some(url) = config.coordinator.clone() {
+        tokio::spawn(duplex_rpc::heartbeat::run(
+            url,
+            heartbeat(node.clone()),
+            shutdown.clone(),
+        ));
+    }
     let metrics = metrics(node.clone());
     let api = Arc::new(AccountApi::new(node.clone()));
     let replication = AccountReplicationServer::new(ReplicationApi { node })
@@ -100,6 +108,25 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         .add_service(replication);
     duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
+}
+
+/// What this server tells the coordinator on each heartbeat.
+fn heartbeat(
+    node: Arc<Node>,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = HeartbeatRequest> + Send>> {
+    move || {
+        let node = node.clone();
+        Box::pin(async move {
+            let status = node.status().await.ok();
+            HeartbeatRequest {
+                server: Some(node.info.clone()),
+                role: status.as_ref().map_or_else(|| "slave".into(), |s| s.role.clone()),
+                epoch: status.as_ref().map_or(0, |s| s.epoch),
+                lag: status.and_then(|s| s.lag),
+                outbound: Vec::new(),
+            }
+        })
+    }
 }
 
 /// `/metrics`: role, epoch, LSN, replication state and lag.

@@ -3,6 +3,7 @@ mod mirror;
 mod playground;
 mod procs;
 mod servers;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// The coordinator (used once it exists; account commands go to --endpoint).
+    /// The coordinator (status); account and group commands go to --endpoint.
     #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
     coordinator: Option<String>,
     /// Account server entry points (repeatable; comma-separated in the env).
@@ -28,6 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Every server's role, health and lag, from the coordinator.
+    Status,
     /// Create and list accounts.
     Accounts {
         #[command(subcommand)]
@@ -133,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match cli.command {
         Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
+        Command::Status => status::run(cli.coordinator.as_deref(), json).await,
         Command::Mirror { command } => match command {
             MirrorCommand::Status { url } => mirror::status(&url, json).await,
             MirrorCommand::Links { url, links, rate } => mirror::set_links(&url, &links, rate, json).await,

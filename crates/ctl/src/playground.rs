@@ -75,6 +75,8 @@ async fn start_all(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut ports = Ports::new(previous.as_ref());
+    let coordinator_port = ports.take("coordinator")?;
+    let coordinator_url = format!("http://127.0.0.1:{coordinator_port}");
     let account_port = ports.take("account-a")?;
     let account_url = format!("http://127.0.0.1:{account_port}");
     let slave_port = ports.take("account-b")?;
@@ -108,7 +110,16 @@ async fn start_all(
         mirror_a_links.extend(["--link".to_owned(), format!("{url_b}={url_a}")]);
     }
     let mirror_b_links = vec!["--link".to_owned(), format!("{url_a}={url_b}")];
-    let specs = vec![
+    let mut specs = vec![
+        spec(
+            bin_dir,
+            dir,
+            "coordinator",
+            "coordinator",
+            "a",
+            coordinator_port,
+            &["--mode".into(), mode.to_owned()],
+        ),
         spec(
             bin_dir,
             dir,
@@ -170,6 +181,11 @@ async fn start_all(
         ),
     ];
     drop(ports);
+    // Every service but the coordinator reports to it.
+    for s in specs.iter_mut().filter(|s| s.kind != "coordinator") {
+        s.cmd
+            .extend(["--coordinator".to_owned(), coordinator_url.clone()]);
+    }
     for info in specs {
         let log = dir.join(format!("{}.log", info.name));
         let mut child = procs::spawn(&info.cmd, &log)?;
@@ -184,7 +200,7 @@ async fn start_all(
     }
     let token = demo_account(&account_url, previous.as_ref()).await?;
     let file = PlaygroundFile {
-        coordinator: None,
+        coordinator: Some(coordinator_url.clone()),
         endpoints: vec![account_url.clone(), slave_url.clone()],
         account: AccountInfo {
             name: DEMO_ACCOUNT.into(),
@@ -194,7 +210,12 @@ async fn start_all(
         services: running.iter().map(|r| r.info.clone()).collect(),
     };
     write_atomically(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
-    print_banner(dir, &format!("{account_url},{slave_url}"), &token);
+    print_banner(
+        dir,
+        &format!("{account_url},{slave_url}"),
+        &coordinator_url,
+        &token,
+    );
     Ok(())
 }
 
@@ -209,6 +230,7 @@ fn spec(
 ) -> ServiceInfo {
     let binary = match kind {
         "mirror" => bin_dir.join("duplex-mirror"),
+        "coordinator" => bin_dir.join("duplex-coordinator"),
         _ => bin_dir.join(format!("duplex-{kind}-server")),
     };
     let data_dir = dir.join(name);
@@ -347,7 +369,12 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
         .parent()
         .context("duplexctl has no parent directory")?
         .to_path_buf();
-    for name in ["duplex-account-server", "duplex-storage-server", "duplex-mirror"] {
+    for name in [
+        "duplex-coordinator",
+        "duplex-account-server",
+        "duplex-storage-server",
+        "duplex-mirror",
+    ] {
         if !dir.join(name).exists() {
             bail!(
                 "{name} is not beside duplexctl in {}; build the workspace (cargo build --release) or set DUPLEX_BIN_DIR",
@@ -358,17 +385,19 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_banner(dir: &Path, endpoint: &str, token: &str) {
+fn print_banner(dir: &Path, endpoint: &str, coordinator: &str, token: &str) {
     println!(
         "Duplex playground is running (data in {}). Press Ctrl-C to stop it.",
         dir.display()
     );
     println!();
     println!("  export DUPLEX_ENDPOINT={endpoint}");
+    println!("  export DUPLEX_COORDINATOR={coordinator}");
     println!("  export DUPLEX_TOKEN={token}");
     println!("  duplex backup ~/some/dir");
     println!("  duplex snapshots");
     println!("  duplex restore latest --target /tmp/restored");
+    println!("  duplexctl status");
     println!();
     println!("Details for scripts: {}", dir.join("playground.json").display());
 }

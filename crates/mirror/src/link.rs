@@ -109,6 +109,15 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
         .await
         .map_err(rpc("opening the change feed"))?
         .into_inner();
+    // Tell the source where the destination stands now, so its lag (and a
+    // sync-mode wait) is right before the first batch.
+    src.report_progress(ReportProgressRequest {
+        destination_id: destination_id.clone(),
+        destination: spec.destination.clone(),
+        applied_seq: checkpoint,
+    })
+    .await
+    .map_err(rpc("reporting progress"))?;
     update(status, |s| {
         s.state = "running".into();
         s.checkpoint = checkpoint;

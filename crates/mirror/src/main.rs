@@ -65,6 +65,14 @@ async fn main() -> anyhow::Result<()> {
     let api = Arc::new(MirrorApi::new(info));
     api.set_links(links)
         .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?;
+    if let Some(url) = cli.server.coordinator.clone() {
+        let beat = api.clone();
+        let report = move || {
+            let api = beat.clone();
+            async move { api.heartbeat().await }
+        };
+        tokio::spawn(duplex_rpc::heartbeat::run(url, report, shutdown.clone()));
+    }
     let names = [<MirrorServer<MirrorApi> as NamedService>::NAME];
     let metrics = duplex_mirror::service::metrics(api.clone());
     let routes = Routes::new(MirrorServer::from_arc(api));

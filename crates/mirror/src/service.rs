@@ -129,6 +129,25 @@ async fn source_view(spec: &LinkSpec) -> Option<(u64, Option<duplex_proto::v1::L
     Some((status.seq, lag))
 }
 
+impl MirrorApi {
+    /// A mirror's lag is the largest of its links'.
+    pub async fn heartbeat(&self) -> duplex_proto::v1::HeartbeatRequest {
+        let status = self.status().await;
+        let lag = status
+            .links
+            .iter()
+            .filter_map(|l| l.lag)
+            .max_by_key(|l| l.records);
+        duplex_proto::v1::HeartbeatRequest {
+            server: Some(self.info.clone()),
+            role: "running".into(),
+            epoch: 0,
+            lag,
+            outbound: Vec::new(),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Mirror for MirrorApi {
     async fn set_links(&self, request: Request<SetLinksRequest>) -> Result<Response<MirrorStatus>, Status> {

@@ -24,6 +24,9 @@ pub struct ServerArgs {
     /// Address clients should use to reach this server (default: the listen address).
     #[arg(long, env = "DUPLEX_ADVERTISE", global = true)]
     pub advertise: Option<String>,
+    /// The coordinator to heartbeat (none: run standalone).
+    #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
+    pub coordinator: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]

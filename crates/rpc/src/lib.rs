@@ -4,6 +4,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod health;
+pub mod heartbeat;
 pub mod metrics;
 pub mod serve;
 pub mod telemetry;

@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             MirroringArg::Async => Mode::Async,
         },
         sync_wait: cli.sync_wait,
+        coordinator: cli.server.coordinator.clone(),
     };
     run(config, bound, shutdown).await?;
     Ok(())

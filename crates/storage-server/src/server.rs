@@ -9,7 +9,7 @@ use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::storage_admin_server::StorageAdminServer;
 use duplex_proto::v1::storage_service_server::StorageServiceServer;
-use duplex_proto::v1::{RegisterStorageServerRequest, ServerInfo};
+use duplex_proto::v1::{HeartbeatRequest, OutboundLag, RegisterStorageServerRequest, ServerInfo};
 use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::{Bound, ServeError};
 use tokio_util::sync::CancellationToken;
@@ -38,6 +38,7 @@ pub struct Config {
     pub primary: String,
     pub mirroring: Mode,
     pub sync_wait: Duration,
+    pub coordinator: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,13 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
         shutdown: shutdown.clone(),
     });
+    if let Some(url) = config.coordinator.clone() {
+        tokio::spawn(duplex_rpc::heartbeat::run(
+            url,
+            heartbeat(api.clone()),
+            shutdown.clone(),
+        ));
+    }
     let metrics = metrics(api.clone());
     let data = StorageServiceServer::from_arc(api.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -127,6 +135,37 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     let routes = Routes::new(data).add_service(admin).add_service(replication);
     duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
+}
+
+/// What this server tells the coordinator on each heartbeat.
+fn heartbeat(
+    api: Arc<StorageApi>,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = HeartbeatRequest> + Send>> {
+    move || {
+        let api = api.clone();
+        Box::pin(async move {
+            let status = api.status().await.ok();
+            HeartbeatRequest {
+                server: Some(api.info.clone()),
+                role: status
+                    .as_ref()
+                    .map_or_else(|| "replica".into(), |s| s.role.clone()),
+                epoch: status.as_ref().map_or(0, |s| s.epoch),
+                lag: None,
+                outbound: status
+                    .map(|s| {
+                        s.links_out
+                            .into_iter()
+                            .map(|l| OutboundLag {
+                                destination_id: l.destination_id,
+                                lag: l.lag,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            }
+        })
+    }
 }
 
 /// `/metrics`: role, epoch, feed sequence, stored data, mirroring state and lag per link.

@@ -25,3 +25,27 @@ pub enum InvalidInput {
         reason: &'static str,
     },
 }
+
+/// Implements `From` for every redb error type on an error enum with a
+/// `Db(redb::Error)` variant. Paths resolve where it is used, so this crate
+/// needs no redb dependency.
+#[macro_export]
+macro_rules! from_redb_errors {
+    ($error:ty) => {
+        $crate::from_redb_errors!(
+            $error;
+            redb::DatabaseError,
+            redb::TransactionError,
+            redb::TableError,
+            redb::StorageError,
+            redb::CommitError
+        );
+    };
+    ($error:ty; $($t:ty),*) => {$(
+        impl From<$t> for $error {
+            fn from(e: $t) -> Self {
+                Self::Db(e.into())
+            }
+        }
+    )*};
+}

@@ -1,0 +1,61 @@
+//! `duplexctl status`: every server with its role, health and lag, as the
+//! coordinator sees them.
+
+use anyhow::Context;
+use duplex_proto::v1::coordinator_client::CoordinatorClient;
+use duplex_proto::v1::{ClusterStatus, GetClusterStatusRequest};
+use serde_json::json;
+
+pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
+    let servers: Vec<_> = status
+        .servers
+        .iter()
+        .map(|s| {
+            let server = s.server.clone().unwrap_or_default();
+            json!({
+                "name": server.name,
+                "kind": server.kind,
+                "site": server.site,
+                "role": s.role,
+                "addr": server.addr,
+                "healthy": s.healthy,
+                "lag": s.lag.map(|l| json!({"records": l.records, "bytes": l.bytes, "seconds": l.seconds})),
+            })
+        })
+        .collect();
+    json!({"mode": status.mode, "epoch": status.epoch, "phase": status.phase, "servers": servers})
+}
+
+pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let url = coordinator.context("no coordinator: pass --coordinator URL or set DUPLEX_COORDINATOR")?;
+    let mut client = CoordinatorClient::new(duplex_rpc::channel(url)?);
+    let status = client
+        .get_status(GetClusterStatusRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?
+        .into_inner();
+    if json {
+        println!("{}", to_json(&status));
+        return Ok(());
+    }
+    println!(
+        "mode {}  epoch {}  phase {}",
+        status.mode, status.epoch, status.phase
+    );
+    println!(
+        "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} lag",
+        "name", "kind", "site", "role", "healthy", "addr"
+    );
+    for s in &status.servers {
+        let server = s.server.clone().unwrap_or_default();
+        let lag = s
+            .lag
+            .map(|l| format!("{} records, {} bytes, {:.1} s", l.records, l.bytes, l.seconds))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} {lag}",
+            server.name, server.kind, server.site, s.role, s.healthy, server.addr
+        );
+    }
+    Ok(())
+}
