@@ -72,6 +72,13 @@ fn every_server_answers_reflection_and_health() {
                 service.name
             );
         }
+        // Only what the server serves is advertised.
+        let foreign = if service.name.starts_with("account") {
+            "duplex.v1.StorageService"
+        } else {
+            "duplex.v1.AccountService"
+        };
+        assert!(!listed.iter().any(|s| s == foreign), "{}: advertises {foreign}", service.name);
         rt.block_on(duplex_rpc::health::check(&service.addr, "")).unwrap();
         rt.block_on(duplex_rpc::health::check(&service.addr, expected[0]))
             .unwrap();
