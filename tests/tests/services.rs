@@ -78,7 +78,11 @@ fn every_server_answers_reflection_and_health() {
         } else {
             "duplex.v1.AccountService"
         };
-        assert!(!listed.iter().any(|s| s == foreign), "{}: advertises {foreign}", service.name);
+        assert!(
+            !listed.iter().any(|s| s == foreign),
+            "{}: advertises {foreign}",
+            service.name
+        );
         rt.block_on(duplex_rpc::health::check(&service.addr, "")).unwrap();
         rt.block_on(duplex_rpc::health::check(&service.addr, expected[0]))
             .unwrap();
