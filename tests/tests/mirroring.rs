@@ -286,13 +286,13 @@ fn active_active_converges_and_stops_without_loops() {
             .success()
             .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
     });
-    let _ma = sites::mirror(
+    let ma = sites::mirror(
         cluster.dir.path(),
         "mirror-a",
         &[link(&b, &cluster.storage.addr)],
         &[],
     );
-    let _mb = sites::mirror(
+    let mb = sites::mirror(
         cluster.dir.path(),
         "mirror-b",
         &[link(&cluster.storage, &b.addr)],
@@ -335,6 +335,16 @@ fn active_active_converges_and_stops_without_loops() {
             now, first,
             "the change feeds keep growing while nothing is written: a mirroring loop"
         );
+    }
+    // Each link carried only its own side's five snapshots: nothing that
+    // came from the destination was ever sent back to it.
+    for mirror in [&ma, &mb] {
+        let out = std::process::Command::new(duplex_tests::bin("duplexctl"))
+            .args(["mirror", "status", &mirror.addr, "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["links"][0]["snapshots_sent"], 5, "{}: {v}", mirror.name);
     }
     for (token, name) in [(&on_a, "a"), (&on_b, "b")] {
         for storage in [&cluster.storage.addr, &b.addr] {
