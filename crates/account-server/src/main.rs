@@ -55,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = duplex_rpc::shutdown_on_signals();
     let bound = duplex_rpc::bind(&listen).await?;
     let config = Config {
+        coordinator: cli.server.coordinator_link(Some(&data_dir)),
         data_dir,
         name: cli.server.name()?,
         site: cli.server.site.clone(),
@@ -66,7 +67,6 @@ async fn main() -> anyhow::Result<()> {
         },
         sync_timeout: cli.sync_timeout,
         snapshot_interval: cli.snapshot_interval,
-        coordinator: cli.server.coordinator.clone(),
     };
     run(config, bound, shutdown).await?;
     Ok(())

@@ -33,6 +33,8 @@ pub struct Node {
     mastership: Mutex<CancellationToken>,
     /// Cancelled when the server starts draining.
     pub shutdown: CancellationToken,
+    /// The master's write lease from the coordinator.
+    pub lease: Arc<duplex_rpc::heartbeat::Lease>,
 }
 
 impl Node {
@@ -42,6 +44,7 @@ impl Node {
         hub: Arc<Hub>,
         data_dir: PathBuf,
         role: RoleState,
+        lease: Arc<duplex_rpc::heartbeat::Lease>,
         shutdown: CancellationToken,
     ) -> Arc<Node> {
         let node = Arc::new(Node {
@@ -54,6 +57,7 @@ impl Node {
             progress: Arc::new(Mutex::new(Progress::default())),
             mastership: Mutex::new(shutdown.child_token()),
             shutdown,
+            lease,
         });
         if !role.is_master {
             node.start_follower(role.master.clone());
@@ -65,13 +69,34 @@ impl Node {
         self.role.read().await.clone()
     }
 
-    /// Holds the role steady for one write; refuses if this is a slave.
+    /// Holds the role steady for one write; refuses on a slave and on a
+    /// master whose lease has lapsed.
     pub async fn write_guard(&self) -> Result<RwLockReadGuard<'_, RoleState>, Status> {
         let role = self.role.read().await;
-        if role.is_master {
-            return Ok(role);
+        if !role.is_master {
+            return Err(not_master(&self.info.name, &role.master));
         }
-        Err(not_master(&self.info.name, &role.master))
+        self.lease.check(&self.info.name)?;
+        Ok(role)
+    }
+
+    /// Converges to the coordinator's assignment (a no-op when it matches).
+    pub async fn apply_assignment(self: &Arc<Self>, assignment: duplex_proto::v1::Assignment) {
+        let current = self.role().await;
+        let epoch = Epoch(assignment.epoch);
+        let result = match assignment.role.as_str() {
+            "master" if !current.is_master || current.epoch != epoch => self.promote(epoch).await,
+            "slave"
+                if (current.is_master || current.epoch != epoch || current.master != assignment.leader)
+                    && !assignment.leader.is_empty() =>
+            {
+                self.demote(epoch, assignment.leader).await
+            }
+            _ => Ok(()),
+        };
+        if let Err(status) = result {
+            tracing::warn!(%status, "cannot take the role the coordinator assigned");
+        }
     }
 
     /// A token cancelled when mastership ends (for log streams).
@@ -194,7 +219,12 @@ impl Node {
             .map_err(|e| AccountError::Corrupt(e.to_string()))??;
         let mut status = AccountServerStatus {
             server: Some(self.info.clone()),
-            role: if role.is_master { "master" } else { "slave" }.into(),
+            role: match (role.is_master, self.lease.valid()) {
+                (true, true) => "master",
+                (true, false) => "fenced",
+                (false, _) => "slave",
+            }
+            .into(),
             epoch: role.epoch.0,
             lsn: lsn.0,
             state_hash: hash,

@@ -11,6 +11,7 @@ use duplex_proto::v1::account_admin_server::AccountAdminServer;
 use duplex_proto::v1::account_replication_server::AccountReplicationServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
 use duplex_proto::v1::{HeartbeatRequest, ServerInfo};
+use duplex_rpc::heartbeat::Lease;
 use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::ticket::TicketSigner;
 use duplex_rpc::{Bound, ServeError};
@@ -36,7 +37,7 @@ pub struct Config {
     pub mode: Mode,
     pub sync_timeout: Duration,
     pub snapshot_interval: Duration,
-    pub coordinator: Option<String>,
+    pub coordinator: Option<duplex_rpc::heartbeat::Link>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +79,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         hub,
         config.data_dir,
         role,
+        Arc::new(Lease::new(config.coordinator.is_some())),
         shutdown.clone(),
     );
     tokio::spawn(snapshot_timer(
@@ -86,10 +88,16 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         shutdown.clone(),
     ));
 
-    if let Some(url) = config.coordinator.clone() {
+    if let Some(link) = config.coordinator.clone() {
+        let assigned = node.clone();
         tokio::spawn(duplex_rpc::heartbeat::run(
-            url,
+            link,
+            node.lease.clone(),
             heartbeat(node.clone()),
+            move |a| {
+                let node = assigned.clone();
+                async move { node.apply_assignment(a).await }
+            },
             shutdown.clone(),
         ));
     }
@@ -110,20 +118,40 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     Ok(())
 }
 
-/// What this server tells the coordinator on each heartbeat.
+/// What this server tells the coordinator on each heartbeat (cheap: it
+/// runs several times a second).
 fn heartbeat(
     node: Arc<Node>,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = HeartbeatRequest> + Send>> {
     move || {
         let node = node.clone();
         Box::pin(async move {
-            let status = node.status().await.ok();
+            let role = node.role().await;
+            let store = node.store.clone();
+            let (lsn, log_bytes) = tokio::task::spawn_blocking(move || {
+                Ok::<_, AccountError>((
+                    store.last_lsn()?.0,
+                    store.meta_u64(crate::store::meta::LOG_BYTES)?,
+                ))
+            })
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+            let lag = (!role.is_master).then(|| {
+                node.progress
+                    .lock()
+                    .map(|p| p.lag(lsn, log_bytes))
+                    .unwrap_or_default()
+            });
             HeartbeatRequest {
                 server: Some(node.info.clone()),
-                role: status.as_ref().map_or_else(|| "slave".into(), |s| s.role.clone()),
-                epoch: status.as_ref().map_or(0, |s| s.epoch),
-                lag: status.and_then(|s| s.lag),
-                outbound: Vec::new(),
+                role: if role.is_master { "master" } else { "slave" }.into(),
+                epoch: role.epoch.0,
+                lag,
+                fenced: role.is_master && !node.lease.valid(),
+                position: lsn,
+                ..Default::default()
             }
         })
     }

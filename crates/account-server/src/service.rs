@@ -11,8 +11,8 @@ use duplex_proto::v1::{
     CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetTicketKeysRequest,
     GetTicketKeysResponse, GroupView, ListAccountsRequest, ListAccountsResponse, ListGroupsRequest,
     ListGroupsResponse, ListStorageServersRequest, ListStorageServersResponse, LoginRequest, LoginResponse,
-    Purpose, RegisterStorageServerRequest, RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest,
-    TicketClaims,
+    MoveHomesRequest, MoveHomesResponse, Purpose, RegisterStorageServerRequest,
+    RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest, TicketClaims,
 };
 use duplex_rpc::ticket::{TicketSigner, now_unix};
 use duplex_types::{Epoch, NameKind, ServerId, validate_name};
@@ -331,6 +331,24 @@ impl AccountAdmin for AccountApi {
             .await?;
         tracing::info!(server = %name, "storage server registered");
         Ok(Response::new(RegisterStorageServerResponse {}))
+    }
+
+    async fn move_homes(
+        &self,
+        request: Request<MoveHomesRequest>,
+    ) -> Result<Response<MoveHomesResponse>, Status> {
+        let req = request.into_inner();
+        for name in [&req.from, &req.to] {
+            validate_name(NameKind::Server, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let (from, to, returning, retire) = (req.from.clone(), req.to.clone(), req.returning, req.retire);
+        let (moved, groups) = self
+            .write(move |s, epoch| s.move_homes(epoch, &from, &to, returning, retire))
+            .await?;
+        if moved > 0 {
+            tracing::warn!(from = %req.from, to = %req.to, moved, "accounts moved to a new home");
+        }
+        Ok(Response::new(MoveHomesResponse { moved, groups }))
     }
 
     async fn list_storage_servers(

@@ -2,7 +2,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use duplex_agent::chunking::hex;
@@ -25,6 +25,10 @@ struct Cli {
     /// Talk to this storage server directly, skipping discovery (debugging).
     #[arg(long, global = true)]
     storage: Option<String>,
+    /// Keep retrying this long when the server fails or its role moves
+    /// (rediscovering the account's home each time); 0 disables.
+    #[arg(long, env = "DUPLEX_RETRY_FOR", value_parser = humantime::parse_duration, default_value = "60s", global = true)]
+    retry_for: Duration,
     /// Print one JSON document on stdout and no progress bars.
     #[arg(long, global = true)]
     json: bool,
@@ -74,12 +78,69 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Backup { .. } => Purpose::Backup,
         _ => Purpose::Read,
     };
-    let session = login(&options, purpose).await?;
-    match cli.command {
-        Command::Backup { paths } => run_backup(&session, &paths, cli.json).await,
-        Command::Snapshots => run_snapshots(&session, cli.json).await,
-        Command::Restore { snapshot, target } => run_restore(&session, &snapshot, &target, cli.json).await,
-        Command::Verify { snapshot } => run_verify(&session, snapshot, cli.json).await,
+    // Talking to one storage server directly is for debugging: no retries.
+    let retry_for = if options.storage.is_some() {
+        Duration::ZERO
+    } else {
+        cli.retry_for
+    };
+    let deadline = Instant::now() + retry_for;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let session = login(&options, purpose).await;
+        let outcome = match session {
+            Ok(session) => run_command(&cli, &session).await,
+            Err(e) => Err(e.into()),
+        };
+        match outcome {
+            Err(e) if worth_rediscovering(&e) && Instant::now() + delay < deadline => {
+                eprintln!("warning: {e:#}; finding the current servers and retrying");
+                // Retry as soon as the coordinator publishes a change (a
+                // failover making progress), or after a growing delay.
+                duplex_rpc::discovery::wait_for_change(&options.endpoints, delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_command(cli: &Cli, session: &Session) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Backup { paths } => run_backup(session, paths, cli.json).await,
+        Command::Snapshots => run_snapshots(session, cli.json).await,
+        Command::Restore { snapshot, target } => run_restore(session, snapshot, target, cli.json).await,
+        Command::Verify { snapshot } => run_verify(session, snapshot.clone(), cli.json).await,
+    }
+}
+
+/// A failure that another server (or this one, a moment later) may not
+/// have: a server down, a broken connection, a role that moved, a fenced
+/// primary. Refusals about the request itself are final.
+fn worth_rediscovering(e: &anyhow::Error) -> bool {
+    use duplex_agent::AgentError;
+    use tonic::Code;
+    let status = e.chain().find_map(|c| {
+        c.downcast_ref::<AgentError>()
+            .and_then(|a| match a {
+                AgentError::Rpc { status, .. } => Some(status),
+                _ => None,
+            })
+            .or_else(|| c.downcast_ref::<tonic::Status>())
+    });
+    let Some(status) = status else {
+        return false;
+    };
+    match status.code() {
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => true,
+        Code::FailedPrecondition => [
+            "duplex-primary",
+            "duplex-master",
+            duplex_rpc::heartbeat::FENCED_METADATA_KEY,
+        ]
+        .iter()
+        .any(|k| status.metadata().get(*k).is_some()),
+        _ => false,
     }
 }
 

@@ -58,7 +58,7 @@ pub async fn login(options: &Options, purpose: Purpose) -> Result<Session, Agent
         ));
     }
     let mut last = None;
-    for url in &options.endpoints {
+    for url in &duplex_rpc::discovery::account_servers(&options.endpoints).await {
         let mut client = AccountServiceClient::new(duplex_rpc::channel(url)?);
         let request = LoginRequest {
             token: options.token.clone(),

@@ -2,15 +2,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use duplex_coordinator::registry::Registry;
+use duplex_coordinator::core::{Config, Core};
 use duplex_coordinator::service::CoordinatorApi;
+use duplex_coordinator::store::Store;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
-/// Duplex coordinator: watches every server of the platform.
+/// Duplex coordinator: roles, leases, failover, failback and switchover.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -19,9 +20,24 @@ struct Cli {
     /// active-passive: every account homed on site a; active-active: split.
     #[arg(long, env = "DUPLEX_MODE", default_value = "active-passive", value_parser = ["active-passive", "active-active"], global = true)]
     mode: String,
-    /// A server that misses heartbeats this long is down.
+    /// A master or primary silent this long is failed over.
     #[arg(long, env = "DUPLEX_FAILOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1500ms", global = true)]
     failover_timeout: Duration,
+    /// Write lease of masters and primaries (at most the failover timeout).
+    #[arg(long, env = "DUPLEX_LEASE", value_parser = humantime::parse_duration, default_value = "1s", global = true)]
+    lease: Duration,
+    /// How often servers heartbeat.
+    #[arg(long, env = "DUPLEX_HEARTBEAT_INTERVAL", value_parser = humantime::parse_duration, default_value = "250ms", global = true)]
+    heartbeat_interval: Duration,
+    /// No automatic failover when the lost primary's mirror lag was larger.
+    #[arg(long, env = "DUPLEX_MAX_LAG_ON_FAILOVER", value_parser = humantime::parse_duration, default_value = "30s", global = true)]
+    max_lag_on_failover: Duration,
+    /// Only fail over when an operator says so.
+    #[arg(long, env = "DUPLEX_NO_AUTO_FAILOVER", global = true)]
+    no_auto_failover: bool,
+    /// POST a JSON document here on failover, failback, switchover and refusals.
+    #[arg(long, env = "DUPLEX_WEBHOOK", global = true)]
+    webhook: Option<String>,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -37,8 +53,14 @@ async fn main() -> anyhow::Result<()> {
         Start::Checked => return Ok(()),
         Start::Serve { listen } => listen,
     };
+    if cli.lease > cli.failover_timeout || cli.lease < cli.heartbeat_interval * 2 {
+        anyhow::bail!(
+            "--lease must be at least two heartbeat intervals and at most --failover-timeout \
+             (so a lost holder's lease has lapsed when it is declared lost)"
+        );
+    }
     let data_dir = cli.server.prepared_data_dir()?;
-    let registry = Arc::new(Registry::open(&data_dir)?);
+    let store = Arc::new(Store::open(&data_dir)?);
     let shutdown = duplex_rpc::shutdown_on_signals();
     let bound = duplex_rpc::bind(&listen).await?;
     let info = ServerInfo {
@@ -48,9 +70,22 @@ async fn main() -> anyhow::Result<()> {
         kind: "coordinator".into(),
         addr: cli.server.advertised(bound.addr),
     };
-    let api = CoordinatorApi::new(info, cli.mode, cli.failover_timeout, registry);
+    let config = Config {
+        mode: cli.mode,
+        failover_timeout: cli.failover_timeout,
+        lease: cli.lease,
+        heartbeat_interval: cli.heartbeat_interval,
+        max_lag_on_failover: cli.max_lag_on_failover,
+        auto_failover: !cli.no_auto_failover,
+        webhook: cli.webhook,
+    };
+    let core = Core::open(config, info, store)?;
+    tokio::spawn(duplex_coordinator::ops::runner(core.clone(), shutdown.clone()));
+    tokio::spawn(duplex_coordinator::detector::run(core.clone(), shutdown.clone()));
+    let metrics = duplex_coordinator::service::metrics(core.clone());
+    let api = CoordinatorApi { core };
     let names = [<CoordinatorServer<CoordinatorApi> as NamedService>::NAME];
     let routes = Routes::new(CoordinatorServer::new(api));
-    duplex_rpc::serve(bound, &names, routes, None, shutdown).await?;
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
     Ok(())
 }

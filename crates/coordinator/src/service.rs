@@ -1,99 +1,81 @@
-//! Heartbeats in, cluster status out. Observed state (who reported what,
-//! when) lives in memory; the registry of servers is durable.
+//! The Coordinator gRPC service: thin handlers over `Core` and `ops`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use duplex_proto::v1::coordinator_server::Coordinator;
 use duplex_proto::v1::{
-    ClusterStatus, GetClusterStatusRequest, HeartbeatRequest, HeartbeatResponse, Lag, ServerInfo, ServerState,
+    ClusterStatus, EnrollmentToken, FailbackRequest, FailoverRequest, GetClusterStatusRequest,
+    GetOperationRequest, GetTopologyRequest, HeartbeatRequest, HeartbeatResponse, HistoryRequest,
+    HistoryResponse, IssueEnrollmentTokenRequest, Lag, Operation, OperationPlan, ResyncRequest, ServerState,
+    SwitchoverRequest, Topology,
 };
 use duplex_types::{NameKind, validate_name};
+use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::registry::Registry;
+use crate::core::{Core, Inner, durably, random_secret, wall_ms};
+use crate::ops;
 
-/// The latest heartbeat from one server.
-#[derive(Clone)]
-struct Observed {
-    report: HeartbeatRequest,
-    at: Instant,
-    wall_ms: i64,
-}
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub struct CoordinatorApi {
-    pub info: ServerInfo,
-    pub mode: String,
-    /// A server silent for this long is down.
-    pub failover_timeout: Duration,
-    pub heartbeat_interval: Duration,
-    registry: Arc<Registry>,
-    observed: Mutex<HashMap<String, Observed>>,
+    pub core: Arc<Core>,
 }
 
 impl CoordinatorApi {
-    pub fn new(info: ServerInfo, mode: String, failover_timeout: Duration, registry: Arc<Registry>) -> Self {
-        Self {
-            info,
-            mode,
-            failover_timeout,
-            heartbeat_interval: duplex_rpc::heartbeat::DEFAULT_INTERVAL,
-            registry,
-            observed: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn status(&self) -> Result<ClusterStatus, Status> {
-        let registered = self
-            .registry
-            .servers()
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let observed = self
-            .observed
-            .lock()
-            .map_err(|_| Status::internal("state poisoned"))?
-            .clone();
+    async fn status(&self) -> ClusterStatus {
+        let inner = self.core.lock().await;
         let now = Instant::now();
         let mut servers = vec![ServerState {
-            server: Some(self.info.clone()),
+            server: Some(self.core.info.clone()),
             role: "running".into(),
             healthy: true,
-            epoch: 0,
-            lag: None,
             last_heartbeat_unix_ms: wall_ms(),
+            ..Default::default()
         }];
-        for server in registered {
-            let seen = observed.get(&server.name);
-            let healthy = seen.is_some_and(|o| now.duration_since(o.at) < self.failover_timeout);
+        for server in inner.servers.values() {
+            let seen = inner.observed.get(&server.name);
             let lag = seen
                 .and_then(|o| o.report.lag)
-                .or_else(|| inbound_lag(&observed, &server.id));
+                .or_else(|| inbound_lag(&inner, &server.id));
             servers.push(ServerState {
-                role: match (healthy, seen) {
-                    (true, Some(o)) => o.report.role.clone(),
-                    _ => "down".into(),
-                },
-                healthy,
+                role: self.core.shown_role(&inner, &server.name),
+                healthy: seen.is_some_and(|o| now.duration_since(o.at) < self.core.config.failover_timeout),
                 epoch: seen.map_or(0, |o| o.report.epoch),
                 lag,
                 last_heartbeat_unix_ms: seen.map_or(0, |o| o.wall_ms),
-                server: Some(server),
+                assigned_role: inner.cluster.roles.get(&server.name).cloned().unwrap_or_default(),
+                position: seen.map_or(0, |o| o.report.position),
+                server: Some(server.clone()),
             });
         }
-        let epoch = servers.iter().map(|s| s.epoch).max().unwrap_or(0);
-        Ok(ClusterStatus {
-            mode: self.mode.clone(),
-            epoch,
-            phase: "steady".into(),
+        ClusterStatus {
+            mode: self.core.config.mode.clone(),
+            epoch: inner.cluster.epoch,
+            phase: Core::phase(&inner),
             servers,
-        })
+            operation: inner.operation.clone(),
+        }
+    }
+
+    async fn start(
+        &self,
+        kind: &str,
+        plan: OperationPlan,
+        detail: String,
+        forced: bool,
+    ) -> Result<Operation, Status> {
+        ops::start(&self.core, kind, plan, detail, false, forced).await
     }
 }
 
-/// A replica's lag, as its primary reports its outbound link to it.
-fn inbound_lag(observed: &HashMap<String, Observed>, id: &str) -> Option<Lag> {
-    observed
+/// A replica's lag, as the primaries report their outbound links to it.
+fn inbound_lag(inner: &Inner, id: &str) -> Option<Lag> {
+    inner
+        .observed
         .values()
         .flat_map(|o| o.report.outbound.iter())
         .filter(|out| out.destination_id == id)
@@ -101,32 +83,14 @@ fn inbound_lag(observed: &HashMap<String, Observed>, id: &str) -> Option<Lag> {
         .max_by_key(|l| l.records)
 }
 
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+fn check_site(site: &str) -> Result<(), Status> {
+    if site.is_empty() {
+        return Ok(());
+    }
+    validate_name(NameKind::Site, site).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn check(report: &HeartbeatRequest) -> Result<&ServerInfo, Status> {
-    let server = report
-        .server
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("heartbeat names no server"))?;
-    validate_name(NameKind::Server, &server.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if !matches!(server.kind.as_str(), "account" | "storage" | "mirror") {
-        return Err(Status::invalid_argument(format!(
-            "kind must be account, storage or mirror, not {:?}",
-            server.kind
-        )));
-    }
-    if server.id.is_empty() || !server.addr.starts_with("http") {
-        return Err(Status::invalid_argument(
-            "a heartbeat needs the server's id and http(s) address",
-        ));
-    }
-    Ok(server)
-}
+type TopologyStream = Pin<Box<dyn Stream<Item = Result<Topology, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorApi {
@@ -134,40 +98,242 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        let report = request.into_inner();
-        let server = check(&report)?.clone();
-        let registry = self.registry.clone();
-        tokio::task::spawn_blocking(move || registry.put(&server))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(e.to_string()))?;
-        let name = report.server.as_ref().map(|s| s.name.clone()).unwrap_or_default();
-        if let Ok(mut observed) = self.observed.lock() {
-            let was_down = observed
-                .get(&name)
-                .is_none_or(|o| o.at.elapsed() >= self.failover_timeout);
-            if was_down {
-                tracing::info!(server = %name, role = %report.role, "server is up");
-            }
-            observed.insert(
-                name,
-                Observed {
-                    report,
-                    at: Instant::now(),
-                    wall_ms: wall_ms(),
-                },
-            );
-        }
-        Ok(Response::new(HeartbeatResponse {
-            epoch: 0,
-            interval_ms: self.heartbeat_interval.as_millis() as u64,
-        }))
+        Ok(Response::new(self.core.heartbeat(request.into_inner()).await?))
     }
 
     async fn get_status(
         &self,
         _request: Request<GetClusterStatusRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        Ok(Response::new(self.status()?))
+        Ok(Response::new(self.status().await))
     }
+
+    async fn get_topology(
+        &self,
+        _request: Request<GetTopologyRequest>,
+    ) -> Result<Response<Topology>, Status> {
+        self.core.publish().await;
+        Ok(Response::new(self.core.watch_topology().borrow().clone()))
+    }
+
+    type WatchTopologyStream = TopologyStream;
+
+    async fn watch_topology(
+        &self,
+        _request: Request<GetTopologyRequest>,
+    ) -> Result<Response<TopologyStream>, Status> {
+        self.core.publish().await;
+        let stream = tokio_stream::wrappers::WatchStream::new(self.core.watch_topology());
+        let stream = futures::StreamExt::map(stream, Ok);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Operation>, Status> {
+        let req = request.into_inner();
+        check_site(&req.site)?;
+        let inner = self.core.lock().await;
+        let site = if req.site.is_empty() {
+            ops::plan::active_site(&inner)
+                .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"))?
+        } else {
+            req.site.clone()
+        };
+        let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
+        drop(inner);
+        let detail = format!(
+            "manual failover of site {site}{}",
+            if req.force { " (forced)" } else { "" }
+        );
+        Ok(Response::new(
+            self.start("failover", plan, detail, req.force).await?,
+        ))
+    }
+
+    async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<Operation>, Status> {
+        let req = request.into_inner();
+        check_site(&req.site)?;
+        let inner = self.core.lock().await;
+        let site = if req.site.is_empty() {
+            ops::plan::active_site(&inner)
+                .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"))?
+        } else {
+            req.site.clone()
+        };
+        let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
+        let down: Vec<&String> = plan
+            .roles
+            .keys()
+            .filter(|n| !self.core.healthy(&inner, n))
+            .collect();
+        if !down.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "switchover needs every server involved up, but {down:?} are down; use failover"
+            )));
+        }
+        drop(inner);
+        let detail = format!("planned switchover away from site {site}");
+        Ok(Response::new(
+            self.start("switchover", plan, detail, false).await?,
+        ))
+    }
+
+    async fn failback(&self, _request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
+        let inner = self.core.lock().await;
+        let plan = ops::plan::failback(&self.core, &inner)?;
+        drop(inner);
+        let detail = format!("failback of site {} to its original roles", plan.from_site);
+        Ok(Response::new(self.start("failback", plan, detail, false).await?))
+    }
+
+    async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Operation>, Status> {
+        let rate = request.into_inner().rate;
+        let held = self.core.lock().await.cluster.held.clone();
+        let plan = OperationPlan {
+            rate,
+            ..Default::default()
+        };
+        let detail = format!(
+            "resync into {} at {}",
+            if held.is_empty() {
+                "every mirror".to_owned()
+            } else {
+                held.join(", ")
+            },
+            if rate == 0 {
+                "full speed".to_owned()
+            } else {
+                format!("{rate} bytes/s")
+            }
+        );
+        Ok(Response::new(self.start("resync", plan, detail, false).await?))
+    }
+
+    async fn get_operation(
+        &self,
+        request: Request<GetOperationRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return self
+                .core
+                .lock()
+                .await
+                .operation
+                .clone()
+                .map(Response::new)
+                .ok_or_else(|| Status::not_found("no operation has run yet"));
+        }
+        let id: u64 = id
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("operation id {id:?} is not a number")))?;
+        let ops = durably(|| self.core.store.operations())?;
+        ops.into_iter()
+            .find(|o| o.id == id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("no operation {id}")))
+    }
+
+    async fn history(&self, _request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
+        let events = durably(|| self.core.store.operations())?;
+        Ok(Response::new(HistoryResponse { events }))
+    }
+
+    async fn issue_enrollment_token(
+        &self,
+        request: Request<IssueEnrollmentTokenRequest>,
+    ) -> Result<Response<EnrollmentToken>, Status> {
+        let ttl = match request.into_inner().ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            s => Duration::from_secs(s),
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(Status::invalid_argument(
+                "an enrollment token lives at most 7 days",
+            ));
+        }
+        let token = random_secret();
+        let expires = wall_ms() + ttl.as_millis() as i64;
+        let hash = blake3::hash(token.as_bytes()).to_hex().to_string();
+        durably(|| self.core.store.add_token(&hash, expires))?;
+        tracing::info!(ttl = ?ttl, "enrollment token issued");
+        Ok(Response::new(EnrollmentToken {
+            token,
+            expires_unix_ms: expires,
+        }))
+    }
+}
+
+/// `/metrics`: heartbeat age, role, epoch and lag per server; the running
+/// phase; operations by kind and outcome.
+pub fn metrics(core: Arc<Core>) -> duplex_rpc::metrics::MetricsFn {
+    Arc::new(move || {
+        let core = core.clone();
+        Box::pin(async move {
+            let mut e = duplex_rpc::metrics::Exposition::default();
+            let api = CoordinatorApi { core: core.clone() };
+            let status = api.status().await;
+            e.gauge(
+                "duplex_up",
+                "1 while the server answers.",
+                &[("server", "coordinator")],
+                1.0,
+            );
+            e.gauge(
+                "duplex_epoch",
+                "The cluster epoch.",
+                &[("server", "coordinator")],
+                status.epoch as f64,
+            );
+            e.gauge(
+                "duplex_coordinator_phase",
+                "1 for the running phase (steady when none).",
+                &[("phase", status.phase.as_str())],
+                1.0,
+            );
+            let now = wall_ms();
+            for s in status.servers.iter().skip(1) {
+                let name = s.server.as_ref().map_or("", |i| i.name.as_str());
+                let l = [("server", name)];
+                e.gauge(
+                    "duplex_heartbeat_age_seconds",
+                    "Seconds since the server's last heartbeat.",
+                    &l,
+                    if s.last_heartbeat_unix_ms == 0 {
+                        f64::INFINITY
+                    } else {
+                        (now - s.last_heartbeat_unix_ms).max(0) as f64 / 1000.0
+                    },
+                );
+                e.gauge(
+                    "duplex_server_healthy",
+                    "1 while heartbeats arrive.",
+                    &l,
+                    f64::from(u8::from(s.healthy)),
+                );
+                e.gauge(
+                    "duplex_server_epoch",
+                    "Epoch the server reports.",
+                    &l,
+                    s.epoch as f64,
+                );
+                if let Some(lag) = &s.lag {
+                    e.lag(&l, lag);
+                }
+            }
+            let ops = durably(|| core.store.operations()).unwrap_or_default();
+            let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
+            for op in &ops {
+                *counts.entry((op.kind.clone(), op.state.clone())).or_default() += 1;
+            }
+            for ((kind, state), n) in counts {
+                e.counter(
+                    "duplex_operations_total",
+                    "Failovers, switchovers, failbacks, resyncs and refusals, by outcome.",
+                    &[("kind", kind.as_str()), ("state", state.as_str())],
+                    n as f64,
+                );
+            }
+            e.finish()
+        })
+    })
 }

@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<Channel>> {
     let mut fallback = None;
     let mut last = None;
-    for url in endpoints {
+    for url in &duplex_rpc::discovery::account_servers(endpoints).await {
         let mut client = AccountAdminClient::new(duplex_rpc::channel(url)?);
         match client.get_status(GetAccountStatusRequest {}).await {
             Ok(status) => {
@@ -39,7 +39,9 @@ pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<
         }
     }
     fallback.ok_or_else(|| {
-        last.unwrap_or_else(|| anyhow::anyhow!("no endpoint: pass --endpoint URL or set DUPLEX_ENDPOINT"))
+        last.unwrap_or_else(|| {
+            anyhow::anyhow!("no endpoint: pass --endpoint URL (or --coordinator URL), or set DUPLEX_ENDPOINT")
+        })
     })
 }
 

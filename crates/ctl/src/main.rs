@@ -149,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Accounts { command } => {
-            let mut client = admin::connect(&cli.endpoint).await?;
+            let mut client = admin::connect(&entry_points(&cli.endpoint, cli.coordinator.as_deref())).await?;
             match command {
                 AccountsCommand::Create { name, group, home } => {
                     admin::create_account(&mut client, &name, group, home, json).await
@@ -158,7 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Groups { command } => {
-            let mut client = admin::connect(&cli.endpoint).await?;
+            let mut client = admin::connect(&entry_points(&cli.endpoint, cli.coordinator.as_deref())).await?;
             match command {
                 GroupsCommand::List => admin::list_groups(&mut client, json).await,
                 GroupsCommand::Disable { name } => admin::set_group(&mut client, &name, false, json).await,
@@ -166,4 +166,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// Account-server entry points: the endpoints, then the coordinator.
+fn entry_points(endpoints: &[String], coordinator: Option<&str>) -> Vec<String> {
+    let mut all = endpoints.to_vec();
+    all.extend(coordinator.map(str::to_owned));
+    all
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
-use duplex_proto::v1::{CreateAccountRequest, ListStorageServersRequest};
+use duplex_proto::v1::coordinator_client::CoordinatorClient;
+use duplex_proto::v1::{CreateAccountRequest, IssueEnrollmentTokenRequest, ListStorageServersRequest};
 use serde::{Deserialize, Serialize};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
@@ -84,10 +85,7 @@ async fn start_all(
     let account_servers = format!("{account_url},{slave_url}");
     let storage_a = ports.take("storage-a")?;
     let storage_b = ports.take("storage-b")?;
-    let (url_a, url_b) = (
-        format!("http://127.0.0.1:{storage_a}"),
-        format!("http://127.0.0.1:{storage_b}"),
-    );
+    let url_a = format!("http://127.0.0.1:{storage_a}");
     let active_active = mode == "active-active";
     let storage_flags = |role: &str, primary: &str| {
         let mut flags = vec![
@@ -105,12 +103,10 @@ async fn start_all(
     };
     let b_role = if active_active { "primary" } else { "replica" };
     let b_primary = if active_active { "" } else { url_a.as_str() };
-    let mut mirror_a_links = Vec::new();
-    if active_active {
-        mirror_a_links.extend(["--link".to_owned(), format!("{url_b}={url_a}")]);
-    }
-    let mirror_b_links = vec!["--link".to_owned(), format!("{url_a}={url_b}")];
-    let mut specs = vec![
+    // Mirrors get their links from the coordinator, which derives them
+    // from the roles it assigns.
+    let (mirror_a_links, mirror_b_links): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
+    let specs = vec![
         spec(
             bin_dir,
             dir,
@@ -181,15 +177,19 @@ async fn start_all(
         ),
     ];
     drop(ports);
-    // Every service but the coordinator reports to it.
-    for s in specs.iter_mut().filter(|s| s.kind != "coordinator") {
-        s.cmd
-            .extend(["--coordinator".to_owned(), coordinator_url.clone()]);
-    }
-    for info in specs {
+    for mut info in specs {
+        // Every service but the coordinator reports to it, enrolling with a
+        // one-time token on its first start.
+        if info.kind != "coordinator" {
+            info.cmd
+                .extend(["--coordinator".to_owned(), coordinator_url.clone()]);
+            if !info.data_dir.join("coordinator-credential").exists() {
+                let token = enrollment_token(&coordinator_url).await?;
+                info.cmd.extend(["--enrollment-token".to_owned(), token]);
+            }
+        }
         let log = dir.join(format!("{}.log", info.name));
         let mut child = procs::spawn(&info.cmd, &log)?;
-        let mut info = info;
         info.pid = child.id().unwrap_or(0);
         wait_healthy(&info, &mut child, &log).await?;
         eprintln!("{} ({}) is up at {}", info.name, info.kind, info.addr);
@@ -201,7 +201,7 @@ async fn start_all(
     let token = demo_account(&account_url, previous.as_ref()).await?;
     let file = PlaygroundFile {
         coordinator: Some(coordinator_url.clone()),
-        endpoints: vec![account_url.clone(), slave_url.clone()],
+        endpoints: vec![coordinator_url.clone(), account_url.clone(), slave_url.clone()],
         account: AccountInfo {
             name: DEMO_ACCOUNT.into(),
             token: token.clone(),
@@ -212,7 +212,7 @@ async fn start_all(
     write_atomically(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
     print_banner(
         dir,
-        &format!("{account_url},{slave_url}"),
+        &format!("{coordinator_url},{account_url},{slave_url}"),
         &coordinator_url,
         &token,
     );
@@ -313,6 +313,15 @@ async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyh
     }
 }
 
+async fn enrollment_token(coordinator: &str) -> anyhow::Result<String> {
+    let mut client = CoordinatorClient::new(duplex_rpc::channel(coordinator)?);
+    let token = client
+        .issue_enrollment_token(IssueEnrollmentTokenRequest { ttl_seconds: 0 })
+        .await
+        .map_err(|s| anyhow::anyhow!("issuing an enrollment token: {}", s.message()))?;
+    Ok(token.into_inner().token)
+}
+
 /// Creates the demo account once the storage server has registered, or
 /// reuses the one a previous run in this directory created.
 async fn demo_account(account_url: &str, previous: Option<&PlaygroundFile>) -> anyhow::Result<String> {
@@ -338,7 +347,14 @@ async fn demo_account(account_url: &str, previous: Option<&PlaygroundFile>) -> a
         home: String::new(),
         quota_bytes: 0,
     };
-    match client.create_account(request).await {
+    // The master takes writes once the coordinator has granted its lease.
+    let created = duplex_rpc::client::retry(READY_DEADLINE, || {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.create_account(request).await }
+    })
+    .await;
+    match created {
         Ok(r) => Ok(r.into_inner().token),
         Err(s) if s.code() == tonic::Code::AlreadyExists => previous
             .map(|p| p.account.token.clone())

@@ -65,13 +65,31 @@ async fn main() -> anyhow::Result<()> {
     let api = Arc::new(MirrorApi::new(info));
     api.set_links(links)
         .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?;
-    if let Some(url) = cli.server.coordinator.clone() {
+    // The mirror keeps no data; a data dir only holds its enrollment.
+    let data_dir = match &cli.server.data_dir {
+        Some(_) => Some(cli.server.prepared_data_dir()?),
+        None => None,
+    };
+    if let Some(link) = cli.server.coordinator_link(data_dir.as_deref()) {
         let beat = api.clone();
         let report = move || {
             let api = beat.clone();
             async move { api.heartbeat().await }
         };
-        tokio::spawn(duplex_rpc::heartbeat::run(url, report, shutdown.clone()));
+        let assigned = api.clone();
+        let apply = move |a| {
+            assigned.apply_assignment(a);
+            std::future::ready(())
+        };
+        // Mirrors write nothing of their own, so their lease is never checked.
+        let lease = Arc::new(duplex_rpc::heartbeat::Lease::new(false));
+        tokio::spawn(duplex_rpc::heartbeat::run(
+            link,
+            lease,
+            report,
+            apply,
+            shutdown.clone(),
+        ));
     }
     let names = [<MirrorServer<MirrorApi> as NamedService>::NAME];
     let metrics = duplex_mirror::service::metrics(api.clone());

@@ -130,6 +130,33 @@ async fn source_view(spec: &LinkSpec) -> Option<(u64, Option<duplex_proto::v1::L
 }
 
 impl MirrorApi {
+    /// The links this mirror runs, in a stable order.
+    pub fn specs(&self) -> Vec<LinkSpec> {
+        let mut specs: Vec<LinkSpec> = self
+            .links
+            .lock()
+            .map(|l| {
+                l.values()
+                    .filter_map(|r| r.status.lock().ok().and_then(|s| s.spec.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        specs.sort_by(|a, b| key(a).cmp(&key(b)));
+        specs
+    }
+
+    /// Runs exactly the links the coordinator assigned.
+    pub fn apply_assignment(&self, assignment: duplex_proto::v1::Assignment) {
+        let mut wanted = assignment.links;
+        wanted.sort_by(|a, b| key(a).cmp(&key(b)));
+        if wanted == self.specs() {
+            return;
+        }
+        if let Err(status) = self.set_links(wanted) {
+            tracing::warn!(%status, "cannot run the links the coordinator assigned");
+        }
+    }
+
     /// A mirror's lag is the largest of its links'.
     pub async fn heartbeat(&self) -> duplex_proto::v1::HeartbeatRequest {
         let status = self.status().await;
@@ -141,9 +168,9 @@ impl MirrorApi {
         duplex_proto::v1::HeartbeatRequest {
             server: Some(self.info.clone()),
             role: "running".into(),
-            epoch: 0,
             lag,
-            outbound: Vec::new(),
+            links: self.specs(),
+            ..Default::default()
         }
     }
 }

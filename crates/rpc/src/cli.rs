@@ -27,6 +27,10 @@ pub struct ServerArgs {
     /// The coordinator to heartbeat (none: run standalone).
     #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
+    /// One-time token for joining the coordinator (`duplexctl servers token`);
+    /// only needed on the first start.
+    #[arg(long, env = "DUPLEX_ENROLLMENT_TOKEN", global = true, hide_env_values = true)]
+    pub enrollment_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -100,6 +104,15 @@ pub enum DataDirError {
 }
 
 impl ServerArgs {
+    /// How to reach the coordinator, if this server has one.
+    pub fn coordinator_link(&self, data_dir: Option<&std::path::Path>) -> Option<crate::heartbeat::Link> {
+        self.coordinator.as_ref().map(|url| crate::heartbeat::Link {
+            url: url.clone(),
+            data_dir: data_dir.map(std::path::Path::to_path_buf),
+            enrollment_token: self.enrollment_token.clone(),
+        })
+    }
+
     /// `--data-dir`, created if absent.
     pub fn prepared_data_dir(&self) -> Result<PathBuf, DataDirError> {
         let dir = self.data_dir()?;

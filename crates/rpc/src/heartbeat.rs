@@ -1,55 +1,178 @@
-//! Heartbeats to the coordinator: every server that is given
-//! `--coordinator` reports its role, epoch and lag on a fixed interval.
+//! A server's side of the coordinator: heartbeats that report its state,
+//! enrollment, the write lease that comes back with every answer, and the
+//! role assignment the server converges to.
+//!
+//! The lease is counted from when a heartbeat was *sent*, while the
+//! coordinator counts it from when it answered, so the server's lease always
+//! ends first: once the coordinator's view of a lease has lapsed, the server
+//! has surely stopped writing.
 
 use std::future::Future;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use duplex_proto::v1::HeartbeatRequest;
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
+use duplex_proto::v1::{Assignment, HeartbeatRequest};
 use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tonic::metadata::MetadataValue;
 
 /// How often a server heartbeats unless the coordinator asks otherwise.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(500);
+pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
+/// Metadata key set on a refusal by a fenced server.
+pub const FENCED_METADATA_KEY: &str = "duplex-fenced";
+const CREDENTIAL_FILE: &str = "coordinator-credential";
 
-/// Sends `report()` to the coordinator every interval until `stop`.
-pub async fn run<F, Fut>(coordinator: String, report: F, stop: CancellationToken)
-where
-    F: Fn() -> Fut + Send,
-    Fut: Future<Output = HeartbeatRequest> + Send,
+/// How a server reaches the coordinator.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub url: String,
+    /// Data dir, where the credential from enrollment is kept (none: kept
+    /// in memory, so a restart needs a new token).
+    pub data_dir: Option<PathBuf>,
+    /// One-time token for the first heartbeat (`duplexctl servers token`).
+    pub enrollment_token: Option<String>,
+}
+
+/// The write lease of a master or primary. Not enforced for a server that
+/// runs without a coordinator.
+pub struct Lease {
+    enforced: bool,
+    until: Mutex<Option<Instant>>,
+}
+
+impl Lease {
+    pub fn new(enforced: bool) -> Self {
+        Self {
+            enforced,
+            until: Mutex::new(None),
+        }
+    }
+
+    pub fn valid(&self) -> bool {
+        !self.enforced || self.remaining() > Duration::ZERO
+    }
+
+    /// Time left on the lease (zero when lapsed or never granted).
+    pub fn remaining(&self) -> Duration {
+        self.until
+            .lock()
+            .ok()
+            .and_then(|u| *u)
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(Instant::now()))
+    }
+
+    fn set(&self, until: Option<Instant>) {
+        if let Ok(mut u) = self.until.lock() {
+            *u = until;
+        }
+    }
+
+    /// Refuses a write once the lease has lapsed, telling the client why.
+    pub fn check(&self, server: &str) -> Result<(), Status> {
+        if self.valid() {
+            return Ok(());
+        }
+        let mut status = Status::unavailable(format!(
+            "{server} is fenced: its lease from the coordinator has lapsed, so it accepts no writes \
+             until the coordinator renews it (a failover may be moving its role); ask the coordinator \
+             for the current primary"
+        ));
+        status
+            .metadata_mut()
+            .insert(FENCED_METADATA_KEY, MetadataValue::from_static("1"));
+        Err(status)
+    }
+}
+
+/// Heartbeats every interval until `stop`: `report()` says what to send,
+/// `apply(assignment)` makes the server converge to what the coordinator
+/// assigned, and the lease is renewed or revoked with each answer.
+pub async fn run<R, RF, A, AF>(
+    link: Link,
+    lease: std::sync::Arc<Lease>,
+    report: R,
+    apply: A,
+    stop: CancellationToken,
+) where
+    R: Fn() -> RF + Send,
+    RF: Future<Output = HeartbeatRequest> + Send,
+    A: Fn(Assignment) -> AF + Send,
+    AF: Future<Output = ()> + Send,
 {
-    let Ok(channel) = crate::channel(&coordinator) else {
-        tracing::error!(%coordinator, "invalid coordinator address; not sending heartbeats");
+    let Ok(channel) = crate::channel(&link.url) else {
+        tracing::error!(coordinator = %link.url, "invalid coordinator address; not sending heartbeats");
         return;
     };
     let mut client = CoordinatorClient::new(channel);
+    let mut credential = link.data_dir.as_deref().and_then(read_credential);
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
     loop {
-        let request = report().await;
+        let mut request = report().await;
+        request.credential = credential.clone().unwrap_or_default();
+        if credential.is_none() {
+            request.enrollment_token = link.enrollment_token.clone().unwrap_or_default();
+        }
+        let sent = Instant::now();
         match tokio::time::timeout(interval * 2, client.heartbeat(request)).await {
             Ok(Ok(response)) => {
                 if failing {
-                    tracing::info!(%coordinator, "coordinator reachable again");
+                    tracing::info!(coordinator = %link.url, "coordinator reachable again");
                     failing = false;
                 }
-                let ms = response.into_inner().interval_ms;
-                if ms > 0 {
-                    interval = Duration::from_millis(ms);
+                let response = response.into_inner();
+                lease.set((response.lease_ms > 0).then(|| sent + Duration::from_millis(response.lease_ms)));
+                if !response.credential.is_empty() {
+                    let saved = link
+                        .data_dir
+                        .as_deref()
+                        .map_or(Ok(()), |d| save_credential(d, &response.credential));
+                    match saved {
+                        Ok(()) => tracing::info!(coordinator = %link.url, "enrolled with the coordinator"),
+                        Err(e) => tracing::error!(error = %e, "cannot save the coordinator credential"),
+                    }
+                    credential = Some(response.credential);
+                }
+                if response.interval_ms > 0 {
+                    interval = Duration::from_millis(response.interval_ms);
+                }
+                if let Some(assignment) = response.assignment {
+                    apply(assignment).await;
                 }
             }
             Ok(Err(status)) if !failing => {
-                tracing::warn!(%coordinator, %status, "heartbeat refused");
+                tracing::warn!(coordinator = %link.url, %status, "heartbeat refused");
                 failing = true;
             }
             Err(_) if !failing => {
-                tracing::warn!(%coordinator, "heartbeat timed out");
+                tracing::warn!(coordinator = %link.url, "heartbeat timed out");
                 failing = true;
             }
             _ => {}
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(interval.saturating_sub(sent.elapsed())) => {}
         }
     }
+}
+
+fn read_credential(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(CREDENTIAL_FILE))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// Durably replaces the credential file (write, fsync, rename, fsync dir).
+fn save_credential(dir: &Path, credential: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{CREDENTIAL_FILE}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(credential.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CREDENTIAL_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
 }

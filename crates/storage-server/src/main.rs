@@ -71,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = duplex_rpc::shutdown_on_signals();
     let bound = duplex_rpc::bind(&listen).await?;
     let config = Config {
+        coordinator: cli.server.coordinator_link(Some(&data_dir)),
         data_dir,
         name: cli.server.name()?,
         site: cli.server.site.clone(),
@@ -86,7 +87,6 @@ async fn main() -> anyhow::Result<()> {
             MirroringArg::Async => Mode::Async,
         },
         sync_wait: cli.sync_wait,
-        coordinator: cli.server.coordinator.clone(),
     };
     run(config, bound, shutdown).await?;
     Ok(())

@@ -29,6 +29,8 @@ pub struct Mirroring {
     links: Mutex<HashMap<String, Outbound>>,
     applied: watch::Sender<u64>,
     degraded: AtomicBool,
+    /// The coordinator says no link mirrors this server now.
+    unmirrored: AtomicBool,
     pub degradations: AtomicU64,
 }
 
@@ -40,11 +42,26 @@ impl Mirroring {
             links: Mutex::new(HashMap::new()),
             applied: watch::Sender::new(0),
             degraded: AtomicBool::new(false),
+            unmirrored: AtomicBool::new(false),
             degradations: AtomicU64::new(0),
         }
     }
 
+    /// Whether a link mirrors this server at all (from the coordinator).
+    pub fn set_unmirrored(&self, unmirrored: bool) {
+        let was = self.unmirrored.swap(unmirrored, Ordering::SeqCst);
+        if unmirrored && !was && self.mode == Mode::Sync {
+            tracing::warn!(
+                "SYNC MIRRORING SUSPENDED: no mirror is assigned (the other site is lost or held until a resync); \
+                 snapshots are acknowledged on this site only"
+            );
+        }
+    }
+
     pub fn describe(&self) -> String {
+        if self.mode == Mode::Sync && self.unmirrored.load(Ordering::SeqCst) {
+            return "async (sync suspended: no mirror assigned)".into();
+        }
         match (self.mode, self.degraded.load(Ordering::SeqCst)) {
             (Mode::Async, _) => "async".into(),
             (Mode::Sync, false) => "sync".into(),
@@ -76,7 +93,10 @@ impl Mirroring {
 
     /// In sync mode, waits until a destination has applied `seq`.
     pub async fn wait_mirrored(&self, seq: u64) {
-        if self.mode == Mode::Async || self.degraded.load(Ordering::SeqCst) {
+        if self.mode == Mode::Async
+            || self.degraded.load(Ordering::SeqCst)
+            || self.unmirrored.load(Ordering::SeqCst)
+        {
             return;
         }
         let mut applied = self.applied.subscribe();

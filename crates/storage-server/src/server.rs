@@ -38,7 +38,7 @@ pub struct Config {
     pub primary: String,
     pub mirroring: Mode,
     pub sync_wait: Duration,
-    pub coordinator: Option<String>,
+    pub coordinator: Option<duplex_rpc::heartbeat::Link>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,11 +69,6 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         addr: config.advertise.clone(),
     };
     tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, "storage server starting");
-    tokio::spawn(register(
-        info.clone(),
-        config.account_servers.clone(),
-        shutdown.clone(),
-    ));
     let role = match store.role() {
         Ok(Some(stored)) => stored,
         Ok(None) => {
@@ -96,14 +91,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         }
     };
     tracing::info!(role = role.role.as_str(), epoch = role.epoch.0, "role");
-    // Only a primary takes accounts; a replica joins when it is promoted.
-    if role.role == Role::Primary {
-        tokio::spawn(register(
-            info.clone(),
-            config.account_servers.clone(),
-            shutdown.clone(),
-        ));
-    }
+    let initial = role.role;
     let api = Arc::new(StorageApi {
         store: Arc::new(store),
         auth: Arc::new(Auth::new(config.account_servers)),
@@ -111,11 +99,24 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         role: tokio::sync::RwLock::new(role),
         mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
         shutdown: shutdown.clone(),
+        lease: Arc::new(duplex_rpc::heartbeat::Lease::new(config.coordinator.is_some())),
+        registered: std::sync::atomic::AtomicBool::new(false),
     });
-    if let Some(url) = config.coordinator.clone() {
+    // Only a primary takes accounts. With a coordinator, it announces
+    // itself once the coordinator confirms the role.
+    if config.coordinator.is_none() {
+        api.announce(initial);
+    }
+    if let Some(link) = config.coordinator.clone() {
+        let assigned = api.clone();
         tokio::spawn(duplex_rpc::heartbeat::run(
-            url,
+            link,
+            api.lease.clone(),
             heartbeat(api.clone()),
+            move |a| {
+                let api = assigned.clone();
+                async move { api.apply_assignment(a).await }
+            },
             shutdown.clone(),
         ));
     }
@@ -144,14 +145,14 @@ fn heartbeat(
     move || {
         let api = api.clone();
         Box::pin(async move {
+            let role = api.role.read().await.clone();
             let status = api.status().await.ok();
             HeartbeatRequest {
                 server: Some(api.info.clone()),
-                role: status
-                    .as_ref()
-                    .map_or_else(|| "replica".into(), |s| s.role.clone()),
-                epoch: status.as_ref().map_or(0, |s| s.epoch),
-                lag: None,
+                role: role.role.as_str().into(),
+                epoch: role.epoch.0,
+                fenced: role.role == Role::Primary && !api.lease.valid(),
+                position: status.as_ref().map_or(0, |s| s.seq),
                 outbound: status
                     .map(|s| {
                         s.links_out
@@ -163,6 +164,7 @@ fn heartbeat(
                             .collect()
                     })
                     .unwrap_or_default(),
+                ..Default::default()
             }
         })
     }

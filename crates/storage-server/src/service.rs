@@ -41,17 +41,23 @@ pub struct StorageApi {
     pub mirroring: Arc<Mirroring>,
     /// Cancelled when the server starts draining: long-lived streams end.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The primary's write lease from the coordinator.
+    pub lease: Arc<duplex_rpc::heartbeat::Lease>,
+    /// Announced to the account servers since it last became primary.
+    pub registered: std::sync::atomic::AtomicBool,
 }
 
 /// Metadata key naming the primary on a replica's refusal.
 pub const PRIMARY_METADATA_KEY: &str = "duplex-primary";
 
 impl StorageApi {
-    /// Agent writes go to the primary only.
-    async fn check_primary(&self) -> Result<(), Status> {
+    /// Agent writes go to the primary only, and only while its lease holds.
+    /// The guard keeps the role from changing under the write.
+    async fn check_primary(&self) -> Result<tokio::sync::RwLockReadGuard<'_, RoleState>, Status> {
         let role = self.role.read().await;
         if role.role == Role::Primary {
-            return Ok(());
+            self.lease.check(&self.info.name)?;
+            return Ok(role);
         }
         let mut status = Status::failed_precondition(format!(
             "{} is a {} and takes no backups; use the primary{}",
@@ -63,6 +69,7 @@ impl StorageApi {
                 format!(" at {}", role.primary)
             }
         ));
+        // Set even when the primary is unknown, so clients know to rediscover.
         if let Ok(v) = MetadataValue::try_from(role.primary.as_str()) {
             status.metadata_mut().insert(PRIMARY_METADATA_KEY, v);
         }
@@ -125,7 +132,7 @@ impl StorageService for StorageApi {
         request: Request<Streaming<Chunk>>,
     ) -> Result<Response<PutChunksResponse>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
-        self.check_primary().await?;
+        drop(self.check_primary().await?);
         let mut stream = request.into_inner();
         let account = caller.account;
         let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
@@ -179,7 +186,7 @@ impl StorageService for StorageApi {
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<SnapshotInfo>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
-        self.check_primary().await?;
+        let role = self.check_primary().await?;
         let req = request.into_inner();
         let manifest_chunks = chunk_ids(&req.manifest_chunks)?;
         if req.paths.len() > 10_000 || req.hostname.len() > 255 {
@@ -191,6 +198,10 @@ impl StorageService for StorageApi {
             hostname: req.hostname,
         };
         let info = blocking(&self.store, move |s| s.commit_snapshot(caller.account, new)).await?;
+        // A commit that outlived the lease is not acknowledged: the role may
+        // already be moving, and the client retries at the new primary.
+        self.lease.check(&self.info.name)?;
+        drop(role);
         // Sync mirroring: the other site has the snapshot before the ack.
         self.mirroring.wait_mirrored(self.store.last_seq().0).await;
         tracing::info!(account = %caller.name, snapshot = %info.id, files = info.files, bytes = info.bytes, "snapshot committed");
@@ -290,42 +301,74 @@ impl StorageAdmin for StorageApi {
         let role = Role::parse(&req.role).ok_or_else(|| {
             Status::invalid_argument(format!("role must be primary or replica, not {:?}", req.role))
         })?;
-        {
-            let mut current = self.role.write().await;
-            if req.epoch < current.epoch.0 {
-                return Err(Status::failed_precondition(format!(
-                    "stale epoch {} refused: this server holds epoch {}",
-                    req.epoch, current.epoch.0
-                )));
-            }
-            let state = RoleState {
-                role,
-                epoch: Epoch(req.epoch),
-                primary: req.primary,
-            };
-            let saved = state.clone();
-            blocking(&self.store, move |s| s.save_role(&saved)).await?;
-            tracing::warn!(role = role.as_str(), epoch = req.epoch, "role changed");
-            if role == Role::Primary && current.role != Role::Primary {
-                let servers = self.auth.account_servers().to_vec();
-                tokio::spawn(crate::server::register(
-                    self.info.clone(),
-                    servers,
-                    tokio_util::sync::CancellationToken::new(),
-                ));
-            }
-            *current = state;
-        }
+        self.apply_role(role, Epoch(req.epoch), req.primary).await?;
         Ok(Response::new(self.status().await?))
     }
 }
 
 impl StorageApi {
+    /// Takes a role (an epoch at least the one held); waits for writes in
+    /// flight, so none lands after a demotion returns.
+    pub async fn apply_role(&self, role: Role, epoch: Epoch, primary: String) -> Result<(), Status> {
+        let mut current = self.role.write().await;
+        if epoch < current.epoch {
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {} refused: this server holds epoch {}",
+                epoch.0, current.epoch.0
+            )));
+        }
+        let state = RoleState { role, epoch, primary };
+        if *current != state {
+            let saved = state.clone();
+            blocking(&self.store, move |s| s.save_role(&saved)).await?;
+            tracing::warn!(role = role.as_str(), epoch = epoch.0, "role changed");
+            *current = state;
+        }
+        drop(current);
+        self.announce(role);
+        Ok(())
+    }
+
+    /// A primary announces itself to the account servers once per
+    /// promotion, so accounts can be homed on it.
+    pub fn announce(&self, role: Role) {
+        use std::sync::atomic::Ordering;
+        if role != Role::Primary {
+            self.registered.store(false, Ordering::SeqCst);
+            return;
+        }
+        if !self.registered.swap(true, Ordering::SeqCst) {
+            tokio::spawn(crate::server::register(
+                self.info.clone(),
+                self.auth.account_servers().to_vec(),
+                self.shutdown.clone(),
+            ));
+        }
+    }
+
+    /// Converges to the coordinator's assignment (a no-op when it matches).
+    pub async fn apply_assignment(&self, assignment: duplex_proto::v1::Assignment) {
+        let Some(role) = Role::parse(&assignment.role) else {
+            return;
+        };
+        self.mirroring.set_unmirrored(assignment.unmirrored);
+        if let Err(status) = self
+            .apply_role(role, Epoch(assignment.epoch), assignment.leader)
+            .await
+        {
+            tracing::warn!(%status, "cannot take the role the coordinator assigned");
+        }
+    }
+
     pub async fn status(&self) -> Result<StorageServerStatus, Status> {
         let mut status = blocking(&self.store, Store::status).await?;
         let role = self.role.read().await.clone();
         status.server = Some(self.info.clone());
-        status.role = role.role.as_str().into();
+        status.role = if role.role == Role::Primary && !self.lease.valid() {
+            "fenced".into()
+        } else {
+            role.role.as_str().into()
+        };
         status.epoch = role.epoch.0;
         status.primary = role.primary;
         status.mirroring = self.mirroring.describe();

@@ -3,7 +3,7 @@
 //! reach the same state.
 
 use duplex_proto::v1::log_entry::Mutation;
-use duplex_proto::v1::{AccountRecord, LogEntry};
+use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
 
@@ -22,6 +22,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
                 token_hash: c.token_hash.clone(),
                 home_id: c.home_id.clone(),
                 quota_bytes: c.quota_bytes,
+                previous_home_id: String::new(),
             };
             let hash: [u8; 32] = c
                 .token_hash
@@ -51,6 +52,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
             txn.open_table(STORAGE)?
                 .insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
         }
+        Some(Mutation::MoveHomes(m)) => move_homes(txn, m)?,
         Some(Mutation::SetTicketKey(k)) => {
             txn.open_table(KEYS)?
                 .insert("ticket_secret", k.secret.as_slice())?;
@@ -61,6 +63,35 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
                 entry.lsn
             )));
         }
+    }
+    Ok(())
+}
+
+fn move_homes(txn: &WriteTransaction, m: &MoveHomes) -> Result<(), AccountError> {
+    let (from_id, to_id) = (m.from_id.as_str(), m.to_id.as_str());
+    let mut accounts = txn.open_table(ACCOUNTS)?;
+    let mut moving = Vec::new();
+    for item in accounts.iter()? {
+        let (k, v) = item?;
+        let record = AccountRecord::decode(v.value())
+            .map_err(|_| AccountError::Corrupt(format!("account {} does not decode", k.value())))?;
+        if record.home_id == from_id && (!m.returning || record.previous_home_id == to_id) {
+            moving.push((k.value(), record));
+        }
+    }
+    for (id, mut record) in moving.iter().cloned() {
+        record.previous_home_id = std::mem::replace(&mut record.home_id, to_id.to_owned());
+        accounts.insert(id, record.encode_to_vec().as_slice())?;
+    }
+    let mut homes = txn.open_table(HOMES)?;
+    let moved = moving.len() as u64;
+    let had = homes.get(to_id)?.map_or(0, |v| v.value());
+    homes.insert(to_id, had + moved)?;
+    let left = homes.get(from_id)?.map_or(0, |v| v.value()).saturating_sub(moved);
+    homes.insert(from_id, left)?;
+    if m.retire {
+        homes.remove(from_id)?;
+        txn.open_table(STORAGE)?.remove(from_id)?;
     }
     Ok(())
 }

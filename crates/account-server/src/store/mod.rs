@@ -5,7 +5,7 @@
 
 use duplex_proto::v1::log_entry::Mutation;
 use duplex_proto::v1::{
-    AccountRecord, CreateAccount, LogEntry, PutStorageServer, ServerInfo, SetGroup, SetTicketKey,
+    AccountRecord, CreateAccount, LogEntry, MoveHomes, PutStorageServer, ServerInfo, SetGroup, SetTicketKey,
 };
 use duplex_types::{Epoch, Lsn, ServerId};
 use prost::Message;
@@ -141,6 +141,7 @@ impl AccountStore {
                     token_hash: c.token_hash,
                     home_id: c.home_id,
                     quota_bytes: c.quota_bytes,
+                    previous_home_id: String::new(),
                 }),
                 _ => Err(AccountError::Corrupt(
                     "create_accounts wrote another mutation".into(),
@@ -202,6 +203,54 @@ impl AccountStore {
             .map(|_| ())
         })?;
         Ok(fresh)
+    }
+
+    /// Moves every account homed on storage server `from` to `to` (names),
+    /// in one logged transaction. Returns how many moved and their groups;
+    /// nothing is logged when none is left on `from`.
+    pub fn move_homes(
+        &self,
+        epoch: Epoch,
+        from: &str,
+        to: &str,
+        returning: bool,
+        retire: bool,
+    ) -> Result<(u64, Vec<String>), AccountError> {
+        let servers = self.storage_servers()?;
+        let id_of = |name: &str| {
+            servers
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.id.clone())
+                .ok_or_else(|| AccountError::NotFound(format!("storage server {name:?}")))
+        };
+        let to_id = id_of(to)?;
+        // Retired already (a repeated call): nothing left to move.
+        let Ok(from_id) = id_of(from) else {
+            return Ok((0, Vec::new()));
+        };
+        let moving: Vec<AccountRecord> = self
+            .accounts()?
+            .into_iter()
+            .filter(|a| a.home_id == from_id && (!returning || a.previous_home_id == to_id))
+            .collect();
+        if (moving.is_empty() && !retire) || from_id == to_id {
+            return Ok((0, Vec::new()));
+        }
+        self.commit(epoch, |w| {
+            w.write(Mutation::MoveHomes(MoveHomes {
+                from_id: from_id.clone(),
+                to_id: to_id.clone(),
+                returning,
+                retire,
+            }))
+            .map(|_| ())
+        })?;
+        let moved = moving.len() as u64;
+        let mut groups: Vec<String> = moving.into_iter().map(|a| a.group).collect();
+        groups.sort();
+        groups.dedup();
+        Ok((moved, groups))
     }
 
     pub fn read(&self) -> Result<redb::ReadTransaction, AccountError> {
