@@ -31,6 +31,8 @@ pub struct Hub {
     acked: watch::Sender<u64>,
     slaves: Mutex<HashMap<String, SlaveEntry>>,
     degraded: AtomicBool,
+    /// The coordinator says no slave is up to replicate to.
+    unmirrored: AtomicBool,
     last_write_ms: std::sync::atomic::AtomicI64,
     /// Times sync replication degraded to async (a metric).
     pub degradations: AtomicU64,
@@ -45,6 +47,7 @@ impl Hub {
             acked: watch::Sender::new(0),
             slaves: Mutex::new(HashMap::new()),
             degraded: AtomicBool::new(false),
+            unmirrored: AtomicBool::new(false),
             last_write_ms: std::sync::atomic::AtomicI64::new(0),
             degradations: AtomicU64::new(0),
         }
@@ -76,8 +79,22 @@ impl Hub {
         *self.committed.borrow()
     }
 
+    /// Whether any slave is up at all (from the coordinator): a sync master
+    /// with none does not wait out the timeout on every write.
+    pub fn set_unmirrored(&self, unmirrored: bool) {
+        let was = self.unmirrored.swap(unmirrored, Ordering::SeqCst);
+        if unmirrored && !was && self.mode == Mode::Sync {
+            tracing::warn!(
+                "SYNC REPLICATION SUSPENDED: no slave is up; writes are acknowledged on this server only"
+            );
+        }
+    }
+
     /// "sync", "async", or the degraded state, for status.
     pub fn describe(&self) -> String {
+        if self.mode == Mode::Sync && self.unmirrored.load(Ordering::SeqCst) {
+            return "async (sync suspended: no slave is up)".into();
+        }
         match (self.mode, self.degraded.load(Ordering::SeqCst)) {
             (Mode::Async, _) => "async".into(),
             (Mode::Sync, false) => "sync".into(),
@@ -92,7 +109,10 @@ impl Hub {
     /// In sync mode, waits until a slave has `lsn` durable. Gives up after
     /// `sync_timeout`, degrading to async until a slave catches up again.
     pub async fn wait_replicated(&self, lsn: u64) {
-        if self.mode == Mode::Async || self.degraded.load(Ordering::SeqCst) {
+        if self.mode == Mode::Async
+            || self.degraded.load(Ordering::SeqCst)
+            || self.unmirrored.load(Ordering::SeqCst)
+        {
             return;
         }
         let mut acked = self.acked.subscribe();

@@ -82,6 +82,7 @@ impl Node {
 
     /// Converges to the coordinator's assignment (a no-op when it matches).
     pub async fn apply_assignment(self: &Arc<Self>, assignment: duplex_proto::v1::Assignment) {
+        self.hub.set_unmirrored(assignment.unmirrored);
         let current = self.role().await;
         let epoch = Epoch(assignment.epoch);
         let result = match assignment.role.as_str() {

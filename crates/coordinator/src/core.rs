@@ -151,7 +151,13 @@ impl Core {
         if was_down {
             tracing::info!(server = %server.name, role = %report.role, "server is up");
         }
-        let assignment = assignment(&inner, &server);
+        let mut assignment = assignment(&inner, &server);
+        if let Some(a) = assignment.as_mut().filter(|a| a.role == "master") {
+            // A master with no slave up must not wait for one on each write.
+            a.unmirrored = !inner.servers.values().any(|s| {
+                s.kind == "account" && s.name != server.name && self.healthy(&inner, &s.name)
+            });
+        }
         let lease = self.lease_for(&inner, &server.name, &report);
         let observed = Observed {
             report,
@@ -254,7 +260,7 @@ impl Core {
     }
 
     /// A master / primary gets a lease only once it reports the role it was
-    /// assigned, and never while an operation fences it.
+    /// assigned, and never once a running operation has started fencing it.
     fn lease_for(&self, inner: &Inner, name: &str, report: &HeartbeatRequest) -> bool {
         let assigned = inner.cluster.roles.get(name).map(String::as_str);
         let holder = matches!(assigned, Some("master" | "primary"));
@@ -263,7 +269,7 @@ impl Core {
             .as_ref()
             .filter(|op| op.state == "running")
             .and_then(|op| op.plan.as_ref())
-            .is_some_and(|plan| plan.fenced.iter().any(|f| f == name));
+            .is_some_and(|plan| plan.fence_until_unix_ms != 0 && plan.fenced.iter().any(|f| f == name));
         holder && assigned == Some(report.role.as_str()) && !fenced
     }
 

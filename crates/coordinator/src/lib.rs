@@ -5,13 +5,9 @@
 
 pub mod core;
 pub mod detector;
+pub mod events;
 pub mod notify;
 pub mod ops;
 pub mod service;
 pub mod store;
 
-/// RFC 3339 time of a unix-milliseconds timestamp.
-pub fn rfc3339(unix_ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
-}

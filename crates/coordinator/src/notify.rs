@@ -12,32 +12,13 @@ use hyper_util::rt::TokioExecutor;
 
 const ATTEMPTS: u32 = 3;
 
-/// The JSON body sent for an operation (also `duplexctl history --json`).
-pub fn event_json(op: &Operation) -> serde_json::Value {
-    serde_json::json!({
-        "id": op.id,
-        "time": crate::rfc3339(op.started_unix_ms),
-        "kind": op.kind,
-        "state": op.state,
-        "detail": op.detail,
-        "automatic": op.automatic,
-        "forced": op.forced,
-        "error": if op.error.is_empty() { None } else { Some(&op.error) },
-        "phases": op.phases.iter().map(|p| serde_json::json!({
-            "name": p.name,
-            "started": crate::rfc3339(p.started_unix_ms),
-            "finished": (p.finished_unix_ms > 0).then(|| crate::rfc3339(p.finished_unix_ms)),
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// Posts the event in the background.
 pub fn send(webhook: Option<&str>, op: &Operation) {
     let Some(url) = webhook else {
         return;
     };
     let url = url.to_owned();
-    let body = event_json(op).to_string();
+    let body = crate::events::operation_json(op).to_string();
     tokio::spawn(async move {
         let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
         for attempt in 1..=ATTEMPTS {

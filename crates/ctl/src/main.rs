@@ -1,5 +1,6 @@
 mod admin;
 mod mirror;
+mod ops;
 mod playground;
 mod procs;
 mod servers;
@@ -51,6 +52,44 @@ enum Command {
         #[command(subcommand)]
         command: MirrorCommand,
     },
+    /// Move the master and primary roles off a site now (it is lost).
+    Failover {
+        /// The site to fail over from (default: the site holding the roles).
+        #[arg(long)]
+        site: Option<String>,
+        /// Accept losing writes not yet mirrored.
+        #[arg(long)]
+        force: bool,
+        /// Return when the failover finished (exit 0) or failed (non-zero).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Planned, lossless move of the roles to the other site.
+    Switchover {
+        #[arg(long)]
+        site: Option<String>,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Give every server back the role it joined with, once the lost site is back.
+    Failback {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start mirroring into servers recovered after a failover.
+    Resync {
+        /// Bytes per second per link (0: no limit).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Every failover, switchover, failback and refusal, with its phases.
+    History,
+    /// Live status, redrawn as it changes.
+    Watch,
+    /// Check every snapshot on every storage server, chunk by chunk.
+    Verify,
     /// Run a whole cluster on this machine until Ctrl-C.
     Playground {
         /// Where the services keep their data and logs, and playground.json.
@@ -92,6 +131,12 @@ enum MirrorCommand {
 
 #[derive(Subcommand)]
 enum ServersCommand {
+    /// Issue a one-time enrollment token for a new server.
+    Token {
+        /// How long it stays valid.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        ttl: std::time::Duration,
+    },
     /// Role, epoch, LSN, state hash, lag and slaves of one account server.
     Status { url: String },
     /// Make an account server master (refused for an epoch below its own).
@@ -141,7 +186,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             MirrorCommand::Status { url } => mirror::status(&url, json).await,
             MirrorCommand::Links { url, links, rate } => mirror::set_links(&url, &links, rate, json).await,
         },
+        Command::Failover { site, force, wait } => {
+            let client = ops::client(cli.coordinator.as_deref())?;
+            ops::start(client, ops::Request::Failover { site, force }, wait, json).await
+        }
+        Command::Switchover { site, wait } => {
+            let client = ops::client(cli.coordinator.as_deref())?;
+            ops::start(client, ops::Request::Switchover { site }, wait, json).await
+        }
+        Command::Failback { wait } => {
+            let client = ops::client(cli.coordinator.as_deref())?;
+            ops::start(client, ops::Request::Failback, wait, json).await
+        }
+        Command::Resync { rate, wait } => {
+            let client = ops::client(cli.coordinator.as_deref())?;
+            ops::start(client, ops::Request::Resync { rate }, wait, json).await
+        }
+        Command::History => ops::history(ops::client(cli.coordinator.as_deref())?, json).await,
+        Command::Watch => ops::watch(cli.coordinator.as_deref()).await,
+        Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
         Command::Servers { command } => match command {
+            ServersCommand::Token { ttl } => ops::token(ops::client(cli.coordinator.as_deref())?, ttl, json).await,
             ServersCommand::Status { url } => servers::status(&url, json).await,
             ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,
             ServersCommand::Demote { url, master, epoch } => {

@@ -8,7 +8,7 @@ use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
     Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
-    LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
+    LinkProgress, ListSnapshotsRequest, AccountVerification, VerifyAccountsRequest, VerifyAccountsResponse, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
     PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyRequest,
     VerifyResponse,
 };
@@ -304,6 +304,40 @@ impl StorageAdmin for StorageApi {
         self.apply_role(role, Epoch(req.epoch), req.primary).await?;
         Ok(Response::new(self.status().await?))
     }
+
+    async fn verify_accounts(
+        &self,
+        request: Request<VerifyAccountsRequest>,
+    ) -> Result<Response<VerifyAccountsResponse>, Status> {
+        let ids = request.into_inner().account_ids;
+        if ids.len() > MAX_IDS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_IDS_PER_CALL} accounts per call"
+            )));
+        }
+        Ok(Response::new(blocking(&self.store, move |s| verify_accounts(s, ids)).await?))
+    }
+}
+
+fn verify_accounts(store: &Store, ids: Vec<u64>) -> Result<VerifyAccountsResponse, StoreError> {
+    let ids = if ids.is_empty() {
+        store.accounts_with_snapshots()?
+    } else {
+        ids.into_iter().map(AccountId).collect()
+    };
+    let mut accounts = Vec::new();
+    for account in ids {
+        let (report, snapshots) = store.verify_snapshots(account)?;
+        accounts.push(AccountVerification {
+            account_id: account.0,
+            snapshots,
+            chunks_checked: report.chunks_checked,
+            bytes_checked: report.bytes_checked,
+            missing: report.missing.len() as u64,
+            corrupt: report.corrupt.len() as u64,
+        });
+    }
+    Ok(VerifyAccountsResponse { accounts })
 }
 
 impl StorageApi {

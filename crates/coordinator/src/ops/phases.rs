@@ -90,26 +90,25 @@ where
 /// a server's lease ends before the coordinator's view of it.
 async fn fence(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError> {
     if plan(&op)?.fence_until_unix_ms == 0 {
+        // Under the lock heartbeats take: from the moment the fence time is
+        // saved, no fenced server is granted a lease, so the latest grant
+        // read here is the last one.
         let mut inner = core.lock().await;
-        let p = plan(&op)?;
-        let since_start = core.started.elapsed();
-        let mut wait = core.config.lease.saturating_sub(since_start);
+        let p = plan(&op)?.clone();
+        let mut wait = core.config.lease.saturating_sub(core.started.elapsed());
         for name in &p.fenced {
             if let Some(granted) = inner.observed.get(name).and_then(|o| o.granted_at) {
                 wait = wait.max(core.config.lease.saturating_sub(granted.elapsed()));
             }
         }
-        let until = wall_ms() + (wait + LEASE_MARGIN).as_millis() as i64;
         let mut cluster = inner.cluster.clone();
         cluster.epoch = cluster.epoch.max(p.epoch);
         core.save_cluster(&mut inner, cluster)?;
-        drop(inner);
-        plan_mut(&mut op)?.fence_until_unix_ms = until;
-        op = save(core, op).await?;
-        tracing::warn!(fenced = ?plan(&op)?.fenced, wait_ms = (wait + LEASE_MARGIN).as_millis() as u64, "fencing");
+        plan_mut(&mut op)?.fence_until_unix_ms = wall_ms() + (wait + LEASE_MARGIN).as_millis() as i64;
+        core.save_operation(&mut inner, op.clone())?;
+        tracing::warn!(fenced = ?p.fenced, wait_ms = (wait + LEASE_MARGIN).as_millis() as u64, "fencing");
     }
-    let until = plan(&op)?.fence_until_unix_ms;
-    let left = until - wall_ms();
+    let left = plan(&op)?.fence_until_unix_ms - wall_ms();
     if left > 0 {
         tokio::time::sleep(Duration::from_millis(left as u64)).await;
     }

@@ -1,9 +1,9 @@
 //! Reading chunks back and checking them against their ids.
 
 use duplex_types::{AccountId, ChunkId};
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable};
 
-use super::tables::CHUNKS;
+use super::tables::{CHUNKS, SNAPSHOTS};
 use super::{Store, StoreError};
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -76,6 +76,49 @@ impl Store {
             _ => report.corrupt.push(id),
         }
         Ok(())
+    }
+
+    /// Checks every snapshot of the account: each manifest and every chunk
+    /// it names must be present and hash to its id. Returns the report and
+    /// how many snapshots were checked.
+    pub fn verify_snapshots(&self, account: AccountId) -> Result<(VerifyReport, u64), StoreError> {
+        let snapshots = self.list_snapshots(account)?;
+        let mut ids = Vec::new();
+        for info in &snapshots {
+            let manifest_ids = info
+                .manifest_chunks
+                .iter()
+                .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
+                .collect::<Result<Vec<_>, _>>()?;
+            ids.extend(manifest_ids.iter().copied());
+            match self.load_manifest(account, &manifest_ids) {
+                Ok(manifest) => ids.extend(super::snapshots::check_manifest(&manifest)?.2),
+                Err(StoreError::MissingChunks { .. } | StoreError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut report = VerifyReport::default();
+        for id in ids {
+            self.verify_one(account, id, &mut report)?;
+        }
+        Ok((report, snapshots.len() as u64))
+    }
+
+    /// Accounts with at least one snapshot here.
+    pub fn accounts_with_snapshots(&self) -> Result<Vec<AccountId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(SNAPSHOTS)?;
+        let mut out: Vec<AccountId> = Vec::new();
+        for entry in table.iter()? {
+            let (k, _) = entry?;
+            let account = AccountId(k.value().0);
+            if out.last() != Some(&account) {
+                out.push(account);
+            }
+        }
+        Ok(out)
     }
 
     fn account_chunks(&self, account: AccountId) -> Result<Vec<ChunkId>, StoreError> {

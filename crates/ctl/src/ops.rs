@@ -1,0 +1,241 @@
+//! `duplexctl failover | switchover | failback | resync | history | watch |
+//! verify` and `servers token`: operations the coordinator runs, and what
+//! it has recorded.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use duplex_coordinator::events::{operation_json, rfc3339};
+use duplex_proto::v1::coordinator_client::CoordinatorClient;
+use duplex_proto::v1::{
+    FailbackRequest, FailoverRequest, GetOperationRequest, GetTopologyRequest, HistoryRequest,
+    IssueEnrollmentTokenRequest, Operation, ResyncRequest, SwitchoverRequest,
+};
+use tonic::transport::Channel;
+
+pub type Client = CoordinatorClient<Channel>;
+
+pub fn client(coordinator: Option<&str>) -> anyhow::Result<Client> {
+    let url = coordinator.context("no coordinator: pass --coordinator URL or set DUPLEX_COORDINATOR")?;
+    Ok(CoordinatorClient::new(duplex_rpc::channel(url)?))
+}
+
+fn rpc_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("{what}: {}", s.message())
+}
+
+/// What an operation request asks for.
+pub enum Request {
+    Failover { site: Option<String>, force: bool },
+    Switchover { site: Option<String> },
+    Failback,
+    Resync { rate: u64 },
+}
+
+/// Starts an operation; with `wait`, follows it to the end and fails when it does.
+pub async fn start(mut client: Client, request: Request, wait: bool, json: bool) -> anyhow::Result<()> {
+    let op = match request {
+        Request::Failover { site, force } => client
+            .failover(FailoverRequest {
+                site: site.unwrap_or_default(),
+                force,
+            })
+            .await
+            .map_err(rpc_error("failover"))?,
+        Request::Switchover { site } => client
+            .switchover(SwitchoverRequest {
+                site: site.unwrap_or_default(),
+            })
+            .await
+            .map_err(rpc_error("switchover"))?,
+        Request::Failback => client
+            .failback(FailbackRequest { skip_verify: false })
+            .await
+            .map_err(rpc_error("failback"))?,
+        Request::Resync { rate } => client
+            .resync(ResyncRequest { rate })
+            .await
+            .map_err(rpc_error("resync"))?,
+    }
+    .into_inner();
+    if !json {
+        println!("{} {} started: {}", op.kind, op.id, op.detail);
+    }
+    let op = if wait { follow(&mut client, op, json).await? } else { op };
+    if json {
+        println!("{}", operation_json(&op));
+    }
+    if op.state == "failed" {
+        bail!("{} {} failed: {}", op.kind, op.id, op.error);
+    }
+    Ok(())
+}
+
+/// Polls the operation until it ends, printing each phase as it starts.
+async fn follow(client: &mut Client, mut op: Operation, json: bool) -> anyhow::Result<Operation> {
+    let mut shown = 0;
+    loop {
+        if !json {
+            for p in op.phases.iter().skip(shown) {
+                println!("  {} {}", rfc3339(p.started_unix_ms), p.name);
+            }
+            shown = op.phases.len();
+        }
+        if op.state != "running" {
+            if !json {
+                println!("{} {} {}", op.kind, op.id, op.state);
+            }
+            return Ok(op);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        op = client
+            .get_operation(GetOperationRequest { id: op.id.to_string() })
+            .await
+            .map_err(rpc_error("following the operation"))?
+            .into_inner();
+    }
+}
+
+pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
+    let events = client
+        .history(HistoryRequest {})
+        .await
+        .map_err(rpc_error("history"))?
+        .into_inner()
+        .events;
+    if json {
+        let events: Vec<_> = events.iter().map(operation_json).collect();
+        println!("{}", serde_json::json!({ "events": events }));
+        return Ok(());
+    }
+    for op in &events {
+        println!(
+            "{}  {:<17} {:<8} {}{}",
+            rfc3339(op.started_unix_ms),
+            op.kind,
+            op.state,
+            op.detail,
+            if op.error.is_empty() { String::new() } else { format!(" ({})", op.error) }
+        );
+        for p in &op.phases {
+            let took = if p.finished_unix_ms > 0 {
+                format!("{} ms", p.finished_unix_ms - p.started_unix_ms)
+            } else {
+                "unfinished".into()
+            };
+            println!("    {:<20} {took}", p.name);
+        }
+    }
+    Ok(())
+}
+
+pub async fn token(mut client: Client, ttl: Duration, json: bool) -> anyhow::Result<()> {
+    let token = client
+        .issue_enrollment_token(IssueEnrollmentTokenRequest {
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(rpc_error("issuing an enrollment token"))?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"token": token.token, "expires": rfc3339(token.expires_unix_ms)})
+        );
+    } else {
+        println!("{}", token.token);
+        eprintln!(
+            "one-time enrollment token, valid until {}: start a server with --enrollment-token {}",
+            rfc3339(token.expires_unix_ms),
+            token.token
+        );
+    }
+    Ok(())
+}
+
+/// Redraws `status` whenever the topology changes (and every second, for lag).
+pub async fn watch(coordinator: Option<&str>) -> anyhow::Result<()> {
+    let mut client = client(coordinator)?;
+    let mut stream = client
+        .watch_topology(GetTopologyRequest {})
+        .await
+        .map_err(rpc_error("watching the topology"))?
+        .into_inner();
+    loop {
+        print!("\x1b[2J\x1b[H");
+        crate::status::run(coordinator, false).await?;
+        tokio::select! {
+            msg = stream.message() => {
+                if msg.map_err(rpc_error("watching the topology"))?.is_none() {
+                    bail!("the coordinator ended the watch");
+                }
+            }
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Checks every snapshot on every reachable storage server: manifests and
+/// chunks present and hashing to their ids. Fails when anything is wrong.
+pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
+    use duplex_proto::v1::storage_admin_client::StorageAdminClient;
+    use duplex_proto::v1::{GetClusterStatusRequest, VerifyAccountsRequest};
+    let status = client(coordinator)?
+        .get_status(GetClusterStatusRequest {})
+        .await
+        .map_err(rpc_error("status"))?
+        .into_inner();
+    let mut reports = Vec::new();
+    let mut ok = true;
+    for s in status.servers.iter().filter(|s| s.healthy) {
+        let Some(server) = s.server.as_ref().filter(|i| i.kind == "storage") else {
+            continue;
+        };
+        let mut admin = StorageAdminClient::new(duplex_rpc::channel(&server.addr)?);
+        let accounts = admin
+            .verify_accounts(VerifyAccountsRequest { account_ids: Vec::new() })
+            .await
+            .map_err(|e| anyhow::anyhow!("verifying {}: {}", server.name, e.message()))?
+            .into_inner()
+            .accounts;
+        let sum = |f: fn(&duplex_proto::v1::AccountVerification) -> u64| accounts.iter().map(f).sum::<u64>();
+        let (missing, corrupt) = (sum(|a| a.missing), sum(|a| a.corrupt));
+        ok &= missing == 0 && corrupt == 0;
+        let bad: Vec<u64> = accounts
+            .iter()
+            .filter(|a| a.missing + a.corrupt > 0)
+            .map(|a| a.account_id)
+            .collect();
+        reports.push(serde_json::json!({
+            "name": server.name,
+            "role": s.role,
+            "accounts": accounts.len(),
+            "snapshots": sum(|a| a.snapshots),
+            "chunks_checked": sum(|a| a.chunks_checked),
+            "bytes_checked": sum(|a| a.bytes_checked),
+            "missing": missing,
+            "corrupt": corrupt,
+            "accounts_with_problems": bad,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::json!({"ok": ok, "servers": reports}));
+    } else {
+        for r in &reports {
+            println!(
+                "{:<12} {:<8} {} accounts, {} snapshots, {} chunks checked: {} missing, {} corrupt",
+                r["name"].as_str().unwrap_or(""),
+                r["role"].as_str().unwrap_or(""),
+                r["accounts"],
+                r["snapshots"],
+                r["chunks_checked"],
+                r["missing"],
+                r["corrupt"]
+            );
+        }
+    }
+    if !ok {
+        bail!("verification found missing or corrupt data (see above)");
+    }
+    Ok(())
+}
