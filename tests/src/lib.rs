@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod service;
 pub mod sites;
 pub mod tree;
+pub mod twosite;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

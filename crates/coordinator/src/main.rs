@@ -45,7 +45,7 @@ struct Cli {
 const DEFAULT_LISTEN: &str = "0.0.0.0:7300";
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+pub(crate) async fn main() -> anyhow::Result<()> {
     duplex_rpc::config::load_config_file_into_env()?;
     let cli = Cli::parse();
     duplex_rpc::telemetry::init();

@@ -214,11 +214,19 @@ async fn finish(core: &Arc<Core>, id: u64, outcome: Result<(), OpError>) -> Resu
     Ok(())
 }
 
-/// With the `failpoints` feature, aborts the process at the start of the
-/// phase named by `DUPLEX_FAILPOINT` (`KIND:PHASE`), after the phase was
-/// recorded as started: the restarted coordinator must resume it.
+static FAILPOINTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Arms fail points; only `duplex-coordinator-failpoints` (the
+/// `failpoints` feature) calls this.
+pub fn arm_failpoints() {
+    FAILPOINTS.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// When armed, aborts the process at the start of the phase named by
+/// `DUPLEX_FAILPOINT` (`KIND:PHASE`), after the phase was recorded as
+/// started: the restarted coordinator must resume it.
 fn failpoint(kind: &str, phase: &str) {
-    if cfg!(feature = "failpoints")
+    if FAILPOINTS.load(std::sync::atomic::Ordering::SeqCst)
         && std::env::var("DUPLEX_FAILPOINT").is_ok_and(|f| f == format!("{kind}:{phase}"))
     {
         tracing::error!(kind, phase, "fail point reached: aborting");

@@ -1,0 +1,12 @@
+//! The coordinator with fail points armed, for resume tests only: it
+//! aborts at the start of the phase named by `DUPLEX_FAILPOINT`
+//! (`KIND:PHASE`, e.g. `failover:promote-storage`). Built only with the
+//! `failpoints` feature; the shipped `duplex-coordinator` never aborts.
+
+#[path = "../main.rs"]
+mod coordinator;
+
+fn main() -> anyhow::Result<()> {
+    duplex_coordinator::ops::arm_failpoints();
+    coordinator::main()
+}

@@ -1,0 +1,276 @@
+//! The whole two-site platform as real processes, like the playground but
+//! owned by the test: a coordinator, and per site an account server, a
+//! storage server and a mirror, all enrolled with one-time tokens. Any
+//! server can be killed, stopped, restarted as it was, or cut off from the
+//! coordinator through a fault proxy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::proxy::Proxy;
+use crate::{Service, bin, wait_for};
+
+pub struct Options<'a> {
+    pub mode: &'a str,
+    /// Extra coordinator flags.
+    pub coordinator: &'a [&'a str],
+    /// The coordinator binary (the failpoints build for resume tests).
+    pub coordinator_bin: &'a str,
+    /// storage-a reaches the coordinator through a fault proxy.
+    pub proxy_storage_a: bool,
+    /// `DUPLEX_FAILPOINT` for the coordinator.
+    pub failpoint: Option<&'a str>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            mode: "active-passive",
+            coordinator: &[],
+            coordinator_bin: "duplex-coordinator",
+            proxy_storage_a: false,
+            failpoint: None,
+        }
+    }
+}
+
+pub struct TwoSites {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Service,
+    pub account_a: Service,
+    pub account_b: Service,
+    pub storage_a: Service,
+    pub storage_b: Service,
+    pub mirror_a: Service,
+    pub mirror_b: Service,
+    /// Between storage-a and the coordinator, when asked for.
+    pub proxy: Option<Proxy>,
+    /// Token of the account `demo`.
+    pub token: String,
+}
+
+fn cmd(binary: &str, name: &str, site: &str, dir: &Path, extra: &[String]) -> Vec<String> {
+    let mut cmd = vec![
+        bin(binary).display().to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.join(name).display().to_string(),
+        "--name".into(),
+        name.into(),
+        "--site".into(),
+        site.into(),
+    ];
+    cmd.extend_from_slice(extra);
+    cmd
+}
+
+fn strings(s: &[&str]) -> Vec<String> {
+    s.iter().map(|x| (*x).to_owned()).collect()
+}
+
+impl TwoSites {
+    pub fn start(options: Options<'_>) -> TwoSites {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut flags = strings(&["--mode", options.mode]);
+        flags.extend(strings(options.coordinator));
+        let coordinator = Service::start(
+            "coordinator",
+            with_failpoint(cmd(options.coordinator_bin, "coordinator", "a", d, &flags), options.failpoint),
+            &d.join("coordinator.log"),
+        );
+        let c = coordinator.addr.clone();
+        let enrolled = |name: &str, site: &str, binary: &str, extra: Vec<String>, via: &str| {
+            let mut extra = extra;
+            extra.extend(["--coordinator".to_owned(), via.to_owned()]);
+            extra.extend(["--enrollment-token".to_owned(), enrollment_token(&c)]);
+            Service::start(name, cmd(binary, name, site, d, &extra), &d.join(format!("{name}.log")))
+        };
+        let account_a = enrolled("account-a", "a", "duplex-account-server", strings(&["--replication", "sync"]), &c);
+        let account_b = enrolled(
+            "account-b",
+            "b",
+            "duplex-account-server",
+            strings(&["--master", &account_a.addr, "--replication", "sync"]),
+            &c,
+        );
+        let accounts = format!("{},{}", account_a.addr, account_b.addr);
+        let storage = |role: &str| strings(&["--account-servers", &accounts, "--role", role, "--mirroring", "sync"]);
+        let proxy = options.proxy_storage_a.then(|| Proxy::start(&c));
+        let via_a = proxy.as_ref().map_or(c.clone(), |p| p.addr.clone());
+        let storage_a = enrolled("storage-a", "a", "duplex-storage-server", storage("primary"), &via_a);
+        let b_role = if options.mode == "active-active" { "primary" } else { "replica" };
+        let storage_b = enrolled("storage-b", "b", "duplex-storage-server", storage(b_role), &c);
+        let mirror_a = enrolled("mirror-a", "a", "duplex-mirror", Vec::new(), &c);
+        let mirror_b = enrolled("mirror-b", "b", "duplex-mirror", Vec::new(), &c);
+        let mut sites = TwoSites {
+            dir,
+            coordinator,
+            account_a,
+            account_b,
+            storage_a,
+            storage_b,
+            mirror_a,
+            mirror_b,
+            proxy,
+            token: String::new(),
+        };
+        sites.wait_roles(&[
+            ("account-a", "master"),
+            ("account-b", "slave"),
+            ("storage-a", "primary"),
+            ("storage-b", b_role),
+        ]);
+        sites.token = sites.create_account("demo", None, None);
+        sites
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `duplexctl ARGS` against this platform's coordinator.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("duplexctl"))
+            .args(args)
+            .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
+            .env_remove("DUPLEX_ENDPOINT")
+            .output()
+            .unwrap()
+    }
+
+    /// `duplexctl ARGS --json`, asserting success.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let out = self.ctl(&args);
+        assert!(
+            out.status.success(),
+            "duplexctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    pub fn create_account(&self, name: &str, group: Option<&str>, home: Option<&str>) -> String {
+        let mut args = vec!["accounts", "create", name];
+        args.extend(group.map(|g| ["--group", g]).into_iter().flatten());
+        args.extend(home.map(|h| ["--home", h]).into_iter().flatten());
+        // The master accepts writes once the coordinator has granted its lease.
+        let v = wait_for("account creation", Duration::from_secs(30), || {
+            let mut a = args.clone();
+            a.push("--json");
+            let out = self.ctl(&a);
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+        });
+        v["token"].as_str().unwrap().to_owned()
+    }
+
+    /// `duplex ARGS` through the coordinator, as the account with `token`.
+    pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
+        Command::new(bin("duplex"))
+            .args(args)
+            .env("DUPLEX_ENDPOINT", &self.coordinator.addr)
+            .env("DUPLEX_TOKEN", token)
+            .output()
+            .unwrap()
+    }
+
+    /// `duplex backup PATH --json`, asserting success; the snapshot id.
+    pub fn backup(&self, token: &str, path: &Path) -> String {
+        let out = self.duplex(token, &["backup", path.to_str().unwrap(), "--json"]);
+        assert!(
+            out.status.success(),
+            "backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["snapshot"].as_str().unwrap().to_owned()
+    }
+
+    /// Restores `snapshot` into a fresh directory and returns it.
+    pub fn restore(&self, token: &str, snapshot: &str, into: &str) -> PathBuf {
+        let target = self.path(into);
+        let out = self.duplex(token, &["restore", snapshot, "--target", target.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "restore {snapshot} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.ctl_json(&["status"])
+    }
+
+    /// The role `duplexctl status` shows for `name`.
+    pub fn role(&self, name: &str) -> String {
+        role_in(&self.status(), name)
+    }
+
+    /// Waits until every (server, role) pair shows in `duplexctl status`.
+    pub fn wait_roles(&self, want: &[(&str, &str)]) -> serde_json::Value {
+        wait_for(&format!("roles {want:?}"), Duration::from_secs(30), || {
+            let out = self.ctl(&["status", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            want.iter().all(|(n, r)| role_in(&v, n) == *r).then_some(v)
+        })
+    }
+
+    /// Starts the coordinator again (same port and data), with a fail point
+    /// or none; it must have exited or is killed first.
+    pub fn restart_coordinator(&mut self, failpoint: Option<&str>) {
+        self.coordinator.kill();
+        let cmd = with_failpoint(self.coordinator.cmd.clone(), failpoint);
+        let addr = self.coordinator.addr.clone();
+        self.coordinator = Service::start("coordinator", cmd, &self.path("coordinator.log"));
+        assert_eq!(self.coordinator.addr, addr);
+    }
+
+    pub fn history(&self) -> Vec<serde_json::Value> {
+        self.ctl_json(&["history"])["events"].as_array().unwrap().clone()
+    }
+}
+
+pub fn role_in(status: &serde_json::Value, name: &str) -> String {
+    status["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .map(|s| s["role"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn enrollment_token(coordinator: &str) -> String {
+    let out = Command::new(bin("duplexctl"))
+        .args(["--coordinator", coordinator, "servers", "token"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "servers token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Runs `cmd` under `env DUPLEX_FAILPOINT=...` (or plainly for `None`).
+fn with_failpoint(cmd: Vec<String>, failpoint: Option<&str>) -> Vec<String> {
+    let plain: Vec<String> = match cmd.iter().position(|a| !a.contains('=') && a != "/usr/bin/env") {
+        Some(i) => cmd[i..].to_vec(),
+        None => cmd,
+    };
+    match failpoint {
+        Some(f) => ["/usr/bin/env".to_owned(), format!("DUPLEX_FAILPOINT={f}")]
+            .into_iter()
+            .chain(plain)
+            .collect(),
+        None => plain,
+    }
+}
