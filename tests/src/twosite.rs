@@ -78,7 +78,10 @@ impl TwoSites {
         flags.extend(strings(options.coordinator));
         let coordinator = Service::start(
             "coordinator",
-            with_failpoint(cmd(options.coordinator_bin, "coordinator", "a", d, &flags), options.failpoint),
+            with_failpoint(
+                cmd(options.coordinator_bin, "coordinator", "a", d, &flags),
+                options.failpoint,
+            ),
             &d.join("coordinator.log"),
         );
         let c = coordinator.addr.clone();
@@ -86,9 +89,19 @@ impl TwoSites {
             let mut extra = extra;
             extra.extend(["--coordinator".to_owned(), via.to_owned()]);
             extra.extend(["--enrollment-token".to_owned(), enrollment_token(&c)]);
-            Service::start(name, cmd(binary, name, site, d, &extra), &d.join(format!("{name}.log")))
+            Service::start(
+                name,
+                cmd(binary, name, site, d, &extra),
+                &d.join(format!("{name}.log")),
+            )
         };
-        let account_a = enrolled("account-a", "a", "duplex-account-server", strings(&["--replication", "sync"]), &c);
+        let account_a = enrolled(
+            "account-a",
+            "a",
+            "duplex-account-server",
+            strings(&["--replication", "sync"]),
+            &c,
+        );
         let account_b = enrolled(
             "account-b",
             "b",
@@ -97,11 +110,30 @@ impl TwoSites {
             &c,
         );
         let accounts = format!("{},{}", account_a.addr, account_b.addr);
-        let storage = |role: &str| strings(&["--account-servers", &accounts, "--role", role, "--mirroring", "sync"]);
+        let storage = |role: &str| {
+            strings(&[
+                "--account-servers",
+                &accounts,
+                "--role",
+                role,
+                "--mirroring",
+                "sync",
+            ])
+        };
         let proxy = options.proxy_storage_a.then(|| Proxy::start(&c));
         let via_a = proxy.as_ref().map_or(c.clone(), |p| p.addr.clone());
-        let storage_a = enrolled("storage-a", "a", "duplex-storage-server", storage("primary"), &via_a);
-        let b_role = if options.mode == "active-active" { "primary" } else { "replica" };
+        let storage_a = enrolled(
+            "storage-a",
+            "a",
+            "duplex-storage-server",
+            storage("primary"),
+            &via_a,
+        );
+        let b_role = if options.mode == "active-active" {
+            "primary"
+        } else {
+            "replica"
+        };
         let storage_b = enrolled("storage-b", "b", "duplex-storage-server", storage(b_role), &c);
         let mirror_a = enrolled("mirror-a", "a", "duplex-mirror", Vec::new(), &c);
         let mirror_b = enrolled("mirror-b", "b", "duplex-mirror", Vec::new(), &c);
@@ -195,7 +227,10 @@ impl TwoSites {
     /// Restores `snapshot` into a fresh directory and returns it.
     pub fn restore(&self, token: &str, snapshot: &str, into: &str) -> PathBuf {
         let target = self.path(into);
-        let out = self.duplex(token, &["restore", snapshot, "--target", target.to_str().unwrap()]);
+        let out = self.duplex(
+            token,
+            &["restore", snapshot, "--target", target.to_str().unwrap()],
+        );
         assert!(
             out.status.success(),
             "restore {snapshot} failed: {}",

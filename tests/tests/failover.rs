@@ -2,6 +2,8 @@
 //! and a partition from the coordinator. Every acknowledged backup must
 //! restore bit for bit, and no two servers may take writes at once.
 
+#![allow(clippy::unwrap_used)]
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,7 +23,11 @@ fn source_tree(root: &Path, i: u64) -> PathBuf {
     let dir = root.join(format!("src-{i}"));
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     std::fs::write(dir.join("shared.bin"), random_bytes(7, 300_000)).unwrap();
-    std::fs::write(dir.join("sub/own.bin"), random_bytes(1000 + i, 50_000 + (i as usize) * 1000)).unwrap();
+    std::fs::write(
+        dir.join("sub/own.bin"),
+        random_bytes(1000 + i, 50_000 + (i as usize) * 1000),
+    )
+    .unwrap();
     dir
 }
 
@@ -97,7 +103,11 @@ fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
                 if let Some((head, body)) = text.split_once("\r\n\r\n") {
                     let len = head
                         .lines()
-                        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().to_owned())
+                        })
                         .and_then(|v| v.parse::<usize>().ok())
                         .unwrap_or(0);
                     if body.len() >= len {
@@ -125,7 +135,9 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
         let looping = s.spawn(|| backup_loop(&sites, &acked, &stop));
-        wait_for("two backups before the kill", LONG, || (acked.lock().unwrap().len() >= 2).then_some(()));
+        wait_for("two backups before the kill", LONG, || {
+            (acked.lock().unwrap().len() >= 2).then_some(())
+        });
         // SIGKILL storage-a while backups keep coming.
         let before = acked.lock().unwrap().len();
         sites.storage_a.signal(libc::SIGKILL);
@@ -143,7 +155,14 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     assert_eq!(failover["state"], "done", "{failover}");
     assert_eq!(
         phase_names(&failover),
-        ["fence", "promote-account", "stop-links", "promote-storage", "repoint-homes", "resume"]
+        [
+            "fence",
+            "promote-account",
+            "stop-links",
+            "promote-storage",
+            "repoint-homes",
+            "resume"
+        ]
     );
     assert!(failover["detail"].as_str().unwrap().contains("storage-a"));
     assert_all_restore(&sites, &acked.lock().unwrap());
@@ -188,7 +207,10 @@ fn sigkill_of_the_account_master_promotes_the_slave_and_the_old_master_rejoins_a
     });
     for (snapshot, n) in [(&first, 0), (&second, 1)] {
         let target = sites.restore(&sites.token, snapshot, &format!("restored-{n}"));
-        assert_same_tree(&sites.path(&format!("trees/src-{n}")), &target.join(format!("src-{n}")));
+        assert_same_tree(
+            &sites.path(&format!("trees/src-{n}")),
+            &target.join(format!("src-{n}")),
+        );
     }
 }
 
@@ -225,7 +247,12 @@ fn a_stopped_primary_is_fenced_when_it_wakes_and_rejoins_as_replica() {
         // fenced or already demoted.
         let out = sites.duplex(
             &sites.token,
-            &["--storage", &sites.storage_a.addr, "backup", tree.to_str().unwrap()],
+            &[
+                "--storage",
+                &sites.storage_a.addr,
+                "backup",
+                tree.to_str().unwrap(),
+            ],
         );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "the old primary took a backup");
@@ -233,7 +260,11 @@ fn a_stopped_primary_is_fenced_when_it_wakes_and_rejoins_as_replica() {
         sites.wait_roles(&[("storage-a", "replica"), ("storage-b", "primary")]);
         watching.store(false, Ordering::SeqCst);
     });
-    assert_eq!(*primaries_seen.lock().unwrap(), 1, "two primaries were seen at once");
+    assert_eq!(
+        *primaries_seen.lock().unwrap(),
+        1,
+        "two primaries were seen at once"
+    );
 }
 
 fn unix_ms(rfc3339: &str) -> u128 {
@@ -245,7 +276,10 @@ fn unix_ms(rfc3339: &str) -> u128 {
 }
 
 fn now_ms() -> u128 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis()
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
 }
 
 #[test]
@@ -311,7 +345,11 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
     sites.storage_a.restart();
     sites.wait_roles(&[("account-a", "slave"), ("storage-a", "replica")]);
     let out = sites.ctl(&["failback", "--wait"]);
-    assert!(out.status.success(), "failback: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failback: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = sites.wait_roles(&[
         ("account-a", "master"),
         ("account-b", "slave"),
@@ -325,13 +363,19 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
         assert_same_tree(&trees.join(format!("src-{n}")), &target.join(format!("src-{n}")));
     }
     // The snapshot taken on site b while a was away is on storage-a itself.
-    let out = sites.duplex(&sites.token, &["--storage", &sites.storage_a.addr, "snapshots", "--json"]);
+    let out = sites.duplex(
+        &sites.token,
+        &["--storage", &sites.storage_a.addr, "snapshots", "--json"],
+    );
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(listed.to_string().contains(during.as_str()), "{listed}");
     let events = sites.history();
     let failover = last_event(&events, "failover");
     let failback = last_event(&events, "failback");
-    assert_eq!((failover["state"].as_str(), failback["state"].as_str()), (Some("done"), Some("done")));
+    assert_eq!(
+        (failover["state"].as_str(), failback["state"].as_str()),
+        (Some("done"), Some("done"))
+    );
     assert_eq!(
         phase_names(failback),
         [
@@ -352,7 +396,10 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
         }
     }
     let groups = sites.ctl_json(&["groups", "list"]);
-    assert!(groups.to_string().contains("true"), "groups left disabled: {groups}");
+    assert!(
+        groups.to_string().contains("true"),
+        "groups left disabled: {groups}"
+    );
     assert!(sites.ctl_json(&["verify"])["ok"].as_bool().unwrap());
 }
 
@@ -371,14 +418,28 @@ fn active_active_loss_of_a_site_moves_its_accounts_with_their_data() {
     sites.wait_roles(&[("storage-a", "down"), ("storage-b", "primary")]);
     let homes = wait_for("alice to move to storage-b", LONG, || {
         let v = sites.ctl_json(&["accounts", "list"]);
-        let alice = v["accounts"].as_array()?.iter().find(|a| a["name"] == "alice")?.clone();
+        let alice = v["accounts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == "alice")?
+            .clone();
         (alice["home"] == "storage-b").then_some(v)
     });
-    let bob_home = homes["accounts"].as_array().unwrap().iter().find(|a| a["name"] == "bob").unwrap()["home"].clone();
+    let bob_home = homes["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "bob")
+        .unwrap()["home"]
+        .clone();
     assert_eq!(bob_home, "storage-b");
     let alice_after = sites.backup(&alice, &source_tree(&trees, 2));
     sites.backup(&bob, &source_tree(&trees, 3));
-    for (token, snapshot, n) in [(&alice, &alice_before, 0), (&bob, &bob_before, 1), (&alice, &alice_after, 2)] {
+    for (token, snapshot, n) in [
+        (&alice, &alice_before, 0),
+        (&bob, &bob_before, 1),
+        (&alice, &alice_after, 2),
+    ] {
         let target = sites.restore(token, snapshot, &format!("restored-{n}"));
         assert_same_tree(&trees.join(format!("src-{n}")), &target.join(format!("src-{n}")));
     }

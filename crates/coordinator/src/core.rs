@@ -154,9 +154,10 @@ impl Core {
         let mut assignment = assignment(&inner, &server);
         if let Some(a) = assignment.as_mut().filter(|a| a.role == "master") {
             // A master with no slave up must not wait for one on each write.
-            a.unmirrored = !inner.servers.values().any(|s| {
-                s.kind == "account" && s.name != server.name && self.healthy(&inner, &s.name)
-            });
+            a.unmirrored = !inner
+                .servers
+                .values()
+                .any(|s| s.kind == "account" && s.name != server.name && self.healthy(&inner, &s.name));
         }
         let lease = self.lease_for(&inner, &server.name, &report);
         let observed = Observed {

@@ -29,4 +29,3 @@ pub fn operation_json(op: &Operation) -> serde_json::Value {
         })).collect::<Vec<_>>(),
     })
 }
-

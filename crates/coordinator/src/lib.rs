@@ -10,4 +10,3 @@ pub mod notify;
 pub mod ops;
 pub mod service;
 pub mod store;
-

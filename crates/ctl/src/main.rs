@@ -206,7 +206,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch => ops::watch(cli.coordinator.as_deref()).await,
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
         Command::Servers { command } => match command {
-            ServersCommand::Token { ttl } => ops::token(ops::client(cli.coordinator.as_deref())?, ttl, json).await,
+            ServersCommand::Token { ttl } => {
+                ops::token(ops::client(cli.coordinator.as_deref())?, ttl, json).await
+            }
             ServersCommand::Status { url } => servers::status(&url, json).await,
             ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,
             ServersCommand::Demote { url, master, epoch } => {

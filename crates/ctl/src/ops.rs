@@ -61,7 +61,11 @@ pub async fn start(mut client: Client, request: Request, wait: bool, json: bool)
     if !json {
         println!("{} {} started: {}", op.kind, op.id, op.detail);
     }
-    let op = if wait { follow(&mut client, op, json).await? } else { op };
+    let op = if wait {
+        follow(&mut client, op, json).await?
+    } else {
+        op
+    };
     if json {
         println!("{}", operation_json(&op));
     }
@@ -89,7 +93,9 @@ async fn follow(client: &mut Client, mut op: Operation, json: bool) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         op = client
-            .get_operation(GetOperationRequest { id: op.id.to_string() })
+            .get_operation(GetOperationRequest {
+                id: op.id.to_string(),
+            })
             .await
             .map_err(rpc_error("following the operation"))?
             .into_inner();
@@ -115,7 +121,11 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
             op.kind,
             op.state,
             op.detail,
-            if op.error.is_empty() { String::new() } else { format!(" ({})", op.error) }
+            if op.error.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", op.error)
+            }
         );
         for p in &op.phases {
             let took = if p.finished_unix_ms > 0 {
@@ -193,7 +203,9 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
         };
         let mut admin = StorageAdminClient::new(duplex_rpc::channel(&server.addr)?);
         let accounts = admin
-            .verify_accounts(VerifyAccountsRequest { account_ids: Vec::new() })
+            .verify_accounts(VerifyAccountsRequest {
+                account_ids: Vec::new(),
+            })
             .await
             .map_err(|e| anyhow::anyhow!("verifying {}: {}", server.name, e.message()))?
             .into_inner()

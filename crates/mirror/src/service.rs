@@ -141,14 +141,14 @@ impl MirrorApi {
                     .collect()
             })
             .unwrap_or_default();
-        specs.sort_by(|a, b| key(a).cmp(&key(b)));
+        specs.sort_by_key(key);
         specs
     }
 
     /// Runs exactly the links the coordinator assigned.
     pub fn apply_assignment(&self, assignment: duplex_proto::v1::Assignment) {
         let mut wanted = assignment.links;
-        wanted.sort_by(|a, b| key(a).cmp(&key(b)));
+        wanted.sort_by_key(key);
         if wanted == self.specs() {
             return;
         }

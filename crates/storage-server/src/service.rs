@@ -7,10 +7,10 @@ use std::sync::Arc;
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
-    Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
-    LinkProgress, ListSnapshotsRequest, AccountVerification, VerifyAccountsRequest, VerifyAccountsResponse, ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse,
-    PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyRequest,
-    VerifyResponse,
+    AccountVerification, Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest,
+    GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse,
+    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
+    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
 };
 use duplex_types::{AccountId, ChunkId, Epoch, Seq};
 use tokio::sync::RwLock;
@@ -315,7 +315,9 @@ impl StorageAdmin for StorageApi {
                 "at most {MAX_IDS_PER_CALL} accounts per call"
             )));
         }
-        Ok(Response::new(blocking(&self.store, move |s| verify_accounts(s, ids)).await?))
+        Ok(Response::new(
+            blocking(&self.store, move |s| verify_accounts(s, ids)).await?,
+        ))
     }
 }
 
