@@ -47,6 +47,7 @@ pub async fn register_storage(master: &str) {
         site: "a".into(),
         kind: "storage".into(),
         addr: "http://127.0.0.1:9".into(),
+        public_addr: String::new(),
     };
     admin(master)
         .register_storage_server(RegisterStorageServerRequest { server: Some(server) })

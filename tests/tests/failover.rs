@@ -166,6 +166,15 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     );
     assert!(failover["detail"].as_str().unwrap().contains("storage-a"));
     assert_all_restore(&sites, &acked.lock().unwrap());
+    let metrics = duplex_tests::scrape(&sites.coordinator.addr);
+    assert!(
+        metrics.contains("duplex_operations_total{kind=\"failover\",state=\"done\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("duplex_heartbeat_age_seconds{server=\"storage-b\"}"),
+        "{metrics}"
+    );
     wait_for("the webhook to hear of the failover", LONG, || {
         posted
             .lock()
@@ -465,5 +474,87 @@ fn a_blip_shorter_than_the_timeout_changes_nothing() {
     assert!(
         sites.history().iter().all(|e| e["kind"] != "failover"),
         "a blip caused a failover"
+    );
+}
+
+#[test]
+fn a_recovered_storage_server_is_resynced_only_when_asked() {
+    let mut sites = TwoSites::start(Options::default());
+    let trees = sites.path("trees");
+    sites.backup(&sites.token, &source_tree(&trees, 0));
+    sites.storage_a.signal(libc::SIGKILL);
+    sites.wait_roles(&[("storage-b", "primary")]);
+    let during = sites.backup(&sites.token, &source_tree(&trees, 1));
+    sites.storage_a.restart();
+    sites.wait_roles(&[("storage-a", "replica")]);
+    let on_a = || {
+        let out = sites.duplex(
+            &sites.token,
+            &["--storage", &sites.storage_a.addr, "snapshots", "--json"],
+        );
+        String::from_utf8_lossy(&out.stdout).contains(during.as_str())
+    };
+    // Held: no link runs into storage-a, so the new snapshot is not there.
+    let links = sites.ctl_json(&["mirror", "status", &sites.mirror_a.addr]);
+    assert_eq!(links["links"].as_array().map_or(0, Vec::len), 0, "{links}");
+    assert!(!on_a(), "mirrored into storage-a before any resync");
+    let out = sites.ctl(&["resync", "--rate", "50000000", "--wait"]);
+    assert!(
+        out.status.success(),
+        "resync: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the snapshot to reach storage-a", LONG, || on_a().then_some(()));
+    let links = sites.ctl_json(&["mirror", "status", &sites.mirror_a.addr]);
+    assert_eq!(links["links"][0]["rate"], 50_000_000, "{links}");
+    assert_eq!(last_event(&sites.history(), "resync")["state"], "done");
+}
+
+#[test]
+fn a_failover_that_would_lose_too_much_is_refused_unless_forced() {
+    let mut sites = TwoSites::start(Options {
+        coordinator: &["--max-lag-on-failover", "1s"],
+        ..Default::default()
+    });
+    let trees = sites.path("trees");
+    sites.backup(&sites.token, &source_tree(&trees, 0));
+    // No mirror: storage-a's writes pile up unmirrored.
+    sites.mirror_b.kill();
+    sites.backup(&sites.token, &source_tree(&trees, 1));
+    wait_for("storage-a's mirror lag to pass 1 s", LONG, || {
+        let v = sites.status();
+        let lag = v["servers"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "storage-b")?["lag"]["seconds"]
+            .as_f64()?;
+        (lag > 1.5).then_some(())
+    });
+    sites.storage_a.signal(libc::SIGKILL);
+    let refused = wait_for("the refusal in history", LONG, || {
+        sites
+            .history()
+            .into_iter()
+            .find(|e| e["kind"] == "failover-refused")
+    });
+    assert!(
+        refused["detail"]
+            .as_str()
+            .unwrap()
+            .contains("max_lag_on_failover"),
+        "{refused}"
+    );
+    assert_eq!(sites.role("storage-b"), "replica");
+    let out = sites.ctl(&["failover", "--site", "a", "--force", "--wait"]);
+    assert!(
+        out.status.success(),
+        "forced failover: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sites.wait_roles(&[("storage-b", "primary")]);
+    let forced = last_event(&sites.history(), "failover").clone();
+    assert_eq!(
+        (forced["forced"].as_bool(), forced["automatic"].as_bool()),
+        (Some(true), Some(false))
     );
 }

@@ -60,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
         name: cli.server.name()?,
         site: cli.server.site.clone(),
         advertise: cli.server.advertised(bound.addr),
+        public_addr: cli.server.public_addr(),
         master: cli.master,
         mode: match cli.replication {
             Replication::Sync => Mode::Sync,

@@ -32,6 +32,8 @@ pub struct Config {
     pub name: String,
     pub site: String,
     pub advertise: String,
+    /// Address clients outside the servers' network use (empty: advertise).
+    pub public_addr: String,
     /// Start as a slave of this master (ignored once a role is stored).
     pub master: Option<String>,
     pub mode: Mode,
@@ -65,6 +67,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         site: config.site,
         kind: "account".into(),
         addr: config.advertise,
+        public_addr: config.public_addr,
     };
     tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, master = role.is_master,
         epoch = role.epoch.0, "account server starting");

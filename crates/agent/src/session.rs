@@ -85,7 +85,10 @@ fn open(options: &Options, login: duplex_proto::v1::LoginResponse) -> Result<Ses
     let account = login
         .account
         .ok_or_else(|| AgentError::Invalid("account server sent no account".into()))?;
-    let storage_url = options.storage.clone().unwrap_or_else(|| home.addr.clone());
+    let storage_url = options
+        .storage
+        .clone()
+        .unwrap_or_else(|| duplex_rpc::discovery::client_addr(&home));
     let ticket = MetadataValue::from_bytes(&login.ticket);
     let storage =
         StorageServiceClient::with_interceptor(duplex_rpc::channel(&storage_url)?, TicketAuth(ticket))

@@ -69,6 +69,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         site: cli.server.site.clone(),
         kind: "coordinator".into(),
         addr: cli.server.advertised(bound.addr),
+        public_addr: cli.server.public_addr(),
     };
     let config = Config {
         mode: cli.mode,

@@ -45,6 +45,33 @@ pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<
     })
 }
 
+/// How long a write waits for a fenced master to get its lease back (it
+/// just started, or a failover is moving its role).
+const FENCED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs a write, retrying while the master refuses it as fenced: such a
+/// refusal happens before anything is written, so retrying is safe.
+async fn while_fenced<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        match call().await {
+            Err(s)
+                if s.metadata()
+                    .get(duplex_rpc::heartbeat::FENCED_METADATA_KEY)
+                    .is_some()
+                    && start.elapsed() < FENCED_PATIENCE =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub async fn create_account(
     client: &mut AccountAdminClient<Channel>,
     name: &str,
@@ -52,16 +79,20 @@ pub async fn create_account(
     home: Option<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let response = client
-        .create_account(CreateAccountRequest {
-            name: name.to_owned(),
-            group: group.unwrap_or_default(),
-            home: home.unwrap_or_default(),
-            quota_bytes: 0,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("creating account {name:?}: {}", s.message()))?
-        .into_inner();
+    let request = CreateAccountRequest {
+        name: name.to_owned(),
+        group: group.unwrap_or_default(),
+        home: home.unwrap_or_default(),
+        quota_bytes: 0,
+    };
+    let response = while_fenced(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.create_account(request).await }
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("creating account {name:?}: {}", s.message()))?
+    .into_inner();
     let account = response.account.context("server returned no account")?;
     if json {
         println!(
@@ -128,14 +159,18 @@ pub async fn set_group(
     enabled: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let group = client
-        .set_group_enabled(SetGroupEnabledRequest {
-            name: name.to_owned(),
-            enabled,
-        })
-        .await
-        .map_err(|s| anyhow::anyhow!("updating group {name:?}: {}", s.message()))?
-        .into_inner();
+    let request = SetGroupEnabledRequest {
+        name: name.to_owned(),
+        enabled,
+    };
+    let group = while_fenced(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.set_group_enabled(request).await }
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("updating group {name:?}: {}", s.message()))?
+    .into_inner();
     if json {
         println!(
             "{}",

@@ -136,6 +136,12 @@ enum ServersCommand {
         /// How long it stays valid.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
         ttl: std::time::Duration,
+        /// With --out-dir: one token per server name, written to OUT_DIR/NAME.
+        #[arg(long = "for", requires = "out_dir")]
+        names: Vec<String>,
+        /// Write tokens into files here (mode 0600) instead of printing one.
+        #[arg(long, requires = "names")]
+        out_dir: Option<PathBuf>,
     },
     /// Role, epoch, LSN, state hash, lag and slaves of one account server.
     Status { url: String },
@@ -206,8 +212,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Watch => ops::watch(cli.coordinator.as_deref()).await,
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
         Command::Servers { command } => match command {
-            ServersCommand::Token { ttl } => {
-                ops::token(ops::client(cli.coordinator.as_deref())?, ttl, json).await
+            ServersCommand::Token { ttl, names, out_dir } => {
+                let client = ops::client(cli.coordinator.as_deref())?;
+                match out_dir {
+                    Some(dir) => ops::token_files(client, ttl, &names, &dir).await,
+                    None => ops::token(client, ttl, json).await,
+                }
             }
             ServersCommand::Status { url } => servers::status(&url, json).await,
             ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,

@@ -139,14 +139,49 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn token(mut client: Client, ttl: Duration, json: bool) -> anyhow::Result<()> {
-    let token = client
+async fn issue(client: &mut Client, ttl: Duration) -> anyhow::Result<duplex_proto::v1::EnrollmentToken> {
+    Ok(client
         .issue_enrollment_token(IssueEnrollmentTokenRequest {
             ttl_seconds: ttl.as_secs(),
         })
         .await
         .map_err(rpc_error("issuing an enrollment token"))?
-        .into_inner();
+        .into_inner())
+}
+
+/// One token per server name, each in `dir/NAME` readable by its owner
+/// only, for servers started with `--enrollment-token-file`.
+pub async fn token_files(
+    mut client: Client,
+    ttl: Duration,
+    names: &[String],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in names {
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            bail!("server name {name:?} cannot be a file name");
+        }
+        let token = issue(&mut client, ttl).await?;
+        let path = dir.join(name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        file.write_all(token.token.as_bytes())?;
+        file.sync_all()?;
+    }
+    eprintln!("wrote {} enrollment tokens to {}", names.len(), dir.display());
+    Ok(())
+}
+
+pub async fn token(mut client: Client, ttl: Duration, json: bool) -> anyhow::Result<()> {
+    let token = issue(&mut client, ttl).await?;
     if json {
         println!(
             "{}",
@@ -201,7 +236,8 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
         let Some(server) = s.server.as_ref().filter(|i| i.kind == "storage") else {
             continue;
         };
-        let mut admin = StorageAdminClient::new(duplex_rpc::channel(&server.addr)?);
+        let mut admin =
+            StorageAdminClient::new(duplex_rpc::channel(&duplex_rpc::discovery::client_addr(server))?);
         let accounts = admin
             .verify_accounts(VerifyAccountsRequest {
                 account_ids: Vec::new(),

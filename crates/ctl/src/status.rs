@@ -17,7 +17,7 @@ pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
                 "kind": server.kind,
                 "site": server.site,
                 "role": s.role,
-                "addr": server.addr,
+                "addr": duplex_rpc::discovery::client_addr(&server),
                 "healthy": s.healthy,
                 "lag": s.lag.map(|l| json!({"records": l.records, "bytes": l.bytes, "seconds": l.seconds})),
             })
@@ -54,7 +54,12 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| "-".into());
         println!(
             "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} {lag}",
-            server.name, server.kind, server.site, s.role, s.healthy, server.addr
+            server.name,
+            server.kind,
+            server.site,
+            s.role,
+            s.healthy,
+            duplex_rpc::discovery::client_addr(&server)
         );
     }
     Ok(())

@@ -61,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         site: cli.server.site.clone(),
         kind: "mirror".into(),
         addr: cli.server.advertised(bound.addr),
+        public_addr: cli.server.public_addr(),
     };
     let api = Arc::new(MirrorApi::new(info));
     api.set_links(links)

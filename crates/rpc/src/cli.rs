@@ -24,6 +24,10 @@ pub struct ServerArgs {
     /// Address clients should use to reach this server (default: the listen address).
     #[arg(long, env = "DUPLEX_ADVERTISE", global = true)]
     pub advertise: Option<String>,
+    /// Address clients outside the servers' network use (e.g. a published
+    /// port); default: the advertised address.
+    #[arg(long, env = "DUPLEX_PUBLIC_ADDR", global = true)]
+    pub public_addr: Option<String>,
     /// The coordinator to heartbeat (none: run standalone).
     #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
@@ -31,6 +35,10 @@ pub struct ServerArgs {
     /// only needed on the first start.
     #[arg(long, env = "DUPLEX_ENROLLMENT_TOKEN", global = true, hide_env_values = true)]
     pub enrollment_token: Option<String>,
+    /// File holding the enrollment token (written by `duplexctl servers
+    /// token --out-dir`), so no secret is copied by hand.
+    #[arg(long, env = "DUPLEX_ENROLLMENT_TOKEN_FILE", global = true)]
+    pub enrollment_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -106,11 +114,28 @@ pub enum DataDirError {
 impl ServerArgs {
     /// How to reach the coordinator, if this server has one.
     pub fn coordinator_link(&self, data_dir: Option<&std::path::Path>) -> Option<crate::heartbeat::Link> {
+        let from_file = self.enrollment_token_file.as_ref().and_then(|path| {
+            match std::fs::read_to_string(path) {
+                Ok(token) => Some(token.trim().to_owned()).filter(|t| !t.is_empty()),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the enrollment token file");
+                    None
+                }
+            }
+        });
         self.coordinator.as_ref().map(|url| crate::heartbeat::Link {
             url: url.clone(),
             data_dir: data_dir.map(std::path::Path::to_path_buf),
-            enrollment_token: self.enrollment_token.clone(),
+            enrollment_token: self.enrollment_token.clone().or(from_file),
         })
+    }
+
+    /// `--public-addr` as a URL, or empty.
+    pub fn public_addr(&self) -> String {
+        self.public_addr
+            .as_deref()
+            .map(crate::health::dial_url)
+            .unwrap_or_default()
     }
 
     /// `--data-dir`, created if absent.

@@ -7,10 +7,19 @@
 use std::time::Duration;
 
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
-use duplex_proto::v1::{GetTopologyRequest, Topology};
+use duplex_proto::v1::{GetTopologyRequest, ServerInfo, Topology};
 use tonic::Code;
 
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The address a client should dial: the public one when the server has one.
+pub fn client_addr(server: &ServerInfo) -> String {
+    if server.public_addr.is_empty() {
+        server.addr.clone()
+    } else {
+        server.public_addr.clone()
+    }
+}
 
 /// The topology from `url` if it is a reachable coordinator.
 pub async fn topology(url: &str) -> Result<Topology, tonic::Status> {

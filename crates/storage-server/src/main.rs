@@ -76,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         name: cli.server.name()?,
         site: cli.server.site.clone(),
         advertise: cli.server.advertised(bound.addr),
+        public_addr: cli.server.public_addr(),
         account_servers: cli.account_servers,
         role: match cli.role {
             RoleArg::Primary => Role::Primary,

@@ -31,6 +31,8 @@ pub struct Config {
     pub site: String,
     /// Address clients use to reach this server.
     pub advertise: String,
+    /// Address clients outside the servers' network use (empty: advertise).
+    pub public_addr: String,
     /// Account servers to fetch ticket keys from and register with.
     pub account_servers: Vec<String>,
     /// Role on first start (afterwards the stored role wins).
@@ -67,6 +69,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         site: config.site.clone(),
         kind: "storage".into(),
         addr: config.advertise.clone(),
+        public_addr: config.public_addr.clone(),
     };
     tracing::info!(name = %info.name, id = %info.id, addr = %info.addr, "storage server starting");
     let role = match store.role() {

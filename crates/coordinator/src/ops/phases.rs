@@ -14,8 +14,10 @@ use crate::core::{Core, LEASE_MARGIN, wall_ms};
 const PHASE_DEADLINE: Duration = Duration::from_secs(120);
 /// Failback waits this long for the recovered servers to come back.
 const REJOIN_DEADLINE: Duration = Duration::from_secs(3600);
-/// Reverse mirroring is "small" below this many records behind.
+/// Reverse mirroring is "small" below this many records and bytes behind:
+/// backups are blocked only for the last stretch.
 const SMALL_LAG_RECORDS: u64 = 1000;
+const SMALL_LAG_BYTES: u64 = 64 * 1024 * 1024;
 const POLL: Duration = Duration::from_millis(100);
 
 pub async fn run(core: &Arc<Core>, op: Operation, phase: &str) -> Result<Operation, OpError> {
@@ -332,7 +334,7 @@ async fn reverse_mirroring(core: &Arc<Core>, op: Operation) -> Result<Operation,
                 .iter()
                 .find(|l| l.destination_id == new.id)
                 .and_then(|l| l.lag)
-                .is_some_and(|lag| lag.records < SMALL_LAG_RECORDS)
+                .is_some_and(|lag| lag.records < SMALL_LAG_RECORDS && lag.bytes < SMALL_LAG_BYTES)
         })
         .await?;
     }
