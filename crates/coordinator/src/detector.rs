@@ -55,7 +55,7 @@ async fn check(core: &Arc<Core>, reported: &mut HashSet<String>) {
     let Some((name, site)) = lost.into_iter().find(|(n, _)| !reported.contains(n)) else {
         return;
     };
-    let lag = lag_seconds(core, &inner, &name);
+    let lag = lag_seconds(&inner, &name);
     let plan = ops::plan::away_from_site(core, &inner, &site, true);
     drop(inner);
     reported.insert(name.clone());
@@ -90,8 +90,7 @@ async fn check(core: &Arc<Core>, reported: &mut HashSet<String>) {
 
 /// How far behind the lost storage primary's mirror was when last heard
 /// from (0 for account servers: their slaves report their own lag).
-fn lag_seconds(core: &Core, inner: &crate::core::Inner, name: &str) -> f64 {
-    let _ = core;
+fn lag_seconds(inner: &crate::core::Inner, name: &str) -> f64 {
     inner
         .observed
         .get(name)

@@ -179,7 +179,7 @@ impl Coordinator for CoordinatorApi {
 
     async fn failback(&self, _request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
         let inner = self.core.lock().await;
-        let plan = ops::plan::failback(&self.core, &inner)?;
+        let plan = ops::plan::failback(&inner)?;
         drop(inner);
         let detail = format!("failback of site {} to its original roles", plan.from_site);
         Ok(Response::new(self.start("failback", plan, detail, false).await?))

@@ -148,16 +148,25 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
             .map(|(s, _)| s.addr.clone())
             .unwrap_or_default()
     };
-    // Demotions first: a server that is down learns its role from its
-    // next heartbeat, so only reachable ones are told now.
+    // Demotions are told in the background: the servers losing a role are
+    // fenced already (no lease, so no writes), and one that is down or cut
+    // off learns its role from its next heartbeat; waiting on it here would
+    // only hold up the promotion.
     for (info, role) in changes.iter().filter(|(_, r)| r == "slave" || r == "replica") {
-        let told = match info.kind.as_str() {
-            "account" => actions::demote_account(&info.addr, p.epoch, &leader("account")).await,
-            _ => actions::set_storage_role(&info.addr, role, p.epoch, &leader("storage")).await,
-        };
-        if let Err(e) = told {
-            tracing::info!(server = %info.name, error = %e, "not told of its demotion now; its heartbeat will");
+        if !core.healthy(&*core.lock().await, &info.name) {
+            continue;
         }
+        let (info, role, epoch) = (info.clone(), role.clone(), p.epoch);
+        let follow = leader(&info.kind);
+        tokio::spawn(async move {
+            let told = match info.kind.as_str() {
+                "account" => actions::demote_account(&info.addr, epoch, &follow).await,
+                _ => actions::set_storage_role(&info.addr, &role, epoch, &follow).await,
+            };
+            if let Err(e) = told {
+                tracing::info!(server = %info.name, error = %e, "not told of its demotion now; its heartbeat will");
+            }
+        });
     }
     for (info, role) in changes.iter().filter(|(_, r)| r == "master" || r == "primary") {
         retry(deadline, || async {

@@ -12,7 +12,6 @@ use crate::core::{Core, Inner};
 /// Roles move away from `from_site`. With `lost_only`, only holders that
 /// stopped heartbeating move (automatic failover); otherwise every master
 /// and primary on the site does (a manual failover or a switchover).
-/// `need_healthy` requires the standby to be heartbeating.
 pub fn away_from_site(
     core: &Core,
     inner: &Inner,
@@ -64,7 +63,7 @@ pub fn away_from_site(
 }
 
 /// Back to the roles every server had when it joined.
-pub fn failback(core: &Core, inner: &Inner) -> Result<OperationPlan, Status> {
+pub fn failback(inner: &Inner) -> Result<OperationPlan, Status> {
     let mut plan = OperationPlan {
         epoch: inner.cluster.epoch + 1,
         ..Default::default()
@@ -106,7 +105,6 @@ pub fn failback(core: &Core, inner: &Inner) -> Result<OperationPlan, Status> {
         }
         plan.from_site.clone_from(&returning.site);
     }
-    let _ = core;
     Ok(plan)
 }
 
