@@ -153,6 +153,7 @@ fn heartbeat(
                 epoch: role.epoch.0,
                 lag,
                 fenced: role.is_master && !node.lease.valid(),
+                degraded: node.hub.is_degraded(),
                 position: lsn,
                 ..Default::default()
             }

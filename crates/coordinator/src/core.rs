@@ -151,6 +151,7 @@ impl Core {
         if was_down {
             tracing::info!(server = %server.name, role = %report.role, "server is up");
         }
+        let mut events = transitions(inner.observed.get(&server.name).map(|o| &o.report), &report);
         let mut assignment = assignment(&inner, &server);
         if let Some(a) = assignment.as_mut().filter(|a| a.role == "master") {
             // A master with no slave up must not wait for one on each write.
@@ -160,6 +161,9 @@ impl Core {
                 .any(|s| s.kind == "account" && s.name != server.name && self.healthy(&inner, &s.name));
         }
         let lease = self.lease_for(&inner, &server.name, &report);
+        // A holder that restarts reports itself fenced until this answer
+        // grants its lease: only a fence that lasts is news.
+        events.retain(|(kind, _)| *kind != "fenced" || !lease);
         let observed = Observed {
             report,
             at: Instant::now(),
@@ -176,6 +180,9 @@ impl Core {
         drop(inner);
         if was_down {
             self.wake.notify_one();
+        }
+        for (kind, detail) in events {
+            crate::ops::record(self, kind, "reported", detail).await?;
         }
         Ok(HeartbeatResponse {
             epoch,
@@ -355,6 +362,30 @@ impl Core {
     pub fn watch_topology(&self) -> watch::Receiver<Topology> {
         self.topology.subscribe()
     }
+}
+
+/// Events worth a history entry and a notification: a server that starts
+/// reporting itself fenced, or its sync replication degraded to async.
+fn transitions(before: Option<&HeartbeatRequest>, now: &HeartbeatRequest) -> Vec<(&'static str, String)> {
+    let name = now.server.as_ref().map_or("", |s| s.name.as_str());
+    let mut events = Vec::new();
+    if now.fenced && !before.is_some_and(|b| b.fenced) {
+        events.push((
+            "fenced",
+            format!(
+                "{name} ({}) is fenced: its lease lapsed, so it refuses writes (it lost the coordinator, \
+                 or its role moved)",
+                now.role
+            ),
+        ));
+    }
+    if now.degraded && !before.is_some_and(|b| b.degraded) {
+        events.push((
+            "degraded",
+            format!("{name}: sync replication degraded to async; writes are acknowledged before they are on the other site"),
+        ));
+    }
+    events
 }
 
 fn adopted_role(

@@ -49,7 +49,7 @@ pub async fn account_servers(endpoints: &[String]) -> Vec<String> {
                 out.extend(
                     servers
                         .into_iter()
-                        .filter_map(|s| s.server.as_ref().map(|i| i.addr.clone())),
+                        .filter_map(|s| s.server.as_ref().map(client_addr)),
                 );
             }
             // Not a coordinator (or not reachable now): use it as it is.

@@ -155,6 +155,7 @@ fn heartbeat(
                 role: role.role.as_str().into(),
                 epoch: role.epoch.0,
                 fenced: role.role == Role::Primary && !api.lease.valid(),
+                degraded: api.mirroring.describe().starts_with("async (degraded"),
                 position: status.as_ref().map_or(0, |s| s.seq),
                 outbound: status
                     .map(|s| {

@@ -109,7 +109,7 @@ pub async fn start(
 }
 
 /// Records a one-off event (a refused failover, a fencing) in history.
-pub async fn record(core: &Arc<Core>, kind: &str, state: &str, detail: String) -> Result<(), Status> {
+pub async fn record(core: &Core, kind: &str, state: &str, detail: String) -> Result<(), Status> {
     let mut inner = core.lock().await;
     let now = wall_ms();
     let op = Operation {
