@@ -353,7 +353,7 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
     sites.account_a.restart();
     sites.storage_a.restart();
     sites.wait_roles(&[("account-a", "slave"), ("storage-a", "replica")]);
-    let out = sites.ctl(&["failback", "--wait"]);
+    let out = sites.ctl(&["failback", "--verify", "--wait"]);
     assert!(
         out.status.success(),
         "failback: {}",
@@ -396,8 +396,16 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
             "switch-roles",
             "repoint-homes",
             "restore-mirroring",
-            "unblock-backups"
+            "unblock-backups",
+            "verify"
         ]
+    );
+    assert!(
+        failback["detail"]
+            .as_str()
+            .unwrap()
+            .contains("integrity check: 1 accounts, 2 snapshots intact"),
+        "{failback}"
     );
     for event in [failover, failback] {
         for phase in event["phases"].as_array().unwrap() {

@@ -19,7 +19,7 @@ const FAILOVER: [&str; 6] = [
     "repoint-homes",
     "resume",
 ];
-const FAILBACK: [&str; 9] = [
+const FAILBACK: [&str; 10] = [
     "rejoin",
     "reverse-mirroring",
     "block-backups",
@@ -29,6 +29,7 @@ const FAILBACK: [&str; 9] = [
     "repoint-homes",
     "restore-mirroring",
     "unblock-backups",
+    "verify",
 ];
 const LONG: Duration = Duration::from_secs(60);
 
@@ -88,7 +89,7 @@ fn a_coordinator_killed_in_any_phase_resumes_and_finishes() {
         std::fs::write(during.join("f.bin"), random_bytes(100 + i as u64, 150_000)).unwrap();
         acked.push((sites.backup(&sites.token, &during), during));
 
-        sites.ctl(&["failback"]);
+        sites.ctl(&["failback", "--verify"]);
         let next = FAILOVER[(i + 1) % FAILOVER.len()];
         crash_and_resume(
             &mut sites,

@@ -177,11 +177,17 @@ impl Coordinator for CoordinatorApi {
         ))
     }
 
-    async fn failback(&self, _request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
+    async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
+        let verify = request.into_inner().verify;
         let inner = self.core.lock().await;
-        let plan = ops::plan::failback(&inner)?;
+        let mut plan = ops::plan::failback(&inner)?;
         drop(inner);
-        let detail = format!("failback of site {} to its original roles", plan.from_site);
+        plan.verify = verify;
+        let detail = format!(
+            "failback of site {} to its original roles{}",
+            plan.from_site,
+            if verify { ", with an integrity check" } else { "" }
+        );
         Ok(Response::new(self.start("failback", plan, detail, false).await?))
     }
 

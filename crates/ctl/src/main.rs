@@ -75,6 +75,9 @@ enum Command {
     Failback {
         #[arg(long)]
         wait: bool,
+        /// Then check every snapshot of the accounts that moved back, chunk by chunk.
+        #[arg(long)]
+        verify: bool,
     },
     /// Start mirroring into servers recovered after a failover.
     Resync {
@@ -200,9 +203,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = ops::client(cli.coordinator.as_deref())?;
             ops::start(client, ops::Request::Switchover { site }, wait, json).await
         }
-        Command::Failback { wait } => {
+        Command::Failback { wait, verify } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Failback, wait, json).await
+            ops::start(client, ops::Request::Failback { verify }, wait, json).await
         }
         Command::Resync { rate, wait } => {
             let client = ops::client(cli.coordinator.as_deref())?;

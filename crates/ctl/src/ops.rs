@@ -28,7 +28,7 @@ fn rpc_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
 pub enum Request {
     Failover { site: Option<String>, force: bool },
     Switchover { site: Option<String> },
-    Failback,
+    Failback { verify: bool },
     Resync { rate: u64 },
 }
 
@@ -48,8 +48,8 @@ pub async fn start(mut client: Client, request: Request, wait: bool, json: bool)
             })
             .await
             .map_err(rpc_error("switchover"))?,
-        Request::Failback => client
-            .failback(FailbackRequest { skip_verify: false })
+        Request::Failback { verify } => client
+            .failback(FailbackRequest { verify })
             .await
             .map_err(rpc_error("failback"))?,
         Request::Resync { rate } => client

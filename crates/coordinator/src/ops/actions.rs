@@ -10,10 +10,10 @@ use duplex_proto::v1::account_replication_client::AccountReplicationClient;
 use duplex_proto::v1::mirror_client::MirrorClient;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
 use duplex_proto::v1::{
-    AccountServerStatus, AccountView, DemoteRequest, GetAccountStatusRequest, GetStorageStatusRequest,
-    LinkSpec, ListAccountsRequest, ListGroupsRequest, MoveHomesRequest, MoveHomesResponse, PromoteRequest,
-    RegisterStorageServerRequest, ServerInfo, SetGroupEnabledRequest, SetLinksRequest, SetRoleRequest,
-    StorageServerStatus,
+    AccountServerStatus, AccountVerification, AccountView, DemoteRequest, GetAccountStatusRequest,
+    GetStorageStatusRequest, LinkSpec, ListAccountsRequest, ListGroupsRequest, MoveHomesRequest,
+    MoveHomesResponse, PromoteRequest, RegisterStorageServerRequest, ServerInfo, SetGroupEnabledRequest,
+    SetLinksRequest, SetRoleRequest, StorageServerStatus, VerifyAccountsRequest,
 };
 use tonic::transport::Channel;
 
@@ -150,6 +150,19 @@ pub async fn set_group(master: &str, name: &str, enabled: bool) -> Result<(), Op
     call(&format!("set group {name}"), c.set_group_enabled(request))
         .await
         .map(|_| ())
+}
+
+pub async fn verify_accounts(addr: &str, account_ids: Vec<u64>) -> Result<Vec<AccountVerification>, OpError> {
+    let mut c = StorageAdminClient::new(channel(addr)?);
+    let request = VerifyAccountsRequest { account_ids };
+    // A full check reads every chunk: no short timeout.
+    c.verify_accounts(request)
+        .await
+        .map(|r| r.into_inner().accounts)
+        .map_err(|status| OpError::Rpc {
+            what: format!("verify on {addr}"),
+            message: status.message().to_owned(),
+        })
 }
 
 pub async fn set_links(mirror: &str, links: Vec<LinkSpec>) -> Result<(), OpError> {

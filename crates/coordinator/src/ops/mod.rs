@@ -59,6 +59,7 @@ pub const FAILBACK: &[&str] = &[
     "repoint-homes",
     "restore-mirroring",
     "unblock-backups",
+    "verify",
 ];
 pub const RESYNC: &[&str] = &["release"];
 

@@ -35,6 +35,7 @@ pub async fn run(core: &Arc<Core>, op: Operation, phase: &str) -> Result<Operati
         "block-backups" => block_backups(core, op).await,
         "unblock-backups" => unblock_backups(core, op).await,
         "release" => release(core, op).await,
+        "verify" => verify(core, op).await,
         other => Err(OpError::Invalid(format!("unknown phase {other:?}"))),
     }
 }
@@ -396,5 +397,54 @@ async fn release(core: &Arc<Core>, op: Operation) -> Result<Operation, OpError> 
         core.save_cluster(&mut inner, cluster)?;
     }
     push_links(core).await;
+    Ok(op)
+}
+
+/// The optional integrity check after a failback: every snapshot of every
+/// account now homed on a returning server is read back and hashed there.
+async fn verify(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError> {
+    let p = plan(&op)?.clone();
+    if !p.verify {
+        return Ok(op);
+    }
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    let master = holder(core, "account", "master").await?;
+    let accounts = retry(deadline, || actions::accounts(&master.addr)).await?;
+    let (mut checked, mut snapshots, mut bad) = (0, 0, Vec::new());
+    for home in p.homes.values() {
+        let server = server(core, home).await?;
+        let ids: Vec<u64> = accounts
+            .iter()
+            .filter(|a| a.home == *home)
+            .map(|a| a.id)
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        for v in actions::verify_accounts(&server.addr, ids).await? {
+            checked += 1;
+            snapshots += v.snapshots;
+            if v.missing + v.corrupt > 0 {
+                let name = accounts
+                    .iter()
+                    .find(|a| a.id == v.account_id)
+                    .map_or("?", |a| a.name.as_str());
+                bad.push(format!(
+                    "{name} ({} missing, {} corrupt chunks)",
+                    v.missing, v.corrupt
+                ));
+            }
+        }
+    }
+    if !bad.is_empty() {
+        return Err(OpError::Invalid(format!(
+            "integrity check failed for {}",
+            bad.join(", ")
+        )));
+    }
+    op.detail = format!(
+        "{}; integrity check: {checked} accounts, {snapshots} snapshots intact",
+        op.detail
+    );
     Ok(op)
 }
