@@ -66,7 +66,8 @@ tree() {
   echo "$d"
 }
 
-declare -a SNAPS TREES
+SNAPS=()
+TREES=()
 backup() {
   local d snap
   d=$(tree "${#SNAPS[@]}")

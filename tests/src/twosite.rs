@@ -70,9 +70,22 @@ fn strings(s: &[&str]) -> Vec<String> {
     s.iter().map(|x| (*x).to_owned()).collect()
 }
 
+impl Drop for TwoSites {
+    fn drop(&mut self) {
+        // Debugging a failure: keep the logs and data.
+        if std::env::var_os("DUPLEX_KEEP_TEST_DIRS").is_some() {
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            let _ = dir.keep();
+        }
+    }
+}
+
 impl TwoSites {
     pub fn start(options: Options<'_>) -> TwoSites {
         let dir = tempfile::tempdir().unwrap();
+        if std::env::var_os("DUPLEX_KEEP_TEST_DIRS").is_some() {
+            eprintln!("test dir: {}", dir.path().display());
+        }
         let d = dir.path();
         let mut flags = strings(&["--mode", options.mode]);
         flags.extend(strings(options.coordinator));

@@ -104,7 +104,13 @@ impl Core {
             .into_iter()
             .map(|s| (s.name.clone(), s))
             .collect();
-        let operation = store.operations()?.pop();
+        // Resume the running operation, even when events were recorded after it.
+        let mut operations = store.operations()?;
+        let running = operations.iter().rposition(|op| op.state == "running");
+        let operation = match running {
+            Some(i) => Some(operations.swap_remove(i)),
+            None => operations.pop(),
+        };
         let (topology, _) = watch::channel(Topology::default());
         let core = Arc::new(Self {
             config,
