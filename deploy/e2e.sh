@@ -108,7 +108,9 @@ refused=$(docker exec "$(container storage-a)" /bin/duplex --endpoint http://acc
 echo "$refused" | grep -qE "fenced|replica" || fail "unexpected refusal: $refused"
 echo "   storage-a refused: $(echo "$refused" | tail -1 | cut -c1-100)"
 backup
-docker network connect "${P}_inter" "$(container storage-a)"
+# Compose gave the container its service name as an alias; reconnecting
+# must give it back, or no one on the network can resolve storage-a.
+docker network connect --alias storage-a "${P}_inter" "$(container storage-a)"
 wait_until 30 "storage-a to rejoin as replica" has_role storage-a replica
 
 step "fail back"

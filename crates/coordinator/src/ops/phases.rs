@@ -140,7 +140,6 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
         cluster.epoch = cluster.epoch.max(p.epoch);
         core.save_cluster(&mut inner, cluster)?;
     }
-    let deadline = Instant::now() + PHASE_DEADLINE;
     let leader = |kind: &str| {
         let up = if kind == "account" { "master" } else { "primary" };
         changes
@@ -169,14 +168,18 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
             }
         });
     }
+    // Promotions are pushed for speed, but what counts is the server
+    // reporting its new role and taking its lease: its heartbeat answer
+    // carries the same assignment, so a server the coordinator cannot dial
+    // (a NAT, a name it cannot resolve) is promoted all the same.
     for (info, role) in changes.iter().filter(|(_, r)| r == "master" || r == "primary") {
-        retry(deadline, || async {
-            match info.kind.as_str() {
-                "account" => actions::promote_account(&info.addr, p.epoch).await,
-                _ => actions::set_storage_role(&info.addr, role, p.epoch, "").await,
-            }
-        })
-        .await?;
+        let pushed = match info.kind.as_str() {
+            "account" => actions::promote_account(&info.addr, p.epoch).await,
+            _ => actions::set_storage_role(&info.addr, role, p.epoch, "").await,
+        };
+        if let Err(e) = pushed {
+            tracing::info!(server = %info.name, error = %e, "promotion not pushed; its heartbeat carries it");
+        }
         let name = info.name.clone();
         let what = format!("{name} to report itself {role} with a lease");
         wait_until(&what, PHASE_DEADLINE, || async {
