@@ -86,6 +86,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let deadline = Instant::now() + retry_for;
     let mut delay = Duration::from_millis(100);
+    let mut last_warning: Option<String> = None;
     loop {
         let session = login(&options, purpose).await;
         let outcome = match session {
@@ -94,7 +95,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         };
         match outcome {
             Err(e) if worth_rediscovering(&e) && Instant::now() + delay < deadline => {
-                eprintln!("warning: {e:#}; finding the current servers and retrying");
+                // Once per distinct failure, not once per attempt.
+                let message = format!("{e:#}");
+                if last_warning.as_deref() != Some(message.as_str()) {
+                    eprintln!("warning: {message}; finding the current servers and retrying");
+                    last_warning = Some(message);
+                }
                 // Retry as soon as the coordinator publishes a change (a
                 // failover making progress), or after a growing delay.
                 duplex_rpc::discovery::wait_for_change(&options.endpoints, delay).await;

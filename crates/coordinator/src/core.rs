@@ -536,3 +536,100 @@ fn check(report: &HeartbeatRequest) -> Result<&ServerInfo, Status> {
     }
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(name: &str, kind: &str, site: &str) -> ServerInfo {
+        ServerInfo {
+            id: format!("id-{name}"),
+            name: name.into(),
+            site: site.into(),
+            kind: kind.into(),
+            addr: format!("http://{name}"),
+            public_addr: String::new(),
+        }
+    }
+
+    fn platform() -> BTreeMap<String, ServerInfo> {
+        [
+            server("storage-a", "storage", "a"),
+            server("storage-b", "storage", "b"),
+            server("mirror-a", "mirror", "a"),
+            server("mirror-b", "mirror", "b"),
+        ]
+        .into_iter()
+        .map(|s| (s.name.clone(), s))
+        .collect()
+    }
+
+    fn cluster(roles: &[(&str, &str)], held: &[&str]) -> ClusterState {
+        ClusterState {
+            roles: roles.iter().map(|(n, r)| ((*n).into(), (*r).into())).collect(),
+            held: held.iter().map(|h| (*h).into()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn named(links: Vec<(String, LinkSpec)>) -> Vec<(String, String, String)> {
+        links
+            .into_iter()
+            .map(|(m, l)| (m, l.source, l.destination))
+            .collect()
+    }
+
+    #[test]
+    fn a_primary_is_mirrored_by_the_destination_sites_mirror() {
+        let c = cluster(&[("storage-a", "primary"), ("storage-b", "replica")], &[]);
+        assert_eq!(
+            named(links(&c, &platform())),
+            [(
+                "mirror-b".into(),
+                "http://storage-a".into(),
+                "http://storage-b".into()
+            )]
+        );
+    }
+
+    #[test]
+    fn active_active_mirrors_both_ways_and_a_held_server_gets_nothing() {
+        let c = cluster(&[("storage-a", "primary"), ("storage-b", "primary")], &[]);
+        assert_eq!(links(&c, &platform()).len(), 2);
+        let c = cluster(
+            &[("storage-a", "replica"), ("storage-b", "primary")],
+            &["storage-a"],
+        );
+        assert!(links(&c, &platform()).is_empty());
+    }
+
+    #[test]
+    fn a_newcomer_never_becomes_a_second_master_or_primary() {
+        let mut servers = platform();
+        servers.insert("account-a".into(), server("account-a", "account", "a"));
+        let inner = Inner {
+            cluster: cluster(&[("account-a", "master"), ("storage-a", "primary")], &[]),
+            servers,
+            observed: HashMap::new(),
+            operation: None,
+            credentials: HashMap::new(),
+        };
+        let c = inner.cluster.clone();
+        let b = server("account-b", "account", "b");
+        assert_eq!(adopted_role(&inner, &c, &b, "master", "active-passive"), "slave");
+        let sb = server("storage-b", "storage", "b");
+        assert_eq!(
+            adopted_role(&inner, &c, &sb, "primary", "active-passive"),
+            "replica"
+        );
+        assert_eq!(
+            adopted_role(&inner, &c, &sb, "primary", "active-active"),
+            "primary"
+        );
+        let sa2 = server("storage-a2", "storage", "a");
+        assert_eq!(
+            adopted_role(&inner, &c, &sa2, "primary", "active-active"),
+            "replica"
+        );
+    }
+}
