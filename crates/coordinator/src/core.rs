@@ -98,7 +98,19 @@ pub fn durably<T>(f: impl FnOnce() -> T) -> T {
 
 impl Core {
     pub fn open(config: Config, info: ServerInfo, store: Arc<Store>) -> Result<Arc<Self>, Status> {
-        let cluster = store.cluster()?;
+        let mut cluster = store.cluster()?;
+        // The mode is part of the platform's durable state: a restart with
+        // another --mode would reassign roles under running servers.
+        if cluster.mode.is_empty() {
+            cluster.mode.clone_from(&config.mode);
+            store.save_cluster(&cluster)?;
+        } else if cluster.mode != config.mode {
+            return Err(Status::failed_precondition(format!(
+                "this coordinator's data dir was set up for --mode {}, not {}; start it with --mode {} \
+                 (changing the mode of a running platform is not supported)",
+                cluster.mode, config.mode, cluster.mode
+            )));
+        }
         let servers = store
             .servers()?
             .into_iter()

@@ -80,7 +80,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         auto_failover: !cli.no_auto_failover,
         webhook: cli.webhook,
     };
-    let core = Core::open(config, info, store)?;
+    let core = Core::open(config, info, store).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     tokio::spawn(duplex_coordinator::ops::runner(core.clone(), shutdown.clone()));
     tokio::spawn(duplex_coordinator::detector::run(core.clone(), shutdown.clone()));
     let metrics = duplex_coordinator::service::metrics(core.clone());
