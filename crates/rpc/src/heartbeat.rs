@@ -169,8 +169,15 @@ fn read_credential(dir: &Path) -> Option<String> {
 /// Durably replaces the credential file (write, fsync, rename, fsync dir).
 fn save_credential(dir: &Path, credential: &str) -> std::io::Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{CREDENTIAL_FILE}.tmp"));
-    let mut file = std::fs::File::create(&tmp)?;
+    // A secret: readable by this server's user only.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     file.write_all(credential.as_bytes())?;
     file.sync_all()?;
     std::fs::rename(&tmp, dir.join(CREDENTIAL_FILE))?;
