@@ -35,6 +35,10 @@ impl Default for Options<'_> {
     }
 }
 
+/// One platform at a time per test binary: the failure detector's timeouts
+/// are real time, and nine platforms on two cores would starve heartbeats.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub struct TwoSites {
     pub dir: tempfile::TempDir,
     pub coordinator: Service,
@@ -48,6 +52,7 @@ pub struct TwoSites {
     pub proxy: Option<Proxy>,
     /// Token of the account `demo`.
     pub token: String,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 fn cmd(binary: &str, name: &str, site: &str, dir: &Path, extra: &[String]) -> Vec<String> {
@@ -82,6 +87,10 @@ impl Drop for TwoSites {
 
 impl TwoSites {
     pub fn start(options: Options<'_>) -> TwoSites {
+        // A test that panicked still released its turn.
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir().unwrap();
         if std::env::var_os("DUPLEX_KEEP_TEST_DIRS").is_some() {
             eprintln!("test dir: {}", dir.path().display());
@@ -161,6 +170,7 @@ impl TwoSites {
             mirror_b,
             proxy,
             token: String::new(),
+            _turn: turn,
         };
         sites.wait_roles(&[
             ("account-a", "master"),

@@ -468,8 +468,8 @@ fn a_blip_shorter_than_the_timeout_changes_nothing() {
     let epoch = sites.status()["epoch"].as_u64().unwrap();
     let stopped = Instant::now();
     sites.storage_a.signal(libc::SIGSTOP);
-    wait_for("half the failover timeout", LONG, || {
-        (stopped.elapsed() >= Duration::from_millis(700)).then_some(())
+    wait_for("a third of the failover timeout", LONG, || {
+        (stopped.elapsed() >= Duration::from_millis(500)).then_some(())
     });
     sites.storage_a.signal(libc::SIGCONT);
     // Watch past twice the timeout: storage-a stays primary throughout.
