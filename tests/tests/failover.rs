@@ -350,6 +350,10 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
     sites.account_a.signal(libc::SIGKILL);
     sites.wait_roles(&[("account-b", "master"), ("storage-b", "primary")]);
     let during = sites.backup(&sites.token, &source_tree(&trees, 1));
+    assert_eq!(
+        sites.status()["moved_homes"],
+        serde_json::json!({"storage-a": "storage-b"})
+    );
     sites.account_a.restart();
     sites.storage_a.restart();
     sites.wait_roles(&[("account-a", "slave"), ("storage-a", "replica")]);
@@ -366,6 +370,7 @@ fn site_a_lost_and_failed_back_keeps_every_snapshot() {
         ("storage-b", "replica"),
     ]);
     assert_eq!(status["phase"], "steady");
+    assert_eq!(status["moved_homes"], serde_json::json!({}));
     let after = sites.backup(&sites.token, &source_tree(&trees, 2));
     for (n, snapshot) in [&before, &during, &after].into_iter().enumerate() {
         let target = sites.restore(&sites.token, snapshot, &format!("restored-{n}"));

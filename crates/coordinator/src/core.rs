@@ -358,6 +358,7 @@ impl Core {
                 .into_iter()
                 .map(|(_, l)| l)
                 .collect(),
+            moved_homes: inner.cluster.moved_homes.clone(),
         }
     }
 

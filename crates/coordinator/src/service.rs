@@ -58,6 +58,7 @@ impl CoordinatorApi {
             phase: Core::phase(&inner),
             servers,
             operation: inner.operation.clone(),
+            moved_homes: inner.cluster.moved_homes.clone(),
         }
     }
 

@@ -23,7 +23,13 @@ pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
             })
         })
         .collect();
-    json!({"mode": status.mode, "epoch": status.epoch, "phase": status.phase, "servers": servers})
+    json!({
+        "mode": status.mode,
+        "epoch": status.epoch,
+        "phase": status.phase,
+        "servers": servers,
+        "moved_homes": status.moved_homes,
+    })
 }
 
 pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
@@ -42,6 +48,9 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
         "mode {}  epoch {}  phase {}",
         status.mode, status.epoch, status.phase
     );
+    for (origin, now) in &status.moved_homes {
+        println!("accounts of {origin} are homed on {now} until a failback");
+    }
     println!(
         "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} lag",
         "name", "kind", "site", "role", "healthy", "addr"

@@ -233,8 +233,34 @@ async fn repoint_homes(core: &Arc<Core>, op: Operation) -> Result<Operation, OpE
         };
         let moved = retry(deadline, || actions::move_homes(&master.addr, request.clone())).await?;
         tracing::warn!(%from, %to, moved = moved.moved, "homes moved");
+        record_move(core, from, to).await?;
     }
     Ok(op)
+}
+
+/// Keeps the topology's map of moved homes: a move back home ends an
+/// entry, any other move starts (or extends) one.
+async fn record_move(core: &Arc<Core>, from: &str, to: &str) -> Result<(), OpError> {
+    let mut inner = core.lock().await;
+    let mut cluster = inner.cluster.clone();
+    let origins: Vec<String> = cluster
+        .moved_homes
+        .iter()
+        .filter(|(_, now)| now.as_str() == from)
+        .map(|(origin, _)| origin.clone())
+        .collect();
+    for origin in &origins {
+        if origin == to {
+            cluster.moved_homes.remove(origin);
+        } else {
+            cluster.moved_homes.insert(origin.clone(), to.to_owned());
+        }
+    }
+    if origins.is_empty() {
+        cluster.moved_homes.insert(from.to_owned(), to.to_owned());
+    }
+    core.save_cluster(&mut inner, cluster)?;
+    Ok(())
 }
 
 /// Sends every mirror its links now (heartbeats would within an interval).
