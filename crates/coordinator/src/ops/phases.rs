@@ -118,9 +118,8 @@ async fn fence(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError
     Ok(op)
 }
 
-/// Assigns the plan's roles (of one kind, or all), demoting before
-/// promoting, and waits until every promoted server holds its role (and
-/// with it a lease).
+/// Assigns the plan's roles (of one kind, or all), tells the servers, and
+/// waits until every promoted server holds its role (and with it a lease).
 async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Result<Operation, OpError> {
     let p = plan(&op)?.clone();
     let mut changes = Vec::new();
