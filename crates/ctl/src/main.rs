@@ -188,6 +188,12 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
+    // Failures talking to the coordinator name it.
+    let coordinator = cli.coordinator.clone();
+    let at_coordinator = |e: anyhow::Error| match &coordinator {
+        Some(url) => e.context(format!("coordinator at {url}")),
+        None => e,
+    };
     match cli.command {
         Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
         Command::Status => status::run(cli.coordinator.as_deref(), json).await,
@@ -197,22 +203,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         },
         Command::Failover { site, force, wait } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Failover { site, force }, wait, json).await
+            ops::start(client, ops::Request::Failover { site, force }, wait, json)
+                .await
+                .map_err(at_coordinator)
         }
         Command::Switchover { site, wait } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Switchover { site }, wait, json).await
+            ops::start(client, ops::Request::Switchover { site }, wait, json)
+                .await
+                .map_err(at_coordinator)
         }
         Command::Failback { wait, verify } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Failback { verify }, wait, json).await
+            ops::start(client, ops::Request::Failback { verify }, wait, json)
+                .await
+                .map_err(at_coordinator)
         }
         Command::Resync { rate, wait } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Resync { rate }, wait, json).await
+            ops::start(client, ops::Request::Resync { rate }, wait, json)
+                .await
+                .map_err(at_coordinator)
         }
-        Command::History => ops::history(ops::client(cli.coordinator.as_deref())?, json).await,
-        Command::Watch => ops::watch(cli.coordinator.as_deref()).await,
+        Command::History => ops::history(ops::client(cli.coordinator.as_deref())?, json)
+            .await
+            .map_err(at_coordinator),
+        Command::Watch => ops::watch(cli.coordinator.as_deref())
+            .await
+            .map_err(at_coordinator),
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
         Command::Servers { command } => match command {
             ServersCommand::Token { ttl, names, out_dir } => {
@@ -221,6 +239,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(dir) => ops::token_files(client, ttl, &names, &dir).await,
                     None => ops::token(client, ttl, json).await,
                 }
+                .map_err(at_coordinator)
             }
             ServersCommand::Status { url } => servers::status(&url, json).await,
             ServersCommand::Promote { url, epoch } => servers::promote(&url, epoch, json).await,
