@@ -111,6 +111,16 @@ impl Node {
         if role.is_master && role.epoch == epoch {
             return Ok(());
         }
+        if role.is_master {
+            // Still master, under a newer epoch: nothing to stop or restart.
+            let state = RoleState {
+                epoch,
+                ..role.clone()
+            };
+            self.persist(&state).await?;
+            *role = state;
+            return Ok(());
+        }
         // Hot standby: every batch received was applied before it was
         // acknowledged, so stopping the follower leaves nothing to replay.
         self.stop_follower();
@@ -135,6 +145,16 @@ impl Node {
         let mut role = self.role.write().await;
         check_epoch(&role, epoch)?;
         if !role.is_master && role.epoch == epoch && role.master == master {
+            return Ok(());
+        }
+        if !role.is_master && role.master == master {
+            // Same master, newer epoch: keep following without a reconnect.
+            let state = RoleState {
+                epoch,
+                ..role.clone()
+            };
+            self.persist(&state).await?;
+            *role = state;
             return Ok(());
         }
         let state = RoleState {

@@ -55,21 +55,20 @@ async fn check(core: &Arc<Core>, reported: &mut HashSet<String>) {
     let Some((name, site)) = lost.into_iter().find(|(n, _)| !reported.contains(n)) else {
         return;
     };
-    let lag = lag_seconds(&inner, &name);
-    let plan = ops::plan::away_from_site(core, &inner, &site, true);
+    let max = core.config.max_lag_on_failover.as_secs_f64();
+    let plan = ops::plan::away_from_site(core, &inner, &site, true)
+        .map(|plan| (ops::plan::too_lossy(&inner, &plan, max), plan));
     drop(inner);
     reported.insert(name.clone());
-    let max = core.config.max_lag_on_failover.as_secs_f64();
     let outcome = match plan {
-        Ok(_) if lag > max => {
+        Ok((Some(why), _)) => {
             let detail = format!(
-                "{name} is down but its mirror was {lag:.1} s behind, more than max_lag_on_failover \
-                 ({max:.1} s): not failing over automatically; `duplexctl failover --site {site} --force` \
-                 accepts the loss"
+                "{name} is down but failing over could lose acknowledged writes: {why}; not failing \
+                 over automatically; `duplexctl failover --site {site} --force` accepts the loss"
             );
             ops::record(core, "failover-refused", "refused", detail).await
         }
-        Ok(plan) => {
+        Ok((None, plan)) => {
             let detail = format!(
                 "{name} missed heartbeats for {:?}: automatic failover of site {site}",
                 core.config.failover_timeout
@@ -86,21 +85,4 @@ async fn check(core: &Arc<Core>, reported: &mut HashSet<String>) {
     if let Err(e) = outcome {
         tracing::error!(error = %e, "cannot start or record a failover");
     }
-}
-
-/// How far behind the lost storage primary's mirror was when last heard
-/// from (0 for account servers: their slaves report their own lag).
-fn lag_seconds(inner: &crate::core::Inner, name: &str) -> f64 {
-    inner
-        .observed
-        .get(name)
-        .map(|o| {
-            o.report
-                .outbound
-                .iter()
-                .filter_map(|l| l.lag)
-                .map(|l| l.seconds)
-                .fold(0.0, f64::max)
-        })
-        .unwrap_or(0.0)
 }

@@ -140,6 +140,12 @@ impl Coordinator for CoordinatorApi {
             req.site.clone()
         };
         let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
+        let max = self.core.config.max_lag_on_failover.as_secs_f64();
+        if let Some(why) = ops::plan::too_lossy(&inner, &plan, max).filter(|_| !req.force) {
+            return Err(Status::failed_precondition(format!(
+                "failing over site {site} could lose acknowledged writes: {why}; --force accepts the loss"
+            )));
+        }
         drop(inner);
         let detail = format!(
             "manual failover of site {site}{}",

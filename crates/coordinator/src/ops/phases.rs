@@ -104,9 +104,6 @@ async fn fence(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError
                 wait = wait.max(core.config.lease.saturating_sub(granted.elapsed()));
             }
         }
-        let mut cluster = inner.cluster.clone();
-        cluster.epoch = cluster.epoch.max(p.epoch);
-        core.save_cluster(&mut inner, cluster)?;
         plan_mut(&mut op)?.fence_until_unix_ms = wall_ms() + (wait + LEASE_MARGIN).as_millis() as i64;
         core.save_operation(&mut inner, op.clone())?;
         tracing::warn!(fenced = ?p.fenced, wait_ms = (wait + LEASE_MARGIN).as_millis() as u64, "fencing");
@@ -123,7 +120,9 @@ async fn fence(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError
 async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Result<Operation, OpError> {
     let p = plan(&op)?.clone();
     let mut changes = Vec::new();
-    {
+    // Every switch gets an epoch of its own, so an assignment sent before
+    // it (same roles as before, lower epoch) can never undo it.
+    let epoch = {
         let mut inner = core.lock().await;
         let mut cluster = inner.cluster.clone();
         for (name, role) in &p.roles {
@@ -136,9 +135,14 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
             cluster.roles.insert(name.clone(), role.clone());
             changes.push((info, role.clone()));
         }
-        cluster.epoch = cluster.epoch.max(p.epoch);
+        if changes.is_empty() {
+            return Ok(op);
+        }
+        cluster.epoch += 1;
+        let epoch = cluster.epoch;
         core.save_cluster(&mut inner, cluster)?;
-    }
+        epoch
+    };
     let leader = |kind: &str| {
         let up = if kind == "account" { "master" } else { "primary" };
         changes
@@ -155,7 +159,7 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
         if !core.healthy(&*core.lock().await, &info.name) {
             continue;
         }
-        let (info, role, epoch) = (info.clone(), role.clone(), p.epoch);
+        let (info, role) = (info.clone(), role.clone());
         let follow = leader(&info.kind);
         tokio::spawn(async move {
             let told = match info.kind.as_str() {
@@ -173,8 +177,8 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
     // (a NAT, a name it cannot resolve) is promoted all the same.
     for (info, role) in changes.iter().filter(|(_, r)| r == "master" || r == "primary") {
         let pushed = match info.kind.as_str() {
-            "account" => actions::promote_account(&info.addr, p.epoch).await,
-            _ => actions::set_storage_role(&info.addr, role, p.epoch, "").await,
+            "account" => actions::promote_account(&info.addr, epoch).await,
+            _ => actions::set_storage_role(&info.addr, role, epoch, "").await,
         };
         if let Err(e) = pushed {
             tracing::info!(server = %info.name, error = %e, "promotion not pushed; its heartbeat carries it");
@@ -184,7 +188,7 @@ async fn switch_roles(core: &Arc<Core>, op: Operation, kind: Option<&str>) -> Re
         wait_until(&what, PHASE_DEADLINE, || async {
             let inner = core.lock().await;
             inner.observed.get(&name).is_some_and(|o| {
-                o.report.role == *role && !o.report.fenced && o.report.epoch >= p.epoch && o.leased
+                o.report.role == *role && !o.report.fenced && o.report.epoch >= epoch && o.leased
             })
         })
         .await?;

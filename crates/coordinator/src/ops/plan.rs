@@ -129,6 +129,9 @@ fn storage_standby<'a>(core: &Core, inner: &'a Inner, holder: &ServerInfo) -> Op
         .servers
         .values()
         .filter(|s| s.kind == "storage" && s.site != holder.site)
+        // A held server has not been resynced since it came back: it lacks
+        // what was written while it was away.
+        .filter(|s| !inner.cluster.held.contains(&s.name))
         .filter(|s| core.healthy(inner, &s.name))
         .max_by_key(|s| (role_of(inner, &s.name) == "replica", s.name.clone()))
 }
@@ -146,4 +149,49 @@ pub fn active_site(inner: &Inner) -> Option<String> {
                 .find(|s| s.kind == "storage" && role_of(inner, &s.name) == "primary")
         })
         .map(|s| s.site.clone())
+}
+
+/// Why an automatic failover with this plan could lose more than `max`
+/// seconds of acknowledged writes, if it could: a promoted replica whose
+/// mirror lag was too large or never reported, or a promoted slave too far
+/// behind. Unknown lag counts as too large.
+pub fn too_lossy(inner: &Inner, plan: &OperationPlan, max: f64) -> Option<String> {
+    for (name, role) in &plan.roles {
+        let server = inner.servers.get(name)?;
+        let lag = match role.as_str() {
+            "primary" => {
+                let holder = plan
+                    .homes
+                    .iter()
+                    .find(|(_, to)| *to == name)
+                    .map(|(from, _)| from)?;
+                inner
+                    .observed
+                    .get(holder)
+                    .and_then(|o| o.report.outbound.iter().find(|l| l.destination_id == server.id))
+                    .and_then(|l| l.lag)
+                    .map(|l| l.seconds)
+            }
+            "master" => inner
+                .observed
+                .get(name)
+                .and_then(|o| o.report.lag)
+                .map(|l| l.seconds),
+            _ => continue,
+        };
+        match lag {
+            None => {
+                return Some(format!(
+                    "how far {name} is behind is unknown (no mirroring progress reported)"
+                ));
+            }
+            Some(seconds) if seconds > max => {
+                return Some(format!(
+                    "{name} was {seconds:.1} s behind, more than max_lag_on_failover ({max:.1} s)"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
