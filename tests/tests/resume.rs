@@ -84,6 +84,10 @@ fn a_coordinator_killed_in_any_phase_resumes_and_finishes() {
             ("account-a", "slave"),
             ("storage-a", "replica"),
         ]);
+        assert_eq!(
+            sites.status()["moved_homes"],
+            serde_json::json!({"storage-a": "storage-b"})
+        );
         let during = trees.join(format!("during-{i}"));
         std::fs::create_dir_all(&during).unwrap();
         std::fs::write(during.join("f.bin"), random_bytes(100 + i as u64, 150_000)).unwrap();
@@ -103,6 +107,7 @@ fn a_coordinator_killed_in_any_phase_resumes_and_finishes() {
             ("account-b", "slave"),
             ("storage-b", "replica"),
         ]);
+        assert_eq!(sites.status()["moved_homes"], serde_json::json!({}));
     }
     for (n, (snapshot, tree)) in acked.iter().enumerate() {
         let target = sites.restore(&sites.token, snapshot, &format!("restored-{n}"));

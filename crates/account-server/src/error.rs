@@ -17,6 +17,9 @@ pub enum AccountError {
     BadToken,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The master's lease lapsed before the write reached the disk.
+    #[error("fenced")]
+    Fenced(Status),
 }
 
 duplex_types::from_redb_errors!(AccountError);
@@ -35,6 +38,7 @@ impl From<AccountError> for Status {
             AccountError::NotFound(_) => Status::not_found(e.to_string()),
             AccountError::Precondition(_) => Status::failed_precondition(e.to_string()),
             AccountError::BadToken => Status::unauthenticated(e.to_string()),
+            AccountError::Fenced(status) => status.clone(),
             AccountError::Db(_) | AccountError::Corrupt(_) => {
                 tracing::error!(error = %e, "account store failure");
                 Status::internal(e.to_string())

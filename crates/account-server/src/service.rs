@@ -72,11 +72,18 @@ impl AccountApi {
     {
         let role = self.node.write_guard().await?;
         let epoch = role.epoch;
+        let (lease, name) = (self.node.lease.clone(), self.node.info.name.clone());
         let (value, lsn) = blocking(self.store(), move |s| {
+            // Checked again at the last moment: the blocking pool may have
+            // kept this write waiting while the lease ran out.
+            lease.check(&name).map_err(AccountError::Fenced)?;
             let value = f(s, epoch)?;
             Ok((value, s.last_lsn()?))
         })
         .await?;
+        // A write that outlived the lease is not acknowledged: a new master
+        // may exist, and this entry will show in its divergence report.
+        self.node.lease.check(&self.node.info.name)?;
         self.node.hub.committed(lsn.0);
         self.node.hub.wait_replicated(lsn.0).await;
         drop(role);

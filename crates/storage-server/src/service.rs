@@ -197,7 +197,16 @@ impl StorageService for StorageApi {
             paths: req.paths,
             hostname: req.hostname,
         };
-        let info = blocking(&self.store, move |s| s.commit_snapshot(caller.account, new)).await?;
+        let (lease, name) = (self.lease.clone(), self.info.name.clone());
+        let info = blocking(&self.store, move |s| {
+            // Checked again at the last moment: the blocking pool may have
+            // kept this commit waiting while the lease ran out.
+            lease
+                .check(&name)
+                .map_err(|status| StoreError::Fenced(status.message().to_owned()))?;
+            s.commit_snapshot(caller.account, new)
+        })
+        .await?;
         // A commit that outlived the lease is not acknowledged: the role may
         // already be moving, and the client retries at the new primary.
         self.lease.check(&self.info.name)?;

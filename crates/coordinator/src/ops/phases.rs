@@ -216,11 +216,21 @@ async fn hold_lost(core: &Arc<Core>, op: Operation) -> Result<Operation, OpError
 
 /// Moves the accounts of each storage server in the plan to its new home,
 /// each pair in one account-server transaction.
-async fn repoint_homes(core: &Arc<Core>, op: Operation) -> Result<Operation, OpError> {
-    let p = plan(&op)?.clone();
-    if p.homes.is_empty() {
+async fn repoint_homes(core: &Arc<Core>, mut op: Operation) -> Result<Operation, OpError> {
+    if plan(&op)?.homes.is_empty() {
         return Ok(op);
     }
+    if !plan(&op)?.moved_homes_decided {
+        let mut after = core.lock().await.cluster.moved_homes.clone();
+        for (from, to) in &plan(&op)?.homes {
+            record_move(&mut after, from, to);
+        }
+        let p = plan_mut(&mut op)?;
+        p.moved_homes_after = after;
+        p.moved_homes_decided = true;
+        op = save(core, op).await?;
+    }
+    let p = plan(&op)?.clone();
     let deadline = Instant::now() + PHASE_DEADLINE;
     let master = holder(core, "account", "master").await?;
     let returning = op.kind == "failback" && core.config.mode == "active-active";
@@ -236,34 +246,33 @@ async fn repoint_homes(core: &Arc<Core>, op: Operation) -> Result<Operation, OpE
         };
         let moved = retry(deadline, || actions::move_homes(&master.addr, request.clone())).await?;
         tracing::warn!(%from, %to, moved = moved.moved, "homes moved");
-        record_move(core, from, to).await?;
     }
+    let mut inner = core.lock().await;
+    let mut cluster = inner.cluster.clone();
+    cluster.moved_homes = p.moved_homes_after.clone();
+    core.save_cluster(&mut inner, cluster)?;
+    drop(inner);
     Ok(op)
 }
 
-/// Keeps the topology's map of moved homes: a move back home ends an
-/// entry, any other move starts (or extends) one.
-async fn record_move(core: &Arc<Core>, from: &str, to: &str) -> Result<(), OpError> {
-    let mut inner = core.lock().await;
-    let mut cluster = inner.cluster.clone();
-    let origins: Vec<String> = cluster
-        .moved_homes
+/// The map of moved homes after a move: a move back home ends an entry,
+/// any other move starts (or extends) one.
+fn record_move(moved: &mut std::collections::HashMap<String, String>, from: &str, to: &str) {
+    let origins: Vec<String> = moved
         .iter()
         .filter(|(_, now)| now.as_str() == from)
         .map(|(origin, _)| origin.clone())
         .collect();
     for origin in &origins {
         if origin == to {
-            cluster.moved_homes.remove(origin);
+            moved.remove(origin);
         } else {
-            cluster.moved_homes.insert(origin.clone(), to.to_owned());
+            moved.insert(origin.clone(), to.to_owned());
         }
     }
     if origins.is_empty() {
-        cluster.moved_homes.insert(from.to_owned(), to.to_owned());
+        moved.insert(from.to_owned(), to.to_owned());
     }
-    core.save_cluster(&mut inner, cluster)?;
-    Ok(())
 }
 
 /// Sends every mirror its links now (heartbeats would within an interval).

@@ -17,6 +17,9 @@ pub enum StoreError {
     NotFound(String),
     #[error("stored chunk {id} is corrupt: {reason}")]
     Corrupt { id: ChunkId, reason: String },
+    /// The server lost its right to write before the write reached the disk.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl StoreError {
