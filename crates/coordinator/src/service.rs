@@ -84,11 +84,14 @@ fn inbound_lag(inner: &Inner, id: &str) -> Option<Lag> {
         .max_by_key(|l| l.records)
 }
 
-fn check_site(site: &str) -> Result<(), Status> {
+/// The site an operator named, or by default the one holding the roles.
+fn site_or_active(inner: &Inner, site: &str) -> Result<String, Status> {
     if site.is_empty() {
-        return Ok(());
+        return ops::plan::active_site(inner)
+            .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"));
     }
-    validate_name(NameKind::Site, site).map_err(|e| Status::invalid_argument(e.to_string()))
+    validate_name(NameKind::Site, site).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(site.to_owned())
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<Topology, Status>> + Send>>;
@@ -131,14 +134,8 @@ impl Coordinator for CoordinatorApi {
 
     async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Operation>, Status> {
         let req = request.into_inner();
-        check_site(&req.site)?;
         let inner = self.core.lock().await;
-        let site = if req.site.is_empty() {
-            ops::plan::active_site(&inner)
-                .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"))?
-        } else {
-            req.site.clone()
-        };
+        let site = site_or_active(&inner, &req.site)?;
         let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
         let max = self.core.config.max_lag_on_failover.as_secs_f64();
         if let Some(why) = ops::plan::too_lossy(&inner, &plan, max).filter(|_| !req.force) {
@@ -158,14 +155,8 @@ impl Coordinator for CoordinatorApi {
 
     async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<Operation>, Status> {
         let req = request.into_inner();
-        check_site(&req.site)?;
         let inner = self.core.lock().await;
-        let site = if req.site.is_empty() {
-            ops::plan::active_site(&inner)
-                .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"))?
-        } else {
-            req.site.clone()
-        };
+        let site = site_or_active(&inner, &req.site)?;
         let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
         let down: Vec<&String> = plan
             .roles

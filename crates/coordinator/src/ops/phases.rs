@@ -336,11 +336,19 @@ async fn caught_up(old: &ServerInfo, new: &ServerInfo) -> bool {
     let Ok(o) = actions::storage_status(&old.addr).await else {
         return false;
     };
-    o.links_out
+    lag_to(&o, new).is_some_and(|lag| lag.records == 0)
+}
+
+/// How far `destination` is behind, as its source's status reports the link.
+fn lag_to(
+    source: &duplex_proto::v1::StorageServerStatus,
+    destination: &ServerInfo,
+) -> Option<duplex_proto::v1::Lag> {
+    source
+        .links_out
         .iter()
-        .find(|l| l.destination_id == new.id)
+        .find(|l| l.destination_id == destination.id)
         .and_then(|l| l.lag)
-        .is_some_and(|lag| lag.records == 0)
 }
 
 /// Waits until every server the failback moves is back and holds the role
@@ -380,11 +388,7 @@ async fn reverse_mirroring(core: &Arc<Core>, op: Operation) -> Result<Operation,
             let Ok(status) = actions::storage_status(&old.addr).await else {
                 return false;
             };
-            status
-                .links_out
-                .iter()
-                .find(|l| l.destination_id == new.id)
-                .and_then(|l| l.lag)
+            lag_to(&status, &new)
                 .is_some_and(|lag| lag.records < SMALL_LAG_RECORDS && lag.bytes < SMALL_LAG_BYTES)
         })
         .await?;
