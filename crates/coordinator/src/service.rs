@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use duplex_proto::v1::coordinator_server::Coordinator;
 use duplex_proto::v1::{
-    ClusterStatus, EnrollmentToken, FailbackRequest, FailoverRequest, GetClusterStatusRequest,
+    CancelRequest, ClusterStatus, EnrollmentToken, FailbackRequest, FailoverRequest, GetClusterStatusRequest,
     GetOperationRequest, GetTopologyRequest, HeartbeatRequest, HeartbeatResponse, HistoryRequest,
-    HistoryResponse, IssueEnrollmentTokenRequest, Lag, Operation, OperationPlan, ResyncRequest, ServerState,
-    SwitchoverRequest, Topology,
+    HistoryResponse, IssueEnrollmentTokenRequest, Lag, Operation, OperationPlan, RemoveServerRequest,
+    RemoveServerResponse, ResyncRequest, ServerState, SwitchoverRequest, Topology,
 };
 use duplex_types::{NameKind, validate_name};
 use futures::Stream;
@@ -59,6 +59,7 @@ impl CoordinatorApi {
             servers,
             operation: inner.operation.clone(),
             moved_homes: inner.cluster.moved_homes.clone(),
+            ..Default::default()
         }
     }
 
@@ -264,6 +265,23 @@ impl Coordinator for CoordinatorApi {
             token,
             expires_unix_ms: expires,
         }))
+    }
+
+    // Placeholders so the service compiles against the extended proto; the
+    // engine rewrite implements them.
+    async fn cancel(&self, _request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
+        Err(Status::unimplemented(
+            "this coordinator cannot cancel operations yet",
+        ))
+    }
+
+    async fn remove_server(
+        &self,
+        _request: Request<RemoveServerRequest>,
+    ) -> Result<Response<RemoveServerResponse>, Status> {
+        Err(Status::unimplemented(
+            "this coordinator cannot remove servers yet",
+        ))
     }
 }
 

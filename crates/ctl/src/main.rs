@@ -57,10 +57,20 @@ enum Command {
         /// The site to fail over from (default: the site holding the roles).
         #[arg(long)]
         site: Option<String>,
+        /// Move only this kind of role (default: every kind).
+        #[arg(long, value_parser = ["account", "storage"])]
+        kind: Option<String>,
         /// Accept losing writes not yet mirrored.
         #[arg(long)]
         force: bool,
         /// Return when the failover finished (exit 0) or failed (non-zero).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Stop the running operation where it waits, undoing what must not stay.
+    Cancel {
+        /// Return once it has stopped: exit 0 when it ended cancelled or
+        /// finished, non-zero when it failed.
         #[arg(long)]
         wait: bool,
     },
@@ -164,6 +174,8 @@ enum ServersCommand {
         #[arg(long)]
         epoch: Option<u64>,
     },
+    /// Forget a server that is down and holds no role (its site is rebuilt).
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -201,12 +213,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             MirrorCommand::Status { url } => mirror::status(&url, json).await,
             MirrorCommand::Links { url, links, rate } => mirror::set_links(&url, &links, rate, json).await,
         },
-        Command::Failover { site, force, wait } => {
+        Command::Failover {
+            site,
+            kind,
+            force,
+            wait,
+        } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Failover { site, force }, wait, json)
+            ops::start(client, ops::Request::Failover { site, force, kind }, wait, json)
                 .await
                 .map_err(at_coordinator)
         }
+        Command::Cancel { wait } => ops::cancel(ops::client(cli.coordinator.as_deref())?, wait, json)
+            .await
+            .map_err(at_coordinator),
         Command::Switchover { site, wait } => {
             let client = ops::client(cli.coordinator.as_deref())?;
             ops::start(client, ops::Request::Switchover { site }, wait, json)
@@ -246,14 +266,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ServersCommand::Demote { url, master, epoch } => {
                 servers::demote(&url, &master, epoch, json).await
             }
+            ServersCommand::Remove { name } => {
+                ops::remove_server(ops::client(cli.coordinator.as_deref())?, &name, json)
+                    .await
+                    .map_err(at_coordinator)
+            }
         },
         Command::Accounts { command } => {
-            let mut client = admin::connect(&entry_points(&cli.endpoint, cli.coordinator.as_deref())).await?;
+            let endpoints = entry_points(&cli.endpoint, cli.coordinator.as_deref());
             match command {
                 AccountsCommand::Create { name, group, home } => {
+                    let mut client = admin::connect(&endpoints).await?;
                     admin::create_account(&mut client, &name, group, home, json).await
                 }
-                AccountsCommand::List => admin::list_accounts(&mut client, json).await,
+                AccountsCommand::List => {
+                    admin::list_accounts(&mut admin::connect(&endpoints).await?, json).await
+                }
             }
         }
         Command::Groups { command } => {
@@ -272,4 +300,42 @@ fn entry_points(endpoints: &[String], coordinator: Option<&str>) -> Vec<String> 
     let mut all = endpoints.to_vec();
     all.extend(coordinator.map(str::to_owned));
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("duplexctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn failover_takes_only_known_kinds() {
+        assert!(parse(&["failover", "--kind", "mirror"]).is_err());
+        let cli = parse(&["failover", "--kind", "storage", "--force", "--wait"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Failover { kind: Some(k), force: true, wait: true, site: None } if k == "storage"
+        ));
+    }
+
+    #[test]
+    fn cancel_and_remove_parse() {
+        assert!(matches!(
+            parse(&["cancel", "--wait"]).unwrap().command,
+            Command::Cancel { wait: true }
+        ));
+        let remove = parse(&["servers", "remove", "storage-a"]).unwrap().command;
+        assert!(
+            matches!(remove, Command::Servers { command: ServersCommand::Remove { name } } if name == "storage-a")
+        );
+    }
 }

@@ -1,6 +1,6 @@
-//! `duplexctl failover | switchover | failback | resync | history | watch |
-//! verify` and `servers token`: operations the coordinator runs, and what
-//! it has recorded.
+//! `duplexctl failover | switchover | failback | resync | cancel | history |
+//! watch | verify` and `servers token | remove`: operations the coordinator
+//! runs, and what it has recorded.
 
 use std::time::Duration;
 
@@ -8,8 +8,8 @@ use anyhow::{Context, bail};
 use duplex_coordinator::events::{operation_json, rfc3339};
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
 use duplex_proto::v1::{
-    FailbackRequest, FailoverRequest, GetOperationRequest, GetTopologyRequest, HistoryRequest,
-    IssueEnrollmentTokenRequest, Operation, ResyncRequest, SwitchoverRequest,
+    CancelRequest, FailbackRequest, FailoverRequest, GetOperationRequest, GetTopologyRequest, HistoryRequest,
+    IssueEnrollmentTokenRequest, Operation, RemoveServerRequest, ResyncRequest, SwitchoverRequest,
 };
 use tonic::transport::Channel;
 
@@ -26,19 +26,31 @@ fn rpc_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
 
 /// What an operation request asks for.
 pub enum Request {
-    Failover { site: Option<String>, force: bool },
-    Switchover { site: Option<String> },
-    Failback { verify: bool },
-    Resync { rate: u64 },
+    Failover {
+        site: Option<String>,
+        force: bool,
+        /// "account" or "storage"; none moves every kind.
+        kind: Option<String>,
+    },
+    Switchover {
+        site: Option<String>,
+    },
+    Failback {
+        verify: bool,
+    },
+    Resync {
+        rate: u64,
+    },
 }
 
 /// Starts an operation; with `wait`, follows it to the end and fails when it does.
 pub async fn start(mut client: Client, request: Request, wait: bool, json: bool) -> anyhow::Result<()> {
     let op = match request {
-        Request::Failover { site, force } => client
+        Request::Failover { site, force, kind } => client
             .failover(FailoverRequest {
                 site: site.unwrap_or_default(),
                 force,
+                kind: kind.unwrap_or_default(),
             })
             .await
             .map_err(rpc_error("failover"))?,
@@ -61,6 +73,25 @@ pub async fn start(mut client: Client, request: Request, wait: bool, json: bool)
     if !json {
         println!("{} {} started: {}", op.kind, op.id, op.detail);
     }
+    conclude(client, op, wait, json).await
+}
+
+/// Cancels the running operation; with `wait`, follows it until it has
+/// stopped, and fails only if it ended failed.
+pub async fn cancel(mut client: Client, wait: bool, json: bool) -> anyhow::Result<()> {
+    let op = client
+        .cancel(CancelRequest {})
+        .await
+        .map_err(rpc_error("cancel"))?
+        .into_inner();
+    if !json {
+        println!("{} {} {}: cancel requested", op.kind, op.id, op.state);
+    }
+    conclude(client, op, wait, json).await
+}
+
+/// Prints the operation (followed to its end with `wait`) and fails when it failed.
+async fn conclude(mut client: Client, op: Operation, wait: bool, json: bool) -> anyhow::Result<()> {
     let op = if wait {
         follow(&mut client, op, json).await?
     } else {
@@ -100,6 +131,22 @@ async fn follow(client: &mut Client, mut op: Operation, json: bool) -> anyhow::R
             .map_err(rpc_error("following the operation"))?
             .into_inner();
     }
+}
+
+/// Forgets a server that is down and holds no role.
+pub async fn remove_server(mut client: Client, name: &str, json: bool) -> anyhow::Result<()> {
+    client
+        .remove_server(RemoveServerRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("removing server {name:?}: {}", s.message()))?;
+    if json {
+        println!("{}", serde_json::json!({ "removed": name }));
+    } else {
+        println!("server {name} removed");
+    }
+    Ok(())
 }
 
 pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {

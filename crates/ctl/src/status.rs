@@ -29,6 +29,8 @@ pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
         "phase": status.phase,
         "servers": servers,
         "moved_homes": status.moved_homes,
+        "held": status.held,
+        "warnings": status.warnings,
     })
 }
 
@@ -48,8 +50,17 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
         "mode {}  epoch {}  phase {}",
         status.mode, status.epoch, status.phase
     );
+    for warning in &status.warnings {
+        println!("warning: {warning}");
+    }
     for (origin, now) in &status.moved_homes {
         println!("accounts of {origin} are homed on {now} until a failback");
+    }
+    if !status.held.is_empty() {
+        println!(
+            "held (nothing is mirrored into them until resync or failback): {}",
+            status.held.join(", ")
+        );
     }
     println!(
         "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} lag",
@@ -72,4 +83,21 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lists_held_servers_and_warnings() {
+        let status = ClusterStatus {
+            held: vec!["storage-a".into()],
+            warnings: vec!["storage-a is held".into()],
+            ..Default::default()
+        };
+        let json = to_json(&status);
+        assert_eq!(json["held"], serde_json::json!(["storage-a"]));
+        assert_eq!(json["warnings"], serde_json::json!(["storage-a is held"]));
+    }
 }

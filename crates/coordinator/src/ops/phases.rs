@@ -243,6 +243,7 @@ async fn repoint_homes(core: &Arc<Core>, mut op: Operation) -> Result<Operation,
             to: to.clone(),
             returning,
             retire,
+            ..Default::default()
         };
         let moved = retry(deadline, || actions::move_homes(&master.addr, request.clone())).await?;
         tracing::warn!(%from, %to, moved = moved.moved, "homes moved");
