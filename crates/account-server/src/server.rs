@@ -25,7 +25,7 @@ use crate::hub::{Hub, Mode};
 use crate::node::Node;
 use crate::replication::ReplicationApi;
 use crate::service::AccountApi;
-use crate::store::{AccountStore, RoleState};
+use crate::store::{AccountStore, RoleState, meta};
 
 pub struct Config {
     pub data_dir: PathBuf,
@@ -131,16 +131,19 @@ fn heartbeat(
         Box::pin(async move {
             let role = node.role().await;
             let store = node.store.clone();
-            let (lsn, log_bytes) = tokio::task::spawn_blocking(move || {
-                Ok::<_, AccountError>((
-                    store.last_lsn()?.0,
-                    store.meta_u64(crate::store::meta::LOG_BYTES)?,
-                ))
-            })
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default();
+            let (lsn, log_bytes, divergent_entries, divergence_report) =
+                tokio::task::spawn_blocking(move || {
+                    Ok::<_, AccountError>((
+                        store.last_lsn()?.0,
+                        store.meta_u64(meta::LOG_BYTES)?,
+                        store.meta_u64(meta::DIVERGENT)?,
+                        store.meta_str(meta::DIVERGENCE_REPORT)?,
+                    ))
+                })
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
             let lag = (!role.is_master).then(|| {
                 node.progress
                     .lock()
@@ -155,6 +158,8 @@ fn heartbeat(
                 fenced: role.is_master && !node.lease.valid(),
                 degraded: node.hub.is_degraded(),
                 position: lsn,
+                divergent_entries,
+                divergence_report,
                 ..Default::default()
             }
         })
