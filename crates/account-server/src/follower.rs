@@ -3,7 +3,7 @@
 //! log as it arrives (hot standby) and acknowledge what is durable.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use duplex_proto::v1::account_replication_client::AccountReplicationClient;
 use duplex_proto::v1::{
@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::divergence;
 use crate::error::AccountError;
 use crate::node::Node;
 use crate::store::log::epoch_in;
@@ -203,32 +204,32 @@ async fn check_fork(node: &Arc<Node>, history: &EpochHistory) -> Result<Lsn, Fol
     Ok(at)
 }
 
+/// Lists the entries after `fork` in a JSON-lines report in the data dir
+/// (see `divergence`), records its count and path, and returns the path.
 async fn report_divergence(node: &Arc<Node>, fork: Lsn, last: Lsn) -> Result<String, FollowError> {
-    let entries: Vec<LogEntry> =
-        blocking(node, move |s| s.entries_after(fork, (last.0 - fork.0) as usize)).await?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let path = node.data_dir.join(format!("divergence-{now}.txt"));
-    let mut text = format!(
-        "# {} entries written on this server after LSN {} that the new master never received.\n\
-         # They are not applied anywhere; re-enter them by hand if they still matter.\n",
-        entries.len(),
-        fork.0
-    );
-    for e in &entries {
-        text.push_str(&format!(
-            "lsn={} epoch={} time_ms={} {:?}\n",
-            e.lsn, e.epoch, e.time_unix_ms, e.mutation
-        ));
-    }
-    std::fs::write(&path, text).map_err(|e| AccountError::Corrupt(format!("{}: {e}", path.display())))?;
+    let (entries, names): (Vec<LogEntry>, _) = blocking(node, move |s| {
+        Ok((
+            s.entries_after(fork, (last.0 - fork.0) as usize)?,
+            s.storage_server_names()?,
+        ))
+    })
+    .await?;
+    let text = divergence::report_text(&entries, &names)?;
+    let dir = node.data_dir.clone();
+    let path = tokio::task::spawn_blocking(move || divergence::write_report(&dir, &text))
+        .await
+        .map_err(|e| AccountError::Corrupt(e.to_string()))?
+        .map_err(|e| {
+            AccountError::Corrupt(format!(
+                "writing a divergence report in {}: {e}",
+                node.data_dir.display()
+            ))
+        })?;
     let shown = path.display().to_string();
     let count = entries.len() as u64;
     let report = shown.clone();
     blocking(node, move |s| s.record_divergence(count, &report)).await?;
-    tracing::error!(count, fork = fork.0, report = %shown, "DIVERGENT ENTRIES: this server's writes after the fork never reached the master");
+    tracing::error!(count, fork = fork.0, report = %shown, "DIVERGENT ENTRIES: this server's writes after the fork never reached the master; review the report and re-apply with `duplexctl accounts reapply`");
     Ok(shown)
 }
 

@@ -2,6 +2,7 @@
 //! storage server, and the transaction log every change is written to,
 //! shipped to slaves that apply it as it arrives.
 
+pub mod divergence;
 mod error;
 pub mod follower;
 pub mod hub;

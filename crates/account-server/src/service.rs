@@ -11,8 +11,9 @@ use duplex_proto::v1::{
     CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetTicketKeysRequest,
     GetTicketKeysResponse, GroupView, ListAccountsRequest, ListAccountsResponse, ListGroupsRequest,
     ListGroupsResponse, ListStorageServersRequest, ListStorageServersResponse, LoginRequest, LoginResponse,
-    MoveHomesRequest, MoveHomesResponse, Purpose, RegisterStorageServerRequest,
-    RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest, TicketClaims,
+    MoveHomesRequest, MoveHomesResponse, Purpose, ReapplyRequest, ReapplyResponse, ReapplyResult,
+    RegisterStorageServerRequest, RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest,
+    TicketClaims,
 };
 use duplex_rpc::ticket::{TicketSigner, now_unix};
 use duplex_types::{Epoch, NameKind, ServerId, validate_name};
@@ -348,14 +349,39 @@ impl AccountAdmin for AccountApi {
         for name in [&req.from, &req.to] {
             validate_name(NameKind::Server, name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
-        let (from, to, returning, retire) = (req.from.clone(), req.to.clone(), req.returning, req.retire);
-        let (moved, groups) = self
-            .write(move |s, epoch| s.move_homes(epoch, &from, &to, returning, retire))
-            .await?;
+        if !req.previous.is_empty() {
+            validate_name(NameKind::Server, &req.previous)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        let moving = req.clone();
+        let (moved, groups) = self.write(move |s, epoch| s.move_homes(epoch, &moving)).await?;
         if moved > 0 {
             tracing::warn!(from = %req.from, to = %req.to, moved, "accounts moved to a new home");
         }
         Ok(Response::new(MoveHomesResponse { moved, groups }))
+    }
+
+    async fn reapply(&self, request: Request<ReapplyRequest>) -> Result<Response<ReapplyResponse>, Status> {
+        let req = request.into_inner();
+        let entries = crate::divergence::decode_entries(&req.entries)?;
+        let dry_run = req.dry_run;
+        let outcomes = self
+            .write(move |s, epoch| s.reapply(epoch, &entries, dry_run))
+            .await?;
+        for o in outcomes.iter().filter(|o| o.applied && !dry_run) {
+            tracing::warn!(lsn = o.lsn, new_lsn = o.new_lsn, kind = o.kind, reason = %o.reason, "divergent entry re-applied");
+        }
+        let results = outcomes
+            .into_iter()
+            .map(|o| ReapplyResult {
+                lsn: o.lsn,
+                kind: o.kind.to_owned(),
+                applied: o.applied,
+                reason: o.reason,
+                new_lsn: o.new_lsn,
+            })
+            .collect();
+        Ok(Response::new(ReapplyResponse { results }))
     }
 
     async fn list_storage_servers(

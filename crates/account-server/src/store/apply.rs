@@ -7,7 +7,7 @@ use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
 
-use super::tables::{ACCOUNT_NAMES, ACCOUNTS, GROUPS, HOMES, KEYS, STORAGE, TOKENS};
+use super::tables::{ACCOUNT_NAMES, ACCOUNTS, GROUPS, HOMES, KEYS, RETIRED, STORAGE, TOKENS};
 use crate::error::AccountError;
 
 /// Applies one log entry's effect. Used by the master when it writes and
@@ -51,6 +51,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
                 .ok_or_else(|| AccountError::Corrupt("log entry without server".into()))?;
             txn.open_table(STORAGE)?
                 .insert(server.id.as_str(), server.encode_to_vec().as_slice())?;
+            txn.open_table(RETIRED)?.remove(server.id.as_str())?;
         }
         Some(Mutation::MoveHomes(m)) => move_homes(txn, m)?,
         Some(Mutation::SetTicketKey(k)) => {
@@ -67,6 +68,22 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
     Ok(())
 }
 
+/// Whether a move takes this account: homed on `from`, and when returning,
+/// previously homed on `to` (or on one of the ids the request named).
+pub fn moves(m: &MoveHomes, record: &AccountRecord) -> bool {
+    if record.home_id != m.from_id {
+        return false;
+    }
+    if !m.returning {
+        return true;
+    }
+    if m.previous_ids.is_empty() {
+        record.previous_home_id == m.to_id
+    } else {
+        m.previous_ids.contains(&record.previous_home_id)
+    }
+}
+
 fn move_homes(txn: &WriteTransaction, m: &MoveHomes) -> Result<(), AccountError> {
     let (from_id, to_id) = (m.from_id.as_str(), m.to_id.as_str());
     let mut accounts = txn.open_table(ACCOUNTS)?;
@@ -75,7 +92,7 @@ fn move_homes(txn: &WriteTransaction, m: &MoveHomes) -> Result<(), AccountError>
         let (k, v) = item?;
         let record = AccountRecord::decode(v.value())
             .map_err(|_| AccountError::Corrupt(format!("account {} does not decode", k.value())))?;
-        if record.home_id == from_id && (!m.returning || record.previous_home_id == to_id) {
+        if moves(m, &record) {
             moving.push((k.value(), record));
         }
     }
@@ -91,7 +108,13 @@ fn move_homes(txn: &WriteTransaction, m: &MoveHomes) -> Result<(), AccountError>
     homes.insert(from_id, left)?;
     if m.retire {
         homes.remove(from_id)?;
-        txn.open_table(STORAGE)?.remove(from_id)?;
+        let record = txn
+            .open_table(STORAGE)?
+            .remove(from_id)?
+            .map(|v| v.value().to_vec());
+        if let Some(record) = record {
+            txn.open_table(RETIRED)?.insert(from_id, record.as_slice())?;
+        }
     }
     Ok(())
 }

@@ -4,8 +4,11 @@
 //! entries reaches the same state.
 
 use duplex_proto::v1::log_entry::Mutation;
+use std::collections::HashMap;
+
 use duplex_proto::v1::{
-    AccountRecord, CreateAccount, LogEntry, MoveHomes, PutStorageServer, ServerInfo, SetGroup, SetTicketKey,
+    AccountRecord, CreateAccount, LogEntry, MoveHomes, MoveHomesRequest, PutStorageServer, ServerInfo,
+    SetGroup, SetTicketKey,
 };
 use duplex_types::{Epoch, Lsn, ServerId};
 use prost::Message;
@@ -16,12 +19,15 @@ use crate::error::AccountError;
 mod apply;
 pub mod log;
 pub mod meta;
+pub mod reapply;
 pub mod snapshot;
 pub mod tables;
+#[cfg(test)]
+mod tests;
 
 use apply::apply;
 pub use meta::RoleState;
-use tables::{ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, STORAGE, TOKENS};
+use tables::{ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS};
 
 /// A validated request to create an account.
 pub struct NewAccount {
@@ -52,6 +58,7 @@ impl AccountStore {
             txn.open_table(KEYS)?;
             txn.open_table(EPOCHS)?;
             txn.open_table(HOMES)?;
+            txn.open_table(RETIRED)?;
             let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => ServerId::parse(&String::from_utf8_lossy(&bytes))?,
@@ -77,6 +84,15 @@ impl AccountStore {
     where
         F: FnOnce(&mut Writer<'_>) -> Result<(), AccountError>,
     {
+        self.transact(epoch, false, build)
+    }
+
+    /// `commit`, or with `discard` the same work rolled back at the end: a
+    /// dry run that sees its own earlier writes, exactly as a real one would.
+    fn transact<F>(&self, epoch: Epoch, discard: bool, build: F) -> Result<Vec<LogEntry>, AccountError>
+    where
+        F: FnOnce(&mut Writer<'_>) -> Result<(), AccountError>,
+    {
         let txn = self.db.begin_write()?;
         let next = log::last_lsn_in(&txn)?.next();
         let mut writer = Writer {
@@ -87,7 +103,11 @@ impl AccountStore {
         };
         build(&mut writer)?;
         let entries = writer.entries;
-        txn.commit()?;
+        if discard {
+            txn.abort()?;
+        } else {
+            txn.commit()?;
+        }
         Ok(entries)
     }
 
@@ -113,13 +133,7 @@ impl AccountStore {
                     return Err(AccountError::Exists(format!("account {:?}", n.name)));
                 }
                 let home_id = pick_home(&servers, &w.txn.open_table(HOMES)?, n.home.as_deref())?;
-                let id = w
-                    .txn
-                    .open_table(ACCOUNTS)?
-                    .last()?
-                    .map(|(k, _)| k.value())
-                    .unwrap_or(0)
-                    + 1;
+                let id = next_account_id(w.txn)?;
                 w.write(Mutation::CreateAccount(CreateAccount {
                     id,
                     name: n.name,
@@ -207,45 +221,51 @@ impl AccountStore {
 
     /// Moves every account homed on storage server `from` to `to` (names),
     /// in one logged transaction. Returns how many moved and their groups;
-    /// nothing is logged when none is left on `from`.
+    /// nothing is logged when none is left on `from`. With `returning`, only
+    /// the accounts whose previous home bore the name `previous` (default:
+    /// `to`), retired servers included.
     pub fn move_homes(
         &self,
         epoch: Epoch,
-        from: &str,
-        to: &str,
-        returning: bool,
-        retire: bool,
+        req: &MoveHomesRequest,
     ) -> Result<(u64, Vec<String>), AccountError> {
         let servers = self.storage_servers()?;
-        let id_of = |name: &str| {
-            servers
+        let to_id = ids_named(&servers, &req.to)?.swap_remove(0);
+        let previous_ids = if req.returning {
+            let previous = if req.previous.is_empty() {
+                &req.to
+            } else {
+                &req.previous
+            };
+            let known: Vec<ServerInfo> = servers
                 .iter()
-                .find(|s| s.name == name)
-                .map(|s| s.id.clone())
-                .ok_or_else(|| AccountError::NotFound(format!("storage server {name:?}")))
+                .cloned()
+                .chain(self.retired_storage_servers()?)
+                .collect();
+            ids_named(&known, previous)?
+        } else {
+            Vec::new()
         };
-        let to_id = id_of(to)?;
         // Retired already (a repeated call): nothing left to move.
-        let Ok(from_id) = id_of(from) else {
+        let Ok(mut from) = ids_named(&servers, &req.from) else {
             return Ok((0, Vec::new()));
+        };
+        let mutation = MoveHomes {
+            from_id: from.swap_remove(0),
+            to_id,
+            returning: req.returning,
+            retire: req.retire,
+            previous_ids,
         };
         let moving: Vec<AccountRecord> = self
             .accounts()?
             .into_iter()
-            .filter(|a| a.home_id == from_id && (!returning || a.previous_home_id == to_id))
+            .filter(|a| apply::moves(&mutation, a))
             .collect();
-        if (moving.is_empty() && !retire) || from_id == to_id {
+        if (moving.is_empty() && !req.retire) || mutation.from_id == mutation.to_id {
             return Ok((0, Vec::new()));
         }
-        self.commit(epoch, |w| {
-            w.write(Mutation::MoveHomes(MoveHomes {
-                from_id: from_id.clone(),
-                to_id: to_id.clone(),
-                returning,
-                retire,
-            }))
-            .map(|_| ())
-        })?;
+        self.commit(epoch, |w| w.write(Mutation::MoveHomes(mutation)).map(|_| ()))?;
         let moved = moving.len() as u64;
         let mut groups: Vec<String> = moving.into_iter().map(|a| a.group).collect();
         groups.sort();
@@ -306,6 +326,19 @@ impl AccountStore {
         storage_servers(&txn.open_table(STORAGE)?)
     }
 
+    /// Storage servers a failover retired from placement.
+    pub fn retired_storage_servers(&self) -> Result<Vec<ServerInfo>, AccountError> {
+        let txn = self.read()?;
+        storage_servers(&txn.open_table(RETIRED)?)
+    }
+
+    /// Names of every storage server ever registered (retired ones too), by id.
+    pub fn storage_server_names(&self) -> Result<HashMap<String, String>, AccountError> {
+        let mut servers = self.retired_storage_servers()?;
+        servers.extend(self.storage_servers()?);
+        Ok(servers.into_iter().map(|s| (s.id, s.name)).collect())
+    }
+
     pub fn ticket_secret(&self) -> Result<Option<[u8; 32]>, AccountError> {
         let txn = self.read()?;
         let secret = txn
@@ -335,6 +368,9 @@ impl AccountStore {
         }
         for (k, v) in txn.open_table(STORAGE)?.iter()?.flatten() {
             h.update(b"S").update(k.value().as_bytes()).update(v.value());
+        }
+        for (k, v) in txn.open_table(RETIRED)?.iter()?.flatten() {
+            h.update(b"R").update(k.value().as_bytes()).update(v.value());
         }
         for (k, v) in txn.open_table(KEYS)?.iter()?.flatten() {
             h.update(b"K").update(k.value().as_bytes()).update(v.value());
@@ -385,6 +421,25 @@ fn storage_servers(
         out.push(decode::<ServerInfo>(v.value())?);
     }
     Ok(out)
+}
+
+/// The ids of the servers named `name` (several only among retired ones,
+/// when a name was registered again by a new server).
+fn ids_named(servers: &[ServerInfo], name: &str) -> Result<Vec<String>, AccountError> {
+    let ids: Vec<String> = servers
+        .iter()
+        .filter(|s| s.name == name)
+        .map(|s| s.id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Err(AccountError::NotFound(format!("storage server {name:?}")));
+    }
+    Ok(ids)
+}
+
+fn next_account_id(txn: &WriteTransaction) -> Result<u64, AccountError> {
+    let last = txn.open_table(ACCOUNTS)?.last()?.map(|(k, _)| k.value());
+    Ok(last.unwrap_or(0) + 1)
 }
 
 /// The requested home, or the storage server homing the fewest accounts.

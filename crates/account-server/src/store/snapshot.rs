@@ -11,7 +11,9 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::meta::{self, BASE_LSN, BOOTSTRAPS, LOG_BYTES, SNAPSHOT_LSN};
-use super::tables::{ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, STORAGE, TOKENS};
+use super::tables::{
+    ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
+};
 use super::{AccountStore, decode};
 use crate::error::AccountError;
 
@@ -53,6 +55,11 @@ impl AccountStore {
                 .storage_servers
                 .push(decode::<ServerInfo>(item?.1.value())?);
         }
+        for item in txn.open_table(RETIRED)?.iter()? {
+            snapshot
+                .retired_storage_servers
+                .push(decode::<ServerInfo>(item?.1.value())?);
+        }
         if let Some(v) = txn.open_table(KEYS)?.get("ticket_secret")? {
             snapshot.ticket_secret = v.value().to_vec();
         }
@@ -74,6 +81,7 @@ impl AccountStore {
         let txn = self.db.begin_write()?;
         txn.delete_table(ACCOUNTS)?;
         txn.delete_table(STORAGE)?;
+        txn.delete_table(RETIRED)?;
         txn.delete_table(KEYS)?;
         txn.delete_table(ACCOUNT_NAMES)?;
         txn.delete_table(TOKENS)?;
@@ -109,9 +117,14 @@ impl AccountStore {
             for s in &snapshot.storage_servers {
                 storage.insert(s.id.as_str(), s.encode_to_vec().as_slice())?;
             }
+            let mut retired = txn.open_table(RETIRED)?;
+            for s in &snapshot.retired_storage_servers {
+                retired.insert(s.id.as_str(), s.encode_to_vec().as_slice())?;
+            }
+            // Opened even when empty: readers expect every table to exist.
+            let mut keys = txn.open_table(KEYS)?;
             if !snapshot.ticket_secret.is_empty() {
-                txn.open_table(KEYS)?
-                    .insert("ticket_secret", snapshot.ticket_secret.as_slice())?;
+                keys.insert("ticket_secret", snapshot.ticket_secret.as_slice())?;
             }
             let mut epochs = txn.open_table(EPOCHS)?;
             for e in &snapshot.epochs {

@@ -15,6 +15,11 @@ pub const TOKENS: TableDefinition<[u8; 32], u64> = TableDefinition::new("tokens"
 pub const GROUPS: TableDefinition<&str, bool> = TableDefinition::new("groups");
 /// storage server id → encoded `ServerInfo`.
 pub const STORAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("storage_servers");
+/// storage server id → encoded `ServerInfo` of servers retired from
+/// placement (a failover's `MoveHomes(retire)`), so a later failback can
+/// still name them. Disjoint from STORAGE: registering again moves a
+/// server back.
+pub const RETIRED: TableDefinition<&str, &[u8]> = TableDefinition::new("retired_storage_servers");
 /// "ticket_secret" → bytes. Replicated like the rest of the state.
 pub const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 

@@ -1,0 +1,190 @@
+use duplex_proto::v1::log_entry::Mutation;
+use duplex_proto::v1::{CreateAccount, LogEntry, MoveHomesRequest, ServerInfo, SetGroup, SetTicketKey};
+use duplex_types::Epoch;
+
+use super::{AccountStore, NewAccount};
+use crate::error::AccountError;
+
+const E: Epoch = Epoch(1);
+
+fn open(dir: &tempfile::TempDir, name: &str) -> AccountStore {
+    AccountStore::open(&dir.path().join(name)).unwrap()
+}
+
+fn server(n: u8, name: &str) -> ServerInfo {
+    ServerInfo {
+        id: format!("00000000-0000-4000-8000-0000000000{n:02}"),
+        name: name.into(),
+        site: "a".into(),
+        kind: "storage".into(),
+        addr: format!("http://127.0.0.1:{n}"),
+        public_addr: String::new(),
+    }
+}
+
+fn new_account(name: &str, home: &str) -> NewAccount {
+    NewAccount {
+        name: name.into(),
+        group: "default".into(),
+        token_hash: *blake3::hash(name.as_bytes()).as_bytes(),
+        home: Some(home.into()),
+        quota_bytes: 0,
+    }
+}
+
+fn moves(from: &str, to: &str, returning: bool, retire: bool, previous: &str) -> MoveHomesRequest {
+    MoveHomesRequest {
+        from: from.into(),
+        to: to.into(),
+        returning,
+        retire,
+        previous: previous.into(),
+    }
+}
+
+fn home_of(store: &AccountStore, account: &str) -> String {
+    let record = store
+        .accounts()
+        .unwrap()
+        .into_iter()
+        .find(|a| a.name == account)
+        .unwrap();
+    let names = store.storage_server_names().unwrap();
+    names[&record.home_id].clone()
+}
+
+/// A site lost, then rebuilt under a new name: failback names the retired
+/// server as the previous home, and moves only the accounts that came from it.
+#[test]
+fn failback_to_a_rebuilt_server_finds_accounts_by_their_retired_home() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, "a.redb");
+    store.put_storage_server(E, server(1, "storage-a")).unwrap();
+    store.put_storage_server(E, server(2, "storage-b")).unwrap();
+    store
+        .create_account(E, new_account("alice", "storage-a"))
+        .unwrap();
+    store.create_account(E, new_account("bob", "storage-b")).unwrap();
+    let failover = moves("storage-a", "storage-b", false, true, "");
+    assert_eq!(store.move_homes(E, &failover).unwrap().0, 1);
+    assert!(
+        store
+            .storage_servers()
+            .unwrap()
+            .iter()
+            .all(|s| s.name != "storage-a")
+    );
+    store.put_storage_server(E, server(3, "storage-c")).unwrap();
+
+    let unknown = moves("storage-b", "storage-c", true, false, "storage-x");
+    let err = store.move_homes(E, &unknown).unwrap_err();
+    assert!(
+        matches!(&err, AccountError::NotFound(m) if m.contains("storage-x")),
+        "{err}"
+    );
+    let by_default = moves("storage-b", "storage-c", true, false, "");
+    assert_eq!(
+        store.move_homes(E, &by_default).unwrap().0,
+        0,
+        "nobody came from storage-c"
+    );
+
+    let failback = moves("storage-b", "storage-c", true, false, "storage-a");
+    assert_eq!(
+        store.move_homes(E, &failback).unwrap(),
+        (1, vec!["default".into()])
+    );
+    assert_eq!(home_of(&store, "alice"), "storage-c");
+    assert_eq!(home_of(&store, "bob"), "storage-b");
+    let lsn = store.last_lsn().unwrap();
+    assert_eq!(store.move_homes(E, &failback).unwrap().0, 0);
+    assert_eq!(store.last_lsn().unwrap(), lsn, "a repeated move logs nothing");
+
+    // A slave bootstrapped from a snapshot still knows the retired server.
+    let slave = open(&dir, "b.redb");
+    slave.install_snapshot(&store.state_snapshot().unwrap()).unwrap();
+    assert_eq!(slave.state_hash().unwrap(), store.state_hash().unwrap());
+    assert_eq!(
+        slave.retired_storage_servers().unwrap(),
+        vec![server(1, "storage-a")]
+    );
+}
+
+fn entry(lsn: u64, mutation: Mutation) -> LogEntry {
+    LogEntry {
+        lsn,
+        epoch: 0,
+        time_unix_ms: 0,
+        mutation: Some(mutation),
+    }
+}
+
+fn lost_account(id: u64, name: &str, home: &ServerInfo, group: &str) -> Mutation {
+    Mutation::CreateAccount(CreateAccount {
+        id,
+        name: name.into(),
+        group: group.into(),
+        token_hash: blake3::hash(format!("token of {name}").as_bytes())
+            .as_bytes()
+            .to_vec(),
+        home_id: home.id.clone(),
+        quota_bytes: 5,
+    })
+}
+
+#[test]
+fn reapply_recreates_what_still_fits_and_says_why_not_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir, "a.redb");
+    store.put_storage_server(E, server(1, "storage-a")).unwrap();
+    store
+        .create_account(E, new_account("taken", "storage-a"))
+        .unwrap();
+    let gone = server(9, "storage-gone");
+    let entries = [
+        entry(10, lost_account(1, "lost", &server(1, "storage-a"), "g")),
+        entry(11, lost_account(1, "taken", &server(1, "storage-a"), "g")),
+        entry(12, lost_account(2, "moved", &gone, "g")),
+        entry(13, lost_account(3, "twin", &gone, "g")),
+        entry(
+            14,
+            Mutation::SetGroup(SetGroup {
+                name: "g".into(),
+                enabled: false,
+            }),
+        ),
+        entry(15, Mutation::SetTicketKey(SetTicketKey { secret: vec![1; 32] })),
+    ];
+    // "twin" carries the token of "lost": refused once "lost" has it back.
+    let mut entries = entries.to_vec();
+    if let Some(Mutation::CreateAccount(twin)) = &mut entries[3].mutation {
+        twin.token_hash = blake3::hash(b"token of lost").as_bytes().to_vec();
+    }
+
+    let before = (store.last_lsn().unwrap(), store.state_hash().unwrap());
+    let dry = store.reapply(E, &entries, true).unwrap();
+    assert_eq!((store.last_lsn().unwrap(), store.state_hash().unwrap()), before);
+    let done = store.reapply(E, &entries, false).unwrap();
+    let verdicts =
+        |outcomes: &[super::reapply::Outcome]| -> Vec<bool> { outcomes.iter().map(|o| o.applied).collect() };
+    assert_eq!(verdicts(&dry), [true, false, true, false, true, false]);
+    assert_eq!(verdicts(&done), verdicts(&dry));
+    assert!(done[1].reason.contains("exists already"), "{:?}", done[1]);
+    assert!(done[2].reason.contains("no longer registered"), "{:?}", done[2]);
+    assert!(done[3].reason.contains("\"lost\""), "{:?}", done[3]);
+    assert!(done[5].reason.contains("ticket keys"), "{:?}", done[5]);
+    assert_eq!(done[0].kind, "create-account");
+    assert!(done[0].new_lsn > before.0.0 && dry[0].new_lsn == 0);
+
+    let lost = store
+        .account_by_token(blake3::hash(b"token of lost").as_bytes())
+        .unwrap();
+    assert_eq!(
+        (lost.name.as_str(), lost.group.as_str(), lost.quota_bytes),
+        ("lost", "g", 5)
+    );
+    assert_ne!(lost.id, 1, "the old id belongs to another account here");
+    assert_eq!(home_of(&store, "moved"), "storage-a");
+    assert!(!store.group_enabled("g").unwrap());
+    assert!(store.ticket_secret().unwrap().is_none());
+}
