@@ -1,6 +1,7 @@
 //! Account server replication: a slave applies the master's log as it
 //! arrives, bootstraps from a snapshot, survives restarts, keeps every
-//! acknowledged write in sync mode, and reports divergence on rejoin.
+//! acknowledged write in sync mode, and reports divergence on rejoin in a
+//! report an operator can re-apply.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +12,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use duplex_proto::v1::account_replication_client::AccountReplicationClient;
-use duplex_proto::v1::{ListAccountsRequest, PromoteRequest};
+use duplex_proto::v1::account_service_client::AccountServiceClient;
+use duplex_proto::v1::{
+    CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, LoginRequest, PromoteRequest, Purpose,
+    ReapplyEntry, ReapplyRequest, SetGroupEnabledRequest,
+};
 use duplex_tests::accounts::{self, account, admin, bulk_create, register_storage, status, wait_in_sync};
 use duplex_tests::{bin, runtime, wait_for};
 
@@ -229,6 +234,94 @@ fn async_mode_loses_at_most_what_the_lag_said() {
     );
 }
 
+/// Accounts only the master will have: created in group `lost`, then
+/// that group disabled. Returns each account's token.
+async fn lost_writes(master: &str) -> Vec<String> {
+    let mut client = admin(master);
+    let mut tokens = Vec::new();
+    for i in 0..20 {
+        let request = CreateAccountRequest {
+            group: "lost".into(),
+            ..account(&format!("lost{i}"))
+        };
+        tokens.push(client.create_account(request).await.unwrap().into_inner().token);
+    }
+    let disable = SetGroupEnabledRequest {
+        name: "lost".into(),
+        enabled: false,
+    };
+    client.set_group_enabled(disable).await.unwrap();
+    tokens
+}
+
+/// The divergence report: JSON lines, private, naming what was lost and
+/// never a token.
+fn check_report(path: &str, tokens: &[String]) -> Vec<serde_json::Value> {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(path.ends_with(".jsonl"), "{path}");
+    let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the report holds token hashes");
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(tokens.iter().all(|t| !text.contains(t.as_str())), "{text}");
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 21, "{text}");
+    for (i, line) in lines.iter().enumerate() {
+        humantime::parse_rfc3339(line["time"].as_str().unwrap()).unwrap();
+        assert!(line["entry"].is_string() && line["reapply"] == true, "{line}");
+        assert!(line["epoch"].is_u64(), "{line}");
+        if i > 0 {
+            assert_eq!(line["lsn"].as_u64(), lines[i - 1]["lsn"].as_u64().map(|l| l + 1));
+        }
+    }
+    let summaries = |kind: &str| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| l["kind"] == kind)
+            .map(|l| l["summary"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let created = summaries("create-account");
+    assert_eq!(created.len(), 20);
+    assert!(
+        created[0].contains("\"lost0\"")
+            && created[0].contains("\"lost\"")
+            && created[0].contains("storage-a"),
+        "{created:?}"
+    );
+    assert_eq!(summaries("set-group-enabled"), ["disable group \"lost\""]);
+    lines
+}
+
+/// `duplexctl accounts reapply FILE --json` against `endpoint`: the entries.
+fn reapply(endpoint: &str, file: &str, dry_run: bool) -> Vec<serde_json::Value> {
+    let mut args = vec!["accounts", "reapply", file, "--json", "--endpoint", endpoint];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    let out = ctl(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["entries"].as_array().unwrap().clone()
+}
+
+fn applied(entries: &[serde_json::Value]) -> Vec<u64> {
+    entries
+        .iter()
+        .filter(|e| e["applied"] == true)
+        .map(|e| e["lsn"].as_u64().unwrap())
+        .collect()
+}
+
+async fn login(addr: &str, token: &str) -> Result<String, tonic::Status> {
+    let mut client = AccountServiceClient::new(duplex_rpc::channel(addr).unwrap());
+    let request = LoginRequest {
+        token: token.to_owned(),
+        purpose: Purpose::Read as i32,
+    };
+    let response = client.login(request).await?.into_inner();
+    Ok(response.account.unwrap().name)
+}
+
 #[test]
 fn diverged_master_rejoins_as_slave_and_reports_what_it_alone_had() {
     let dir = tempfile::tempdir().unwrap();
@@ -246,29 +339,107 @@ fn diverged_master_rejoins_as_slave_and_reports_what_it_alone_had() {
     // sends in its socket buffer), let the master take writes the slave
     // never sees, then lose the master.
     b.kill();
-    rt.block_on(async {
-        let mut client = admin(&a.addr);
-        for i in 0..20 {
-            client.create_account(account(&format!("lost{i}"))).await.unwrap();
-        }
-    });
+    let tokens = rt.block_on(lost_writes(&a.addr));
     a.kill();
     b.restart();
 
     let out = ctl(&["servers", "promote", &b.addr, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     rt.block_on(bulk_create(&b.addr, "after", 10));
+    // Taken on the new master meanwhile: re-applying must not replace it.
+    rt.block_on(admin(&b.addr).create_account(account("lost5")))
+        .unwrap();
 
     a.restart();
     let out = ctl(&["servers", "demote", &a.addr, "--master", &b.addr, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rejoined = wait_in_sync(&rt, &b.addr, &a.addr, SYNC);
     assert_eq!(rejoined.role, "slave");
-    assert_eq!(rejoined.divergent_entries, 20, "{rejoined:?}");
-    let report = std::fs::read_to_string(&rejoined.divergence_report).unwrap();
-    assert!(report.contains("lost0") && report.contains("lost19"), "{report}");
+    assert_eq!(rejoined.divergent_entries, 21, "{rejoined:?}");
+    let report = rejoined.divergence_report.clone();
+    let lines = check_report(&report, &tokens);
     let names = rt.block_on(names_on(&a.addr));
     assert!(names.contains("after9") && !names.contains("lost0"));
+
+    // Reviewed, then re-applied on the new master: all but the name taken.
+    let lsn = |name: &str| {
+        let line = lines
+            .iter()
+            .find(|l| l["summary"].as_str().unwrap().contains(name));
+        line.unwrap()["lsn"].as_u64().unwrap()
+    };
+    let mut expected: Vec<u64> = lines.iter().map(|l| l["lsn"].as_u64().unwrap()).collect();
+    expected.retain(|&l| l != lsn("\"lost5\""));
+    let dry = reapply(&b.addr, &report, true);
+    assert_eq!(applied(&dry), expected, "{dry:?}");
+    assert!(
+        !rt.block_on(names_on(&b.addr)).contains("lost0"),
+        "a dry run wrote"
+    );
+    let done = reapply(&b.addr, &report, false);
+    assert_eq!(applied(&done), expected, "{done:?}");
+    let skipped = done.iter().find(|e| e["applied"] == false).unwrap();
+    assert_eq!(skipped["kind"], "create-account");
+    assert!(
+        skipped["reason"].as_str().unwrap().contains("exists already"),
+        "{skipped}"
+    );
+
+    rt.block_on(async {
+        assert_eq!(login(&b.addr, &tokens[0]).await.unwrap(), "lost0");
+        assert_eq!(login(&b.addr, &tokens[19]).await.unwrap(), "lost19");
+        assert!(
+            login(&b.addr, &tokens[5]).await.is_err(),
+            "lost5 keeps its new token"
+        );
+        let groups = admin(&b.addr)
+            .list_groups(ListGroupsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let lost = groups.groups.iter().find(|g| g.name == "lost").unwrap();
+        assert!(!lost.enabled && lost.accounts == 19, "{lost:?}");
+    });
+    // Re-applied entries are ordinary writes: the rejoined slave gets them.
+    wait_in_sync(&rt, &b.addr, &a.addr, SYNC);
+    rt.block_on(async { assert_eq!(login(&a.addr, &tokens[0]).await.unwrap(), "lost0") });
+
+    // Once more changes nothing.
+    assert!(applied(&reapply(&b.addr, &report, false)).is_empty());
+    refusals(&rt, &a.addr, &b.addr, &lines[0]);
+}
+
+/// Re-applying is a write (a slave refuses, naming the master), refuses
+/// an entry that does not decode (naming its LSN), and an unreadable
+/// report fails the command.
+fn refusals(rt: &tokio::runtime::Runtime, slave: &str, master: &str, line: &serde_json::Value) {
+    use base64::Engine;
+    let encoded = line["entry"].as_str().unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+    let lsn = line["lsn"].as_u64().unwrap();
+    let request = |lsn: u64, entry: Vec<u8>| ReapplyRequest {
+        entries: vec![ReapplyEntry { lsn, entry }],
+        dry_run: false,
+    };
+    let err = rt
+        .block_on(admin(slave).reapply(request(lsn, bytes)))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains(master), "{}", err.message());
+    let err = rt
+        .block_on(admin(master).reapply(request(777, b"\xff\xffgarbage".to_vec())))
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("lsn 777"), "{}", err.message());
+    let out = ctl(&[
+        "accounts",
+        "reapply",
+        "/nonexistent/divergence.jsonl",
+        "--endpoint",
+        master,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/divergence.jsonl"));
 }
 
 #[test]

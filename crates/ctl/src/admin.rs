@@ -51,7 +51,7 @@ const FENCED_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs a write, retrying while the master refuses it as fenced: such a
 /// refusal happens before anything is written, so retrying is safe.
-async fn while_fenced<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+pub async fn while_fenced<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,

@@ -3,6 +3,7 @@ mod mirror;
 mod ops;
 mod playground;
 mod procs;
+mod reapply;
 mod servers;
 mod status;
 
@@ -32,7 +33,7 @@ struct Cli {
 enum Command {
     /// Every server's role, health and lag, from the coordinator.
     Status,
-    /// Create and list accounts.
+    /// Create and list accounts; re-apply a divergence report.
     Accounts {
         #[command(subcommand)]
         command: AccountsCommand,
@@ -124,6 +125,14 @@ enum AccountsCommand {
         home: Option<String>,
     },
     List,
+    /// Re-apply the entries of a divergence report (divergence-*.jsonl) on
+    /// the master, each only if it still makes sense.
+    Reapply {
+        file: PathBuf,
+        /// Say what would be applied or skipped; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +291,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 AccountsCommand::List => {
                     admin::list_accounts(&mut admin::connect(&endpoints).await?, json).await
                 }
+                // The report is read before any server is asked.
+                AccountsCommand::Reapply { file, dry_run } => {
+                    reapply::run(&endpoints, &file, dry_run, json).await
+                }
             }
         }
         Command::Groups { command } => {
@@ -328,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn cancel_and_remove_parse() {
+    fn cancel_remove_and_reapply_parse() {
         assert!(matches!(
             parse(&["cancel", "--wait"]).unwrap().command,
             Command::Cancel { wait: true }
@@ -337,5 +350,13 @@ mod tests {
         assert!(
             matches!(remove, Command::Servers { command: ServersCommand::Remove { name } } if name == "storage-a")
         );
+        let reapply = parse(&["accounts", "reapply", "d.jsonl", "--dry-run", "--json"]).unwrap();
+        assert!(reapply.json);
+        assert!(matches!(
+            reapply.command,
+            Command::Accounts {
+                command: AccountsCommand::Reapply { dry_run: true, .. }
+            }
+        ));
     }
 }
