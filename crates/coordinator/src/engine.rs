@@ -630,12 +630,8 @@ impl Owner {
             )));
         }
         let reason = format!("cancelled by {}", if by.is_empty() { "an operator" } else { by });
-        self.end(OperationState::Cancelled, reason).map_err(internal)?;
-        self.desired
-            .operation
-            .as_ref()
-            .filter(|o| o.id == op.id)
-            .map(pb::Operation::from)
+        self.end(OperationState::Cancelled, reason)
+            .map_err(internal)?
             .ok_or_else(|| Status::internal("the cancelled operation vanished"))
     }
 
@@ -957,9 +953,9 @@ impl Owner {
 
     /// Ends the running operation; a failed or cancelled one first undoes
     /// what must not stay.
-    fn end(&mut self, state: OperationState, reason: String) -> Result<(), StoreError> {
+    fn end(&mut self, state: OperationState, reason: String) -> Result<Option<pb::Operation>, StoreError> {
         let Some(op) = self.desired.running().cloned() else {
-            return Ok(());
+            return Ok(None);
         };
         if state != OperationState::Done {
             let (observed, now, now_ms) = self.view_parts();
@@ -995,10 +991,10 @@ impl Owner {
             }
         })?;
         // History keeps it; the desired state no longer has a running one.
-        self.desired.operation = None;
+        let ended = self.desired.operation.take().map(|o| pb::Operation::from(&o));
         self.shared.desired.send_replace(Arc::new(self.desired.clone()));
         self.phase = PhaseState::default();
-        Ok(())
+        Ok(ended)
     }
 
     // ---- reconciling groups ---------------------------------------------
