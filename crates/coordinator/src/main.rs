@@ -2,12 +2,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use duplex_coordinator::core::{Config, Core};
+use duplex_coordinator::clock::Clock;
+use duplex_coordinator::config::Config;
+use duplex_coordinator::servers::GrpcServers;
 use duplex_coordinator::service::CoordinatorApi;
 use duplex_coordinator::store::Store;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
+use duplex_types::Mode;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -18,8 +21,8 @@ struct Cli {
     #[command(flatten)]
     server: ServerArgs,
     /// active-passive: every account homed on site a; active-active: split.
-    #[arg(long, env = "DUPLEX_MODE", default_value = "active-passive", value_parser = ["active-passive", "active-active"], global = true)]
-    mode: String,
+    #[arg(long, env = "DUPLEX_MODE", default_value = "active-passive", value_parser = parse_mode, global = true)]
+    mode: Mode,
     /// A master or primary silent this long is failed over.
     #[arg(long, env = "DUPLEX_FAILOVER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1500ms", global = true)]
     failover_timeout: Duration,
@@ -38,8 +41,18 @@ struct Cli {
     /// POST a JSON document here on failover, failback, switchover and refusals.
     #[arg(long, env = "DUPLEX_WEBHOOK", global = true)]
     webhook: Option<String>,
+    /// How long a failback waits for recovered servers before giving up.
+    #[arg(long, env = "DUPLEX_REJOIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1h", global = true)]
+    rejoin_timeout: Duration,
+    /// How long any other phase waits for servers before its way out.
+    #[arg(long, env = "DUPLEX_PHASE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s", global = true)]
+    phase_timeout: Duration,
     #[command(subcommand)]
     command: Option<ServerCommand>,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse().map_err(|e: duplex_types::InvalidInput| e.to_string())
 }
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:7300";
@@ -79,12 +92,20 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         max_lag_on_failover: cli.max_lag_on_failover,
         auto_failover: !cli.no_auto_failover,
         webhook: cli.webhook,
+        rejoin_timeout: cli.rejoin_timeout,
+        phase_timeout: cli.phase_timeout,
     };
-    let core = Core::open(config, info, store).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    tokio::spawn(duplex_coordinator::ops::runner(core.clone(), shutdown.clone()));
-    tokio::spawn(duplex_coordinator::detector::run(core.clone(), shutdown.clone()));
-    let metrics = duplex_coordinator::service::metrics(core.clone());
-    let api = CoordinatorApi { core };
+    let engine = duplex_coordinator::engine::start(
+        config,
+        info,
+        store,
+        Arc::new(GrpcServers),
+        Clock::system(),
+        shutdown.clone(),
+    )
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let metrics = duplex_coordinator::service::metrics(engine.clone());
+    let api = CoordinatorApi { engine };
     let names = [<CoordinatorServer<CoordinatorApi> as NamedService>::NAME];
     let routes = Routes::new(CoordinatorServer::new(api));
     duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;

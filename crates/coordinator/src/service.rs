@@ -1,98 +1,98 @@
-//! The Coordinator gRPC service: thin handlers over `Core` and `ops`.
+//! The Coordinator gRPC service: thin handlers that turn requests into engine commands.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use duplex_proto::v1::coordinator_server::Coordinator;
 use duplex_proto::v1::{
     CancelRequest, ClusterStatus, EnrollmentToken, FailbackRequest, FailoverRequest, GetClusterStatusRequest,
     GetOperationRequest, GetTopologyRequest, HeartbeatRequest, HeartbeatResponse, HistoryRequest,
-    HistoryResponse, IssueEnrollmentTokenRequest, Lag, Operation, OperationPlan, RemoveServerRequest,
-    RemoveServerResponse, ResyncRequest, ServerState, SwitchoverRequest, Topology,
+    HistoryResponse, IssueEnrollmentTokenRequest, Operation, RemoveServerRequest, RemoveServerResponse,
+    ResyncRequest, ServerState, SwitchoverRequest, Topology,
 };
-use duplex_types::{NameKind, validate_name};
+use duplex_types::{Role, ServerKind};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::core::{Core, Inner, durably, random_secret, wall_ms};
-use crate::ops;
+use crate::decide::roles;
+use crate::engine::{Command, Engine, durably, shown_role};
+use crate::heartbeat::random_secret;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Operator actions are attributed to this until operators have names.
+const OPERATOR: &str = "operator";
 
 pub struct CoordinatorApi {
-    pub core: Arc<Core>,
+    pub engine: Engine,
 }
 
-impl CoordinatorApi {
-    async fn status(&self) -> ClusterStatus {
-        let inner = self.core.lock().await;
-        let now = Instant::now();
+/// The cluster as `duplexctl status` shows it.
+pub fn status(engine: &Engine) -> ClusterStatus {
+    engine.with_view(|view| {
+        let desired = view.desired;
         let mut servers = vec![ServerState {
-            server: Some(self.core.info.clone()),
-            role: "running".into(),
+            server: Some(engine.info.clone()),
+            role: Role::Running.as_str().to_owned(),
             healthy: true,
-            last_heartbeat_unix_ms: wall_ms(),
+            last_heartbeat_unix_ms: view.now_ms,
             ..Default::default()
         }];
-        for server in inner.servers.values() {
-            let seen = inner.observed.get(&server.name);
+        for member in desired.servers.values() {
+            let seen = view.observed.get(&member.name);
             let lag = seen
                 .and_then(|o| o.report.lag)
-                .or_else(|| inbound_lag(&inner, &server.id));
+                .or_else(|| view.observed.inbound_lag(&member.id));
             servers.push(ServerState {
-                role: self.core.shown_role(&inner, &server.name),
-                healthy: seen.is_some_and(|o| now.duration_since(o.at) < self.core.config.failover_timeout),
+                role: shown_role(view, &member.name),
+                healthy: view.healthy(&member.name),
                 epoch: seen.map_or(0, |o| o.report.epoch),
-                lag,
+                lag: lag.map(Into::into),
                 last_heartbeat_unix_ms: seen.map_or(0, |o| o.wall_ms),
-                assigned_role: inner.cluster.roles.get(&server.name).cloned().unwrap_or_default(),
+                assigned_role: desired.role(&member.name).map(String::from).unwrap_or_default(),
                 position: seen.map_or(0, |o| o.report.position),
-                server: Some(server.clone()),
+                server: Some(member.into()),
             });
         }
+        let operation = desired
+            .operation
+            .as_ref()
+            .map(Operation::from)
+            .or_else(|| last_operation(engine));
         ClusterStatus {
-            mode: self.core.config.mode.clone(),
-            epoch: inner.cluster.epoch,
-            phase: Core::phase(&inner),
+            mode: desired.mode.as_str().to_owned(),
+            epoch: desired.epoch,
+            phase: desired.phase_label(),
             servers,
-            operation: inner.operation.clone(),
-            moved_homes: inner.cluster.moved_homes.clone(),
-            ..Default::default()
+            operation,
+            moved_homes: desired.moved_homes.clone().into_iter().collect(),
+            held: desired.held.iter().cloned().collect(),
+            warnings: roles::warnings(view),
         }
-    }
-
-    async fn start(
-        &self,
-        kind: &str,
-        plan: OperationPlan,
-        detail: String,
-        forced: bool,
-    ) -> Result<Operation, Status> {
-        ops::start(&self.core, kind, plan, detail, false, forced).await
-    }
+    })
 }
 
-/// A replica's lag, as the primaries report their outbound links to it.
-fn inbound_lag(inner: &Inner, id: &str) -> Option<Lag> {
-    inner
-        .observed
-        .values()
-        .flat_map(|o| o.report.outbound.iter())
-        .filter(|out| out.destination_id == id)
-        .filter_map(|out| out.lag)
-        .max_by_key(|l| l.records)
+/// The last operation with phases (not a one-off event).
+fn last_operation(engine: &Engine) -> Option<Operation> {
+    durably(|| engine.store.operations())
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|o| !o.phases.is_empty())
 }
 
-/// The site an operator named, or by default the one holding the roles.
-fn site_or_active(inner: &Inner, site: &str) -> Result<String, Status> {
-    if site.is_empty() {
-        return ops::plan::active_site(inner)
-            .ok_or_else(|| Status::failed_precondition("no server holds a master or primary role"));
+fn kind_of(kind: &str) -> Result<Option<ServerKind>, Status> {
+    if kind.is_empty() {
+        return Ok(None);
     }
-    validate_name(NameKind::Site, site).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(site.to_owned())
+    match kind.parse::<ServerKind>() {
+        Ok(k) if k.holds_data() => Ok(Some(k)),
+        _ => Err(Status::invalid_argument(format!(
+            "--kind must be account or storage, not {:?}",
+            kind.chars().take(32).collect::<String>()
+        ))),
+    }
 }
 
 type TopologyStream = Pin<Box<dyn Stream<Item = Result<Topology, Status>> + Send>>;
@@ -103,22 +103,21 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(self.core.heartbeat(request.into_inner()).await?))
+        Ok(Response::new(self.engine.heartbeat(request.into_inner()).await?))
     }
 
     async fn get_status(
         &self,
         _request: Request<GetClusterStatusRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        Ok(Response::new(self.status().await))
+        Ok(Response::new(status(&self.engine)))
     }
 
     async fn get_topology(
         &self,
         _request: Request<GetTopologyRequest>,
     ) -> Result<Response<Topology>, Status> {
-        self.core.publish().await;
-        Ok(Response::new(self.core.watch_topology().borrow().clone()))
+        Ok(Response::new(self.engine.topology()))
     }
 
     type WatchTopologyStream = TopologyStream;
@@ -127,90 +126,59 @@ impl Coordinator for CoordinatorApi {
         &self,
         _request: Request<GetTopologyRequest>,
     ) -> Result<Response<TopologyStream>, Status> {
-        self.core.publish().await;
-        let stream = tokio_stream::wrappers::WatchStream::new(self.core.watch_topology());
+        let stream = tokio_stream::wrappers::WatchStream::new(self.engine.watch_topology());
         let stream = futures::StreamExt::map(stream, Ok);
         Ok(Response::new(Box::pin(stream)))
     }
 
     async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Operation>, Status> {
         let req = request.into_inner();
-        let inner = self.core.lock().await;
-        let site = site_or_active(&inner, &req.site)?;
-        let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
-        let max = self.core.config.max_lag_on_failover.as_secs_f64();
-        if let Some(why) = ops::plan::too_lossy(&inner, &plan, max).filter(|_| !req.force) {
-            return Err(Status::failed_precondition(format!(
-                "failing over site {site} could lose acknowledged writes: {why}; --force accepts the loss"
-            )));
-        }
-        drop(inner);
-        let detail = format!(
-            "manual failover of site {site}{}",
-            if req.force { " (forced)" } else { "" }
-        );
-        Ok(Response::new(
-            self.start("failover", plan, detail, req.force).await?,
-        ))
+        let command = Command::Failover {
+            site: req.site,
+            kind: kind_of(&req.kind)?,
+            force: req.force,
+        };
+        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
     }
 
     async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<Operation>, Status> {
-        let req = request.into_inner();
-        let inner = self.core.lock().await;
-        let site = site_or_active(&inner, &req.site)?;
-        let plan = ops::plan::away_from_site(&self.core, &inner, &site, false)?;
-        let down: Vec<&String> = plan
-            .roles
-            .keys()
-            .filter(|n| !self.core.healthy(&inner, n))
-            .collect();
-        if !down.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "switchover needs every server involved up, but {down:?} are down; use failover"
-            )));
-        }
-        drop(inner);
-        let detail = format!("planned switchover away from site {site}");
-        Ok(Response::new(
-            self.start("switchover", plan, detail, false).await?,
-        ))
+        let command = Command::Switchover {
+            site: request.into_inner().site,
+        };
+        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
     }
 
     async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
-        let verify = request.into_inner().verify;
-        let inner = self.core.lock().await;
-        let mut plan = ops::plan::failback(&inner)?;
-        drop(inner);
-        plan.verify = verify;
-        let detail = format!(
-            "failback of site {} to its original roles{}",
-            plan.from_site,
-            if verify { ", with an integrity check" } else { "" }
-        );
-        Ok(Response::new(self.start("failback", plan, detail, false).await?))
+        let command = Command::Failback {
+            verify: request.into_inner().verify,
+        };
+        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
     }
 
     async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Operation>, Status> {
-        let rate = request.into_inner().rate;
-        let held = self.core.lock().await.cluster.held.clone();
-        let plan = OperationPlan {
-            rate,
-            ..Default::default()
+        let command = Command::Resync {
+            rate: request.into_inner().rate,
         };
-        let detail = format!(
-            "resync into {} at {}",
-            if held.is_empty() {
-                "every mirror".to_owned()
-            } else {
-                held.join(", ")
-            },
-            if rate == 0 {
-                "full speed".to_owned()
-            } else {
-                format!("{rate} bytes/s")
-            }
-        );
-        Ok(Response::new(self.start("resync", plan, detail, false).await?))
+        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
+    }
+
+    async fn cancel(&self, _request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
+        Ok(Response::new(
+            self.engine.command(Command::Cancel, OPERATOR).await?,
+        ))
+    }
+
+    async fn remove_server(
+        &self,
+        request: Request<RemoveServerRequest>,
+    ) -> Result<Response<RemoveServerResponse>, Status> {
+        let name = request.into_inner().name;
+        duplex_types::validate_name(duplex_types::NameKind::Server, &name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.engine
+            .command(Command::RemoveServer { name }, OPERATOR)
+            .await?;
+        Ok(Response::new(RemoveServerResponse {}))
     }
 
     async fn get_operation(
@@ -219,27 +187,24 @@ impl Coordinator for CoordinatorApi {
     ) -> Result<Response<Operation>, Status> {
         let id = request.into_inner().id;
         if id.is_empty() {
-            return self
-                .core
-                .lock()
-                .await
+            return status(&self.engine)
                 .operation
-                .clone()
                 .map(Response::new)
                 .ok_or_else(|| Status::not_found("no operation has run yet"));
         }
-        let id: u64 = id
-            .parse()
-            .map_err(|_| Status::invalid_argument(format!("operation id {id:?} is not a number")))?;
-        let ops = durably(|| self.core.store.operations())?;
-        ops.into_iter()
-            .find(|o| o.id == id)
+        let id: u64 = id.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "operation id {:?} is not a number",
+                id.chars().take(32).collect::<String>()
+            ))
+        })?;
+        durably(|| self.engine.store.operation(id))?
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no operation {id}")))
     }
 
     async fn history(&self, _request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
-        let events = durably(|| self.core.store.operations())?;
+        let events = durably(|| self.engine.store.operations())?;
         Ok(Response::new(HistoryResponse { events }))
     }
 
@@ -257,43 +222,25 @@ impl Coordinator for CoordinatorApi {
             ));
         }
         let token = random_secret();
-        let expires = wall_ms() + ttl.as_millis() as i64;
+        let expires = self.engine.clock.wall_ms() + ttl.as_millis() as i64;
         let hash = blake3::hash(token.as_bytes()).to_hex().to_string();
-        durably(|| self.core.store.add_token(&hash, expires))?;
+        durably(|| self.engine.store.add_token(&hash, expires))?;
         tracing::info!(ttl = ?ttl, "enrollment token issued");
         Ok(Response::new(EnrollmentToken {
             token,
             expires_unix_ms: expires,
         }))
     }
-
-    // Placeholders so the service compiles against the extended proto; the
-    // engine rewrite implements them.
-    async fn cancel(&self, _request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
-        Err(Status::unimplemented(
-            "this coordinator cannot cancel operations yet",
-        ))
-    }
-
-    async fn remove_server(
-        &self,
-        _request: Request<RemoveServerRequest>,
-    ) -> Result<Response<RemoveServerResponse>, Status> {
-        Err(Status::unimplemented(
-            "this coordinator cannot remove servers yet",
-        ))
-    }
 }
 
 /// `/metrics`: heartbeat age, role, epoch and lag per server; the running
 /// phase; operations by kind and outcome.
-pub fn metrics(core: Arc<Core>) -> duplex_rpc::metrics::MetricsFn {
+pub fn metrics(engine: Engine) -> duplex_rpc::metrics::MetricsFn {
     Arc::new(move || {
-        let core = core.clone();
+        let engine = engine.clone();
         Box::pin(async move {
             let mut e = duplex_rpc::metrics::Exposition::default();
-            let api = CoordinatorApi { core: core.clone() };
-            let status = api.status().await;
+            let status = status(&engine);
             e.gauge(
                 "duplex_up",
                 "1 while the server answers.",
@@ -312,7 +259,7 @@ pub fn metrics(core: Arc<Core>) -> duplex_rpc::metrics::MetricsFn {
                 &[("phase", status.phase.as_str())],
                 1.0,
             );
-            let now = wall_ms();
+            let now = engine.clock.wall_ms();
             for s in status.servers.iter().skip(1) {
                 let name = s.server.as_ref().map_or("", |i| i.name.as_str());
                 let l = [("server", name)];
@@ -342,7 +289,7 @@ pub fn metrics(core: Arc<Core>) -> duplex_rpc::metrics::MetricsFn {
                     e.lag(&l, lag);
                 }
             }
-            let ops = durably(|| core.store.operations()).unwrap_or_default();
+            let ops = durably(|| engine.store.operations()).unwrap_or_default();
             let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
             for op in &ops {
                 *counts.entry((op.kind.clone(), op.state.clone())).or_default() += 1;

@@ -1,7 +1,10 @@
 //! The coordinator's durable state in one redb file: the registry of
 //! servers, who holds which role (`ClusterState`), every operation with
 //! its phases (history), enrollment tokens and server credentials.
-//! Every change commits (fsync) before the coordinator acts on it.
+//!
+//! Only the engine's owner task writes the desired state, and it writes
+//! each change in one transaction (redb fsyncs on commit) before anyone
+//! is told. Simulations use the same code over an in-memory backend.
 
 use std::path::Path;
 
@@ -42,6 +45,25 @@ pub enum Enrollment {
     Expired,
 }
 
+/// One change of the durable state, written in one transaction.
+#[derive(Default)]
+pub struct Commit {
+    pub cluster: Option<ClusterState>,
+    pub put_servers: Vec<ServerInfo>,
+    pub remove_servers: Vec<String>,
+    /// Operations and events, by id (a later write of an id replaces it).
+    pub operations: Vec<Operation>,
+}
+
+/// What a coordinator finds when it starts.
+pub struct Loaded {
+    pub cluster: ClusterState,
+    pub servers: Vec<ServerInfo>,
+    /// The running operation, else the last one.
+    pub operation: Option<Operation>,
+    pub next_operation_id: u64,
+}
+
 pub struct Store {
     db: Database,
 }
@@ -52,7 +74,16 @@ fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, StoreErro
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(dir.join("coordinator.redb"))?;
+        Self::init(Database::create(dir.join("coordinator.redb"))?)
+    }
+
+    /// A store that lives in memory (simulations and unit tests).
+    pub fn in_memory() -> Result<Self, StoreError> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<Self, StoreError> {
         let txn = db.begin_write()?;
         txn.open_table(SERVERS)?;
         txn.open_table(STATE)?;
@@ -63,44 +94,66 @@ impl Store {
         Ok(Self { db })
     }
 
-    pub fn servers(&self) -> Result<Vec<ServerInfo>, StoreError> {
+    pub fn load(&self) -> Result<Loaded, StoreError> {
         let txn = self.db.begin_read()?;
-        let table = txn.open_table(SERVERS)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
+        let cluster = match txn.open_table(STATE)?.get(CLUSTER_KEY)? {
+            Some(v) => decode(CLUSTER_KEY, v.value())?,
+            None => ClusterState::default(),
+        };
+        let mut servers = Vec::new();
+        for item in txn.open_table(SERVERS)?.iter()? {
             let (k, v) = item?;
-            out.push(decode(k.value(), v.value())?);
+            servers.push(decode(k.value(), v.value())?);
         }
-        Ok(out)
+        let operations = txn.open_table(OPERATIONS)?;
+        let next_operation_id = operations.last()?.map_or(0, |(k, _)| k.value()) + 1;
+        // The running operation is resumed even when events came after it.
+        let mut operation: Option<Operation> = None;
+        for item in operations.iter()?.rev() {
+            let (k, v) = item?;
+            let op: Operation = decode(&format!("operation {}", k.value()), v.value())?;
+            if op.state == "running" {
+                operation = Some(op);
+                break;
+            }
+            if operation.is_none() && !op.phases.is_empty() {
+                operation = Some(op);
+            }
+        }
+        Ok(Loaded {
+            cluster,
+            servers,
+            operation,
+            next_operation_id,
+        })
     }
 
-    /// Records `server` (by name) durably.
-    pub fn put_server(&self, server: &ServerInfo) -> Result<(), StoreError> {
+    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(SERVERS)?
-            .insert(server.name.as_str(), server.encode_to_vec().as_slice())?;
+        {
+            if let Some(cluster) = &commit.cluster {
+                txn.open_table(STATE)?
+                    .insert(CLUSTER_KEY, cluster.encode_to_vec().as_slice())?;
+            }
+            let mut servers = txn.open_table(SERVERS)?;
+            for s in &commit.put_servers {
+                servers.insert(s.name.as_str(), s.encode_to_vec().as_slice())?;
+            }
+            let mut credentials = txn.open_table(CREDENTIALS)?;
+            for name in &commit.remove_servers {
+                servers.remove(name.as_str())?;
+                credentials.remove(name.as_str())?;
+            }
+            let mut ops = txn.open_table(OPERATIONS)?;
+            for op in &commit.operations {
+                ops.insert(op.id, op.encode_to_vec().as_slice())?;
+            }
+        }
         txn.commit()?;
         Ok(())
     }
 
-    pub fn cluster(&self) -> Result<ClusterState, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(STATE)?;
-        match table.get(CLUSTER_KEY)? {
-            Some(v) => decode(CLUSTER_KEY, v.value()),
-            None => Ok(ClusterState::default()),
-        }
-    }
-
-    pub fn save_cluster(&self, state: &ClusterState) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(STATE)?
-            .insert(CLUSTER_KEY, state.encode_to_vec().as_slice())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Every operation, oldest first.
+    /// Every operation and event, oldest first.
     pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(OPERATIONS)?;
@@ -112,18 +165,13 @@ impl Store {
         Ok(out)
     }
 
-    pub fn next_operation_id(&self) -> Result<u64, StoreError> {
+    pub fn operation(&self, id: u64) -> Result<Option<Operation>, StoreError> {
         let txn = self.db.begin_read()?;
-        let last = txn.open_table(OPERATIONS)?.last()?.map_or(0, |(k, _)| k.value());
-        Ok(last + 1)
-    }
-
-    pub fn save_operation(&self, op: &Operation) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(OPERATIONS)?
-            .insert(op.id, op.encode_to_vec().as_slice())?;
-        txn.commit()?;
-        Ok(())
+        let table = txn.open_table(OPERATIONS)?;
+        table
+            .get(id)?
+            .map(|v| decode(&format!("operation {id}"), v.value()))
+            .transpose()
     }
 
     pub fn add_token(&self, token_hash: &str, expires_unix_ms: i64) -> Result<(), StoreError> {

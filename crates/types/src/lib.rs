@@ -1,10 +1,12 @@
 //! Domain types. Generated proto types become these at the edge, through
 //! `TryFrom`/constructors that validate, so nothing inside handles raw proto.
 
+mod cluster;
 mod ids;
 mod names;
 mod paths;
 
+pub use cluster::{Mode, OperationKind, OperationState, Phase, Role, ServerKind};
 pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};
 pub use names::{NameKind, validate_name};
 pub use paths::{PathError, validate_relative_path};

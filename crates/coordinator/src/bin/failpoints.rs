@@ -7,6 +7,6 @@
 mod coordinator;
 
 fn main() -> anyhow::Result<()> {
-    duplex_coordinator::ops::arm_failpoints();
+    duplex_coordinator::engine::arm_failpoints();
     coordinator::main()
 }
