@@ -46,9 +46,18 @@ fn ctl_ok(sites: &TwoSites, args: &[&str]) {
     );
 }
 
-/// SIGKILL storage-a, time the next acknowledged backup; then bring it
-/// back and fail back, ready for the next run.
-fn rto(flags: &[&str], accounts: usize) -> Vec<Duration> {
+/// What a run kills.
+#[derive(Clone, Copy, PartialEq)]
+enum Loss {
+    /// The storage primary alone.
+    Storage,
+    /// The whole of site a: account master and storage primary together.
+    Site,
+}
+
+/// SIGKILL storage-a (or all of site a), time the next acknowledged
+/// backup; then bring it back and fail back, ready for the next run.
+fn rto(flags: &[&str], accounts: usize, loss: Loss) -> Vec<Duration> {
     let mut sites = TwoSites::start(Options {
         coordinator: flags,
         ..Default::default()
@@ -74,12 +83,24 @@ fn rto(flags: &[&str], accounts: usize) -> Vec<Duration> {
         .unwrap();
         let killed = Instant::now();
         sites.storage_a.signal(libc::SIGKILL);
+        if loss == Loss::Site {
+            sites.account_a.signal(libc::SIGKILL);
+        }
         backup(&sites, &tree);
         samples.push(killed.elapsed());
         sites.storage_a.restart();
-        sites.wait_roles(&[("storage-a", "replica")]);
+        if loss == Loss::Site {
+            sites.account_a.restart();
+            sites.wait_roles(&[("storage-a", "replica"), ("account-a", "slave")]);
+        } else {
+            sites.wait_roles(&[("storage-a", "replica")]);
+        }
         ctl_ok(&sites, &["failback", "--wait"]);
-        sites.wait_roles(&[("storage-a", "primary"), ("storage-b", "replica")]);
+        sites.wait_roles(&[
+            ("storage-a", "primary"),
+            ("storage-b", "replica"),
+            ("account-a", "master"),
+        ]);
     }
     samples
 }
@@ -121,12 +142,20 @@ fn main() {
         ("tuned (timeout 600 ms, lease 500 ms, heartbeat 100 ms)", TUNED),
     ] {
         for accounts in [100, 10_000] {
-            let (median, max) = median_max(rto(flags, accounts));
+            let (median, max) = median_max(rto(flags, accounts, Loss::Storage));
             eprintln!("RTO {label}, {accounts} accounts: median {median:.2} s, max {max:.2} s");
             rows.push_str(&format!(
-                "| {label} | {accounts} | {median:.2} s | {max:.2} s |\n"
+                "| storage primary | {label} | {accounts} | {median:.2} s | {max:.2} s |\n"
             ));
         }
+    }
+    for accounts in [100, 10_000] {
+        let label = "defaults (timeout 1.5 s, lease 1 s, heartbeat 250 ms)";
+        let (median, max) = median_max(rto(&[], accounts, Loss::Site));
+        eprintln!("site-loss RTO, {accounts} accounts: median {median:.2} s, max {max:.2} s");
+        rows.push_str(&format!(
+            "| whole site a (account master + storage primary) | {label} | {accounts} | {median:.2} s | {max:.2} s |\n"
+        ));
     }
     let (sw_median, sw_max) = median_max(switchover());
     eprintln!("switchover: median {sw_median:.2} s, max {sw_max:.2} s");
@@ -138,10 +167,12 @@ fn main() {
          `cargo build --release --bins && cargo bench -p duplex-tests --bench failover` on {machine}.\n\
          The whole platform runs as processes on this one machine (coordinator, two account\n\
          servers, two storage servers in sync mirroring, two mirrors).\n\n\
-         **RTO**: SIGKILL of the storage primary while an agent waits to back up → that backup\n\
-         acknowledged by the promoted replica (the agent rediscovers through the coordinator's\n\
-         topology), {RUNS} runs each; after each run the old primary is restarted and failed back.\n\n\
-         | timeouts | accounts | median | max |\n| --- | --- | --- | --- |\n{rows}\n\
+         **RTO**: SIGKILL of the storage primary (or of site a's account master and storage\n\
+         primary together) while an agent waits to back up → that backup acknowledged by the\n\
+         promoted replica (the agent rediscovers through the coordinator's topology), {RUNS} runs\n\
+         each; after each run the killed servers are restarted and failed back. A whole-site loss\n\
+         is one failover that moves both kinds.\n\n\
+         | killed | timeouts | accounts | median | max |\n| --- | --- | --- | --- | --- |\n{rows}\n\
          Anchors: NetFlow Analyzer takes over after 60 s; Patroni ~27–41 s with its defaults;\n\
          pg_auto_failover 20–30 s; NNMi application failover 5–32 min.\n\n\
          **Switchover** (planned, lossless: fence, wait for zero lag, swap, repoint homes),\n\

@@ -30,6 +30,8 @@ use crate::observed::Observed;
 use crate::servers::{Call, Reply, Servers};
 use crate::store::{Commit, Store, StoreError};
 
+/// Who history says started an automatic operation.
+const AUTOMATIC: &str = "coordinator";
 const TICK: Duration = Duration::from_millis(50);
 /// A failed call that a phase needs is made again after this pause.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
@@ -442,7 +444,7 @@ impl Owner {
             finished_unix_ms: now,
             automatic,
             by: if automatic {
-                "coordinator".into()
+                AUTOMATIC.into()
             } else {
                 String::new()
             },
@@ -731,8 +733,7 @@ impl Owner {
                 }
                 self.refusals.clear();
                 self.refused_any = false;
-                if let Err(e) = self.begin(OperationKind::Failover, plan, detail, true, false, "coordinator")
-                {
+                if let Err(e) = self.begin(OperationKind::Failover, plan, detail, true, false, AUTOMATIC) {
                     tracing::error!(error = %e, "cannot start a failover");
                 }
             }

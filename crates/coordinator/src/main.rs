@@ -10,7 +10,7 @@ use duplex_coordinator::store::Store;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
-use duplex_types::Mode;
+use duplex_types::{Mode, ServerKind};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -80,7 +80,7 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         id: uuid::Uuid::new_v4().to_string(),
         name: cli.server.name.clone().unwrap_or_else(|| "coordinator".into()),
         site: cli.server.site.clone(),
-        kind: "coordinator".into(),
+        kind: ServerKind::Coordinator.as_str().to_owned(),
         addr: cli.server.advertised(bound.addr),
         public_addr: cli.server.public_addr(),
     };

@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use duplex_proto::v1::{ClusterState, Operation, ServerInfo};
+use duplex_types::OperationState;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -112,7 +113,7 @@ impl Store {
         for item in operations.iter()?.rev() {
             let (k, v) = item?;
             let op: Operation = decode(&format!("operation {}", k.value()), v.value())?;
-            if op.state == "running" {
+            if op.state == OperationState::Running.as_str() {
                 operation = Some(op);
                 break;
             }
