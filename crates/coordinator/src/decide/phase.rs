@@ -99,7 +99,8 @@ pub fn step(view: &View<'_>, op: &Op, answered: &Answered) -> Step {
         Phase::SwitchRoles => switch_roles(view, &op.plan, None),
         Phase::StopLinks => hold_lost(view, &op.plan),
         Phase::RepointHomes => repoint_homes(view, op, answered),
-        Phase::Resume | Phase::RestoreMirroring => Step::Done(Vec::new()),
+        Phase::Resume => Step::Done(Vec::new()),
+        Phase::RestoreMirroring => restore_mirroring(view, op),
         Phase::Drain => drain(view, &op.plan),
         Phase::Rejoin => rejoin(view, &op.plan),
         Phase::ReverseMirroring => reverse_mirroring(view, &op.plan),
@@ -297,6 +298,27 @@ pub fn record_move(moved: &mut BTreeMap<String, String>, from: &str, to: &str) {
     }
     if origins.is_empty() {
         moved.insert(from.to_owned(), to.to_owned());
+    }
+}
+
+/// Links follow the roles by themselves; a failback also ends every hold
+/// on a healthy server, so no server is left unmirrored once the platform
+/// is back in its original shape.
+fn restore_mirroring(view: &View<'_>, op: &Op) -> Step {
+    if op.kind != OperationKind::Failback {
+        return Step::Done(Vec::new());
+    }
+    let names: BTreeSet<String> = view
+        .desired
+        .held
+        .iter()
+        .filter(|n| view.healthy(n))
+        .cloned()
+        .collect();
+    if names.is_empty() {
+        Step::Done(Vec::new())
+    } else {
+        Step::Change(Change::Release { names, rate: None })
     }
 }
 
@@ -511,4 +533,188 @@ pub fn undo(view: &View<'_>, op: &Op) -> Vec<Change> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use duplex_types::{Mode, OperationState};
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::decide::tests::desired;
+    use crate::model::{Desired, PhaseRun, Report};
+    use crate::observed::{Observed, Seen};
+
+    fn op(kind: OperationKind, phase: Phase, plan: Plan) -> Op {
+        Op {
+            id: 1,
+            kind,
+            state: OperationState::Running,
+            detail: String::new(),
+            phases: vec![PhaseRun {
+                phase,
+                started_ms: 1_000,
+                finished_ms: 0,
+            }],
+            error: String::new(),
+            started_ms: 1_000,
+            finished_ms: 0,
+            automatic: false,
+            forced: false,
+            by: String::new(),
+            plan,
+            waiting: String::new(),
+            wait_deadline_ms: 0,
+        }
+    }
+
+    fn heard(d: &Desired, o: &mut Observed, name: &str, at: Instant, role: Role, granted: Option<Instant>) {
+        o.record(Seen {
+            report: Report {
+                member: d.servers[name].clone(),
+                role,
+                epoch: d.epoch,
+                lag: None,
+                outbound: Default::default(),
+                fenced: false,
+                position: 0,
+                links: Vec::new(),
+                degraded: false,
+                divergent_entries: 0,
+                divergence_report: String::new(),
+            },
+            at,
+            wall_ms: 0,
+            granted_at: granted,
+            leased: granted.is_some(),
+        });
+    }
+
+    fn platform() -> Desired {
+        desired(
+            Mode::ActivePassive,
+            &[
+                ("account-a", Role::Master),
+                ("account-b", Role::Slave),
+                ("storage-a", Role::Primary),
+                ("storage-b", Role::Replica),
+            ],
+        )
+    }
+
+    fn view<'a>(d: &'a Desired, o: &'a Observed, c: &'a Config, started: Instant, now_ms: i64) -> View<'a> {
+        View {
+            desired: d,
+            observed: o,
+            config: c,
+            now: Instant::now(),
+            now_ms,
+            started,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fence_stops_grants_first_then_waits_out_the_last_one() {
+        let d = platform();
+        let c = Config::new(Mode::ActivePassive);
+        let started = Instant::now();
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let mut o = Observed::default();
+        let granted = Instant::now() - Duration::from_millis(300);
+        heard(&d, &mut o, "storage-a", granted, Role::Primary, Some(granted));
+        let mut plan = Plan {
+            fenced: ["storage-a".to_owned()].into(),
+            ..Plan::default()
+        };
+        let v = view(&d, &o, &c, started, 10_000);
+        assert_eq!(fence(&v, &plan), Step::Change(Change::StartFence));
+        plan.fence_until_ms = FENCING;
+        // 700 ms of its lease are left, plus the margin.
+        assert_eq!(fence(&v, &plan), Step::Change(Change::FenceUntil(10_800)));
+        plan.fence_until_ms = 10_800;
+        assert!(matches!(fence(&v, &plan), Step::Wait { .. }));
+        let later = view(&d, &o, &c, started, 10_801);
+        assert_eq!(fence(&later, &plan), Step::Done(Vec::new()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_promotion_is_not_waited_for_once_the_chosen_server_is_lost() {
+        let mut d = platform();
+        d.roles.insert("storage-b".into(), Role::Primary);
+        d.roles.insert("storage-a".into(), Role::Replica);
+        let c = Config::new(Mode::ActivePassive);
+        let started = Instant::now();
+        let mut o = Observed::default();
+        heard(&d, &mut o, "storage-b", Instant::now(), Role::Replica, None);
+        let plan = Plan {
+            roles: [
+                ("storage-b".to_owned(), Role::Primary),
+                ("storage-a".to_owned(), Role::Replica),
+            ]
+            .into(),
+            ..Plan::default()
+        };
+        let failover = op(OperationKind::Failover, Phase::PromoteStorage, plan);
+        let v = view(&d, &o, &c, started, 2_000);
+        assert!(matches!(step(&v, &failover, &Answered::new()), Step::Wait { .. }));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let v = view(&d, &o, &c, started, 4_000);
+        assert!(matches!(step(&v, &failover, &Answered::new()), Step::Fail(r) if r.contains("storage-b")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_past_its_deadline_takes_its_way_out() {
+        let d = platform();
+        let c = Config::new(Mode::ActivePassive);
+        let started = Instant::now();
+        let o = Observed::default();
+        let plan = Plan {
+            roles: [("storage-a".to_owned(), Role::Primary)].into(),
+            ..Plan::default()
+        };
+        let failback = op(OperationKind::Failback, Phase::Rejoin, plan);
+        let v = view(&d, &o, &c, started, 2_000);
+        assert!(
+            matches!(step(&v, &failback, &Answered::new()), Step::Wait { reason, .. } if reason.contains("storage-a"))
+        );
+        let late = view(
+            &d,
+            &o,
+            &c,
+            started,
+            1_000 + c.rejoin_timeout.as_millis() as i64 + 1,
+        );
+        assert!(matches!(step(&v, &failback, &Answered::new()), Step::Wait { .. }));
+        assert!(matches!(step(&late, &failback, &Answered::new()), Step::Fail(r) if r.contains("gave up")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn undo_enables_disabled_groups_and_a_failback_releases_healthy_held_servers() {
+        let mut d = platform();
+        d.held.insert("storage-a".into());
+        let c = Config::new(Mode::ActivePassive);
+        let started = Instant::now();
+        let mut o = Observed::default();
+        heard(&d, &mut o, "storage-a", Instant::now(), Role::Replica, None);
+        let plan = Plan {
+            roles: [("storage-a".to_owned(), Role::Primary)].into(),
+            disabled_groups: vec!["g".into()],
+            ..Plan::default()
+        };
+        let failback = op(OperationKind::Failback, Phase::BlockBackups, plan);
+        let v = view(&d, &o, &c, started, 2_000);
+        assert_eq!(
+            undo(&v, &failback),
+            vec![
+                Change::EnableGroups,
+                Change::Release {
+                    names: ["storage-a".to_owned()].into(),
+                    rate: None
+                }
+            ]
+        );
+    }
 }
