@@ -108,14 +108,7 @@ impl TwoSites {
         );
         let c = coordinator.addr.clone();
         let enrolled = |name: &str, site: &str, binary: &str, extra: Vec<String>, via: &str| {
-            let mut extra = extra;
-            extra.extend(["--coordinator".to_owned(), via.to_owned()]);
-            extra.extend(["--enrollment-token".to_owned(), enrollment_token(&c)]);
-            Service::start(
-                name,
-                cmd(binary, name, site, d, &extra),
-                &d.join(format!("{name}.log")),
-            )
+            start_enrolled(&c, via, d, name, site, binary, extra)
         };
         let account_a = enrolled(
             "account-a",
@@ -293,6 +286,88 @@ impl TwoSites {
     pub fn history(&self) -> Vec<serde_json::Value> {
         self.ctl_json(&["history"])["events"].as_array().unwrap().clone()
     }
+
+    /// The history events of one kind (`failover`, `failover-refused`, ...), oldest first.
+    pub fn events(&self, kind: &str) -> Vec<serde_json::Value> {
+        self.history().into_iter().filter(|e| e["kind"] == kind).collect()
+    }
+
+    /// `duplexctl ARGS`, asserting success; its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "duplexctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts one more server on this platform, the way an operator adds
+    /// or rebuilds one: a fresh data dir under the test dir, a new one-time
+    /// enrollment token from `duplexctl servers token`, and this
+    /// coordinator. `binary` is `duplex-account-server`,
+    /// `duplex-storage-server` or `duplex-mirror`; `extra` are its own flags
+    /// (`--master URL`, `--account-servers URLS`, `--role R`, ...).
+    pub fn start_server(&self, name: &str, site: &str, binary: &str, extra: &[&str]) -> Service {
+        let coordinator = &self.coordinator.addr;
+        start_enrolled(
+            coordinator,
+            coordinator,
+            self.dir.path(),
+            name,
+            site,
+            binary,
+            strings(extra),
+        )
+    }
+
+    /// Waits until the coordinator knows how far `name` lags behind what it
+    /// mirrors or replicates (its `lag` in `status` is not null) and the
+    /// lag is at most `max_records`; the status then. An automatic
+    /// failover refuses a standby whose lag it does not know.
+    pub fn wait_lag_known(&self, name: &str, max_records: u64) -> serde_json::Value {
+        wait_for(
+            &format!("the lag of {name} to be known and at most {max_records} records"),
+            Duration::from_secs(30),
+            || {
+                let out = self.ctl(&["status", "--json"]);
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+                let records = lag_in(&v, name)?["records"].as_u64()?;
+                (records <= max_records).then_some(v)
+            },
+        )
+    }
+}
+
+/// The `lag` `duplexctl status` shows for `name`, unless it is null.
+pub fn lag_in(status: &serde_json::Value, name: &str) -> Option<serde_json::Value> {
+    status["servers"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == name)
+        .map(|s| s["lag"].clone())
+        .filter(|l| !l.is_null())
+}
+
+/// Starts a server enrolled with a fresh one-time token from
+/// `coordinator`, heartbeating to `via` (the coordinator or a proxy to it).
+fn start_enrolled(
+    coordinator: &str,
+    via: &str,
+    dir: &Path,
+    name: &str,
+    site: &str,
+    binary: &str,
+    mut extra: Vec<String>,
+) -> Service {
+    extra.extend(["--coordinator".to_owned(), via.to_owned()]);
+    extra.extend(["--enrollment-token".to_owned(), enrollment_token(coordinator)]);
+    Service::start(
+        name,
+        cmd(binary, name, site, dir, &extra),
+        &dir.join(format!("{name}.log")),
+    )
 }
 
 pub fn role_in(status: &serde_json::Value, name: &str) -> String {
