@@ -315,3 +315,33 @@ fn servers_read_a_toml_config_file_below_env_and_flags() {
         assert_eq!((server.name.as_str(), server.site.as_str()), (name, site));
     }
 }
+
+/// A server whose stderr pipe is gone (its supervisor died, a log shipper
+/// was restarted) still stops on SIGTERM: a log line it cannot write must
+/// not take down the task that waits for the signal.
+#[test]
+fn sigterm_stops_a_server_whose_log_pipe_is_closed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("duplex-account-server"))
+        .args(["--listen", "127.0.0.1:0", "--name", "account-t", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.contains("listening on"), "{line}");
+    // Close the read end: every later log line fails with EPIPE.
+    drop(child.stderr.take());
+    // SAFETY: kill(2) on a child we own and have not reaped.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = wait_for("the server to exit on SIGTERM", Duration::from_secs(20), || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "exited with {status}");
+}

@@ -161,24 +161,28 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let child = token.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        let signal = wait_for_signal().await;
+        // Stop first, then say so: nothing may stand between a signal and
+        // the shutdown, not even a log line.
         child.cancel();
+        tracing::info!("{signal} received");
     });
     token
 }
 
-async fn wait_for_signal() {
+async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
             }
         }
         _ => {
             tracing::warn!("cannot install signal handlers; stopping on ctrl-c only");
             let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
         }
     }
 }
