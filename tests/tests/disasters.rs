@@ -2,8 +2,10 @@
 //! both kill orders and both modes), a takeover refused for want of a
 //! standby and then made by itself, a failover of one kind of role, a
 //! failback cancelled where it waits, a lost site rebuilt under new names
-//! and failed back to, and a coordinator killed in every phase of a
-//! site-loss failover. Every acknowledged backup must restore bit for bit.
+//! and failed back to, a coordinator killed in every phase of a
+//! site-loss failover, and account writes a failover lost reported in
+//! history and re-applied. Every acknowledged backup must restore bit for
+//! bit.
 //!
 //! The last test needs `duplex-coordinator-failpoints`
 //! (`cargo build --release --bins --features duplex-coordinator/failpoints`).
@@ -685,4 +687,56 @@ fn after_a_manual_failover_and_failback_nothing_is_held_and_mirroring_runs_again
     });
     sites.wait_lag_known("storage-b", 0);
     assert_all_restore(&sites, &acked, Some(&sites.storage_b.addr), "on-b");
+}
+
+/// An account created while sync replication had degraded (the slave
+/// down) is acknowledged by the master alone; the automatic failover
+/// that follows the master's death loses it. That may be within
+/// `max_lag_on_failover`, but it must not be silent: history (and so the
+/// webhook) names the report, and the report can be re-applied, after
+/// which the account works with its old token.
+#[test]
+fn account_writes_lost_by_a_failover_are_reported_and_can_be_reapplied() {
+    let mut sites = TwoSites::start(Options::default());
+    // A stopped slave would still read what was sent to it once resumed:
+    // the slave must be gone, and come back after the master died.
+    sites.account_b.signal(libc::SIGKILL);
+    sites.wait_roles(&[("account-b", "down")]);
+    let lost = sites.create_account("lost-while-degraded", None, None);
+    sites.account_a.signal(libc::SIGKILL);
+    sites.account_b.restart();
+    sites.wait_roles(&[("account-b", "master")]);
+    let login = sites.duplex(&lost, &["snapshots", "--json", "--retry-for", "1s"]);
+    assert!(
+        !login.status.success(),
+        "the lost account still logs in: nothing was lost, so this test proves nothing"
+    );
+
+    sites.account_a.restart();
+    sites.wait_roles(&[("account-a", "slave")]);
+    let event = wait_for("the divergence event", LONG, || {
+        sites.events("divergence").into_iter().next()
+    });
+    let text = detail(&event).to_owned();
+    assert!(text.contains("account-a") && text.contains("reapply"), "{event}");
+    let report = text
+        .split("listed in ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (JSON lines)").next())
+        .expect("the event names the report")
+        .to_owned();
+    assert!(report.ends_with(".jsonl"), "{report}");
+
+    let out = sites.ctl_ok(&["accounts", "reapply", &report, "--json"]);
+    let applied: Value = serde_json::from_str(&out).expect("reapply --json");
+    assert!(
+        applied["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .any(|e| e["kind"] == "create-account" && e["applied"] == true),
+        "{applied}"
+    );
+    let acked = vec![backup(&sites, &lost)];
+    assert_all_restore(&sites, &acked, None, "reapplied");
 }
