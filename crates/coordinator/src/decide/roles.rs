@@ -145,6 +145,9 @@ pub fn warnings(view: &View<'_>) -> Vec<String> {
             ));
         }
     }
+    if let super::detect::Detection::Refused { detail, .. } = super::detect::detect(view) {
+        out.push(detail);
+    }
     for group in &desired.groups_to_enable {
         out.push(format!(
             "group {group} was disabled by an operation and is waiting to be enabled again"
