@@ -9,7 +9,7 @@ mod sim;
 
 use duplex_tests::bench::{machine, write_section};
 
-const SCHEDULES: u64 = 10_000;
+const SCHEDULES: u64 = 5_000;
 
 fn main() {
     let (failures, elapsed) = sim::run_many(sim::BASE_SEED, SCHEDULES);
