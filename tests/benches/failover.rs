@@ -15,7 +15,7 @@ use duplex_tests::bench::{generate_tree, machine, write_section};
 use duplex_tests::twosite::{Options, TwoSites};
 use duplex_tests::{accounts, runtime};
 
-const RUNS: usize = 10;
+const RUNS: usize = 5;
 const TUNED: &[&str] = &[
     "--failover-timeout",
     "600ms",
