@@ -115,14 +115,25 @@ fn during(view: &View<'_>, op: &Op, lost: &[(String, String)]) -> Detection {
                 .filter(|h| !op.plan.fenced.contains(&h.name))
                 .collect();
             let taken: BTreeSet<String> = op.plan.roles.keys().cloned().collect();
-            return match plan::failover(view, site, &holders, &taken) {
+            // What is folded in passes the same guard as a failover of its
+            // own: the operator who forced the running one did not force this.
+            let plan = plan::failover(view, site, &holders, &taken).and_then(|plan| {
+                match plan::too_lossy(view, &plan) {
+                    Some(why) if !op.forced => Err(why),
+                    _ => Ok(plan),
+                }
+            });
+            return match plan {
                 Ok(plan) => Detection::Fold {
                     detail: format!("{name} was lost during the failover: it moves in the same operation"),
                     plan,
                 },
                 Err(why) => Detection::Refused {
                     key: format!("{name}: {why}"),
-                    detail: format!("{name} was lost during a failover but cannot be moved: {why}"),
+                    detail: format!(
+                        "{name} was lost during a failover but is not moved automatically: {why}; it will be \
+                         as soon as that changes, or `duplexctl failover --site {site} --force` accepts the loss"
+                    ),
                 },
             };
         }
