@@ -206,19 +206,24 @@ impl Shared {
         self.topology.borrow().clone()
     }
 
+    /// The state the pure rules read, at `now`.
+    pub fn view<'a>(&'a self, desired: &'a Desired, observed: &'a Observed, now: Instant) -> View<'a> {
+        View {
+            desired,
+            observed,
+            config: &self.config,
+            now,
+            now_ms: self.clock.wall_ms_at(now),
+            started: self.started,
+        }
+    }
+
     /// A view of the state now, for the pure rules.
     pub fn with_view<T>(&self, f: impl FnOnce(&View<'_>) -> T) -> T {
         let desired = self.desired();
         let observed = self.observed();
         let now = self.clock.now();
-        let view = View {
-            desired: &desired,
-            observed: &observed,
-            config: &self.config,
-            now,
-            now_ms: self.clock.wall_ms_at(now),
-            started: self.started,
-        };
+        let view = self.view(&desired, &observed, now);
         f(&view)
     }
 
@@ -300,10 +305,8 @@ impl Owner {
         }
     }
 
-    fn view_parts(&self) -> (Observed, Instant, i64) {
-        let observed = self.shared.observed();
-        let now = self.shared.clock.now();
-        (observed, now, self.shared.clock.wall_ms_at(now))
+    fn view_parts(&self) -> (Observed, Instant) {
+        (self.shared.observed(), self.shared.clock.now())
     }
 
     fn handle(&mut self, msg: Msg) {
@@ -403,7 +406,7 @@ impl Owner {
     }
 
     fn push_links(&self) {
-        let (observed, now, _) = self.view_parts();
+        let (observed, now) = self.view_parts();
         let links = roles::links(&self.desired);
         for mirror in self
             .desired
@@ -461,7 +464,7 @@ impl Owner {
 
     fn join(&mut self, report: &crate::model::Report) -> Result<(), Status> {
         let member = &report.member;
-        let (observed, now, _) = self.view_parts();
+        let (observed, now) = self.view_parts();
         if let Some(known) = self.desired.servers.get(&member.name)
             && known.id != member.id
             && observed.healthy(&member.name, now, self.shared.config.failover_timeout)
@@ -641,7 +644,7 @@ impl Owner {
         let Some(member) = self.desired.servers.get(name).cloned() else {
             return Err(Status::not_found(format!("no server is named {name:?}")));
         };
-        let (observed, now, _) = self.view_parts();
+        let (observed, now) = self.view_parts();
         if observed.healthy(name, now, self.shared.config.failover_timeout) {
             return Err(Status::failed_precondition(format!(
                 "{name} is up; only a server that is down can be removed (stop it first)"
@@ -710,15 +713,8 @@ impl Owner {
     // ---- detection ------------------------------------------------------
 
     fn detect(&mut self) {
-        let (observed, now, now_ms) = self.view_parts();
-        let view = View {
-            desired: &self.desired,
-            observed: &observed,
-            config: &self.shared.config,
-            now,
-            now_ms,
-            started: self.shared.started,
-        };
+        let (observed, now) = self.view_parts();
+        let view = self.shared.view(&self.desired, &observed, now);
         let detection = detect::detect(&view);
         match detection {
             Detection::Nothing => {
@@ -841,15 +837,8 @@ impl Owner {
                 ..PhaseState::default()
             };
         }
-        let (observed, now, now_ms) = self.view_parts();
-        let view = View {
-            desired: &self.desired,
-            observed: &observed,
-            config: &self.shared.config,
-            now,
-            now_ms,
-            started: self.shared.started,
-        };
+        let (observed, now) = self.view_parts();
+        let view = self.shared.view(&self.desired, &observed, now);
         let step = phase::step(&view, op, &self.phase.answered);
         let deadline = op.phases.last().map_or(0, |p| p.started_ms)
             + op.current()
@@ -959,15 +948,8 @@ impl Owner {
             return Ok(None);
         };
         if state != OperationState::Done {
-            let (observed, now, now_ms) = self.view_parts();
-            let view = View {
-                desired: &self.desired,
-                observed: &observed,
-                config: &self.shared.config,
-                now,
-                now_ms,
-                started: self.shared.started,
-            };
+            let (observed, now) = self.view_parts();
+            let view = self.shared.view(&self.desired, &observed, now);
             for change in phase::undo(&view, &op) {
                 self.apply(change)?;
             }
@@ -1009,7 +991,7 @@ impl Owner {
         let Some(group) = self.desired.groups_to_enable.iter().next().cloned() else {
             return;
         };
-        let (observed, now, _) = self.view_parts();
+        let (observed, now) = self.view_parts();
         let Some(master) = self
             .desired
             .master()

@@ -7,7 +7,7 @@ use duplex_proto::v1 as pb;
 use duplex_types::OperationKind;
 use tonic::Status;
 
-use crate::decide::{View, roles};
+use crate::decide::roles;
 use crate::engine::{Shared, durably};
 use crate::model::Report;
 use crate::observed::Seen;
@@ -74,14 +74,7 @@ impl Shared {
         // grants its lease: only a fence that lasts is news.
         events.retain(|(kind, _)| *kind != OperationKind::Fenced || !lease);
         let assignment = {
-            let view = View {
-                desired: &desired,
-                observed: &observed,
-                config: &self.config,
-                now,
-                now_ms: self.clock.wall_ms_at(now),
-                started: self.started,
-            };
+            let view = self.view(&desired, &observed, now);
             roles::assignment(&view, &report.member)
         };
         let granted_at = if lease {
