@@ -31,14 +31,18 @@ pub struct ServerArgs {
     /// The coordinator to heartbeat (none: run standalone).
     #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
     pub coordinator: Option<String>,
-    /// One-time token for joining the coordinator (`duplexctl servers token`);
-    /// only needed on the first start.
-    #[arg(long, env = "DUPLEX_ENROLLMENT_TOKEN", global = true, hide_env_values = true)]
-    pub enrollment_token: Option<String>,
-    /// File holding the enrollment token (written by `duplexctl servers
-    /// token --out-dir`), so no secret is copied by hand.
+    /// File holding the one-time enrollment token (`duplexctl servers token
+    /// --out-dir`); only needed on the first start. The token may also come
+    /// from DUPLEX_ENROLLMENT_TOKEN, never from argv (where `ps` shows it).
     #[arg(long, env = "DUPLEX_ENROLLMENT_TOKEN_FILE", global = true)]
     pub enrollment_token_file: Option<PathBuf>,
+    /// The cluster CA certificate (PEM) to trust when enrolling.
+    #[arg(long, env = "DUPLEX_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// No TLS and no authentication at all: for local debugging only, and
+    /// every client must say so too. Printed as a warning at every start.
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -96,6 +100,17 @@ pub async fn start(
 ) -> Result<Start, crate::health::HealthError> {
     let listen = args.listen_or(default_listen);
     if let Some(ServerCommand::Healthcheck { addr }) = command {
+        // Health is open to anyone, so trusting the CA is all it needs.
+        if !args.insecure_plaintext {
+            let ca = args.ca.clone().or_else(|| {
+                let saved = crate::pki::TlsDir::new(args.data_dir.as_deref()?).path(crate::pki::TlsDir::CA);
+                saved.exists().then_some(saved)
+            });
+            let roots = crate::tls::roots(ca.as_deref())?;
+            crate::tls::set_client_mode(crate::tls::ClientMode::Tls(crate::tls::client_config(
+                roots, None,
+            )?));
+        }
         let addr = addr.clone().unwrap_or_else(|| crate::health::dial_url(&listen));
         crate::health::check(&addr, "").await?;
         return Ok(Start::Checked);
@@ -107,13 +122,21 @@ pub async fn start(
 pub enum DataDirError {
     #[error(transparent)]
     Missing(#[from] MissingOption),
-    #[error("cannot create data dir {path}: {source}")]
-    Create { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Prepare(#[from] crate::secure_fs::DataDirError),
 }
 
 impl ServerArgs {
     /// How to reach the coordinator, if this server has one.
-    pub fn coordinator_link(&self, data_dir: Option<&std::path::Path>) -> Option<crate::heartbeat::Link> {
+    pub fn coordinator_link(&self, secured: &crate::security::Secured) -> Option<crate::heartbeat::Link> {
+        self.coordinator.as_ref().map(|url| crate::heartbeat::Link {
+            url: url.clone(),
+            gate: secured.gate.clone(),
+        })
+    }
+
+    /// The one-time enrollment token: from its file, else the environment.
+    fn enrollment_token(&self) -> Option<String> {
         let from_file = self.enrollment_token_file.as_ref().and_then(|path| {
             match std::fs::read_to_string(path) {
                 Ok(token) => Some(token.trim().to_owned()).filter(|t| !t.is_empty()),
@@ -123,11 +146,52 @@ impl ServerArgs {
                 }
             }
         });
-        self.coordinator.as_ref().map(|url| crate::heartbeat::Link {
-            url: url.clone(),
-            data_dir: data_dir.map(std::path::Path::to_path_buf),
-            enrollment_token: self.enrollment_token.clone().or(from_file),
+        from_file.or_else(|| {
+            std::env::var("DUPLEX_ENROLLMENT_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty())
         })
+    }
+
+    /// The host names this server is reached by, for its certificate.
+    pub fn hosts(&self, listen: &str) -> Vec<String> {
+        let mut addresses = vec![listen];
+        addresses.extend(self.advertise.as_deref());
+        addresses.extend(self.public_addr.as_deref());
+        crate::pki::hosts_for(&addresses)
+    }
+
+    /// This server's transport security: plaintext when asked for (loudly),
+    /// else its saved certificate or a new one from enrollment. Renewal runs
+    /// in the background until `stop`.
+    pub async fn secure(
+        &self,
+        kind: duplex_types::ServerKind,
+        listen: &str,
+        data_dir: &std::path::Path,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<crate::security::Secured, crate::security::SecurityError> {
+        if self.insecure_plaintext {
+            return Ok(crate::security::Secured::plaintext());
+        }
+        let name = self.name.clone().unwrap_or_default();
+        let expected = crate::security::identity(kind, &self.site, &name);
+        let hosts = self.hosts(listen);
+        let secured = crate::security::Secured::establish(
+            &expected,
+            data_dir,
+            &hosts,
+            crate::security::Enrollment {
+                coordinator: self.coordinator.as_deref(),
+                token: self.enrollment_token(),
+                ca_file: self.ca.as_deref(),
+            },
+        )
+        .await?;
+        if let Some(url) = &self.coordinator {
+            secured.spawn_renewal(url.clone(), hosts, stop.clone());
+        }
+        Ok(secured)
     }
 
     /// `--public-addr` as a URL, or empty.
@@ -138,13 +202,10 @@ impl ServerArgs {
             .unwrap_or_default()
     }
 
-    /// `--data-dir`, created if absent.
+    /// `--data-dir`, created 0700 if absent; refused if others can write it.
     pub fn prepared_data_dir(&self) -> Result<PathBuf, DataDirError> {
         let dir = self.data_dir()?;
-        std::fs::create_dir_all(&dir).map_err(|source| DataDirError::Create {
-            path: dir.display().to_string(),
-            source,
-        })?;
+        crate::secure_fs::prepare_data_dir(&dir)?;
         Ok(dir)
     }
 }

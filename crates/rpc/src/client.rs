@@ -7,6 +7,8 @@ use std::time::Duration;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::ClientMode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("invalid endpoint {url:?}: {source}")]
@@ -14,23 +16,41 @@ pub enum ClientError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error(
+        "{url} is a plaintext address, but this client speaks TLS only: use https:// \
+         (plaintext is for local debugging, with --insecure-plaintext on both sides)"
+    )]
+    PlaintextRefused { url: String },
+    #[error("{url} is a TLS address, but this client runs with --insecure-plaintext")]
+    TlsUnconfigured { url: String },
 }
 
 /// A lazily connecting channel to `url`: the first call connects, and a
-/// broken connection is re-established by the next call.
+/// broken connection is re-established by the next call. It speaks TLS or
+/// plaintext as this process was set up to ([`crate::tls::set_client_mode`]);
+/// an address of the other kind is refused here, with a message saying so,
+/// rather than failing obscurely in a handshake.
 pub fn channel(url: &str) -> Result<Channel, ClientError> {
     let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| ClientError::Endpoint {
         url: url.to_owned(),
         source,
     })?;
-    Ok(endpoint
+    let https = endpoint.uri().scheme_str() == Some("https");
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(16 * 1024 * 1024))
-        .connect_lazy())
+        .initial_connection_window_size(Some(16 * 1024 * 1024));
+    match (crate::tls::client_mode(), https) {
+        (ClientMode::Plaintext, false) => Ok(endpoint.connect_lazy()),
+        (ClientMode::Tls(config), true) => Ok(endpoint.connect_with_connector_lazy(crate::tls::Dialer {
+            connector: tokio_rustls::TlsConnector::from(config),
+        })),
+        (ClientMode::Tls(_), false) => Err(ClientError::PlaintextRefused { url: url.to_owned() }),
+        (ClientMode::Plaintext, true) => Err(ClientError::TlsUnconfigured { url: url.to_owned() }),
+    }
 }
 
 /// Codes worth retrying: the call did not happen or may succeed elsewhere

@@ -12,6 +12,8 @@ use crate::client::{ClientError, channel};
 pub enum HealthError {
     #[error(transparent)]
     Connect(#[from] ClientError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("health check of {addr} failed: {status}")]
     Call { addr: String, status: tonic::Status },
     #[error("{addr} reports {status:?}")]
@@ -47,5 +49,5 @@ pub fn dial_url(listen_or_url: &str) -> String {
     let addr = listen_or_url
         .replace("0.0.0.0", "127.0.0.1")
         .replace("[::]", "[::1]");
-    format!("http://{addr}")
+    format!("{}://{addr}", crate::tls::scheme())
 }

@@ -8,7 +8,6 @@
 //! has surely stopped writing.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -22,17 +21,13 @@ use tonic::metadata::MetadataValue;
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(250);
 /// Metadata key set on a refusal by a fenced server.
 pub const FENCED_METADATA_KEY: &str = "duplex-fenced";
-const CREDENTIAL_FILE: &str = "coordinator-credential";
-
-/// How a server reaches the coordinator.
+/// How a server reaches the coordinator. The server proves who it is with
+/// its certificate (mutual TLS); the answers carry who may call it.
 #[derive(Clone, Debug)]
 pub struct Link {
     pub url: String,
-    /// Data dir, where the credential from enrollment is kept (none: kept
-    /// in memory, so a restart needs a new token).
-    pub data_dir: Option<PathBuf>,
-    /// One-time token for the first heartbeat (`duplexctl servers token`).
-    pub enrollment_token: Option<String>,
+    /// Updated from the security state each answer may carry.
+    pub gate: std::sync::Arc<crate::auth::Gate>,
 }
 
 /// The write lease of a master or primary. Not enforced for a server that
@@ -106,15 +101,11 @@ pub async fn run<R, RF, A, AF>(
         return;
     };
     let mut client = CoordinatorClient::new(channel);
-    let mut credential = link.data_dir.as_deref().and_then(read_credential);
     let mut interval = DEFAULT_INTERVAL;
     let mut failing = false;
     loop {
         let mut request = report().await;
-        request.credential = credential.clone().unwrap_or_default();
-        if credential.is_none() {
-            request.enrollment_token = link.enrollment_token.clone().unwrap_or_default();
-        }
+        request.security_version = link.gate.version();
         let sent = Instant::now();
         match tokio::time::timeout(interval * 2, client.heartbeat(request)).await {
             Ok(Ok(response)) => {
@@ -124,16 +115,8 @@ pub async fn run<R, RF, A, AF>(
                 }
                 let response = response.into_inner();
                 lease.set((response.lease_ms > 0).then(|| sent + Duration::from_millis(response.lease_ms)));
-                if !response.credential.is_empty() {
-                    let saved = link
-                        .data_dir
-                        .as_deref()
-                        .map_or(Ok(()), |d| save_credential(d, &response.credential));
-                    match saved {
-                        Ok(()) => tracing::info!(coordinator = %link.url, "enrolled with the coordinator"),
-                        Err(e) => tracing::error!(error = %e, "cannot save the coordinator credential"),
-                    }
-                    credential = Some(response.credential);
+                if let Some(security) = &response.security {
+                    crate::security::apply_state(&link.gate, security);
                 }
                 if response.interval_ms > 0 {
                     interval = Duration::from_millis(response.interval_ms);
@@ -157,29 +140,4 @@ pub async fn run<R, RF, A, AF>(
             () = tokio::time::sleep(interval.saturating_sub(sent.elapsed())) => {}
         }
     }
-}
-
-fn read_credential(dir: &Path) -> Option<String> {
-    std::fs::read_to_string(dir.join(CREDENTIAL_FILE))
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-}
-
-/// Durably replaces the credential file (write, fsync, rename, fsync dir).
-fn save_credential(dir: &Path, credential: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!("{CREDENTIAL_FILE}.tmp"));
-    // A secret: readable by this server's user only.
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(credential.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, dir.join(CREDENTIAL_FILE))?;
-    std::fs::File::open(dir)?.sync_all()
 }

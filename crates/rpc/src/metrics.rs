@@ -10,6 +10,25 @@ use std::sync::Arc;
 /// Renders the server's metrics on each scrape.
 pub type MetricsFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// Calls and handshakes this process refused, appended to every server's
+/// `/metrics`.
+pub fn auth_metrics() -> String {
+    let mut e = Exposition::default();
+    e.counter(
+        "duplex_auth_refused_calls_total",
+        "Calls refused for a missing, unknown or insufficient credential.",
+        &[],
+        crate::auth::refused_calls() as f64,
+    );
+    e.counter(
+        "duplex_tls_refused_handshakes_total",
+        "Connections refused in the TLS handshake (plaintext clients, foreign certificates).",
+        &[],
+        crate::auth::refused_handshakes() as f64,
+    );
+    e.finish()
+}
+
 /// Builds the text format, one family at a time.
 #[derive(Default)]
 pub struct Exposition {

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic_health::ServingStatus;
@@ -49,20 +48,28 @@ pub async fn bind(listen: &str) -> Result<Bound, ServeError> {
     })?;
     let mut out = std::io::stdout().lock();
     // Stdout closed (daemonised) is no reason to fail: the log line says it too.
-    let _ = writeln!(out, "listening on http://{addr}");
+    let _ = writeln!(out, "listening on {}://{addr}", crate::tls::scheme());
     let _ = out.flush();
     tracing::info!(%addr, "listening");
     Ok(Bound { listener, addr })
 }
 
+/// How a server is reached and who may call what.
+pub struct Access<'a> {
+    pub secured: &'a crate::security::Secured,
+    pub policy: crate::auth::Policy,
+}
+
 /// Serves `routes` (whose fully qualified service names are `names`, for
 /// health) on `bound` until `shutdown` is cancelled, then reports
 /// NOT_SERVING and drains in-flight calls for at most [`DRAIN_DEADLINE`].
+/// Every call passes the access policy's guard first.
 pub async fn serve(
     bound: Bound,
     names: &[&'static str],
     routes: Routes,
     metrics: Option<MetricsFn>,
+    access: Access<'_>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
@@ -98,7 +105,7 @@ pub async fn serve(
             "/metrics",
             axum::routing::get(move || {
                 let render = render.clone();
-                async move { render().await }
+                async move { render().await + &crate::metrics::auth_metrics() }
             }),
         );
         routes = Routes::from(router);
@@ -119,13 +126,18 @@ pub async fn serve(
             drain_started.cancel();
         }
     };
+    let guard = crate::auth::Guard::new(access.policy, access.secured.gate.clone());
     let server = tonic::transport::Server::builder()
         .accept_http1(true)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .layer(guard)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming(bound.listener), signal);
+        .serve_with_incoming_shutdown(
+            crate::tls::accept(bound.listener, access.secured.tls.clone()),
+            signal,
+        );
     tokio::pin!(server);
     tokio::select! {
         res = &mut server => return res.map_err(ServeError::from),
@@ -138,22 +150,6 @@ pub async fn serve(
             Ok(())
         }
     }
-}
-
-/// Accepted connections with Nagle's algorithm off: the builder's
-/// `tcp_nodelay` applies only to listeners it binds itself, and small
-/// replies (acks, sync-replication answers) must not wait for delayed ACKs.
-fn incoming(
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    use tokio_stream::StreamExt;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot disable Nagle on a connection");
-        }
-        Ok(conn)
-    })
 }
 
 /// A token cancelled on the first SIGTERM or SIGINT.

@@ -197,6 +197,26 @@ impl Role {
     }
 }
 
+wire_enum! {
+    /// What an operator token may do, weakest first: each role can do
+    /// everything the ones before it can.
+    OperatorRole, "operator role" {
+        /// Status, history, watch, metrics.
+        Viewer = "viewer",
+        /// Failover, switchover, failback, cancel, resync, accounts, groups.
+        Operator = "operator",
+        /// Everything, including operators, the CA and enrollment tokens.
+        Admin = "admin",
+    }
+}
+
+impl OperatorRole {
+    /// Whether this role covers what `needed` may do.
+    pub fn covers(self, needed: OperatorRole) -> bool {
+        self >= needed
+    }
+}
+
 impl ServerKind {
     /// Kinds that hold data roles and can be failed over.
     pub fn holds_data(self) -> bool {

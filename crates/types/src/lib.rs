@@ -6,7 +6,7 @@ mod ids;
 mod names;
 mod paths;
 
-pub use cluster::{Mode, OperationKind, OperationState, Phase, Role, ServerKind};
+pub use cluster::{Mode, OperationKind, OperationState, OperatorRole, Phase, Role, ServerKind};
 pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};
 pub use names::{NameKind, validate_name};
 pub use paths::{PathError, validate_relative_path};

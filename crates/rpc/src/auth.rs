@@ -1,0 +1,502 @@
+//! Who may call what. Every server routes each call through a [`Guard`]
+//! holding its policy: a table from method to [`Rule`], denying anything
+//! it does not name. A call is let in on a server certificate of an
+//! allowed kind (mutual TLS) or an operator token (`authorization: Bearer
+//! T`) whose role covers the method; the caller is then attached to the
+//! request for handlers that record or check it (audit, heartbeats).
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+
+use duplex_types::{OperatorRole, ServerKind};
+use tonic::Status;
+
+use crate::tls::{Peer, ServerIdentity};
+
+/// Metadata key of an operator token.
+pub const AUTHORIZATION: &str = "authorization";
+
+static REFUSED_CALLS: AtomicU64 = AtomicU64::new(0);
+static REFUSED_HANDSHAKES: AtomicU64 = AtomicU64::new(0);
+
+/// Calls refused by a guard in this process.
+pub fn refused_calls() -> u64 {
+    REFUSED_CALLS.load(Ordering::Relaxed)
+}
+
+/// TLS handshakes refused in this process (plaintext clients, foreign certificates).
+pub fn refused_handshakes() -> u64 {
+    REFUSED_HANDSHAKES.load(Ordering::Relaxed)
+}
+
+pub(crate) fn count_refused_handshake() {
+    REFUSED_HANDSHAKES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// What a method requires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rule {
+    /// No credential: health, reflection, login, enrollment (its token is
+    /// the credential), and the data API (its ticket is checked per call).
+    Open,
+    /// A server certificate of one of these kinds, or an operator whose
+    /// role covers `operator` (none: no operator may).
+    Allow {
+        servers: &'static [ServerKind],
+        operator: Option<OperatorRole>,
+    },
+    Deny,
+}
+
+impl Rule {
+    pub const fn servers(servers: &'static [ServerKind]) -> Rule {
+        Rule::Allow {
+            servers,
+            operator: None,
+        }
+    }
+
+    pub const fn operators(role: OperatorRole) -> Rule {
+        Rule::Allow {
+            servers: &[],
+            operator: Some(role),
+        }
+    }
+
+    pub const fn servers_or(servers: &'static [ServerKind], role: OperatorRole) -> Rule {
+        Rule::Allow {
+            servers,
+            operator: Some(role),
+        }
+    }
+}
+
+/// Every kind of server.
+pub const ANY_SERVER: &[ServerKind] = &[
+    ServerKind::Coordinator,
+    ServerKind::Account,
+    ServerKind::Storage,
+    ServerKind::Mirror,
+];
+
+/// A server's policy: its own methods; the shared ones (health,
+/// reflection, metrics) are handled before it is asked.
+pub type Policy = fn(&str) -> Rule;
+
+/// Who made a call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Who {
+    Server(ServerIdentity),
+    Operator {
+        name: String,
+        role: OperatorRole,
+    },
+    /// An open method, or `--insecure-plaintext`.
+    Anonymous,
+}
+
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub who: Who,
+    /// The peer's address, for the audit trail.
+    pub addr: String,
+}
+
+impl Caller {
+    /// How the audit trail names this caller: `operator NAME (ROLE) from ADDR`.
+    pub fn describe(&self) -> String {
+        match &self.who {
+            Who::Server(id) => format!("{id} from {}", self.addr),
+            Who::Operator { name, role } => format!("{name} ({role}) from {}", self.addr),
+            Who::Anonymous => format!("unauthenticated caller from {}", self.addr),
+        }
+    }
+
+    /// The name recorded as `by` in history.
+    pub fn name(&self) -> String {
+        match &self.who {
+            Who::Server(id) => id.name.clone(),
+            Who::Operator { name, .. } => name.clone(),
+            Who::Anonymous => "anonymous".into(),
+        }
+    }
+
+    pub fn server(&self) -> Option<&ServerIdentity> {
+        match &self.who {
+            Who::Server(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The caller of a request, as the guard attached it.
+pub fn caller<T>(request: &tonic::Request<T>) -> Caller {
+    request.extensions().get::<Caller>().cloned().unwrap_or(Caller {
+        who: Who::Anonymous,
+        addr: "unknown".into(),
+    })
+}
+
+/// An operator token's hash and what it may do.
+#[derive(Clone, Debug)]
+pub struct OperatorKey {
+    pub name: String,
+    pub role: OperatorRole,
+    pub hash: blake3::Hash,
+}
+
+/// The hash under which an operator token is kept.
+pub fn token_hash(token: &str) -> blake3::Hash {
+    blake3::hash(token.as_bytes())
+}
+
+/// What a guard checks against: operator token hashes and revoked
+/// certificate serials, replaced whole when the coordinator pushes a new
+/// version.
+#[derive(Debug, Default)]
+pub struct Gate {
+    /// `--insecure-plaintext`: no certificates, so nothing to check.
+    insecure: bool,
+    state: RwLock<GateState>,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    version: u64,
+    operators: Vec<OperatorKey>,
+    revoked: HashSet<String>,
+}
+
+impl Gate {
+    pub fn new(insecure: bool) -> Arc<Gate> {
+        Arc::new(Gate {
+            insecure,
+            state: RwLock::default(),
+        })
+    }
+
+    pub fn insecure(&self) -> bool {
+        self.insecure
+    }
+
+    pub fn version(&self) -> u64 {
+        self.state.read().map_or(0, |s| s.version)
+    }
+
+    /// Replaces what the gate checks against.
+    pub fn update(&self, version: u64, operators: Vec<OperatorKey>, revoked: HashSet<String>) {
+        if let Ok(mut state) = self.state.write() {
+            *state = GateState {
+                version,
+                operators,
+                revoked,
+            };
+        }
+    }
+
+    /// The operator a token belongs to. Every stored hash is compared (in
+    /// constant time, `blake3::Hash`'s equality), so timing tells nothing.
+    fn operator(&self, token: &str) -> Option<(String, OperatorRole)> {
+        let hash = token_hash(token);
+        let state = self.state.read().ok()?;
+        let mut found = None;
+        for key in &state.operators {
+            if key.hash == hash {
+                found = Some((key.name.clone(), key.role));
+            }
+        }
+        found
+    }
+
+    fn revoked(&self, serial: &str) -> bool {
+        self.state.read().is_ok_and(|s| s.revoked.contains(serial))
+    }
+
+    /// Decides one call.
+    pub fn check(
+        &self,
+        path: &str,
+        rule: Rule,
+        peer: Option<&Peer>,
+        token: Option<&str>,
+    ) -> Result<Caller, Status> {
+        let addr = peer
+            .and_then(|p| p.addr)
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let anonymous = Caller {
+            who: Who::Anonymous,
+            addr: addr.clone(),
+        };
+        if self.insecure || rule == Rule::Open {
+            return Ok(self.identify(peer, token, anonymous));
+        }
+        let Rule::Allow { servers, operator } = rule else {
+            return Err(Status::permission_denied(format!(
+                "{path} is not served to anyone"
+            )));
+        };
+        if let Some(cert) = peer.and_then(|p| p.cert.as_ref()) {
+            if self.revoked(&cert.serial) {
+                return Err(Status::unauthenticated(format!(
+                    "the certificate of {} (serial {}) has been revoked",
+                    cert.identity, cert.serial
+                )));
+            }
+            if servers.contains(&cert.identity.kind) {
+                return Ok(Caller {
+                    who: Who::Server(cert.identity.clone()),
+                    addr,
+                });
+            }
+            if token.is_none() {
+                return Err(Status::permission_denied(format!(
+                    "a {} server may not call {path}",
+                    cert.identity.kind
+                )));
+            }
+        }
+        let Some(token) = token else {
+            let needs = match operator {
+                Some(role) => format!("an operator token with role {role} or higher (--operator-token)"),
+                None => "a server certificate of the right kind".to_owned(),
+            };
+            return Err(Status::unauthenticated(format!("{path} needs {needs}")));
+        };
+        let Some((name, role)) = self.operator(token) else {
+            return Err(Status::unauthenticated(
+                "unknown or revoked operator token".to_owned(),
+            ));
+        };
+        match operator {
+            Some(needed) if role.covers(needed) => Ok(Caller {
+                who: Who::Operator { name, role },
+                addr,
+            }),
+            Some(needed) => Err(Status::permission_denied(format!(
+                "operator {name} has role {role}; {path} needs {needed}"
+            ))),
+            None => Err(Status::permission_denied(format!(
+                "{path} is for servers only, not operators"
+            ))),
+        }
+    }
+
+    /// On an open method, still say who called when a credential was shown.
+    fn identify(&self, peer: Option<&Peer>, token: Option<&str>, anonymous: Caller) -> Caller {
+        if let Some(cert) = peer
+            .and_then(|p| p.cert.as_ref())
+            .filter(|c| !self.revoked(&c.serial))
+        {
+            return Caller {
+                who: Who::Server(cert.identity.clone()),
+                addr: anonymous.addr,
+            };
+        }
+        if let Some((name, role)) = token.and_then(|t| self.operator(t)) {
+            return Caller {
+                who: Who::Operator { name, role },
+                addr: anonymous.addr,
+            };
+        }
+        anonymous
+    }
+}
+
+/// Methods every server serves to anyone.
+fn shared_rule(path: &str) -> Option<Rule> {
+    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
+        return Some(Rule::Open);
+    }
+    if path == "/metrics" {
+        return Some(Rule::servers_or(&[ServerKind::Coordinator], OperatorRole::Viewer));
+    }
+    None
+}
+
+/// The bearer token of a request, if it carries one.
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim()).filter(|t| !t.is_empty())
+}
+
+/// The tower layer that applies a policy to every call.
+#[derive(Clone)]
+pub struct Guard {
+    policy: Policy,
+    gate: Arc<Gate>,
+}
+
+impl Guard {
+    pub fn new(policy: Policy, gate: Arc<Gate>) -> Self {
+        Self { policy, gate }
+    }
+}
+
+impl<S> tower::Layer<S> for Guard {
+    type Service = Guarded<S>;
+
+    fn layer(&self, inner: S) -> Guarded<S> {
+        Guarded {
+            inner,
+            guard: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    guard: Guard,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for Guarded<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Send,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let rule = shared_rule(&path).unwrap_or_else(|| (self.guard.policy)(&path));
+        let peer = request.extensions().get::<Peer>();
+        let decided = self
+            .guard
+            .gate
+            .check(&path, rule, peer, bearer(request.headers()));
+        match decided {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(request))
+            }
+            Err(status) => {
+                REFUSED_CALLS.fetch_add(1, Ordering::Relaxed);
+                let from = peer
+                    .and_then(|p| p.addr)
+                    .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+                tracing::warn!(method = %path, %from, code = ?status.code(), reason = status.message(), "call refused");
+                let response = status.into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::PeerCert;
+
+    fn peer(kind: ServerKind, serial: &str) -> Peer {
+        Peer {
+            addr: None,
+            cert: Some(PeerCert {
+                identity: ServerIdentity {
+                    site: "a".into(),
+                    kind,
+                    name: format!("{kind}-a"),
+                },
+                serial: serial.into(),
+            }),
+            unnamed_cert: false,
+        }
+    }
+
+    fn gate() -> Arc<Gate> {
+        let gate = Gate::new(false);
+        gate.update(
+            1,
+            vec![
+                OperatorKey {
+                    name: "alice".into(),
+                    role: OperatorRole::Admin,
+                    hash: token_hash("alice-token"),
+                },
+                OperatorKey {
+                    name: "vic".into(),
+                    role: OperatorRole::Viewer,
+                    hash: token_hash("vic-token"),
+                },
+            ],
+            ["dead".to_owned()].into_iter().collect(),
+        );
+        gate
+    }
+
+    const SET_ROLE: Rule = Rule::servers(&[ServerKind::Coordinator]);
+    const FAILOVER: Rule = Rule::operators(OperatorRole::Operator);
+
+    #[test]
+    fn servers_by_kind_operators_by_role() {
+        let g = gate();
+        let code = |r: Result<Caller, Status>| r.map(|_| ()).map_err(|s| s.code());
+        use tonic::Code::{PermissionDenied, Unauthenticated};
+        assert_eq!(
+            code(g.check("/x", SET_ROLE, Some(&peer(ServerKind::Coordinator, "1")), None)),
+            Ok(())
+        );
+        assert_eq!(
+            code(g.check("/x", SET_ROLE, Some(&peer(ServerKind::Storage, "1")), None)),
+            Err(PermissionDenied)
+        );
+        assert_eq!(
+            code(g.check("/x", SET_ROLE, Some(&peer(ServerKind::Coordinator, "dead")), None)),
+            Err(Unauthenticated)
+        );
+        assert_eq!(code(g.check("/x", SET_ROLE, None, None)), Err(Unauthenticated));
+        assert_eq!(
+            code(g.check("/x", SET_ROLE, None, Some("alice-token"))),
+            Err(PermissionDenied)
+        );
+        assert_eq!(code(g.check("/x", FAILOVER, None, Some("alice-token"))), Ok(()));
+        assert_eq!(
+            code(g.check("/x", FAILOVER, None, Some("vic-token"))),
+            Err(PermissionDenied)
+        );
+        assert_eq!(
+            code(g.check("/x", FAILOVER, None, Some("nope"))),
+            Err(Unauthenticated)
+        );
+        assert_eq!(code(g.check("/x", FAILOVER, None, None)), Err(Unauthenticated));
+        assert_eq!(
+            code(g.check("/x", Rule::Deny, None, Some("alice-token"))),
+            Err(PermissionDenied)
+        );
+        assert_eq!(code(g.check("/x", Rule::Open, None, None)), Ok(()));
+        let audited = g
+            .check("/x", FAILOVER, None, Some("alice-token"))
+            .expect("allowed");
+        assert_eq!(audited.name(), "alice");
+    }
+
+    #[test]
+    fn insecure_mode_checks_nothing() {
+        let g = Gate::new(true);
+        assert!(g.check("/x", SET_ROLE, None, None).is_ok());
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        h.insert(AUTHORIZATION, "Bearer abc".parse().expect("header"));
+        assert_eq!(bearer(&h), Some("abc"));
+        h.insert(AUTHORIZATION, "Basic abc".parse().expect("header"));
+        assert_eq!(bearer(&h), None);
+    }
+}
