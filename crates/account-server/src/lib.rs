@@ -7,6 +7,7 @@ mod error;
 pub mod follower;
 pub mod hub;
 pub mod node;
+pub mod policy;
 pub mod replication;
 pub mod server;
 pub mod service;

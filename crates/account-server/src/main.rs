@@ -53,9 +53,14 @@ async fn main() -> anyhow::Result<()> {
     };
     let data_dir = cli.server.prepared_data_dir()?;
     let shutdown = duplex_rpc::shutdown_on_signals();
+    let secured = cli
+        .server
+        .secure(duplex_types::ServerKind::Account, &listen, &data_dir, &shutdown)
+        .await?;
     let bound = duplex_rpc::bind(&listen).await?;
     let config = Config {
-        coordinator: cli.server.coordinator_link(Some(&data_dir)),
+        coordinator: cli.server.coordinator_link(&secured),
+        secured,
         data_dir,
         name: cli.server.name()?,
         site: cli.server.site.clone(),

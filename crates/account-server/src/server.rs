@@ -40,6 +40,7 @@ pub struct Config {
     pub sync_timeout: Duration,
     pub snapshot_interval: Duration,
     pub coordinator: Option<duplex_rpc::heartbeat::Link>,
+    pub secured: duplex_rpc::security::Secured,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,7 +118,11 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     let routes = Routes::new(AccountServiceServer::from_arc(api.clone()))
         .add_service(AccountAdminServer::from_arc(api))
         .add_service(replication);
-    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
+    let access = duplex_rpc::serve::Access {
+        secured: &config.secured,
+        policy: crate::policy::rule,
+    };
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
 }
 

@@ -315,10 +315,21 @@ impl AccountAdmin for AccountApi {
         &self,
         request: Request<RegisterStorageServerRequest>,
     ) -> Result<Response<RegisterStorageServerResponse>, Status> {
+        let caller = duplex_rpc::auth::caller(&request);
         let server = request
             .into_inner()
             .server
             .ok_or_else(|| Status::invalid_argument("server is required"))?;
+        // A storage server registers itself, never another name; only the
+        // coordinator registers on another's behalf.
+        if let Some(id) = caller.server().filter(|id| id.kind == duplex_types::ServerKind::Storage)
+            && (id.name != server.name || id.site != server.site)
+        {
+            return Err(Status::permission_denied(format!(
+                "{id} may register only itself, not {:?}",
+                server.name.chars().take(64).collect::<String>()
+            )));
+        }
         ServerId::parse(&server.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_name(NameKind::Server, &server.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_name(NameKind::Site, &server.site).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -9,7 +9,7 @@
 //! to servers run as tasks that report back over the owner's channel, so
 //! nothing the owner does waits on a server.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,6 +75,10 @@ enum Msg {
         kind: OperationKind,
         detail: String,
     },
+    Audit {
+        detail: String,
+        caller: duplex_rpc::auth::Caller,
+    },
     Answer {
         op: u64,
         phase: usize,
@@ -105,7 +109,6 @@ pub struct Shared {
     pub(crate) observed: Mutex<Observed>,
     topology: watch::Sender<pb::Topology>,
     tx: mpsc::UnboundedSender<Msg>,
-    pub(crate) credentials: Mutex<HashMap<String, String>>,
 }
 
 pub type Engine = Arc<Shared>;
@@ -168,7 +171,6 @@ pub fn start(
         observed: Mutex::new(Observed::default()),
         topology,
         tx,
-        credentials: Mutex::new(HashMap::new()),
     });
     let mut owner = Owner {
         shared: shared.clone(),
@@ -259,6 +261,15 @@ impl Shared {
         let _ = self.tx.send(Msg::Event { kind, detail });
     }
 
+    /// Records an operator's action in history: what, who, role, from where.
+    pub fn audit(&self, caller: &duplex_rpc::auth::Caller, detail: String) {
+        tracing::info!(by = %caller.describe(), %detail, "operator action");
+        let _ = self.tx.send(Msg::Audit {
+            detail,
+            caller: caller.clone(),
+        });
+    }
+
     pub(crate) fn wake(&self) {
         let _ = self.tx.send(Msg::Wake);
     }
@@ -318,6 +329,7 @@ impl Owner {
                 let _ = reply.send(self.command(command, &by));
             }
             Msg::Event { kind, detail } => self.record(kind, OperationState::Reported, detail, true),
+            Msg::Audit { detail, caller } => self.record_audit(detail, &caller),
             Msg::Answer {
                 op,
                 phase,
@@ -457,6 +469,31 @@ impl Owner {
         let next = self.desired.clone();
         if let Err(e) = self.commit(next, vec![event]) {
             tracing::error!(error = %e, "cannot record an event");
+        }
+    }
+
+    fn record_audit(&mut self, detail: String, caller: &duplex_rpc::auth::Caller) {
+        let now = self.shared.clock.wall_ms();
+        let role = match &caller.who {
+            duplex_rpc::auth::Who::Operator { role, .. } => role.as_str().to_owned(),
+            duplex_rpc::auth::Who::Server(id) => id.kind.as_str().to_owned(),
+            duplex_rpc::auth::Who::Anonymous => String::new(),
+        };
+        let event = pb::Operation {
+            id: self.next_id(),
+            kind: OperationKind::Audit.as_str().to_owned(),
+            state: OperationState::Done.as_str().to_owned(),
+            detail,
+            started_unix_ms: now,
+            finished_unix_ms: now,
+            by: caller.name(),
+            by_role: role,
+            by_addr: caller.addr.clone(),
+            ..Default::default()
+        };
+        let next = self.desired.clone();
+        if let Err(e) = self.commit(next, vec![event]) {
+            tracing::error!(error = %e, "cannot record an operator action");
         }
     }
 
@@ -676,9 +713,6 @@ impl Owner {
             }
         })
         .map_err(internal)?;
-        if let Ok(mut c) = self.shared.credentials.lock() {
-            c.remove(name);
-        }
         if let Ok(mut o) = self.shared.observed.lock() {
             o.seen.remove(name);
             o.positions.remove(name);

@@ -1,4 +1,5 @@
-//! One heartbeat: authenticate the server, let the owner register it if
+//! One heartbeat (from a server its certificate already named, checked by
+//! the service): let the owner register it if
 //! it is new, record what it reports and answer with its assignment and,
 //! for a converged holder, a lease. Nothing here writes the desired state
 //! or waits on a lock held across I/O.
@@ -8,27 +9,14 @@ use duplex_types::OperationKind;
 use tonic::Status;
 
 use crate::decide::roles;
-use crate::engine::{Shared, durably};
+use crate::engine::Shared;
 use crate::model::Report;
 use crate::observed::Seen;
-use crate::store::Enrollment;
-
-fn hash(secret: &str) -> String {
-    blake3::hash(secret.as_bytes()).to_hex().to_string()
-}
-
-pub fn random_secret() -> String {
-    use rand::RngCore;
-    let mut bytes = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 impl Shared {
     pub async fn heartbeat(&self, request: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
         let report = Report::try_from(&request).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = report.member.name.clone();
-        let credential = self.authenticate(&request, &name)?;
         let desired = self.desired();
         let newcomer = desired.servers.get(&name) != Some(&report.member)
             || (report.member.kind.holds_data() && desired.role(&name).is_none())
@@ -43,10 +31,7 @@ impl Shared {
         if was_down {
             self.wake();
         }
-        Ok(pb::HeartbeatResponse {
-            credential: credential.unwrap_or_default(),
-            ..response
-        })
+        Ok(response)
     }
 
     /// Records the report and decides the answer, under the observed lock
@@ -98,62 +83,9 @@ impl Shared {
                 0
             },
             assignment,
-            credential: String::new(),
+            security: None,
         };
         Ok((response, events, was_down))
-    }
-
-    /// Checks the server's credential, or spends its enrollment token and
-    /// returns the credential it must present from now on.
-    fn authenticate(&self, request: &pb::HeartbeatRequest, name: &str) -> Result<Option<String>, Status> {
-        if !request.credential.is_empty() {
-            let cached = self.credentials.lock().ok().and_then(|c| c.get(name).cloned());
-            let stored = match cached {
-                Some(c) => Some(c),
-                None => {
-                    let stored = durably(|| self.store.credential(name))?;
-                    if let (Some(s), Ok(mut c)) = (&stored, self.credentials.lock()) {
-                        c.insert(name.to_owned(), s.clone());
-                    }
-                    stored
-                }
-            };
-            if stored.as_deref() == Some(hash(&request.credential).as_str()) {
-                return Ok(None);
-            }
-            return Err(Status::permission_denied(format!(
-                "server {name:?} presented a credential this coordinator did not issue (or it was removed); \
-                 remove its coordinator-credential file and enroll it again with a new token"
-            )));
-        }
-        if request.enrollment_token.is_empty() {
-            return Err(Status::permission_denied(format!(
-                "server {name:?} is not enrolled: start it with --enrollment-token \
-                 (issue one with `duplexctl servers token`)"
-            )));
-        }
-        let credential = random_secret();
-        let now = self.clock.wall_ms();
-        let outcome = durably(|| {
-            self.store
-                .enroll(name, &hash(&request.enrollment_token), &hash(&credential), now)
-        })?;
-        match outcome {
-            Enrollment::Enrolled => {
-                tracing::info!(server = %name, "server enrolled");
-                if let Ok(mut c) = self.credentials.lock() {
-                    c.insert(name.to_owned(), hash(&credential));
-                }
-                Ok(Some(credential))
-            }
-            Enrollment::Expired => Err(Status::permission_denied(format!(
-                "the enrollment token of server {name:?} has expired; issue a new one with `duplexctl servers token`"
-            ))),
-            Enrollment::UnknownToken => Err(Status::permission_denied(format!(
-                "the enrollment token of server {name:?} is unknown or already spent; \
-                 issue a new one with `duplexctl servers token`"
-            ))),
-        }
     }
 }
 

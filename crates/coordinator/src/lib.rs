@@ -17,6 +17,8 @@ pub mod heartbeat;
 pub mod model;
 pub mod notify;
 pub mod observed;
+pub mod policy;
+pub mod security;
 pub mod servers;
 pub mod service;
 pub mod store;

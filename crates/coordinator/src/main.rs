@@ -9,7 +9,10 @@ use duplex_coordinator::service::CoordinatorApi;
 use duplex_coordinator::store::Store;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
+use duplex_coordinator::security::{Security, issue_own};
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
+use duplex_rpc::pki::Ca;
+use duplex_rpc::security::Secured;
 use duplex_types::{Mode, ServerKind};
 use tonic::server::NamedService;
 use tonic::service::Routes;
@@ -47,6 +50,14 @@ struct Cli {
     /// How long any other phase waits for servers before its way out.
     #[arg(long, env = "DUPLEX_PHASE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "60s", global = true)]
     phase_timeout: Duration,
+    /// The cluster CA (`duplexctl ca init --dir DIR`); default DATA_DIR/ca,
+    /// created on first start if absent.
+    #[arg(long, env = "DUPLEX_CA_DIR", global = true)]
+    ca_dir: Option<std::path::PathBuf>,
+    /// How long the server certificates it issues are valid (renewed by
+    /// the servers after two thirds of it).
+    #[arg(long, env = "DUPLEX_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "90d", global = true)]
+    cert_lifetime: Duration,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -75,10 +86,24 @@ pub(crate) async fn main() -> anyhow::Result<()> {
     let data_dir = cli.server.prepared_data_dir()?;
     let store = Arc::new(Store::open(&data_dir)?);
     let shutdown = duplex_rpc::shutdown_on_signals();
+    let name = cli.server.name.clone().unwrap_or_else(|| "coordinator".into());
+    let (secured, ca) = secure(&cli, &listen, &data_dir, &name)?;
+    let security = Security::new(store.clone(), ca, secured.gate.clone(), cli.cert_lifetime, Clock::system())
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    if let Some(path) = security
+        .bootstrap_admin(&data_dir)
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    {
+        tracing::warn!(path = %path.display(), "first start: created operator \"admin\"; its token is in this file (0600)");
+    }
+    if let Some(credentials) = secured.credentials.clone() {
+        let identity = duplex_rpc::security::identity(ServerKind::Coordinator, &cli.server.site, &name);
+        security.spawn_self_renewal(identity, cli.server.hosts(&listen), credentials, shutdown.clone());
+    }
     let bound = duplex_rpc::bind(&listen).await?;
     let info = ServerInfo {
         id: uuid::Uuid::new_v4().to_string(),
-        name: cli.server.name.clone().unwrap_or_else(|| "coordinator".into()),
+        name,
         site: cli.server.site.clone(),
         kind: ServerKind::Coordinator.as_str().to_owned(),
         addr: cli.server.advertised(bound.addr),
@@ -105,9 +130,35 @@ pub(crate) async fn main() -> anyhow::Result<()> {
     )
     .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     let metrics = duplex_coordinator::service::metrics(engine.clone());
-    let api = CoordinatorApi { engine };
+    let api = CoordinatorApi { engine, security };
     let names = [<CoordinatorServer<CoordinatorApi> as NamedService>::NAME];
     let routes = Routes::new(CoordinatorServer::new(api));
-    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
+    let access = duplex_rpc::serve::Access {
+        secured: &secured,
+        policy: duplex_coordinator::policy::rule,
+    };
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
+}
+
+/// The coordinator's TLS: it holds the CA, so it issues its own certificate
+/// at every start instead of enrolling.
+fn secure(
+    cli: &Cli,
+    listen: &str,
+    data_dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(Secured, Option<Ca>)> {
+    if cli.server.insecure_plaintext {
+        return Ok((Secured::plaintext(), None));
+    }
+    let ca_dir = cli.ca_dir.clone().unwrap_or_else(|| data_dir.join("ca"));
+    let ca = Ca::load_or_init(&ca_dir)?;
+    let identity = duplex_rpc::security::identity(ServerKind::Coordinator, &cli.server.site, name);
+    let (cert_pem, key_pem) = issue_own(&ca, &identity, &cli.server.hosts(listen), cli.cert_lifetime)?;
+    let mut roots = rustls::RootCertStore::empty();
+    duplex_rpc::tls::roots_from_pem(&mut roots, "the cluster CA", ca.cert_pem().as_bytes())?;
+    let secured = Secured::with_certificate(Arc::new(roots), &cert_pem, &key_pem, None)?;
+    tracing::info!(ca = %ca_dir.join(duplex_rpc::pki::CA_CERT_FILE).display(), "TLS on; the cluster CA is here");
+    Ok((secured, Some(ca)))
 }

@@ -512,6 +512,9 @@ impl From<&Op> for pb::Operation {
             waiting: o.waiting.clone(),
             wait_deadline_unix_ms: o.wait_deadline_ms,
             by: o.by.clone(),
+            // Who and from where is recorded by the audit event that
+            // accompanies an operator's command.
+            ..Default::default()
         }
     }
 }

@@ -2,30 +2,63 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use duplex_proto::v1::coordinator_server::Coordinator;
 use duplex_proto::v1::{
-    CancelRequest, ClusterStatus, EnrollmentToken, FailbackRequest, FailoverRequest, GetClusterStatusRequest,
-    GetOperationRequest, GetTopologyRequest, HeartbeatRequest, HeartbeatResponse, HistoryRequest,
-    HistoryResponse, IssueEnrollmentTokenRequest, Operation, RemoveServerRequest, RemoveServerResponse,
-    ResyncRequest, ServerState, SwitchoverRequest, Topology,
+    CancelRequest, ClusterStatus, CreateOperatorRequest, CreatedOperator, EnrollRequest, EnrollmentToken,
+    FailbackRequest, FailoverRequest, GetClusterStatusRequest, GetOperationRequest, GetTopologyRequest,
+    HeartbeatRequest, HeartbeatResponse, HistoryRequest, HistoryResponse, IssueEnrollmentTokenRequest,
+    IssuedCertificate, ListOperatorsRequest, ListOperatorsResponse, Operation, OperatorInfo,
+    RemoveServerRequest, RemoveServerResponse, RenewCertificateRequest, ResyncRequest, RevokeOperatorRequest,
+    RevokeOperatorResponse, ServerState, SwitchoverRequest, Topology,
 };
+use duplex_rpc::auth::{Caller, caller};
 use duplex_types::{Role, ServerKind};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::decide::roles;
 use crate::engine::{Command, Engine, durably, shown_role};
-use crate::heartbeat::random_secret;
-
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(600);
-const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Operator actions are attributed to this until operators have names.
-const OPERATOR: &str = "operator";
+use crate::security::Security;
 
 pub struct CoordinatorApi {
     pub engine: Engine,
+    pub security: Arc<Security>,
+}
+
+impl CoordinatorApi {
+    /// Runs an operator command, attributed to its caller, and records the
+    /// action in history.
+    async fn operate(&self, caller: &Caller, command: Command, what: String) -> Result<Operation, Status> {
+        let op = self.engine.command(command, &caller.name()).await?;
+        self.engine.audit(caller, what);
+        Ok(op)
+    }
+
+    /// A heartbeat is accepted only from the server its certificate names.
+    fn check_sender(&self, caller: &Caller, request: &HeartbeatRequest) -> Result<(), Status> {
+        if self.security.gate.insecure() {
+            return Ok(());
+        }
+        let sent = request.server.as_ref();
+        let matches = caller.server().is_some_and(|id| {
+            sent.is_some_and(|s| s.name == id.name && s.site == id.site && s.kind == id.kind.as_str())
+        });
+        if matches {
+            return Ok(());
+        }
+        let claimed = sent.map_or_else(String::new, |s| {
+            format!("{} {} (site {})", shown(&s.kind), shown(&s.name), shown(&s.site))
+        });
+        Err(Status::permission_denied(format!(
+            "a heartbeat for {claimed} must come from that server's own certificate, not from {}",
+            caller.describe()
+        )))
+    }
+}
+
+fn shown(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 /// The cluster as `duplexctl status` shows it.
@@ -103,7 +136,13 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Ok(Response::new(self.engine.heartbeat(request.into_inner()).await?))
+        let caller = caller(&request);
+        let request = request.into_inner();
+        self.check_sender(&caller, &request)?;
+        let version = request.security_version;
+        let mut response = self.engine.heartbeat(request).await?;
+        response.security = self.security.state_for(version);
+        Ok(Response::new(response))
     }
 
     async fn get_status(
@@ -132,39 +171,54 @@ impl Coordinator for CoordinatorApi {
     }
 
     async fn failover(&self, request: Request<FailoverRequest>) -> Result<Response<Operation>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
+        let what = format!(
+            "asked for a{} failover{}{}",
+            if req.force { " forced" } else { "" },
+            if req.site.is_empty() { String::new() } else { format!(" of site {}", shown(&req.site)) },
+            if req.kind.is_empty() { String::new() } else { format!(" ({} roles only)", shown(&req.kind)) },
+        );
         let command = Command::Failover {
             site: req.site,
             kind: kind_of(&req.kind)?,
             force: req.force,
         };
-        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
+        Ok(Response::new(self.operate(&caller, command, what).await?))
     }
 
     async fn switchover(&self, request: Request<SwitchoverRequest>) -> Result<Response<Operation>, Status> {
+        let caller = caller(&request);
         let command = Command::Switchover {
             site: request.into_inner().site,
         };
-        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
+        Ok(Response::new(self.operate(&caller, command, "asked for a switchover".into()).await?))
     }
 
     async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
+        let caller = caller(&request);
         let command = Command::Failback {
             verify: request.into_inner().verify,
         };
-        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
+        Ok(Response::new(self.operate(&caller, command, "asked for a failback".into()).await?))
     }
 
     async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Operation>, Status> {
-        let command = Command::Resync {
-            rate: request.into_inner().rate,
+        let caller = caller(&request);
+        let rate = request.into_inner().rate;
+        let what = if rate == 0 {
+            "asked for a resync".to_owned()
+        } else {
+            format!("asked for a resync at {rate} bytes/s")
         };
-        Ok(Response::new(self.engine.command(command, OPERATOR).await?))
+        Ok(Response::new(self.operate(&caller, Command::Resync { rate }, what).await?))
     }
 
-    async fn cancel(&self, _request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
+    async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
+        let caller = caller(&request);
         Ok(Response::new(
-            self.engine.command(Command::Cancel, OPERATOR).await?,
+            self.operate(&caller, Command::Cancel, "cancelled the running operation".into())
+                .await?,
         ))
     }
 
@@ -172,12 +226,15 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<RemoveServerRequest>,
     ) -> Result<Response<RemoveServerResponse>, Status> {
+        let caller = caller(&request);
         let name = request.into_inner().name;
         duplex_types::validate_name(duplex_types::NameKind::Server, &name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.engine
-            .command(Command::RemoveServer { name }, OPERATOR)
-            .await?;
+        let what = format!("removed server {name} and revoked its certificates");
+        self.operate(&caller, Command::RemoveServer { name }, what).await?;
+        // The removal revoked the certificates in the same transaction;
+        // servers hear of it with their next heartbeat answer.
+        self.security.refresh()?;
         Ok(Response::new(RemoveServerResponse {}))
     }
 
@@ -212,24 +269,89 @@ impl Coordinator for CoordinatorApi {
         &self,
         request: Request<IssueEnrollmentTokenRequest>,
     ) -> Result<Response<EnrollmentToken>, Status> {
-        let ttl = match request.into_inner().ttl_seconds {
-            0 => DEFAULT_TOKEN_TTL,
-            s => Duration::from_secs(s),
-        };
-        if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument(
-                "an enrollment token lives at most 7 days",
-            ));
-        }
-        let token = random_secret();
-        let expires = self.engine.clock.wall_ms() + ttl.as_millis() as i64;
-        let hash = blake3::hash(token.as_bytes()).to_hex().to_string();
-        durably(|| self.engine.store.add_token(&hash, expires))?;
-        tracing::info!(ttl = ?ttl, "enrollment token issued");
+        let caller = caller(&request);
+        let (token, grant) = self.security.issue_token(request.get_ref())?;
+        self.engine.audit(
+            &caller,
+            format!(
+                "issued an enrollment token for {} {} on site {}",
+                grant.kind, grant.name, grant.site
+            ),
+        );
         Ok(Response::new(EnrollmentToken {
             token,
-            expires_unix_ms: expires,
+            expires_unix_ms: grant.expires_unix_ms,
         }))
+    }
+
+    async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<IssuedCertificate>, Status> {
+        let from = caller(&request).addr;
+        let (issued, grant) = self.security.enroll(request.get_ref()).inspect_err(|status| {
+            tracing::warn!(%from, reason = status.message(), "enrollment refused");
+        })?;
+        tracing::info!(server = %grant.name, kind = %grant.kind, site = %grant.site, serial = %issued.serial, %from, "server enrolled");
+        Ok(Response::new(issued))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<RenewCertificateRequest>,
+    ) -> Result<Response<IssuedCertificate>, Status> {
+        let caller = caller(&request);
+        let identity = caller
+            .server()
+            .ok_or_else(|| Status::unauthenticated("renewal needs the server's current certificate"))?;
+        let issued = self.security.renew(identity, &request.get_ref().csr_pem)?;
+        tracing::info!(server = %identity.name, serial = %issued.serial, "certificate renewed");
+        Ok(Response::new(issued))
+    }
+
+    async fn create_operator(
+        &self,
+        request: Request<CreateOperatorRequest>,
+    ) -> Result<Response<CreatedOperator>, Status> {
+        let caller = caller(&request);
+        let req = request.into_inner();
+        let role: duplex_types::OperatorRole = req
+            .role
+            .parse()
+            .map_err(|e: duplex_types::InvalidInput| Status::invalid_argument(e.to_string()))?;
+        let token = self.security.create_operator(&req.name, role)?;
+        self.engine
+            .audit(&caller, format!("created operator {} with role {role}", req.name));
+        Ok(Response::new(CreatedOperator {
+            name: req.name,
+            role: role.as_str().to_owned(),
+            token,
+        }))
+    }
+
+    async fn list_operators(
+        &self,
+        _request: Request<ListOperatorsRequest>,
+    ) -> Result<Response<ListOperatorsResponse>, Status> {
+        let operators = self
+            .security
+            .operators()?
+            .into_iter()
+            .map(|o| OperatorInfo {
+                name: o.name,
+                role: o.role.as_str().to_owned(),
+                created_unix_ms: o.created_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(ListOperatorsResponse { operators }))
+    }
+
+    async fn revoke_operator(
+        &self,
+        request: Request<RevokeOperatorRequest>,
+    ) -> Result<Response<RevokeOperatorResponse>, Status> {
+        let caller = caller(&request);
+        let name = request.into_inner().name;
+        self.security.revoke_operator(&name)?;
+        self.engine.audit(&caller, format!("revoked operator {name}"));
+        Ok(Response::new(RevokeOperatorResponse {}))
     }
 }
 

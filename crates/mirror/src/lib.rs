@@ -1,4 +1,5 @@
 //! duplex-mirror: runs mirroring links between storage servers.
 
 pub mod link;
+pub mod policy;
 pub mod service;

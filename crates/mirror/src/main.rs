@@ -53,6 +53,15 @@ async fn main() -> anyhow::Result<()> {
         .map(|l| parse_link(l, cli.rate))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let shutdown = duplex_rpc::shutdown_on_signals();
+    // The mirror keeps no data; its data dir holds only its certificate.
+    let secured = if cli.server.insecure_plaintext {
+        duplex_rpc::security::Secured::plaintext()
+    } else {
+        let data_dir = cli.server.prepared_data_dir()?;
+        cli.server
+            .secure(duplex_types::ServerKind::Mirror, &listen, &data_dir, &shutdown)
+            .await?
+    };
     let bound = duplex_rpc::bind(&listen).await?;
     let info = ServerInfo {
         // The mirror keeps no state, so its id lives only as long as the process.
@@ -66,12 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let api = Arc::new(MirrorApi::new(info));
     api.set_links(links)
         .map_err(|s| anyhow::anyhow!(s.message().to_owned()))?;
-    // The mirror keeps no data; a data dir only holds its enrollment.
-    let data_dir = match &cli.server.data_dir {
-        Some(_) => Some(cli.server.prepared_data_dir()?),
-        None => None,
-    };
-    if let Some(link) = cli.server.coordinator_link(data_dir.as_deref()) {
+    if let Some(link) = cli.server.coordinator_link(&secured) {
         let beat = api.clone();
         let report = move || {
             let api = beat.clone();
@@ -95,6 +99,10 @@ async fn main() -> anyhow::Result<()> {
     let names = [<MirrorServer<MirrorApi> as NamedService>::NAME];
     let metrics = duplex_mirror::service::metrics(api.clone());
     let routes = Routes::new(MirrorServer::from_arc(api));
-    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
+    let access = duplex_rpc::serve::Access {
+        secured: &secured,
+        policy: duplex_mirror::policy::rule,
+    };
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
 }

@@ -306,6 +306,32 @@ impl Gate {
     }
 }
 
+/// The methods of these services (fully qualified names) that `policy`
+/// denies: a test of each server's policy, so a new RPC cannot ship
+/// unreachable (or be forgotten in the table).
+pub fn methods_without_rule(policy: Policy, services: &[&str]) -> Vec<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(duplex_proto::FILE_DESCRIPTOR_SET) else {
+        return vec!["<the descriptor set does not decode>".into()];
+    };
+    let mut missing = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            let full = format!("{}.{}", file.package(), service.name());
+            if !services.contains(&full.as_str()) {
+                continue;
+            }
+            for method in &service.method {
+                let path = format!("/{full}/{}", method.name());
+                if policy(&path) == Rule::Deny {
+                    missing.push(path);
+                }
+            }
+        }
+    }
+    missing
+}
+
 /// Methods every server serves to anyone.
 fn shared_rule(path: &str) -> Option<Rule> {
     if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {

@@ -4,6 +4,7 @@ pub mod auth;
 mod error;
 pub mod mirroring;
 pub mod replication;
+pub mod policy;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -41,6 +41,7 @@ pub struct Config {
     pub mirroring: Mode,
     pub sync_wait: Duration,
     pub coordinator: Option<duplex_rpc::heartbeat::Link>,
+    pub secured: duplex_rpc::security::Secured,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +138,11 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         <StorageReplicationServer<StorageApi> as NamedService>::NAME,
     ];
     let routes = Routes::new(data).add_service(admin).add_service(replication);
-    duplex_rpc::serve(bound, &names, routes, Some(metrics), shutdown).await?;
+    let access = duplex_rpc::serve::Access {
+        secured: &config.secured,
+        policy: crate::policy::rule,
+    };
+    duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
 }
 

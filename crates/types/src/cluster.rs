@@ -125,6 +125,8 @@ wire_enum! {
         Divergence = "divergence",
         /// A server forgotten by the operator.
         ServerRemoved = "server-removed",
+        /// A state-changing operator action (who, with which role, from where).
+        Audit = "audit",
     }
 }
 

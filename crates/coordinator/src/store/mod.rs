@@ -1,6 +1,7 @@
 //! The coordinator's durable state in one redb file: the registry of
 //! servers, who holds which role (`ClusterState`), every operation with
-//! its phases (history), enrollment tokens and server credentials.
+//! its phases (history), and the security records: enrollment tokens,
+//! issued and revoked certificates, operators.
 //!
 //! Only the engine's owner task writes the desired state, and it writes
 //! each change in one transaction (redb fsyncs on commit) before anyone
@@ -13,13 +14,13 @@ use duplex_types::OperationState;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+mod security;
+
+pub use security::{EnrollmentGrant, EnrollOutcome, OperatorRecord, SecurityRecords};
+
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const OPERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("operations");
-/// BLAKE3(token) hex → expiry (unix ms).
-const TOKENS: TableDefinition<&str, i64> = TableDefinition::new("enrollment_tokens");
-/// server name → BLAKE3(credential) hex.
-const CREDENTIALS: TableDefinition<&str, &str> = TableDefinition::new("credentials");
 const CLUSTER_KEY: &str = "cluster";
 
 #[derive(Debug, thiserror::Error)]
@@ -36,14 +37,6 @@ impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
         tonic::Status::internal(e.to_string())
     }
-}
-
-/// How an enrollment attempt ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Enrollment {
-    Enrolled,
-    UnknownToken,
-    Expired,
 }
 
 /// One change of the durable state, written in one transaction.
@@ -66,7 +59,7 @@ pub struct Loaded {
 }
 
 pub struct Store {
-    db: Database,
+    pub(crate) db: Database,
 }
 
 fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
@@ -89,8 +82,7 @@ impl Store {
         txn.open_table(SERVERS)?;
         txn.open_table(STATE)?;
         txn.open_table(OPERATIONS)?;
-        txn.open_table(TOKENS)?;
-        txn.open_table(CREDENTIALS)?;
+        security::create_tables(&txn)?;
         txn.commit()?;
         Ok(Self { db })
     }
@@ -140,11 +132,12 @@ impl Store {
             for s in &commit.put_servers {
                 servers.insert(s.name.as_str(), s.encode_to_vec().as_slice())?;
             }
-            let mut credentials = txn.open_table(CREDENTIALS)?;
             for name in &commit.remove_servers {
                 servers.remove(name.as_str())?;
-                credentials.remove(name.as_str())?;
             }
+            // A removed server's certificates are revoked with its removal,
+            // in the same transaction: it can never come back half-removed.
+            security::revoke_servers(&txn, &commit.remove_servers)?;
             let mut ops = txn.open_table(OPERATIONS)?;
             for op in &commit.operations {
                 ops.insert(op.id, op.encode_to_vec().as_slice())?;
@@ -173,43 +166,5 @@ impl Store {
             .get(id)?
             .map(|v| decode(&format!("operation {id}"), v.value()))
             .transpose()
-    }
-
-    pub fn add_token(&self, token_hash: &str, expires_unix_ms: i64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(TOKENS)?.insert(token_hash, expires_unix_ms)?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Spends a token and records the server's credential, in one transaction.
-    pub fn enroll(
-        &self,
-        name: &str,
-        token_hash: &str,
-        credential_hash: &str,
-        now_unix_ms: i64,
-    ) -> Result<Enrollment, StoreError> {
-        let txn = self.db.begin_write()?;
-        let outcome = {
-            let mut tokens = txn.open_table(TOKENS)?;
-            let expiry = tokens.remove(token_hash)?.map(|v| v.value());
-            match expiry {
-                None => Enrollment::UnknownToken,
-                Some(e) if e < now_unix_ms => Enrollment::Expired,
-                Some(_) => {
-                    txn.open_table(CREDENTIALS)?.insert(name, credential_hash)?;
-                    Enrollment::Enrolled
-                }
-            }
-        };
-        txn.commit()?;
-        Ok(outcome)
-    }
-
-    pub fn credential(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(CREDENTIALS)?;
-        Ok(table.get(name)?.map(|v| v.value().to_owned()))
     }
 }
