@@ -9,7 +9,6 @@ use duplex_proto::v1::{
     AccountServerStatus, CreateAccountRequest, CreateAccountsRequest, GetAccountStatusRequest,
     RegisterStorageServerRequest, ServerInfo,
 };
-use tonic::transport::Channel;
 
 use crate::{Service, bin, wait_for};
 
@@ -22,13 +21,14 @@ pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Service {
         dir.join(name).display().to_string(),
         "--name".into(),
         name.into(),
+        "--insecure-plaintext".into(),
     ];
     cmd.extend(extra.iter().map(|s| s.to_string()));
     Service::start(name, cmd, &dir.join(format!("{name}.log")))
 }
 
-pub fn admin(addr: &str) -> AccountAdminClient<Channel> {
-    AccountAdminClient::new(duplex_rpc::channel(addr).unwrap())
+pub fn admin(addr: &str) -> AccountAdminClient<crate::Conn> {
+    AccountAdminClient::new(crate::connect(addr))
 }
 
 pub async fn status(addr: &str) -> AccountServerStatus {

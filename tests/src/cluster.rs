@@ -1,5 +1,7 @@
 //! A one-site cluster of real processes: an account server and a storage
-//! server on loopback port 0, data in a temporary directory.
+//! server on loopback port 0, data in a temporary directory. Without a
+//! coordinator there is no CA to enroll with, so it runs (and its clients
+//! talk) with `--insecure-plaintext`; `TwoSites` is the secure platform.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -69,6 +71,7 @@ impl Cluster {
         Command::new(bin("duplexctl"))
             .args(args)
             .env("DUPLEX_ENDPOINT", &self.account.addr)
+            .env("DUPLEX_INSECURE_PLAINTEXT", "1")
             .output()
             .unwrap()
     }
@@ -123,6 +126,7 @@ pub fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Output {
         .args(args)
         .env("DUPLEX_ENDPOINT", endpoint)
         .env("DUPLEX_TOKEN", token)
+        .env("DUPLEX_INSECURE_PLAINTEXT", "1")
         .output()
         .unwrap()
 }
@@ -138,5 +142,6 @@ fn server_cmd(binary: &str, name: &str, dir: &Path) -> Vec<String> {
         name.into(),
         "--site".into(),
         "a".into(),
+        "--insecure-plaintext".into(),
     ]
 }

@@ -35,6 +35,36 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+static OPERATOR_TOKEN: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// The operator token the test's own gRPC calls present (`TwoSites` sets
+/// its admin's).
+pub fn use_operator_token(token: &str) {
+    *OPERATOR_TOKEN.write().unwrap() = Some(token.to_owned());
+}
+
+type Authorize = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+/// A channel for the test's own calls, carrying the operator token if one is set.
+pub type Conn = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Authorize>;
+
+fn authorize(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(token) = OPERATOR_TOKEN.read().unwrap().clone() {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    Ok(request)
+}
+
+/// Connects the test itself to a server.
+pub fn connect(addr: &str) -> Conn {
+    tonic::service::interceptor::InterceptedService::new(
+        duplex_rpc::channel(addr).unwrap(),
+        authorize as Authorize,
+    )
+}
+
 /// Polls `check` until it returns Some, or panics after `deadline`.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
@@ -57,6 +87,36 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// GET `/metrics` over TLS trusting `ca`, with an operator token; the body.
+pub fn scrape_tls(addr: &str, ca: &std::path::Path, token: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = addr.trim_start_matches("https://").to_owned();
+    let roots = duplex_rpc::tls::roots(Some(ca)).unwrap();
+    let config = duplex_rpc::tls::client_config(roots, None).unwrap();
+    // Scrapers speak HTTP/1.1; the server offers it beside h2.
+    let mut config = (*config).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let response = runtime().block_on(async move {
+        let tcp = tokio::net::TcpStream::connect(&host).await.expect("connect for /metrics");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("TLS for /metrics");
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes()).await.expect("send");
+        let mut response = Vec::new();
+        // A peer that closes without close_notify is fine here.
+        let _ = tls.read_to_end(&mut response).await;
+        String::from_utf8_lossy(&response).into_owned()
+    });
+    assert!(response.starts_with("HTTP/1.1 200"), "GET /metrics: {response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
 }
 
 /// GET `/metrics` from a server (HTTP/1.1 on its gRPC port); the body.

@@ -21,6 +21,7 @@ pub fn storage(dir: &Path, name: &str, site: &str, account: &str, extra: &[&str]
         site.into(),
         "--account-servers".into(),
         account.into(),
+        "--insecure-plaintext".into(),
     ];
     cmd.extend(extra.iter().map(|s| s.to_string()));
     Service::start(name, cmd, &dir.join(format!("{name}.log")))
@@ -34,6 +35,7 @@ pub fn mirror(dir: &Path, name: &str, links: &[String], extra: &[&str]) -> Servi
         "127.0.0.1:0".into(),
         "--name".into(),
         name.into(),
+        "--insecure-plaintext".into(),
     ];
     for l in links {
         cmd.extend(["--link".to_owned(), l.clone()]);

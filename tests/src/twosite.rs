@@ -52,6 +52,10 @@ pub struct TwoSites {
     pub proxy: Option<Proxy>,
     /// Token of the account `demo`.
     pub token: String,
+    /// The cluster CA the coordinator created on its first start.
+    pub ca: PathBuf,
+    /// The first admin's token, which the coordinator wrote to its data dir.
+    pub admin_token: String,
     _turn: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -107,8 +111,21 @@ impl TwoSites {
             &d.join("coordinator.log"),
         );
         let c = coordinator.addr.clone();
+        let ca = d.join("coordinator/ca/ca.pem");
+        let admin_token = std::fs::read_to_string(d.join("coordinator/admin-token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        // The test's own calls (metrics, bulk account creation) trust the CA.
+        duplex_rpc::tls::setup_client(Some(&ca), false).unwrap();
+        crate::use_operator_token(&admin_token);
+        let enroller = Enroller {
+            coordinator: c.clone(),
+            ca: ca.clone(),
+            admin_token: admin_token.clone(),
+        };
         let enrolled = |name: &str, site: &str, binary: &str, extra: Vec<String>, via: &str| {
-            start_enrolled(&c, via, d, name, site, binary, extra)
+            enroller.start(via, d, name, site, binary, extra)
         };
         let account_a = enrolled(
             "account-a",
@@ -163,6 +180,8 @@ impl TwoSites {
             mirror_b,
             proxy,
             token: String::new(),
+            ca,
+            admin_token,
             _turn: turn,
         };
         sites.wait_roles(&[
@@ -184,6 +203,8 @@ impl TwoSites {
         Command::new(bin("duplexctl"))
             .args(args)
             .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
+            .env("DUPLEX_CA", &self.ca)
+            .env("DUPLEX_OPERATOR_TOKEN", &self.admin_token)
             .env_remove("DUPLEX_ENDPOINT")
             .output()
             .unwrap()
@@ -224,6 +245,7 @@ impl TwoSites {
             .args(args)
             .env("DUPLEX_ENDPOINT", &self.coordinator.addr)
             .env("DUPLEX_TOKEN", token)
+            .env("DUPLEX_CA", &self.ca)
             .output()
             .unwrap()
     }
@@ -310,16 +332,27 @@ impl TwoSites {
     /// `duplex-storage-server` or `duplex-mirror`; `extra` are its own flags
     /// (`--master URL`, `--account-servers URLS`, `--role R`, ...).
     pub fn start_server(&self, name: &str, site: &str, binary: &str, extra: &[&str]) -> Service {
-        let coordinator = &self.coordinator.addr;
-        start_enrolled(
-            coordinator,
-            coordinator,
+        self.enroller().start(
+            &self.coordinator.addr,
             self.dir.path(),
             name,
             site,
             binary,
             strings(extra),
         )
+    }
+
+    pub fn enroller(&self) -> Enroller {
+        Enroller {
+            coordinator: self.coordinator.addr.clone(),
+            ca: self.ca.clone(),
+            admin_token: self.admin_token.clone(),
+        }
+    }
+
+    /// GET `/metrics` from one of this platform's servers, as the admin.
+    pub fn scrape(&self, addr: &str) -> String {
+        crate::scrape_tls(addr, &self.ca, &self.admin_token)
     }
 
     /// Waits until the coordinator knows how far `name` lags behind what it
@@ -350,24 +383,79 @@ pub fn lag_in(status: &serde_json::Value, name: &str) -> Option<serde_json::Valu
         .filter(|l| !l.is_null())
 }
 
-/// Starts a server enrolled with a fresh one-time token from
-/// `coordinator`, heartbeating to `via` (the coordinator or a proxy to it).
-fn start_enrolled(
-    coordinator: &str,
-    via: &str,
-    dir: &Path,
-    name: &str,
-    site: &str,
-    binary: &str,
-    mut extra: Vec<String>,
-) -> Service {
-    extra.extend(["--coordinator".to_owned(), via.to_owned()]);
-    extra.extend(["--enrollment-token".to_owned(), enrollment_token(coordinator)]);
-    Service::start(
-        name,
-        cmd(binary, name, site, dir, &extra),
-        &dir.join(format!("{name}.log")),
-    )
+/// What it takes to enroll a new server: the coordinator, the CA the
+/// server must trust, and an admin token to issue enrollment tokens.
+pub struct Enroller {
+    pub coordinator: String,
+    pub ca: PathBuf,
+    pub admin_token: String,
+}
+
+impl Enroller {
+    /// `duplexctl servers token NAME --site SITE --kind KIND`: a one-time
+    /// token bound to that identity.
+    pub fn token(&self, name: &str, site: &str, kind: &str) -> String {
+        let out = Command::new(bin("duplexctl"))
+            .args(["servers", "token", name, "--site", site, "--kind", kind])
+            .env("DUPLEX_COORDINATOR", &self.coordinator)
+            .env("DUPLEX_CA", &self.ca)
+            .env("DUPLEX_OPERATOR_TOKEN", &self.admin_token)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "servers token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Writes a token to a 0600 file under `dir/tokens` (servers read
+    /// tokens from files, never from argv).
+    pub fn token_file(&self, dir: &Path, name: &str, token: &str) -> PathBuf {
+        let tokens = dir.join("tokens");
+        duplex_rpc::secure_fs::create_private_dir(&tokens).unwrap();
+        let path = tokens.join(name);
+        duplex_rpc::secure_fs::write_private(&path, token.as_bytes()).unwrap();
+        path
+    }
+
+    /// Starts a server enrolled with a fresh token bound to it,
+    /// heartbeating to `via` (the coordinator or a proxy to it).
+    pub fn start(
+        &self,
+        via: &str,
+        dir: &Path,
+        name: &str,
+        site: &str,
+        binary: &str,
+        mut extra: Vec<String>,
+    ) -> Service {
+        let token = self.token(name, site, kind_of(binary));
+        let file = self.token_file(dir, name, &token);
+        extra.extend([
+            "--coordinator".to_owned(),
+            via.to_owned(),
+            "--ca".into(),
+            self.ca.display().to_string(),
+            "--enrollment-token-file".into(),
+            file.display().to_string(),
+        ]);
+        Service::start(
+            name,
+            cmd(binary, name, site, dir, &extra),
+            &dir.join(format!("{name}.log")),
+        )
+    }
+}
+
+/// The kind of server a binary runs.
+pub fn kind_of(binary: &str) -> &'static str {
+    match binary {
+        "duplex-account-server" => "account",
+        "duplex-storage-server" => "storage",
+        _ => "mirror",
+    }
 }
 
 pub fn role_in(status: &serde_json::Value, name: &str) -> String {
@@ -378,19 +466,6 @@ pub fn role_in(status: &serde_json::Value, name: &str) -> String {
         .find(|s| s["name"] == name)
         .map(|s| s["role"].as_str().unwrap().to_owned())
         .unwrap_or_default()
-}
-
-pub fn enrollment_token(coordinator: &str) -> String {
-    let out = Command::new(bin("duplexctl"))
-        .args(["--coordinator", coordinator, "servers", "token"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "servers token: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 /// Runs `cmd` under `env DUPLEX_FAILPOINT=...` (or plainly for `None`).

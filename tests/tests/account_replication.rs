@@ -23,7 +23,11 @@ use duplex_tests::{bin, runtime, wait_for};
 const SYNC: Duration = Duration::from_secs(60);
 
 fn ctl(args: &[&str]) -> std::process::Output {
-    Command::new(bin("duplexctl")).args(args).output().unwrap()
+    Command::new(bin("duplexctl"))
+        .args(args)
+        .env("DUPLEX_INSECURE_PLAINTEXT", "1")
+        .output()
+        .unwrap()
 }
 
 async fn names_on(addr: &str) -> HashSet<String> {
@@ -471,6 +475,7 @@ fn stale_epochs_and_writes_to_a_slave_are_refused() {
             "--endpoint",
             &slave.addr,
         ])
+        .env("DUPLEX_INSECURE_PLAINTEXT", "1")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

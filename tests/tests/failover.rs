@@ -166,7 +166,7 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     );
     assert!(failover["detail"].as_str().unwrap().contains("storage-a"));
     assert_all_restore(&sites, &acked.lock().unwrap());
-    let metrics = duplex_tests::scrape(&sites.coordinator.addr);
+    let metrics = sites.scrape(&sites.coordinator.addr);
     assert!(
         metrics.contains("duplex_operations_total{kind=\"failover\",state=\"done\"} 1"),
         "{metrics}"

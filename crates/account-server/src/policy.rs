@@ -40,7 +40,14 @@ pub fn rule(path: &str) -> Rule {
 mod tests {
     #[test]
     fn every_method_has_a_rule() {
-        let missing = duplex_rpc::auth::methods_without_rule(super::rule, &["duplex.v1.AccountService", "duplex.v1.AccountAdmin", "duplex.v1.AccountReplication"]);
+        let missing = duplex_rpc::auth::methods_without_rule(
+            super::rule,
+            &[
+                "duplex.v1.AccountService",
+                "duplex.v1.AccountAdmin",
+                "duplex.v1.AccountReplication",
+            ],
+        );
         assert!(missing.is_empty(), "no rule for {missing:?}");
     }
 }

@@ -322,7 +322,9 @@ impl AccountAdmin for AccountApi {
             .ok_or_else(|| Status::invalid_argument("server is required"))?;
         // A storage server registers itself, never another name; only the
         // coordinator registers on another's behalf.
-        if let Some(id) = caller.server().filter(|id| id.kind == duplex_types::ServerKind::Storage)
+        if let Some(id) = caller
+            .server()
+            .filter(|id| id.kind == duplex_types::ServerKind::Storage)
             && (id.name != server.name || id.site != server.site)
         {
             return Err(Status::permission_denied(format!(

@@ -32,6 +32,12 @@ struct Cli {
     /// Print one JSON document on stdout and no progress bars.
     #[arg(long, global = true)]
     json: bool,
+    /// The cluster CA certificate (PEM) to trust; default: the system's roots.
+    #[arg(long, env = "DUPLEX_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Talk plaintext to servers started with --insecure-plaintext (local debugging only).
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -69,6 +75,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    duplex_rpc::tls::setup_client(cli.ca.as_deref(), cli.insecure_plaintext)?;
     let options = Options {
         endpoints: cli.endpoint.clone(),
         token: cli.token.clone().unwrap_or_default(),

@@ -19,6 +19,9 @@ pub fn operation_json(op: &Operation) -> serde_json::Value {
         "detail": op.detail,
         "automatic": op.automatic,
         "forced": op.forced,
+        "by": if op.by.is_empty() { None } else { Some(&op.by) },
+        "by_role": if op.by_role.is_empty() { None } else { Some(&op.by_role) },
+        "from": if op.by_addr.is_empty() { None } else { Some(&op.by_addr) },
         "finished": (op.finished_unix_ms > 0).then(|| rfc3339(op.finished_unix_ms)),
         "error": if op.error.is_empty() { None } else { Some(&op.error) },
         "phases": op.phases.iter().map(|p| serde_json::json!({

@@ -4,12 +4,12 @@ use std::time::Duration;
 use clap::Parser;
 use duplex_coordinator::clock::Clock;
 use duplex_coordinator::config::Config;
+use duplex_coordinator::security::{Security, issue_own};
 use duplex_coordinator::servers::GrpcServers;
 use duplex_coordinator::service::CoordinatorApi;
 use duplex_coordinator::store::Store;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
-use duplex_coordinator::security::{Security, issue_own};
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 use duplex_rpc::pki::Ca;
 use duplex_rpc::security::Secured;
@@ -88,8 +88,14 @@ pub(crate) async fn main() -> anyhow::Result<()> {
     let shutdown = duplex_rpc::shutdown_on_signals();
     let name = cli.server.name.clone().unwrap_or_else(|| "coordinator".into());
     let (secured, ca) = secure(&cli, &listen, &data_dir, &name)?;
-    let security = Security::new(store.clone(), ca, secured.gate.clone(), cli.cert_lifetime, Clock::system())
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let security = Security::new(
+        store.clone(),
+        ca,
+        secured.gate.clone(),
+        cli.cert_lifetime,
+        Clock::system(),
+    )
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     if let Some(path) = security
         .bootstrap_admin(&data_dir)
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

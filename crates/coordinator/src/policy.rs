@@ -15,7 +15,9 @@ pub fn rule(path: &str) -> Rule {
         "Enroll" | "GetTopology" | "WatchTopology" => Rule::Open,
         "Heartbeat" | "RenewCertificate" => Rule::servers(ANY_SERVER),
         "GetStatus" | "GetOperation" | "History" => Rule::servers_or(ANY_SERVER, OperatorRole::Viewer),
-        "Failover" | "Switchover" | "Failback" | "Resync" | "Cancel" => Rule::operators(OperatorRole::Operator),
+        "Failover" | "Switchover" | "Failback" | "Resync" | "Cancel" => {
+            Rule::operators(OperatorRole::Operator)
+        }
         "IssueEnrollmentToken" | "RemoveServer" | "CreateOperator" | "ListOperators" | "RevokeOperator" => {
             Rule::operators(OperatorRole::Admin)
         }

@@ -116,7 +116,9 @@ impl Security {
 
     fn ca(&self) -> Result<&Ca, Status> {
         self.ca.as_ref().ok_or_else(|| {
-            Status::failed_precondition("this coordinator runs with --insecure-plaintext and issues no certificates")
+            Status::failed_precondition(
+                "this coordinator runs with --insecure-plaintext and issues no certificates",
+            )
         })
     }
 
@@ -129,7 +131,8 @@ impl Security {
         &self,
         request: &pb::IssueEnrollmentTokenRequest,
     ) -> Result<(String, EnrollmentGrant), Status> {
-        validate_name(NameKind::Server, &request.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_name(NameKind::Server, &request.name)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_name(NameKind::Site, &request.site).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let kind: ServerKind = request
             .kind
@@ -145,7 +148,9 @@ impl Security {
             s => Duration::from_secs(s),
         };
         if ttl > MAX_TOKEN_TTL {
-            return Err(Status::invalid_argument("an enrollment token lives at most 7 days"));
+            return Err(Status::invalid_argument(
+                "an enrollment token lives at most 7 days",
+            ));
         }
         if durably(|| self.store.is_enrolled(&request.name)).map_err(internal)? {
             return Err(already_enrolled(&request.name));
@@ -163,11 +168,27 @@ impl Security {
 
     /// Spends an enrollment token on a certificate for the identity it was
     /// issued for.
-    pub fn enroll(&self, request: &pb::EnrollRequest) -> Result<(pb::IssuedCertificate, EnrollmentGrant), Status> {
+    pub fn enroll(
+        &self,
+        request: &pb::EnrollRequest,
+    ) -> Result<(pb::IssuedCertificate, EnrollmentGrant), Status> {
         let ca = self.ca()?;
         let lifetime = self.lifetime;
         let outcome = durably(|| {
             self.store.enroll(&hash_hex(&request.token), self.clock.wall_ms(), |grant| {
+                if (grant.name.as_str(), grant.site.as_str(), grant.kind.as_str())
+                    != (request.name.as_str(), request.site.as_str(), request.kind.as_str())
+                {
+                    return Err(format!(
+                        "this enrollment token was issued for {} {} on site {}, not for {} {} on site {}; it is spent now",
+                        grant.kind,
+                        grant.name,
+                        grant.site,
+                        shown(&request.kind),
+                        shown(&request.name),
+                        shown(&request.site)
+                    ));
+                }
                 let identity = ServerIdentity {
                     site: grant.site.clone(),
                     kind: grant.kind,
@@ -191,7 +212,7 @@ impl Security {
                 g.name
             ))),
             EnrollOutcome::AlreadyEnrolled(g) => Err(already_enrolled(&g.name)),
-            EnrollOutcome::Refused(reason) => Err(Status::invalid_argument(reason)),
+            EnrollOutcome::Refused(reason) => Err(Status::permission_denied(reason)),
         }
     }
 
@@ -234,14 +255,19 @@ impl Security {
             created_unix_ms: self.clock.wall_ms(),
         };
         if !durably(|| self.store.add_operator(&record)).map_err(internal)? {
-            return Err(Status::already_exists(format!("an operator named {} exists", shown(name))));
+            return Err(Status::already_exists(format!(
+                "an operator named {} exists",
+                shown(name)
+            )));
         }
         self.refresh()?;
         Ok(token)
     }
 
     pub fn operators(&self) -> Result<Vec<OperatorRecord>, Status> {
-        Ok(durably(|| self.store.security_records()).map_err(internal)?.operators)
+        Ok(durably(|| self.store.security_records())
+            .map_err(internal)?
+            .operators)
     }
 
     pub fn revoke_operator(&self, name: &str) -> Result<(), Status> {

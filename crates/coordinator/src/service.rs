@@ -176,8 +176,16 @@ impl Coordinator for CoordinatorApi {
         let what = format!(
             "asked for a{} failover{}{}",
             if req.force { " forced" } else { "" },
-            if req.site.is_empty() { String::new() } else { format!(" of site {}", shown(&req.site)) },
-            if req.kind.is_empty() { String::new() } else { format!(" ({} roles only)", shown(&req.kind)) },
+            if req.site.is_empty() {
+                String::new()
+            } else {
+                format!(" of site {}", shown(&req.site))
+            },
+            if req.kind.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} roles only)", shown(&req.kind))
+            },
         );
         let command = Command::Failover {
             site: req.site,
@@ -192,7 +200,10 @@ impl Coordinator for CoordinatorApi {
         let command = Command::Switchover {
             site: request.into_inner().site,
         };
-        Ok(Response::new(self.operate(&caller, command, "asked for a switchover".into()).await?))
+        Ok(Response::new(
+            self.operate(&caller, command, "asked for a switchover".into())
+                .await?,
+        ))
     }
 
     async fn failback(&self, request: Request<FailbackRequest>) -> Result<Response<Operation>, Status> {
@@ -200,7 +211,10 @@ impl Coordinator for CoordinatorApi {
         let command = Command::Failback {
             verify: request.into_inner().verify,
         };
-        Ok(Response::new(self.operate(&caller, command, "asked for a failback".into()).await?))
+        Ok(Response::new(
+            self.operate(&caller, command, "asked for a failback".into())
+                .await?,
+        ))
     }
 
     async fn resync(&self, request: Request<ResyncRequest>) -> Result<Response<Operation>, Status> {
@@ -211,7 +225,9 @@ impl Coordinator for CoordinatorApi {
         } else {
             format!("asked for a resync at {rate} bytes/s")
         };
-        Ok(Response::new(self.operate(&caller, Command::Resync { rate }, what).await?))
+        Ok(Response::new(
+            self.operate(&caller, Command::Resync { rate }, what).await?,
+        ))
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<Operation>, Status> {
@@ -231,7 +247,8 @@ impl Coordinator for CoordinatorApi {
         duplex_types::validate_name(duplex_types::NameKind::Server, &name)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let what = format!("removed server {name} and revoked its certificates");
-        self.operate(&caller, Command::RemoveServer { name }, what).await?;
+        self.operate(&caller, Command::RemoveServer { name }, what)
+            .await?;
         // The removal revoked the certificates in the same transaction;
         // servers hear of it with their next heartbeat answer.
         self.security.refresh()?;

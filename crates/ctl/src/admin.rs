@@ -7,16 +7,15 @@ use duplex_proto::v1::{
     CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
 };
 use serde_json::json;
-use tonic::transport::Channel;
 
 /// An admin client for the master account server, found through any
 /// endpoint (a slave names its master). Falls back to the first server
 /// that answers, so reads still work while no master is reachable.
-pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<Channel>> {
+pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<crate::conn::Conn>> {
     let mut fallback = None;
     let mut last = None;
     for url in &duplex_rpc::discovery::account_servers(endpoints).await {
-        let mut client = AccountAdminClient::new(duplex_rpc::channel(url)?);
+        let mut client = AccountAdminClient::new(crate::conn::conn(url)?);
         match client.get_status(GetAccountStatusRequest {}).await {
             Ok(status) => {
                 let status = status.into_inner();
@@ -24,7 +23,7 @@ pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<
                     return Ok(client);
                 }
                 if !status.master.is_empty() {
-                    let mut master = AccountAdminClient::new(duplex_rpc::channel(&status.master)?);
+                    let mut master = AccountAdminClient::new(crate::conn::conn(&status.master)?);
                     if master
                         .get_status(GetAccountStatusRequest {})
                         .await
@@ -73,7 +72,7 @@ where
 }
 
 pub async fn create_account(
-    client: &mut AccountAdminClient<Channel>,
+    client: &mut AccountAdminClient<crate::conn::Conn>,
     name: &str,
     group: Option<String>,
     home: Option<String>,
@@ -109,7 +108,10 @@ pub async fn create_account(
     Ok(())
 }
 
-pub async fn list_accounts(client: &mut AccountAdminClient<Channel>, json: bool) -> anyhow::Result<()> {
+pub async fn list_accounts(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+    json: bool,
+) -> anyhow::Result<()> {
     let accounts = client
         .list_accounts(ListAccountsRequest {})
         .await
@@ -131,7 +133,10 @@ pub async fn list_accounts(client: &mut AccountAdminClient<Channel>, json: bool)
     Ok(())
 }
 
-pub async fn list_groups(client: &mut AccountAdminClient<Channel>, json: bool) -> anyhow::Result<()> {
+pub async fn list_groups(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+    json: bool,
+) -> anyhow::Result<()> {
     let groups = client
         .list_groups(ListGroupsRequest {})
         .await
@@ -154,7 +159,7 @@ pub async fn list_groups(client: &mut AccountAdminClient<Channel>, json: bool) -
 }
 
 pub async fn set_group(
-    client: &mut AccountAdminClient<Channel>,
+    client: &mut AccountAdminClient<crate::conn::Conn>,
     name: &str,
     enabled: bool,
     json: bool,

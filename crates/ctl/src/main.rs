@@ -1,4 +1,5 @@
 mod admin;
+mod conn;
 mod mirror;
 mod ops;
 mod playground;
@@ -10,6 +11,7 @@ mod status;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// Duplex operator CLI.
@@ -25,6 +27,24 @@ struct Cli {
     /// Print one JSON document on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// The cluster CA certificate (PEM) to trust; default: the system's roots.
+    #[arg(long, env = "DUPLEX_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// Operator token (admin, operator or viewer). Prefer the environment
+    /// or --operator-token-file: argv is visible to other users in `ps`.
+    #[arg(long, env = "DUPLEX_OPERATOR_TOKEN", hide_env_values = true, global = true)]
+    operator_token: Option<String>,
+    /// File holding the operator token.
+    #[arg(
+        long,
+        env = "DUPLEX_OPERATOR_TOKEN_FILE",
+        global = true,
+        conflicts_with = "operator_token"
+    )]
+    operator_token_file: Option<PathBuf>,
+    /// Talk plaintext to servers started with --insecure-plaintext (local debugging only).
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +132,43 @@ enum Command {
         #[arg(long, default_value = "active-passive", value_parser = ["active-passive", "active-active"])]
         mode: String,
     },
+    /// Create, list and revoke operator tokens (admin only).
+    Operators {
+        #[command(subcommand)]
+        command: OperatorsCommand,
+    },
+    /// The cluster certificate authority.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorsCommand {
+    /// A new operator; its token is shown once.
+    Create {
+        name: String,
+        #[arg(long, value_parser = ["admin", "operator", "viewer"])]
+        role: String,
+    },
+    List,
+    /// The token stops working on every server at once.
+    Revoke {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a cluster CA: DIR/ca.pem, and DIR/ca.key readable by its owner only.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Succeed without touching it when DIR already holds a CA.
+        #[arg(long)]
+        keep_existing: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,16 +210,24 @@ enum MirrorCommand {
 
 #[derive(Subcommand)]
 enum ServersCommand {
-    /// Issue a one-time enrollment token for a new server.
+    /// Issue a one-time enrollment token, bound to one server's name, site and kind.
     Token {
+        /// The server's name (or use --for with --out-dir).
+        #[arg(required_unless_present = "bindings")]
+        name: Option<String>,
+        #[arg(long, requires = "name")]
+        site: Option<String>,
+        #[arg(long, requires = "name", value_parser = ["account", "storage", "mirror"])]
+        kind: Option<String>,
         /// How long it stays valid.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
         ttl: std::time::Duration,
-        /// With --out-dir: one token per server name, written to OUT_DIR/NAME.
+        /// With --out-dir: NAME:SITE:KIND, one token each, written to OUT_DIR/NAME.
         #[arg(long = "for", requires = "out_dir")]
-        names: Vec<String>,
-        /// Write tokens into files here (mode 0600) instead of printing one.
-        #[arg(long, requires = "names")]
+        bindings: Vec<ops::Binding>,
+        /// Write tokens into files here (mode 0600), with the CA certificate
+        /// (--ca) as OUT_DIR/ca.pem, instead of printing one.
+        #[arg(long, requires = "bindings")]
         out_dir: Option<PathBuf>,
     },
     /// Role, epoch, LSN, state hash, lag and slaves of one account server.
@@ -209,6 +274,19 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
+    match &cli.command {
+        Command::Ca {
+            command: CaCommand::Init { dir, keep_existing },
+        } => return ca_init(dir, *keep_existing),
+        Command::Playground { dir, mode } => {
+            return playground::run(dir, mode, cli.insecure_plaintext).await;
+        }
+        _ => {}
+    }
+    conn::setup(cli.ca.as_deref(), cli.insecure_plaintext)?;
+    if let Some(token) = operator_token(&cli)? {
+        conn::set_token(&token)?;
+    }
     // Failures talking to the coordinator name it.
     let coordinator = cli.coordinator.clone();
     let at_coordinator = |e: anyhow::Error| match &coordinator {
@@ -216,7 +294,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => e,
     };
     match cli.command {
-        Command::Playground { dir, mode } => playground::run(&dir, &mode).await,
+        Command::Playground { .. } | Command::Ca { .. } => Ok(()),
+        Command::Operators { command } => {
+            let client = ops::client(cli.coordinator.as_deref())?;
+            match command {
+                OperatorsCommand::Create { name, role } => {
+                    ops::create_operator(client, &name, &role, json).await
+                }
+                OperatorsCommand::List => ops::list_operators(client, json).await,
+                OperatorsCommand::Revoke { name } => ops::revoke_operator(client, &name, json).await,
+            }
+            .map_err(at_coordinator)
+        }
         Command::Status => status::run(cli.coordinator.as_deref(), json).await,
         Command::Mirror { command } => match command {
             MirrorCommand::Status { url } => mirror::status(&url, json).await,
@@ -262,11 +351,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(at_coordinator),
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
         Command::Servers { command } => match command {
-            ServersCommand::Token { ttl, names, out_dir } => {
+            ServersCommand::Token {
+                name,
+                site,
+                kind,
+                ttl,
+                bindings,
+                out_dir,
+            } => {
                 let client = ops::client(cli.coordinator.as_deref())?;
-                match out_dir {
-                    Some(dir) => ops::token_files(client, ttl, &names, &dir).await,
-                    None => ops::token(client, ttl, json).await,
+                match (out_dir, name) {
+                    (Some(dir), _) => ops::token_files(client, ttl, &bindings, &dir, cli.ca.as_deref()).await,
+                    (None, Some(name)) => {
+                        let binding = ops::Binding {
+                            name,
+                            site: site.context("--site is required")?,
+                            kind: kind.context("--kind is required")?,
+                        };
+                        ops::token(client, &binding, ttl, json).await
+                    }
+                    (None, None) => Err(anyhow::anyhow!("name the server, or give --for and --out-dir")),
                 }
                 .map_err(at_coordinator)
             }
@@ -306,6 +410,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The operator token from the flag, the environment or its file.
+fn operator_token(cli: &Cli) -> anyhow::Result<Option<String>> {
+    if let Some(t) = &cli.operator_token {
+        return Ok(Some(t.clone()));
+    }
+    match &cli.operator_token_file {
+        Some(path) => {
+            let token =
+                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Ok(Some(token.trim().to_owned()))
+        }
+        None => Ok(None),
+    }
+}
+
+fn ca_init(dir: &std::path::Path, keep_existing: bool) -> anyhow::Result<()> {
+    if keep_existing && dir.join(duplex_rpc::pki::CA_KEY_FILE).exists() {
+        eprintln!("{} already holds a CA; kept", dir.display());
+        return Ok(());
+    }
+    duplex_rpc::pki::Ca::init(dir)?;
+    eprintln!(
+        "created the cluster CA: {} (give it to clients and servers with --ca) and {} (keep it secret: \
+         the coordinator signs with it)",
+        dir.join(duplex_rpc::pki::CA_CERT_FILE).display(),
+        dir.join(duplex_rpc::pki::CA_KEY_FILE).display()
+    );
+    Ok(())
 }
 
 /// Account-server entry points: the endpoints, then the coordinator.

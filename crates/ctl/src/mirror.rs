@@ -52,7 +52,7 @@ fn print(status: &MirrorStatus, json: bool) {
 }
 
 pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
-    let mut client = MirrorClient::new(duplex_rpc::channel(url)?);
+    let mut client = MirrorClient::new(crate::conn::conn(url)?);
     let status = client
         .get_status(GetMirrorStatusRequest {})
         .await
@@ -77,7 +77,7 @@ pub async fn set_links(url: &str, links: &[String], rate: u64, json: bool) -> an
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let mut client = MirrorClient::new(duplex_rpc::channel(url)?);
+    let mut client = MirrorClient::new(crate::conn::conn(url)?);
     let status = client
         .set_links(SetLinksRequest { links })
         .await

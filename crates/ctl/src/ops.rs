@@ -8,16 +8,16 @@ use anyhow::{Context, bail};
 use duplex_coordinator::events::{operation_json, rfc3339};
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
 use duplex_proto::v1::{
-    CancelRequest, FailbackRequest, FailoverRequest, GetOperationRequest, GetTopologyRequest, HistoryRequest,
-    IssueEnrollmentTokenRequest, Operation, RemoveServerRequest, ResyncRequest, SwitchoverRequest,
+    CancelRequest, CreateOperatorRequest, FailbackRequest, FailoverRequest, GetOperationRequest,
+    GetTopologyRequest, HistoryRequest, IssueEnrollmentTokenRequest, ListOperatorsRequest, Operation,
+    RemoveServerRequest, ResyncRequest, RevokeOperatorRequest, SwitchoverRequest,
 };
-use tonic::transport::Channel;
 
-pub type Client = CoordinatorClient<Channel>;
+pub type Client = CoordinatorClient<crate::conn::Conn>;
 
 pub fn client(coordinator: Option<&str>) -> anyhow::Result<Client> {
     let url = coordinator.context("no coordinator: pass --coordinator URL or set DUPLEX_COORDINATOR")?;
-    Ok(CoordinatorClient::new(duplex_rpc::channel(url)?))
+    Ok(CoordinatorClient::new(crate::conn::conn(url)?))
 }
 
 fn rpc_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
@@ -149,6 +149,67 @@ pub async fn remove_server(mut client: Client, name: &str, json: bool) -> anyhow
     Ok(())
 }
 
+pub async fn create_operator(mut client: Client, name: &str, role: &str, json: bool) -> anyhow::Result<()> {
+    let created = client
+        .create_operator(CreateOperatorRequest {
+            name: name.to_owned(),
+            role: role.to_owned(),
+        })
+        .await
+        .map_err(rpc_error("creating an operator"))?
+        .into_inner();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": created.name, "role": created.role, "token": created.token})
+        );
+    } else {
+        println!("{}", created.token);
+        eprintln!(
+            "operator {} ({}) created; this token is shown once: keep it (DUPLEX_OPERATOR_TOKEN)",
+            created.name, created.role
+        );
+    }
+    Ok(())
+}
+
+pub async fn list_operators(mut client: Client, json: bool) -> anyhow::Result<()> {
+    let operators = client
+        .list_operators(ListOperatorsRequest {})
+        .await
+        .map_err(rpc_error("listing operators"))?
+        .into_inner()
+        .operators;
+    if json {
+        let list: Vec<_> = operators
+            .iter()
+            .map(|o| serde_json::json!({"name": o.name, "role": o.role, "created": rfc3339(o.created_unix_ms)}))
+            .collect();
+        println!("{}", serde_json::json!({ "operators": list }));
+        return Ok(());
+    }
+    println!("{:<24} {:<9} CREATED", "NAME", "ROLE");
+    for o in &operators {
+        println!("{:<24} {:<9} {}", o.name, o.role, rfc3339(o.created_unix_ms));
+    }
+    Ok(())
+}
+
+pub async fn revoke_operator(mut client: Client, name: &str, json: bool) -> anyhow::Result<()> {
+    client
+        .revoke_operator(RevokeOperatorRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .map_err(rpc_error("revoking an operator"))?;
+    if json {
+        println!("{}", serde_json::json!({ "revoked": name }));
+    } else {
+        println!("operator {name} revoked");
+    }
+    Ok(())
+}
+
 pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
     let events = client
         .history(HistoryRequest {})
@@ -186,60 +247,116 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn issue(client: &mut Client, ttl: Duration) -> anyhow::Result<duplex_proto::v1::EnrollmentToken> {
+/// The identity an enrollment token is bound to: `NAME:SITE:KIND`.
+#[derive(Clone, Debug)]
+pub struct Binding {
+    pub name: String,
+    pub site: String,
+    pub kind: String,
+}
+
+impl std::str::FromStr for Binding {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(':');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(name), Some(site), Some(kind), None) if !name.is_empty() && !site.is_empty() => {
+                Ok(Binding {
+                    name: name.into(),
+                    site: site.into(),
+                    kind: kind.into(),
+                })
+            }
+            _ => Err(format!("{s:?} is not NAME:SITE:KIND (e.g. storage-a:a:storage)")),
+        }
+    }
+}
+
+pub async fn issue(
+    client: &mut Client,
+    binding: &Binding,
+    ttl: Duration,
+) -> Result<duplex_proto::v1::EnrollmentToken, tonic::Status> {
     Ok(client
         .issue_enrollment_token(IssueEnrollmentTokenRequest {
             ttl_seconds: ttl.as_secs(),
+            name: binding.name.clone(),
+            site: binding.site.clone(),
+            kind: binding.kind.clone(),
         })
-        .await
-        .map_err(rpc_error("issuing an enrollment token"))?
+        .await?
         .into_inner())
 }
 
-/// One token per server name, each in `dir/NAME` readable by its owner
-/// only, for servers started with `--enrollment-token-file`.
+/// One token per server, each in `dir/NAME` readable by its owner only,
+/// for servers started with `--enrollment-token-file`, and the CA
+/// certificate beside them (`dir/ca.pem`) when one was given: everything a
+/// new server needs to enroll. A server already enrolled is skipped.
 pub async fn token_files(
     mut client: Client,
     ttl: Duration,
-    names: &[String],
+    bindings: &[Binding],
     dir: &std::path::Path,
+    ca: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    for name in names {
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            bail!("server name {name:?} cannot be a file name");
-        }
-        let token = issue(&mut client, ttl).await?;
-        let path = dir.join(name);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
+    duplex_rpc::secure_fs::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let path = dir.join("ca.pem");
+        duplex_rpc::secure_fs::write_public(&path, &pem)
             .with_context(|| format!("writing {}", path.display()))?;
-        file.write_all(token.token.as_bytes())?;
-        file.sync_all()?;
     }
-    eprintln!("wrote {} enrollment tokens to {}", names.len(), dir.display());
+    let mut written = 0;
+    for binding in bindings {
+        if binding.name.is_empty() || binding.name.contains('/') || binding.name.starts_with('.') {
+            bail!("server name {:?} cannot be a file name", binding.name);
+        }
+        let token = match issue(&mut client, binding, ttl).await {
+            Ok(t) => t,
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                eprintln!("{}: {}", binding.name, s.message());
+                continue;
+            }
+            Err(s) => bail!(
+                "issuing an enrollment token for {}: {}",
+                binding.name,
+                s.message()
+            ),
+        };
+        let path = dir.join(&binding.name);
+        duplex_rpc::secure_fs::write_private(&path, token.token.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        written += 1;
+    }
+    eprintln!("wrote {written} enrollment tokens to {}", dir.display());
     Ok(())
 }
 
-pub async fn token(mut client: Client, ttl: Duration, json: bool) -> anyhow::Result<()> {
-    let token = issue(&mut client, ttl).await?;
+pub async fn token(mut client: Client, binding: &Binding, ttl: Duration, json: bool) -> anyhow::Result<()> {
+    let token = issue(&mut client, binding, ttl)
+        .await
+        .map_err(rpc_error("issuing an enrollment token"))?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"token": token.token, "expires": rfc3339(token.expires_unix_ms)})
+            serde_json::json!({
+                "name": binding.name,
+                "site": binding.site,
+                "kind": binding.kind,
+                "token": token.token,
+                "expires": rfc3339(token.expires_unix_ms),
+            })
         );
     } else {
         println!("{}", token.token);
         eprintln!(
-            "one-time enrollment token, valid until {}: start a server with --enrollment-token {}",
+            "one-time enrollment token for {} {} on site {}, valid until {}: put it in a file and start the \
+             server with --enrollment-token-file FILE --ca CA.pem (or DUPLEX_ENROLLMENT_TOKEN)",
+            binding.kind,
+            binding.name,
+            binding.site,
             rfc3339(token.expires_unix_ms),
-            token.token
         );
     }
     Ok(())
@@ -284,7 +401,7 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
             continue;
         };
         let mut admin =
-            StorageAdminClient::new(duplex_rpc::channel(&duplex_rpc::discovery::client_addr(server))?);
+            StorageAdminClient::new(crate::conn::conn(&duplex_rpc::discovery::client_addr(server))?);
         let accounts = admin
             .verify_accounts(VerifyAccountsRequest {
                 account_ids: Vec::new(),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
-use duplex_proto::v1::{CreateAccountRequest, IssueEnrollmentTokenRequest, ListStorageServersRequest};
+use duplex_proto::v1::{CreateAccountRequest, ListStorageServersRequest};
 use serde::{Deserialize, Serialize};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,33 @@ pub struct PlaygroundFile {
     pub account: AccountInfo,
     pub mode: String,
     pub services: Vec<ServiceInfo>,
+    /// The cluster CA certificate clients trust (absent in plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The first admin's token (absent in plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_token: Option<String>,
+    /// The demo account's encryption passphrase.
+    #[serde(default)]
+    pub password: String,
+}
+
+/// How the playground's services are secured.
+struct Security {
+    /// None: --insecure-plaintext.
+    ca_dir: Option<PathBuf>,
+}
+
+impl Security {
+    fn scheme(&self) -> &'static str {
+        if self.ca_dir.is_some() { "https" } else { "http" }
+    }
+
+    fn ca_pem(&self) -> Option<PathBuf> {
+        self.ca_dir
+            .as_ref()
+            .map(|d| d.join(duplex_rpc::pki::CA_CERT_FILE))
+    }
 }
 
 struct Running {
@@ -49,14 +76,24 @@ struct Running {
     child: Child,
 }
 
-pub async fn run(dir: &Path, mode: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+pub async fn run(dir: &Path, mode: &str, insecure: bool) -> anyhow::Result<()> {
+    duplex_rpc::secure_fs::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let bin_dir = bin_dir()?;
     let previous = read_previous(&dir);
+    let security = if insecure {
+        crate::conn::setup(None, true)?;
+        Security { ca_dir: None }
+    } else {
+        // Secure by default: a CA of the playground's own, kept across runs.
+        let ca_dir = dir.join("ca");
+        duplex_rpc::pki::Ca::load_or_init(&ca_dir)?;
+        crate::conn::setup(Some(&ca_dir.join(duplex_rpc::pki::CA_CERT_FILE)), false)?;
+        Security { ca_dir: Some(ca_dir) }
+    };
     let shutdown = duplex_rpc::shutdown_on_signals();
     let mut running: Vec<Running> = Vec::new();
-    let result = start_all(&dir, &bin_dir, mode, previous, &mut running, &shutdown).await;
+    let result = start_all(&dir, &bin_dir, mode, &security, previous, &mut running, &shutdown).await;
     if let Err(e) = &result {
         eprintln!("playground failed to start: {e:#}");
     } else {
@@ -71,21 +108,23 @@ async fn start_all(
     dir: &Path,
     bin_dir: &Path,
     mode: &str,
+    security: &Security,
     previous: Option<PlaygroundFile>,
     running: &mut Vec<Running>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let scheme = security.scheme();
     let mut ports = Ports::new(previous.as_ref());
     let coordinator_port = ports.take("coordinator")?;
-    let coordinator_url = format!("http://127.0.0.1:{coordinator_port}");
+    let coordinator_url = format!("{scheme}://127.0.0.1:{coordinator_port}");
     let account_port = ports.take("account-a")?;
-    let account_url = format!("http://127.0.0.1:{account_port}");
+    let account_url = format!("{scheme}://127.0.0.1:{account_port}");
     let slave_port = ports.take("account-b")?;
-    let slave_url = format!("http://127.0.0.1:{slave_port}");
+    let slave_url = format!("{scheme}://127.0.0.1:{slave_port}");
     let account_servers = format!("{account_url},{slave_url}");
     let storage_a = ports.take("storage-a")?;
     let storage_b = ports.take("storage-b")?;
-    let url_a = format!("http://127.0.0.1:{storage_a}");
+    let url_a = format!("{scheme}://127.0.0.1:{storage_a}");
     let active_active = mode == "active-active";
     let storage_flags = |role: &str, primary: &str| {
         let mut flags = vec![
@@ -177,28 +216,60 @@ async fn start_all(
         ),
     ];
     drop(ports);
+    let mut operator_token = None;
     for mut info in specs {
-        // Every service but the coordinator reports to it, enrolling with a
-        // one-time token on its first start.
-        if info.kind != "coordinator" {
+        info.addr = info.addr.replacen("http://", &format!("{scheme}://"), 1);
+        match (&security.ca_dir, info.kind.as_str()) {
+            (None, _) => info.cmd.push("--insecure-plaintext".into()),
+            (Some(ca_dir), "coordinator") => {
+                info.cmd
+                    .extend(["--ca-dir".to_owned(), ca_dir.display().to_string()]);
+            }
+            // Every other service reports to the coordinator, enrolling
+            // with a one-time token bound to its name on its first start.
+            (Some(_), _) => {
+                let ca = security.ca_pem().unwrap_or_default();
+                info.cmd.extend([
+                    "--coordinator".to_owned(),
+                    coordinator_url.clone(),
+                    "--ca".into(),
+                    ca.display().to_string(),
+                ]);
+                if duplex_rpc::pki::TlsDir::new(&info.data_dir).load().is_none() {
+                    let file = enrollment_token_file(dir, &coordinator_url, &info).await?;
+                    info.cmd
+                        .extend(["--enrollment-token-file".to_owned(), file.display().to_string()]);
+                }
+            }
+        }
+        if security.ca_dir.is_none() && info.kind != "coordinator" {
             info.cmd
                 .extend(["--coordinator".to_owned(), coordinator_url.clone()]);
-            if !info.data_dir.join("coordinator-credential").exists() {
-                let token = enrollment_token(&coordinator_url).await?;
-                info.cmd.extend(["--enrollment-token".to_owned(), token]);
-            }
         }
         let log = dir.join(format!("{}.log", info.name));
         let mut child = procs::spawn(&info.cmd, &log)?;
         info.pid = child.id().unwrap_or(0);
         wait_healthy(&info, &mut child, &log).await?;
         eprintln!("{} ({}) is up at {}", info.name, info.kind, info.addr);
+        if info.kind == "coordinator" && security.ca_dir.is_some() {
+            let path = info.data_dir.join("admin-token");
+            let token =
+                std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            crate::conn::set_token(&token)?;
+            operator_token = Some(token.trim().to_owned());
+        }
         running.push(Running { info, child });
         if shutdown.is_cancelled() {
             bail!("interrupted while starting");
         }
     }
     let token = demo_account(&account_url, previous.as_ref()).await?;
+    // The demo account's passphrase: kept across runs, like its token.
+    let password = previous
+        .as_ref()
+        .map(|p| p.password.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(random_password);
     let file = PlaygroundFile {
         coordinator: Some(coordinator_url.clone()),
         endpoints: vec![coordinator_url.clone(), account_url.clone(), slave_url.clone()],
@@ -208,15 +279,18 @@ async fn start_all(
         },
         mode: mode.to_owned(),
         services: running.iter().map(|r| r.info.clone()).collect(),
+        ca: security.ca_pem(),
+        operator_token: operator_token.clone(),
+        password: password.clone(),
     };
-    write_atomically(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
-    print_banner(
-        dir,
-        &format!("{coordinator_url},{account_url},{slave_url}"),
-        &coordinator_url,
-        &token,
-    );
+    // It holds secrets: readable by its owner only.
+    duplex_rpc::secure_fs::write_private(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
+    print_banner(dir, &file);
     Ok(())
+}
+
+fn random_password() -> String {
+    duplex_coordinator::security::random_secret()
 }
 
 fn spec(
@@ -313,19 +387,29 @@ async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyh
     }
 }
 
-async fn enrollment_token(coordinator: &str) -> anyhow::Result<String> {
-    let mut client = CoordinatorClient::new(duplex_rpc::channel(coordinator)?);
-    let token = client
-        .issue_enrollment_token(IssueEnrollmentTokenRequest { ttl_seconds: 0 })
+/// A one-time token bound to this service, in a 0600 file (never in argv,
+/// where `ps` would show it).
+async fn enrollment_token_file(dir: &Path, coordinator: &str, info: &ServiceInfo) -> anyhow::Result<PathBuf> {
+    let mut client = CoordinatorClient::new(crate::conn::conn(coordinator)?);
+    let binding = crate::ops::Binding {
+        name: info.name.clone(),
+        site: info.site.clone(),
+        kind: info.kind.clone(),
+    };
+    let token = crate::ops::issue(&mut client, &binding, Duration::ZERO)
         .await
-        .map_err(|s| anyhow::anyhow!("issuing an enrollment token: {}", s.message()))?;
-    Ok(token.into_inner().token)
+        .map_err(|s| anyhow::anyhow!("issuing an enrollment token for {}: {}", info.name, s.message()))?;
+    let tokens = dir.join("tokens");
+    duplex_rpc::secure_fs::create_private_dir(&tokens)?;
+    let path = tokens.join(&info.name);
+    duplex_rpc::secure_fs::write_private(&path, token.token.as_bytes())?;
+    Ok(path)
 }
 
 /// Creates the demo account once the storage server has registered, or
 /// reuses the one a previous run in this directory created.
 async fn demo_account(account_url: &str, previous: Option<&PlaygroundFile>) -> anyhow::Result<String> {
-    let mut client = AccountAdminClient::new(duplex_rpc::channel(account_url)?);
+    let mut client = AccountAdminClient::new(crate::conn::conn(account_url)?);
     let start = Instant::now();
     loop {
         let servers = client
@@ -368,13 +452,6 @@ fn read_previous(dir: &Path) -> Option<PlaygroundFile> {
     serde_json::from_slice(&bytes).ok()
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
 /// Where the server binaries are: `DUPLEX_BIN_DIR`, else beside duplexctl.
 fn bin_dir() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("DUPLEX_BIN_DIR") {
@@ -401,15 +478,23 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_banner(dir: &Path, endpoint: &str, coordinator: &str, token: &str) {
+fn print_banner(dir: &Path, file: &PlaygroundFile) {
     println!(
         "Duplex playground is running (data in {}). Press Ctrl-C to stop it.",
         dir.display()
     );
     println!();
-    println!("  export DUPLEX_ENDPOINT={endpoint}");
-    println!("  export DUPLEX_COORDINATOR={coordinator}");
-    println!("  export DUPLEX_TOKEN={token}");
+    println!("  export DUPLEX_ENDPOINT={}", file.endpoints.join(","));
+    println!(
+        "  export DUPLEX_COORDINATOR={}",
+        file.coordinator.as_deref().unwrap_or_default()
+    );
+    println!("  export DUPLEX_TOKEN={}", file.account.token);
+    println!("  export DUPLEX_PASSWORD={}", file.password);
+    if let (Some(ca), Some(token)) = (&file.ca, &file.operator_token) {
+        println!("  export DUPLEX_CA={}", ca.display());
+        println!("  export DUPLEX_OPERATOR_TOKEN={token}");
+    }
     println!("  duplex backup ~/some/dir");
     println!("  duplex snapshots");
     println!("  duplex restore latest --target /tmp/restored");

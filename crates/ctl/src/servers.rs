@@ -8,7 +8,7 @@ use duplex_proto::v1::{AccountServerStatus, DemoteRequest, GetAccountStatusReque
 use serde_json::json;
 
 async fn status_of(url: &str) -> anyhow::Result<AccountServerStatus> {
-    let mut admin = AccountAdminClient::new(duplex_rpc::channel(url)?);
+    let mut admin = AccountAdminClient::new(crate::conn::conn(url)?);
     Ok(admin
         .get_status(GetAccountStatusRequest {})
         .await
@@ -83,7 +83,7 @@ pub async fn promote(url: &str, epoch: Option<u64>, json: bool) -> anyhow::Resul
         Some(e) => e,
         None => status_of(url).await?.epoch + 1,
     };
-    let mut client = AccountReplicationClient::new(duplex_rpc::channel(url)?);
+    let mut client = AccountReplicationClient::new(crate::conn::conn(url)?);
     let status = client
         .promote(PromoteRequest { epoch })
         .await
@@ -104,7 +104,7 @@ pub async fn demote(url: &str, master: &str, epoch: Option<u64>, json: bool) -> 
                 .epoch
         }
     };
-    let mut client = AccountReplicationClient::new(duplex_rpc::channel(url)?);
+    let mut client = AccountReplicationClient::new(crate::conn::conn(url)?);
     let status = client
         .demote(DemoteRequest {
             epoch,

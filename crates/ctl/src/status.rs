@@ -36,7 +36,7 @@ pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
 
 pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
     let url = coordinator.context("no coordinator: pass --coordinator URL or set DUPLEX_COORDINATOR")?;
-    let mut client = CoordinatorClient::new(duplex_rpc::channel(url)?);
+    let mut client = CoordinatorClient::new(crate::conn::conn(url)?);
     let status = client
         .get_status(GetClusterStatusRequest {})
         .await

@@ -18,7 +18,7 @@ pub const CA_KEY_FILE: &str = "ca.key";
 /// How long a server certificate is valid unless the coordinator is told otherwise.
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Clock skew between machines that a new certificate tolerates.
-const BACKDATE: Duration = Duration::from_secs(300);
+pub(crate) const BACKDATE: Duration = Duration::from_secs(300);
 /// A CSR may ask for at most this many DNS / IP names.
 const MAX_HOST_NAMES: usize = 32;
 

@@ -135,7 +135,7 @@ impl Secured {
         let roots = crate::tls::roots(Some(ca_file))?;
         crate::tls::set_client_mode(ClientMode::Tls(crate::tls::client_config(roots, None)?));
         let (key, csr_pem) = crate::pki::key_and_csr(hosts)?;
-        let issued = enroll(url, &token, &csr_pem).await?;
+        let issued = enroll(url, &token, &csr_pem, expected).await?;
         let key_pem = key.serialize_pem();
         tls_dir.save(&key_pem, &issued.cert_pem, &issued.ca_pem)?;
         tracing::info!(serial = %issued.serial, identity = %expected, "enrolled: certificate issued by the cluster CA");
@@ -207,29 +207,37 @@ fn identity_of(cert_pem: &str) -> Option<ServerIdentity> {
     crate::tls::parse_peer_cert(&der).map(|p| p.identity)
 }
 
-/// How long until a certificate should be renewed: when two thirds of its
-/// validity have passed.
+/// How long until a certificate should be renewed (re-read at least hourly:
+/// the file may have been renewed meanwhile).
 fn renew_in(cert_pem: &str) -> Option<Duration> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
-    let from = cert.validity().not_before.timestamp();
-    let to = cert.validity().not_after.timestamp();
-    let at = from + (to - from) * 2 / 3;
+    let at = renew_at(
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .ok()?
         .as_secs();
     let secs = u64::try_from(at).ok()?.saturating_sub(now);
-    // Re-read at least hourly: the file may have been renewed meanwhile.
     Some(Duration::from_secs(secs.clamp(1, 3600)))
+}
+
+/// When two thirds of a certificate's life have passed (unix seconds). Its
+/// `not_before` is backdated for clock skew, which is not life it was given.
+fn renew_at(not_before: i64, not_after: i64) -> i64 {
+    let issued = not_before + crate::pki::BACKDATE.as_secs() as i64;
+    issued + (not_after - issued) * 2 / 3
 }
 
 async fn enroll(
     url: &str,
     token: &str,
     csr_pem: &str,
+    identity: &ServerIdentity,
 ) -> Result<duplex_proto::v1::IssuedCertificate, SecurityError> {
     let failed = |status| SecurityError::Enroll {
         url: url.to_owned(),
@@ -243,6 +251,9 @@ async fn enroll(
         let request = EnrollRequest {
             token: token.to_owned(),
             csr_pem: csr_pem.to_owned(),
+            name: identity.name.clone(),
+            site: identity.site.clone(),
+            kind: identity.kind.as_str().to_owned(),
         };
         async move { client.enroll(request).await.map(tonic::Response::into_inner) }
     })
@@ -282,5 +293,17 @@ pub fn identity(kind: ServerKind, site: &str, name: &str) -> ServerIdentity {
         site: site.to_owned(),
         kind,
         name: name.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn renews_after_two_thirds_of_the_life_it_was_given() {
+        let backdate = crate::pki::BACKDATE.as_secs() as i64;
+        let issued = 1_000_000;
+        let not_before = issued - backdate;
+        assert_eq!(super::renew_at(not_before, issued + 90), issued + 60);
+        assert_eq!(super::renew_at(not_before, issued + 6), issued + 4);
     }
 }

@@ -292,6 +292,18 @@ pub fn client_mode() -> ClientMode {
         .unwrap_or(ClientMode::Plaintext)
 }
 
+/// Sets up a client process (the agent, duplexctl): TLS trusting `ca` (or
+/// the system's roots), or plaintext when asked, with a warning.
+pub fn setup_client(ca: Option<&Path>, insecure_plaintext: bool) -> Result<(), TlsError> {
+    if insecure_plaintext {
+        eprintln!("WARNING: --insecure-plaintext: no TLS and no authentication; for local debugging only");
+        set_client_mode(ClientMode::Plaintext);
+        return Ok(());
+    }
+    set_client_mode(ClientMode::Tls(client_config(roots(ca)?, None)?));
+    Ok(())
+}
+
 /// The URL scheme this process's addresses use.
 pub fn scheme() -> &'static str {
     match client_mode() {

@@ -3,8 +3,8 @@
 pub mod auth;
 mod error;
 pub mod mirroring;
-pub mod replication;
 pub mod policy;
+pub mod replication;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -20,7 +20,8 @@ pub fn rule(path: &str) -> Rule {
         // Only a mirror reads the feed and writes mirrored data.
         (
             "duplex.v1.StorageReplication",
-            "ChangeFeed" | "ReadChunks" | "MissingChunksOf" | "ApplyBatch" | "GetCheckpoint" | "ReportProgress",
+            "ChangeFeed" | "ReadChunks" | "MissingChunksOf" | "ApplyBatch" | "GetCheckpoint"
+            | "ReportProgress",
         ) => Rule::servers(MIRROR),
         _ => Rule::Deny,
     }
@@ -30,7 +31,14 @@ pub fn rule(path: &str) -> Rule {
 mod tests {
     #[test]
     fn every_method_has_a_rule() {
-        let missing = duplex_rpc::auth::methods_without_rule(super::rule, &["duplex.v1.StorageService", "duplex.v1.StorageAdmin", "duplex.v1.StorageReplication"]);
+        let missing = duplex_rpc::auth::methods_without_rule(
+            super::rule,
+            &[
+                "duplex.v1.StorageService",
+                "duplex.v1.StorageAdmin",
+                "duplex.v1.StorageReplication",
+            ],
+        );
         assert!(missing.is_empty(), "no rule for {missing:?}");
     }
 }

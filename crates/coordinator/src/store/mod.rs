@@ -16,7 +16,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 mod security;
 
-pub use security::{EnrollmentGrant, EnrollOutcome, OperatorRecord, SecurityRecords};
+pub use security::{EnrollOutcome, EnrollmentGrant, OperatorRecord, SecurityRecords};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");

@@ -50,7 +50,10 @@ impl EnrollmentGrant {
         Ok(Self {
             name: v["name"].as_str().ok_or_else(corrupt)?.to_owned(),
             site: v["site"].as_str().ok_or_else(corrupt)?.to_owned(),
-            kind: v["kind"].as_str().and_then(|k| k.parse().ok()).ok_or_else(corrupt)?,
+            kind: v["kind"]
+                .as_str()
+                .and_then(|k| k.parse().ok())
+                .ok_or_else(corrupt)?,
             expires_unix_ms: v["expires"].as_i64().ok_or_else(corrupt)?,
         })
     }
@@ -98,7 +101,10 @@ impl OperatorRecord {
         }
         Ok(Self {
             name: name.to_owned(),
-            role: v["role"].as_str().and_then(|r| r.parse().ok()).ok_or_else(corrupt)?,
+            role: v["role"]
+                .as_str()
+                .and_then(|r| r.parse().ok())
+                .ok_or_else(corrupt)?,
             token_hash,
             created_unix_ms: v["created"].as_i64().ok_or_else(corrupt)?,
         })
@@ -147,7 +153,8 @@ pub(super) fn revoke_servers(txn: &WriteTransaction, names: &[String]) -> Result
 impl Store {
     pub fn add_grant(&self, token_hash: &str, grant: &EnrollmentGrant) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(TOKENS)?.insert(token_hash, grant.to_json().as_str())?;
+        txn.open_table(TOKENS)?
+            .insert(token_hash, grant.to_json().as_str())?;
         txn.commit()?;
         Ok(())
     }
@@ -291,10 +298,21 @@ mod tests {
         store.add_grant("t2", &grant("storage-a", 1_000)).expect("grant");
         store.add_grant("old", &grant("storage-b", 10)).expect("grant");
         let issue = |g: &EnrollmentGrant| Ok((g.name.clone(), format!("serial-{}", g.name)));
-        assert!(matches!(store.enroll("t1", 500, issue).expect("enroll"), EnrollOutcome::Issued(_, n) if n == "storage-a"));
-        assert!(matches!(store.enroll("t1", 500, issue).expect("enroll"), EnrollOutcome::UnknownToken));
-        assert!(matches!(store.enroll("t2", 500, issue).expect("enroll"), EnrollOutcome::AlreadyEnrolled(_)));
-        assert!(matches!(store.enroll("old", 500, issue).expect("enroll"), EnrollOutcome::Expired(_)));
+        assert!(
+            matches!(store.enroll("t1", 500, issue).expect("enroll"), EnrollOutcome::Issued(_, n) if n == "storage-a")
+        );
+        assert!(matches!(
+            store.enroll("t1", 500, issue).expect("enroll"),
+            EnrollOutcome::UnknownToken
+        ));
+        assert!(matches!(
+            store.enroll("t2", 500, issue).expect("enroll"),
+            EnrollOutcome::AlreadyEnrolled(_)
+        ));
+        assert!(matches!(
+            store.enroll("old", 500, issue).expect("enroll"),
+            EnrollOutcome::Expired(_)
+        ));
         assert!(store.is_enrolled("storage-a").expect("read"));
 
         // Removal revokes every serial the name had, and frees the name.

@@ -48,8 +48,6 @@ struct Node {
     have: BTreeMap<String, usize>,
     /// Replication into this server stops until then (a lagging standby).
     paused_until: Option<Instant>,
-    token: String,
-    credential: String,
 }
 
 impl Node {
@@ -237,12 +235,6 @@ fn report(world: &World, node: &Node, now: Instant) -> pb::HeartbeatRequest {
         role: node.role.as_str().to_owned(),
         epoch: node.epoch,
         fenced: node.role.is_holder() && !node.writable(now),
-        credential: node.credential.clone(),
-        enrollment_token: if node.credential.is_empty() {
-            node.token.clone()
-        } else {
-            String::new()
-        },
         ..Default::default()
     };
     match node.kind {
@@ -313,9 +305,6 @@ async fn heartbeats(world: Arc<Mutex<World>>, current: Current, name: String, of
         };
         if !node.runs() || node.cut {
             continue;
-        }
-        if !response.credential.is_empty() {
-            node.credential = response.credential;
         }
         if let Some(a) = response.assignment
             && let Ok(role) = a.role.parse::<Role>()
@@ -499,8 +488,6 @@ fn platform(mode: Mode) -> World {
                 lease_until: None,
                 have: BTreeMap::new(),
                 paused_until: None,
-                token: format!("token-{name}"),
-                credential: String::new(),
             },
         );
     }
@@ -692,14 +679,6 @@ pub async fn run_schedule(seed: u64) -> Result<(), String> {
         w.rng = Some(StdRng::seed_from_u64(rng.r#gen()));
     }
     let store = Arc::new(Store::in_memory().map_err(|e| e.to_string())?);
-    {
-        let w = lock(&world);
-        for n in w.nodes.values() {
-            store
-                .add_token(&blake3::hash(n.token.as_bytes()).to_hex(), i64::MAX)
-                .map_err(|e| e.to_string())?;
-        }
-    }
     let servers = Arc::new(SimServers { world: world.clone() });
     let clock = Clock::starting_at(1_700_000_000_000);
     let (engine, mut stop) = start_engine(&store, &servers, mode, clock);
