@@ -28,9 +28,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn start(target: &str) -> Proxy {
-        let target: SocketAddr = target.trim_start_matches("http://").parse().unwrap();
+        // The proxy passes bytes through, TLS or not: its address keeps the scheme.
+        let (scheme, host) = target.split_once("://").unwrap_or(("http", target));
+        let target: SocketAddr = host.parse().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let addr = format!("{scheme}://{}", listener.local_addr().unwrap());
         let state = Arc::new(State {
             fault: Mutex::new(Fault::Pass),
             conns: Mutex::new(Vec::new()),

@@ -158,7 +158,8 @@ impl AccountReplication for ReplicationApi {
         &self,
         request: Request<PromoteRequest>,
     ) -> Result<Response<AccountServerStatus>, Status> {
-        let epoch = Epoch(request.into_inner().epoch);
+        let epoch =
+            Epoch::granted(request.into_inner().epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.node.promote(epoch).await?;
         Ok(Response::new(self.node.status().await?))
     }
@@ -174,7 +175,8 @@ impl AccountReplication for ReplicationApi {
         if req.master == self.node.info.addr {
             return Err(Status::invalid_argument("a server cannot follow itself"));
         }
-        self.node.demote(Epoch(req.epoch), req.master).await?;
+        let epoch = Epoch::granted(req.epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.node.demote(epoch, req.master).await?;
         Ok(Response::new(self.node.status().await?))
     }
 }

@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, env = "DUPLEX_CA", global = true)]
     ca: Option<PathBuf>,
     /// Talk plaintext to servers started with --insecure-plaintext (local debugging only).
-    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,

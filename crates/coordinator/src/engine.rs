@@ -512,6 +512,9 @@ impl Owner {
                 member.name, known.id
             )));
         }
+        duplex_types::Epoch::granted(report.epoch).map_err(|e| {
+            Status::invalid_argument(format!("{} reports an impossible epoch: {e}", member.name))
+        })?;
         let mut next = self.desired.clone();
         next.epoch = next.epoch.max(report.epoch);
         next.servers.insert(member.name.clone(), member.clone());

@@ -43,7 +43,7 @@ struct Cli {
     )]
     operator_token_file: Option<PathBuf>,
     /// Talk plaintext to servers started with --insecure-plaintext (local debugging only).
-    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     insecure_plaintext: bool,
     #[command(subcommand)]
     command: Command,

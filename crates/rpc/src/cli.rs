@@ -41,7 +41,7 @@ pub struct ServerArgs {
     pub ca: Option<PathBuf>,
     /// No TLS and no authentication at all: for local debugging only, and
     /// every client must say so too. Printed as a warning at every start.
-    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true)]
+    #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub insecure_plaintext: bool,
 }
 

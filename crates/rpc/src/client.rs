@@ -45,12 +45,26 @@ pub fn channel(url: &str) -> Result<Channel, ClientError> {
         .initial_connection_window_size(Some(16 * 1024 * 1024));
     match (crate::tls::client_mode(), https) {
         (ClientMode::Plaintext, false) => Ok(endpoint.connect_lazy()),
-        (ClientMode::Tls(config), true) => Ok(endpoint.connect_with_connector_lazy(crate::tls::Dialer {
-            connector: tokio_rustls::TlsConnector::from(config),
-        })),
+        (ClientMode::Tls(config), true) => Ok(tls_channel(endpoint, config)),
         (ClientMode::Tls(_), false) => Err(ClientError::PlaintextRefused { url: url.to_owned() }),
         (ClientMode::Plaintext, true) => Err(ClientError::TlsUnconfigured { url: url.to_owned() }),
     }
+}
+
+/// A channel to an `https://` URL with this TLS configuration rather than
+/// the process's (a test presenting another identity's certificate).
+pub fn channel_with(url: &str, config: std::sync::Arc<rustls::ClientConfig>) -> Result<Channel, ClientError> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|source| ClientError::Endpoint {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(tls_channel(endpoint.connect_timeout(Duration::from_secs(3)), config))
+}
+
+fn tls_channel(endpoint: Endpoint, config: std::sync::Arc<rustls::ClientConfig>) -> Channel {
+    endpoint.connect_with_connector_lazy(crate::tls::Dialer {
+        connector: tokio_rustls::TlsConnector::from(config),
+    })
 }
 
 /// Codes worth retrying: the call did not happen or may succeed elsewhere

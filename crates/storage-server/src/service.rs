@@ -310,7 +310,8 @@ impl StorageAdmin for StorageApi {
         let role = Role::parse(&req.role).ok_or_else(|| {
             Status::invalid_argument(format!("role must be primary or replica, not {:?}", req.role))
         })?;
-        self.apply_role(role, Epoch(req.epoch), req.primary).await?;
+        let epoch = Epoch::granted(req.epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.apply_role(role, epoch, req.primary).await?;
         Ok(Response::new(self.status().await?))
     }
 

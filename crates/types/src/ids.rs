@@ -138,6 +138,22 @@ counter!(
     /// Raised by the coordinator on every role change; only ever grows.
     Epoch
 );
+
+impl Epoch {
+    /// An epoch a role grant may carry. `u64::MAX` is refused: nothing
+    /// could ever follow it, so a server holding it could never be fenced
+    /// by a later grant.
+    pub fn granted(raw: u64) -> Result<Epoch, crate::InvalidInput> {
+        if raw == u64::MAX {
+            return Err(crate::InvalidInput::Malformed {
+                what: "epoch",
+                value: raw.to_string(),
+                reason: "no grant can carry the largest epoch (no later one could follow it)",
+            });
+        }
+        Ok(Epoch(raw))
+    }
+}
 counter!(
     /// Position in the account server's transaction log.
     Lsn

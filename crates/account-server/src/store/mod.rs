@@ -46,6 +46,10 @@ pub struct AccountStore {
 impl AccountStore {
     pub fn open(path: &std::path::Path) -> Result<Self, AccountError> {
         let db = Database::create(path)?;
+        // Token hashes and the ticket signing key: the owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AccountError::Db(redb::Error::Io(e)))?;
         let txn = db.begin_write()?;
         let server_id = {
             let mut meta = txn.open_table(META)?;

@@ -68,7 +68,13 @@ fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, StoreErro
 
 impl Store {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::init(Database::create(dir.join("coordinator.redb"))?)
+        let path = dir.join("coordinator.redb");
+        let db = Database::create(&path)?;
+        // Operator token hashes and enrollment grants: the owner's only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| StoreError::Db(redb::Error::Io(e)))?;
+        Self::init(db)
     }
 
     /// A store that lives in memory (simulations and unit tests).

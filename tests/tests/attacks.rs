@@ -1,0 +1,437 @@
+//! The attack suite: what an attacker on the network tries against a
+//! running two-site platform (real processes, TLS and enrollment as
+//! deployed), each attempt's result asserted, and a table of what was
+//! tried and refused printed at the end.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_tests::twosite::{Options, TwoSites};
+use duplex_tests::{bin, runtime};
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// One attempt and what came of it.
+struct Row {
+    attack: String,
+    got: String,
+    refused: bool,
+}
+
+#[derive(Default)]
+struct Suite {
+    rows: Vec<Row>,
+}
+
+impl Suite {
+    /// Records an attempt that must fail with one of `codes`.
+    fn expect(&mut self, attack: impl Into<String>, codes: &[Code], result: Result<(), tonic::Status>) {
+        let (got, refused) = match &result {
+            Ok(()) => ("OK".to_owned(), false),
+            Err(s) => (format!("{:?}", s.code()), codes.contains(&s.code())),
+        };
+        self.rows.push(Row {
+            attack: attack.into(),
+            got,
+            refused,
+        });
+    }
+
+    fn report(&self) {
+        println!("\n{:<96} RESULT", "ATTEMPT");
+        for r in &self.rows {
+            println!(
+                "{:<96} {} ({})",
+                r.attack,
+                if r.refused { "refused" } else { "NOT REFUSED" },
+                r.got
+            );
+        }
+        let refused = self.rows.iter().filter(|r| r.refused).count();
+        println!("\n{} attempts, {refused} refused\n", self.rows.len());
+        let open: Vec<_> = self.rows.iter().filter(|r| !r.refused).map(|r| &r.attack).collect();
+        assert!(open.is_empty(), "not refused as expected: {open:#?}");
+    }
+}
+
+/// Who an attempt is made as.
+#[derive(Clone)]
+enum As {
+    Nobody,
+    Token(String),
+    /// A server certificate and key (PEM).
+    Cert(String, String),
+}
+
+/// Calls `path` with an empty request message, as `who`.
+async fn call(sites: &TwoSites, addr: &str, path: &str, who: &As) -> Result<(), tonic::Status> {
+    let channel = match who {
+        As::Cert(cert, key) => {
+            let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
+            let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
+            let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
+            duplex_rpc::client::channel_with(addr, config).unwrap()
+        }
+        _ => duplex_rpc::channel(addr).unwrap(),
+    };
+    let mut request = tonic::Request::new(());
+    if let As::Token(t) = who {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    raw_unary(channel, path, request).await
+}
+
+async fn raw_unary(channel: Channel, path: &str, request: tonic::Request<()>) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let (metadata, extensions, ()) = request.into_parts();
+    let request = tonic::Request::from_parts(metadata, extensions, prost_types::Empty {});
+    let codec = tonic_prost::ProstCodec::<prost_types::Empty, prost_types::Empty>::default();
+    let path = http::uri::PathAndQuery::from_str(path).unwrap();
+    let attempt = async {
+        grpc.ready()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        grpc.unary(request, path, codec).await.map(|_| ())
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer")))
+}
+
+/// Every method of these services, from the descriptor set the servers serve.
+fn methods(services: &[&str]) -> Vec<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(duplex_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            let full = format!("{}.{}", file.package(), service.name());
+            if services.contains(&full.as_str()) {
+                out.extend(service.method.iter().map(|m| format!("/{full}/{}", m.name())));
+            }
+        }
+    }
+    out
+}
+
+/// Methods an anonymous caller may reach at all (their own credential is
+/// in the request: a ticket, an account token, an enrollment token).
+fn open_by_design(path: &str) -> bool {
+    path.starts_with("/duplex.v1.StorageService/")
+        || path.starts_with("/duplex.v1.AccountService/") && !path.ends_with("/GetTicketKeys")
+        || matches!(
+            path,
+            "/duplex.v1.Coordinator/Enroll" | "/duplex.v1.Coordinator/GetTopology" | "/duplex.v1.Coordinator/WatchTopology"
+        )
+}
+
+/// State-changing methods and those only servers may call: what a viewer must never do.
+fn beyond_viewer(path: &str) -> bool {
+    let read_only = [
+        "/GetStatus",
+        "/GetOperation",
+        "/History",
+        "/ListAccounts",
+        "/ListGroups",
+        "/ListStorageServers",
+        "/GetTopology",
+        "/WatchTopology",
+    ];
+    !open_by_design(path) && !read_only.iter().any(|m| path.ends_with(m))
+}
+
+/// What an `operator` must not do: credentials, the CA, and server-only calls.
+fn beyond_operator(path: &str) -> bool {
+    let operator_may = [
+        "/Failover",
+        "/Switchover",
+        "/Failback",
+        "/Resync",
+        "/Cancel",
+        "/CreateAccount",
+        "/CreateAccounts",
+        "/SetGroupEnabled",
+        "/Reapply",
+        "/VerifyAccounts",
+    ];
+    beyond_viewer(path) && !operator_may.iter().any(|m| path.ends_with(m))
+}
+
+fn tls_material(dir: &Path) -> (String, String) {
+    (
+        std::fs::read_to_string(dir.join("tls/server.pem")).unwrap(),
+        std::fs::read_to_string(dir.join("tls/server.key")).unwrap(),
+    )
+}
+
+fn ctl_as(sites: &TwoSites, token: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("duplexctl"))
+        .args(args)
+        .env("DUPLEX_COORDINATOR", &sites.coordinator.addr)
+        .env("DUPLEX_CA", &sites.ca)
+        .env("DUPLEX_OPERATOR_TOKEN", token)
+        .env_remove("DUPLEX_ENDPOINT")
+        .output()
+        .unwrap()
+}
+
+fn operator(sites: &TwoSites, name: &str, role: &str) -> String {
+    let v = sites.ctl_json(&["operators", "create", name, "--role", role]);
+    assert_eq!(v["role"], role);
+    v["token"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn network_attacks_are_refused() {
+    let sites = TwoSites::start(Options::default());
+    let rt = runtime();
+    let mut suite = Suite::default();
+    let servers: Vec<(&str, &str, Vec<&str>)> = vec![
+        ("coordinator", &sites.coordinator.addr, vec!["duplex.v1.Coordinator"]),
+        (
+            "account-a",
+            &sites.account_a.addr,
+            vec!["duplex.v1.AccountService", "duplex.v1.AccountAdmin", "duplex.v1.AccountReplication"],
+        ),
+        (
+            "account-b",
+            &sites.account_b.addr,
+            vec!["duplex.v1.AccountAdmin", "duplex.v1.AccountReplication"],
+        ),
+        (
+            "storage-a",
+            &sites.storage_a.addr,
+            vec!["duplex.v1.StorageAdmin", "duplex.v1.StorageReplication"],
+        ),
+        (
+            "storage-b",
+            &sites.storage_b.addr,
+            vec!["duplex.v1.StorageAdmin", "duplex.v1.StorageReplication"],
+        ),
+        ("mirror-a", &sites.mirror_a.addr, vec!["duplex.v1.Mirror"]),
+        ("mirror-b", &sites.mirror_b.addr, vec!["duplex.v1.Mirror"]),
+    ];
+
+    // Plaintext on every port: the TLS handshake never happens.
+    for (name, addr, _) in &servers {
+        let plain = addr.replacen("https://", "http://", 1);
+        let channel = tonic::transport::Endpoint::from_shared(plain).unwrap().connect_lazy();
+        let result = rt.block_on(raw_unary(channel, "/grpc.health.v1.Health/Check", tonic::Request::new(())));
+        suite.expect(
+            format!("plaintext gRPC to {name}"),
+            &[Code::Unavailable, Code::Unknown, Code::Internal],
+            result,
+        );
+    }
+
+    // Every method of every service without any credential.
+    for (name, addr, services) in &servers {
+        for path in methods(services).into_iter().filter(|p| !open_by_design(p)) {
+            let result = rt.block_on(call(&sites, addr, &path, &As::Nobody));
+            suite.expect(format!("{path} on {name}, no credential"), &[Code::Unauthenticated], result);
+        }
+    }
+
+    // A viewer and an operator beyond their roles; a revoked operator.
+    let viewer = operator(&sites, "vera", "viewer");
+    let oper = operator(&sites, "otto", "operator");
+    for (name, addr, services) in &servers {
+        for path in methods(services) {
+            if beyond_viewer(&path) {
+                let result = rt.block_on(call(&sites, addr, &path, &As::Token(viewer.clone())));
+                suite.expect(format!("{path} on {name} as a viewer"), &[Code::PermissionDenied], result);
+            }
+            if beyond_operator(&path) {
+                let result = rt.block_on(call(&sites, addr, &path, &As::Token(oper.clone())));
+                suite.expect(format!("{path} on {name} as an operator"), &[Code::PermissionDenied], result);
+            }
+        }
+    }
+    let forged = As::Token("0".repeat(64));
+    let result = rt.block_on(call(&sites, &sites.coordinator.addr, "/duplex.v1.Coordinator/GetStatus", &forged));
+    suite.expect("GetStatus with a made-up operator token", &[Code::Unauthenticated], result);
+    sites.ctl_ok(&["operators", "revoke", "otto"]);
+    let revoked = ctl_as(&sites, &oper, &["failover", "--force"]);
+    suite.expect(
+        "duplexctl failover --force with a revoked operator token",
+        &[Code::Unauthenticated],
+        refused_if(!revoked.status.success() && String::from_utf8_lossy(&revoked.stderr).contains("unknown or revoked"))
+            .map_err(|_| tonic::Status::unauthenticated("refused")),
+    );
+
+    // Certificates of the wrong kind, and one from another CA.
+    let mirror = {
+        let (c, k) = tls_material(&sites.path("mirror-a"));
+        As::Cert(c, k)
+    };
+    let storage_b = {
+        let (c, k) = tls_material(&sites.path("storage-b"));
+        As::Cert(c, k)
+    };
+    let account_b = {
+        let (c, k) = tls_material(&sites.path("account-b"));
+        As::Cert(c, k)
+    };
+    let wrong_kind: Vec<(&str, &str, &str, &As)> = vec![
+        ("mirror-a", "storage-a", "/duplex.v1.StorageAdmin/SetRole", &mirror),
+        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/Promote", &mirror),
+        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/Demote", &mirror),
+        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/GetStateSnapshot", &mirror),
+        ("mirror-a", "account-a", "/duplex.v1.AccountAdmin/MoveHomes", &mirror),
+        ("mirror-a", "coordinator", "/duplex.v1.Coordinator/Failover", &mirror),
+        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ChangeFeed", &storage_b),
+        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ReadChunks", &storage_b),
+        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ApplyBatch", &storage_b),
+        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/MissingChunksOf", &storage_b),
+        ("storage-b", "account-a", "/duplex.v1.AccountReplication/GetStateSnapshot", &storage_b),
+        ("storage-b", "account-a", "/duplex.v1.AccountReplication/Replicate", &storage_b),
+        ("account-b", "mirror-a", "/duplex.v1.Mirror/SetLinks", &account_b),
+        ("account-b", "storage-a", "/duplex.v1.StorageAdmin/SetRole", &account_b),
+        ("account-b", "coordinator", "/duplex.v1.Coordinator/IssueEnrollmentToken", &account_b),
+    ];
+    let addr_of = |name: &str| servers.iter().find(|s| s.0 == name).unwrap().1.to_owned();
+    for (cert, target, path, who) in wrong_kind {
+        let result = rt.block_on(call(&sites, &addr_of(target), path, who));
+        suite.expect(format!("{path} on {target} with {cert}'s certificate"), &[Code::PermissionDenied], result);
+    }
+    // A heartbeat in another server's name, and a storage server
+    // registering itself as another (the "backups redirected" attack).
+    let result = rt.block_on(heartbeat_as(&sites, &storage_b, "storage-a"));
+    suite.expect("heartbeat for storage-a with storage-b's certificate", &[Code::PermissionDenied], result);
+    let result = rt.block_on(register_as(&sites, &addr_of("account-a"), &storage_b, "storage-a"));
+    suite.expect("RegisterStorageServer of storage-a with storage-b's certificate", &[Code::PermissionDenied], result);
+
+    // A certificate naming the coordinator, signed by another CA.
+    let rogue_dir = sites.path("rogue-ca");
+    let rogue = duplex_rpc::pki::Ca::init(&rogue_dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let identity = duplex_rpc::security::identity(duplex_types::ServerKind::Coordinator, "a", "coordinator");
+    let issued = rogue
+        .issue_for_key(&key, &identity, &["127.0.0.1".into()], Duration::from_secs(3600))
+        .unwrap();
+    let foreign = As::Cert(issued.cert_pem, key.serialize_pem());
+    let result = rt.block_on(call(&sites, &addr_of("storage-a"), "/duplex.v1.StorageAdmin/SetRole", &foreign));
+    suite.expect(
+        "SetRole on storage-a with a coordinator certificate from another CA",
+        &[Code::Unavailable, Code::Unknown, Code::Internal],
+        result,
+    );
+
+    // Identity takeover: a token for a name that is enrolled.
+    let out = sites.ctl(&["servers", "token", "storage-a", "--site", "a", "--kind", "storage"]);
+    suite.expect(
+        "enrollment token for the enrolled name storage-a",
+        &[Code::FailedPrecondition],
+        refused_if(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already enrolled")),
+    );
+
+    // At rest: data dirs, keys, tokens and databases are their owner's only.
+    for name in ["coordinator", "account-a", "account-b", "storage-a", "storage-b", "mirror-a", "mirror-b"] {
+        let dir = sites.path(name);
+        suite.expect(
+            format!("{name}'s data dir readable by others"),
+            &[Code::PermissionDenied],
+            refused_if(mode(&dir) == 0o700),
+        );
+    }
+    for file in [
+        "coordinator/admin-token",
+        "coordinator/ca/ca.key",
+        "coordinator/coordinator.redb",
+        "account-a/accounts.redb",
+        "account-a/tls/server.key",
+        "storage-a/tls/server.key",
+        "mirror-a/tls/server.key",
+        "tokens/storage-a",
+    ] {
+        suite.expect(
+            format!("{file} readable by others"),
+            &[Code::PermissionDenied],
+            refused_if(mode(&sites.path(file)) == 0o600),
+        );
+    }
+    // No server's argv holds a secret.
+    for service in [&sites.account_a, &sites.storage_a, &sites.mirror_a] {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", service.pid())).unwrap();
+        let token = std::fs::read(sites.path(&format!("tokens/{}", service.name))).unwrap();
+        let leaked = cmdline.windows(token.len()).any(|w| w == token.as_slice());
+        suite.expect(
+            format!("{}'s enrollment token in /proc/PID/cmdline", service.name),
+            &[Code::PermissionDenied],
+            refused_if(!leaked),
+        );
+    }
+    suite.report();
+}
+
+/// A refusal when `refused`, else a success (recorded as not refused).
+fn refused_if(refused: bool) -> Result<(), tonic::Status> {
+    if refused {
+        Err(tonic::Status::permission_denied("refused"))
+    } else {
+        Ok(())
+    }
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+async fn heartbeat_as(sites: &TwoSites, who: &As, name: &str) -> Result<(), tonic::Status> {
+    use duplex_proto::v1::coordinator_client::CoordinatorClient;
+    use duplex_proto::v1::{HeartbeatRequest, ServerInfo};
+    let As::Cert(cert, key) = who else { unreachable!() };
+    let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
+    let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
+    let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
+    let channel = duplex_rpc::client::channel_with(&sites.coordinator.addr, config).unwrap();
+    CoordinatorClient::new(channel)
+        .heartbeat(HeartbeatRequest {
+            server: Some(ServerInfo {
+                id: "00000000-0000-4000-8000-00000000000a".into(),
+                name: name.into(),
+                site: "a".into(),
+                kind: "storage".into(),
+                addr: "https://127.0.0.1:9".into(),
+                public_addr: String::new(),
+            }),
+            role: "primary".into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn register_as(sites: &TwoSites, account: &str, who: &As, name: &str) -> Result<(), tonic::Status> {
+    use duplex_proto::v1::account_admin_client::AccountAdminClient;
+    use duplex_proto::v1::{RegisterStorageServerRequest, ServerInfo};
+    let As::Cert(cert, key) = who else { unreachable!() };
+    let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
+    let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
+    let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
+    let channel = duplex_rpc::client::channel_with(account, config).unwrap();
+    AccountAdminClient::new(channel)
+        .register_storage_server(RegisterStorageServerRequest {
+            server: Some(ServerInfo {
+                id: "00000000-0000-4000-8000-00000000000b".into(),
+                name: name.into(),
+                site: "a".into(),
+                kind: "storage".into(),
+                addr: "https://127.0.0.1:9".into(),
+                public_addr: String::new(),
+            }),
+        })
+        .await
+        .map(|_| ())
+}
