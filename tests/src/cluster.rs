@@ -118,11 +118,15 @@ impl Cluster {
     }
 }
 
+/// The encryption passphrase the harness gives every agent it runs.
+pub const TEST_PASSPHRASE: &str = "duplex test passphrase";
+
 pub fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Output {
     Command::new(bin("duplex"))
         .args(args)
         .env("DUPLEX_ENDPOINT", endpoint)
         .env("DUPLEX_TOKEN", token)
+        .env("DUPLEX_PASSWORD", TEST_PASSPHRASE)
         .output()
         .unwrap()
 }

@@ -224,6 +224,7 @@ impl TwoSites {
             .args(args)
             .env("DUPLEX_ENDPOINT", &self.coordinator.addr)
             .env("DUPLEX_TOKEN", token)
+            .env("DUPLEX_PASSWORD", crate::cluster::TEST_PASSPHRASE)
             .output()
             .unwrap()
     }

@@ -50,6 +50,7 @@ fn sigkill_during_backup_leaves_no_partial_snapshot() {
         .args(["backup", big.to_str().unwrap(), "--json"])
         .env("DUPLEX_ENDPOINT", &cluster.account.addr)
         .env("DUPLEX_TOKEN", &token)
+        .env("DUPLEX_PASSWORD", duplex_tests::cluster::TEST_PASSPHRASE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -216,7 +216,9 @@ async fn run_command(
         }
         Command::Snapshots => run_snapshots(session, keys, cli.json).await,
         Command::Restore { snapshot, target } => {
-            run_restore(session, keys().await?, snapshot, target, cli.json).await
+            // Found first: a snapshot that is not there is the error to give.
+            let info = restore::find(session, snapshot).await?;
+            run_restore(session, keys().await?, info, target, cli.json).await
         }
         Command::Verify { snapshot, read_data } => {
             let report = if snapshot.is_none() && !read_data {
@@ -419,12 +421,12 @@ where
 async fn run_restore(
     session: &Session,
     keys: Arc<Keys>,
-    snapshot: &str,
+    info: duplex_proto::v1::SnapshotInfo,
     target: &std::path::Path,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "restoring");
-    let report = restore::restore(session, keys, snapshot, target, bar).await?;
+    let report = restore::restore(session, keys, info, target, bar).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {

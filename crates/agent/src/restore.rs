@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use duplex_proto::v1::{EntryKind, FileEntry, GetSnapshotRequest};
+use duplex_proto::v1::{EntryKind, FileEntry, GetSnapshotRequest, SnapshotInfo};
 use duplex_types::{ChunkId, validate_relative_path};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
@@ -41,21 +41,25 @@ pub struct RestoreReport {
     pub bytes: u64,
 }
 
+/// The snapshot `query` names (id, unique prefix or "latest").
+pub async fn find(session: &Session, query: &str) -> Result<SnapshotInfo, AgentError> {
+    Ok(session
+        .storage
+        .clone()
+        .get_snapshot(GetSnapshotRequest { id: query.to_owned() })
+        .await
+        .map_err(AgentError::rpc(format!("finding snapshot {query}")))?
+        .into_inner())
+}
+
 pub async fn restore(
     session: &Session,
     keys: Arc<Keys>,
-    snapshot: &str,
+    info: SnapshotInfo,
     target: &Path,
     progress: ProgressBar,
 ) -> Result<RestoreReport, AgentError> {
-    let mut storage = session.storage.clone();
-    let info = storage
-        .get_snapshot(GetSnapshotRequest {
-            id: snapshot.to_owned(),
-        })
-        .await
-        .map_err(AgentError::rpc(format!("finding snapshot {snapshot}")))?
-        .into_inner();
+    let storage = session.storage.clone();
     let manifest = fetch_manifest(&storage, &keys, &info.manifest_chunks).await?;
     let plan = Plan::new(manifest.entries, target)?;
     progress.set_length(plan.files.iter().map(|(_, e)| e.size).sum());
