@@ -194,7 +194,9 @@ fn a_chunk_that_does_not_match_its_hash_is_refused_and_not_stored() {
     runtime().block_on(async {
         let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
         let mut lie = opaque_chunk(b"what the client claims");
-        lie.data = b"\x01 other data, long enough to look like a sealed payload".to_vec().into();
+        lie.data = b"\x01 other data, long enough to look like a sealed payload"
+            .to_vec()
+            .into();
         let claimed = lie.id.clone();
         let err = storage
             .put_chunks(futures::stream::iter(vec![lie]))
