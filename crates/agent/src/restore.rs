@@ -193,15 +193,8 @@ async fn restore_file(
         .mode(0o600)
         .open(&full)
         .map_err(AgentError::io(&full))?;
-    let written = match write_chunks(file, storage, keys, entry, &full, progress).await {
-        Ok(v) => v,
-        Err(e) => {
-            // A file that failed its checks is not left half written.
-            let _ = std::fs::remove_file(&full);
-            return Err(e);
-        }
-    };
-    let (file, written) = written;
+    let mut unfinished = Unfinished(Some(&full));
+    let (file, written) = write_chunks(file, storage, keys, entry, &full, progress).await?;
     if written != entry.size {
         return Err(AgentError::Invalid(format!(
             "{}: restored {written} bytes but the manifest says {}",
@@ -213,7 +206,21 @@ async fn restore_file(
         .map_err(AgentError::io(&full))?;
     file.set_modified(system_time(entry.mtime_ns))
         .map_err(AgentError::io(&full))?;
+    unfinished.0 = None;
     Ok(written)
+}
+
+/// Removes a file being restored unless it was finished: one that failed a
+/// check, or whose restore was cut short when another file failed, is not
+/// left half written in the target.
+struct Unfinished<'a>(Option<&'a Path>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Writes a file's chunks in order; every chunk is checked before its
