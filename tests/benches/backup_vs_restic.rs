@@ -73,6 +73,7 @@ fn time_duplex(work: &std::path::Path, tree: &std::path::Path) -> f64 {
         .args(["backup", tree.to_str().unwrap(), "--json"])
         .env("DUPLEX_ENDPOINT", info["endpoints"][0].as_str().unwrap())
         .env("DUPLEX_TOKEN", info["account"]["token"].as_str().unwrap())
+        .env("DUPLEX_PASSWORD", duplex_tests::cluster::TEST_PASSPHRASE)
         .output()
         .unwrap();
     let secs = start.elapsed().as_secs_f64();

@@ -121,12 +121,16 @@ impl Cluster {
     }
 }
 
+/// The encryption passphrase the harness gives every agent it runs.
+pub const TEST_PASSPHRASE: &str = "duplex test passphrase";
+
 pub fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Output {
     Command::new(bin("duplex"))
         .args(args)
         .env("DUPLEX_ENDPOINT", endpoint)
         .env("DUPLEX_TOKEN", token)
         .env("DUPLEX_INSECURE_PLAINTEXT", "1")
+        .env("DUPLEX_PASSWORD", TEST_PASSPHRASE)
         .output()
         .unwrap()
 }

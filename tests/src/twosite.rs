@@ -246,6 +246,7 @@ impl TwoSites {
             .env("DUPLEX_ENDPOINT", &self.coordinator.addr)
             .env("DUPLEX_TOKEN", token)
             .env("DUPLEX_CA", &self.ca)
+            .env("DUPLEX_PASSWORD", crate::cluster::TEST_PASSPHRASE)
             .output()
             .unwrap()
     }

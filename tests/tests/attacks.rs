@@ -88,11 +88,16 @@ async fn call(sites: &TwoSites, addr: &str, path: &str, who: &As) -> Result<(), 
     raw_unary(channel, path, request).await
 }
 
+/// An empty message: every request decodes from it (all fields default),
+/// and any answer decodes into it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Nothing {}
+
 async fn raw_unary(channel: Channel, path: &str, request: tonic::Request<()>) -> Result<(), tonic::Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     let (metadata, extensions, ()) = request.into_parts();
-    let request = tonic::Request::from_parts(metadata, extensions, prost_types::Empty {});
-    let codec = tonic_prost::ProstCodec::<prost_types::Empty, prost_types::Empty>::default();
+    let request = tonic::Request::from_parts(metadata, extensions, Nothing {});
+    let codec = tonic_prost::ProstCodec::<Nothing, Nothing>::default();
     let path = http::uri::PathAndQuery::from_str(path).unwrap();
     let attempt = async {
         grpc.ready()
@@ -346,6 +351,7 @@ fn network_attacks_are_refused() {
         "coordinator/ca/ca.key",
         "coordinator/coordinator.redb",
         "account-a/accounts.redb",
+        "storage-a/meta.redb",
         "account-a/tls/server.key",
         "storage-a/tls/server.key",
         "mirror-a/tls/server.key",

@@ -51,6 +51,7 @@ fn sigkill_during_backup_leaves_no_partial_snapshot() {
         .env("DUPLEX_ENDPOINT", &cluster.account.addr)
         .env("DUPLEX_TOKEN", &token)
         .env("DUPLEX_INSECURE_PLAINTEXT", "1")
+        .env("DUPLEX_PASSWORD", duplex_tests::cluster::TEST_PASSPHRASE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

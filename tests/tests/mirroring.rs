@@ -240,6 +240,18 @@ fn killed_destination_resumes_after_restart() {
     assert_eq!(verify["ok"], true, "{verify}");
 }
 
+/// 32 bytes from the middle of the largest pack file in `data_dir`.
+fn ciphertext_sample(data_dir: &std::path::Path) -> Vec<u8> {
+    let pack = std::fs::read_dir(data_dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let bytes = std::fs::read(pack).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle..middle + 32].to_vec()
+}
+
 #[test]
 fn a_chunk_corrupted_on_the_wire_is_refused_and_the_link_retries() {
     let cluster = Cluster::start();
@@ -249,14 +261,14 @@ fn a_chunk_corrupted_on_the_wire_is_refused_and_the_link_retries() {
     let token = cluster.create_account("erin", None);
     let src = cluster.path("data");
     std::fs::create_dir_all(&src).unwrap();
-    let marker = b"duplex-corrupt-me-on-the-wire-32".to_vec();
-    let mut data = random_bytes(77, 2 * MIB);
-    data[100_000..100_000 + marker.len()].copy_from_slice(&marker);
-    std::fs::write(src.join("f"), &data).unwrap();
+    std::fs::write(src.join("f"), random_bytes(77, 2 * MIB)).unwrap();
     let snapshot = cluster.backup(&token, &src)["snapshot"]
         .as_str()
         .unwrap()
         .to_owned();
+    // Payloads are encrypted, so the bytes to corrupt on the wire are taken
+    // from the ciphertext the primary stored.
+    let marker = ciphertext_sample(&cluster.path("storage-a"));
 
     proxy.set(Fault::CorruptOnce(marker));
     let _mirror = sites::mirror(
@@ -268,7 +280,7 @@ fn a_chunk_corrupted_on_the_wire_is_refused_and_the_link_retries() {
     wait_converged(&rt, &cluster.storage.addr, &b.addr);
     assert_eq!(proxy.corrupted(), 1, "the fault was never injected");
     assert!(
-        b.log_text().contains("does not match its content"),
+        b.log_text().contains("does not match its data_hash"),
         "the replica did not report the bad chunk"
     );
     let verify = cluster.duplex_json(&token, &["--storage", &b.addr, "verify", &snapshot]);

@@ -1,21 +1,24 @@
 //! Authentication, isolation between accounts, disabled groups, chunk
-//! verification and restore path safety.
+//! payload verification, bounded commits and restore path safety.
 
 #![allow(clippy::unwrap_used)]
 
 use std::pin::Pin;
 
+use duplex_agent::crypto::Keys;
 use duplex_proto::v1::account_service_client::AccountServiceClient;
 use duplex_proto::v1::storage_service_client::StorageServiceClient;
 use duplex_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
 use duplex_proto::v1::{
-    Chunk, CommitSnapshotRequest, Compression, EntryKind, FileEntry, GetChunksRequest, GetSnapshotRequest,
+    Chunk, CommitSnapshotRequest, EntryKind, FileEntry, GetChunksRequest, GetKeysRequest, GetSnapshotRequest,
     ListSnapshotsRequest, ListSnapshotsResponse, LoginRequest, Manifest, MissingChunksRequest,
     MissingChunksResponse, Purpose, PutChunksResponse, SnapshotInfo, VerifyRequest, VerifyResponse,
 };
+use duplex_tests::cluster::TEST_PASSPHRASE;
 use duplex_tests::tree::random_bytes;
 use duplex_tests::{Cluster, runtime};
 use duplex_types::ChunkId;
+use duplex_types::sealed::payload_hash;
 use prost::Message;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
@@ -171,50 +174,111 @@ async fn login(
     (storage, ticket)
 }
 
-fn raw_chunk(data: &[u8]) -> Chunk {
+/// A chunk with the sealed shape but made-up content (the server cannot
+/// tell, and need not: only the agent can open a payload).
+fn opaque_chunk(name: &[u8]) -> Chunk {
+    let mut data = vec![1u8];
+    data.extend_from_slice(&[0; 40]);
+    data.extend_from_slice(name);
     Chunk {
-        id: ChunkId::of(data).to_vec(),
-        compression: Compression::None as i32,
-        raw_len: data.len() as u32,
-        data: data.to_vec().into(),
+        id: ChunkId::of(name).to_vec(),
+        data_hash: payload_hash(&data).to_vec(),
+        data: data.into(),
     }
 }
 
 #[test]
-fn a_chunk_that_does_not_match_its_id_is_refused_and_not_stored() {
+fn a_chunk_that_does_not_match_its_hash_is_refused_and_not_stored() {
     let cluster = Cluster::start();
     let token = cluster.create_account("dave", None);
     runtime().block_on(async {
         let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
-        let claimed = ChunkId::of(b"what the client claims");
-        let lie = Chunk {
-            id: claimed.to_vec(),
-            compression: Compression::None as i32,
-            raw_len: 10,
-            data: b"other data".to_vec().into(),
-        };
+        let mut lie = opaque_chunk(b"what the client claims");
+        lie.data = b"\x01 other data, long enough to look like a sealed payload"
+            .to_vec()
+            .into();
+        let claimed = lie.id.clone();
         let err = storage
             .put_chunks(futures::stream::iter(vec![lie]))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::DataLoss, "{err}");
+        assert!(
+            err.message()
+                .contains(&ChunkId::from_bytes(&claimed).unwrap().to_string()),
+            "{err}"
+        );
         let missing = storage
             .missing_chunks(MissingChunksRequest {
-                ids: vec![claimed.to_vec()],
+                ids: vec![claimed.clone()],
             })
             .await
             .unwrap()
             .into_inner()
             .missing;
-        assert_eq!(missing, vec![claimed.to_vec()], "the refused chunk was stored");
+        assert_eq!(missing, vec![claimed], "the refused chunk was stored");
 
-        // A lying zstd payload is refused the same way.
-        let honest = raw_chunk(b"honest");
-        let mut bomb = honest.clone();
-        bomb.compression = Compression::Zstd as i32;
-        bomb.raw_len = 6;
+        // A payload of a format the server does not know is refused clearly.
+        let mut future = opaque_chunk(b"from a future agent");
+        let mut data = future.data.to_vec();
+        data[0] = 42;
+        future.data_hash = payload_hash(&data).to_vec();
+        future.data = data.into();
         let err = storage
-            .put_chunks(futures::stream::iter(vec![bomb]))
+            .put_chunks(futures::stream::iter(vec![future]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("format 42"), "{err}");
+    });
+}
+
+#[test]
+fn a_commit_checks_presence_only_and_stays_bounded() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("erin", None);
+    runtime().block_on(async {
+        let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
+        let held = opaque_chunk(b"a manifest piece");
+        let id = held.id.clone();
+        storage
+            .put_chunks(futures::stream::iter(vec![held]))
+            .await
+            .unwrap();
+        // The attack: one chunk named many times. The server never
+        // loads chunk data for a commit, so this costs one index lookup.
+        let info = storage
+            .commit_snapshot(CommitSnapshotRequest {
+                manifest_chunks: vec![id.clone(); 100_000],
+                summary: vec![9; 100],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.manifest_chunks.len(), 100_000);
+        let stored = storage
+            .get_snapshot(GetSnapshotRequest { id: info.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stored.summary, vec![9; 100], "the summary is stored opaque");
+        // A chunk it does not hold is refused, naming it.
+        let absent = ChunkId::of(b"never uploaded");
+        let err = storage
+            .commit_snapshot(CommitSnapshotRequest {
+                manifest_chunks: vec![id.clone(), absent.to_vec()],
+                summary: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains(&absent.to_string()), "{err}");
+        // An oversized summary is refused, naming the limit.
+        let err = storage
+            .commit_snapshot(CommitSnapshotRequest {
+                manifest_chunks: vec![id],
+                summary: vec![0; 2 * 1024 * 1024],
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
@@ -225,14 +289,14 @@ fn manifest_with(entries: Vec<FileEntry>) -> Vec<u8> {
     Manifest { entries }.encode_to_vec()
 }
 
-fn file_entry(path: &str, data: &[u8]) -> FileEntry {
+fn file_entry(keys: &Keys, path: &str, data: &[u8]) -> FileEntry {
     FileEntry {
         path: path.into(),
         kind: EntryKind::File as i32,
         mode: 0o644,
         size: data.len() as u64,
         mtime_ns: 0,
-        chunks: vec![ChunkId::of(data).to_vec()],
+        chunks: vec![keys.chunk_id(data).to_vec()],
         symlink_target: String::new(),
     }
 }
@@ -249,38 +313,38 @@ fn symlink_entry(path: &str, target: &str) -> FileEntry {
     }
 }
 
-#[test]
-fn storage_server_refuses_to_commit_an_escaping_manifest() {
-    let cluster = Cluster::start();
-    let token = cluster.create_account("erin", None);
-    runtime().block_on(async {
-        let (mut storage, _) = login(&cluster, &token, Purpose::Backup).await;
-        for evil in ["../x", "/etc/x", "a/../../x"] {
-            let manifest = manifest_with(vec![file_entry(evil, b"payload")]);
-            let chunks = vec![raw_chunk(b"payload"), raw_chunk(&manifest)];
-            storage.put_chunks(futures::stream::iter(chunks)).await.unwrap();
-            let err = storage
-                .commit_snapshot(CommitSnapshotRequest {
-                    manifest_chunks: vec![ChunkId::of(&manifest).to_vec()],
-                    paths: vec![],
-                    hostname: String::new(),
-                })
-                .await
-                .unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{evil}: {err}");
-        }
-        let listed = storage
-            .list_snapshots(ListSnapshotsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        assert!(listed.snapshots.is_empty());
-    });
+fn dir_entry(path: &str) -> FileEntry {
+    FileEntry {
+        path: path.into(),
+        kind: EntryKind::Dir as i32,
+        mode: 0o755,
+        ..Default::default()
+    }
 }
 
-/// A compromised storage server that serves whatever manifest it is given.
+/// The account's keys, opened with the harness's passphrase: what a
+/// rogue server would need (and does not have) to forge a manifest.
+fn account_keys(cluster: &Cluster, token: &str) -> Keys {
+    runtime().block_on(async {
+        let mut account = AccountServiceClient::new(duplex_rpc::channel(&cluster.account.addr).unwrap());
+        let records = account
+            .get_keys(GetKeysRequest {
+                token: token.to_owned(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .keys;
+        duplex_agent::crypto::unwrap(&records[0], TEST_PASSPHRASE.as_bytes())
+            .unwrap()
+            .unwrap()
+    })
+}
+
+/// A compromised storage server that serves whatever manifest it is given
+/// (sealed with the account's key, as if the key had leaked too).
 struct RogueStorage {
-    chunks: Vec<Vec<u8>>,
+    chunks: Vec<Chunk>,
 }
 
 type ChunkStream = Pin<Box<dyn futures::Stream<Item = Result<Chunk, Status>> + Send>>;
@@ -304,8 +368,8 @@ impl StorageService for RogueStorage {
             .map(|id| {
                 self.chunks
                     .iter()
-                    .find(|c| ChunkId::of(c).as_bytes().as_slice() == id.as_slice())
-                    .map(|c| raw_chunk(c))
+                    .find(|c| c.id == *id)
+                    .cloned()
                     .ok_or_else(|| Status::not_found("no such chunk"))
             })
             .collect();
@@ -327,7 +391,7 @@ impl StorageService for RogueStorage {
         let manifest = self.chunks.last().unwrap();
         Ok(Response::new(SnapshotInfo {
             id: "0".repeat(32),
-            manifest_chunks: vec![ChunkId::of(manifest).to_vec()],
+            manifest_chunks: vec![manifest.id.clone()],
             ..Default::default()
         }))
     }
@@ -357,27 +421,43 @@ fn listing(dir: &std::path::Path) -> Vec<String> {
 fn restore_refuses_manifests_that_escape_the_target() {
     let cluster = Cluster::start();
     let token = cluster.create_account("frank", None);
+    // A first backup creates the account's key.
+    let first = cluster.path("first");
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::write(first.join("f"), b"x").unwrap();
+    cluster.backup(&token, &first);
+    let keys = account_keys(&cluster, &token);
     let rt = runtime();
     let outside = cluster.path("outside");
     std::fs::create_dir_all(&outside).unwrap();
     let cases: Vec<(&str, Vec<FileEntry>)> = vec![
-        ("parent", vec![file_entry("../x", b"payload")]),
+        ("parent", vec![file_entry(&keys, "../x", b"payload")]),
         (
             "absolute",
-            vec![file_entry(&format!("{}/x", outside.display()), b"payload")],
+            vec![file_entry(&keys, &format!("{}/x", outside.display()), b"payload")],
         ),
         (
             "symlink",
             vec![
                 symlink_entry("a", outside.to_str().unwrap()),
-                file_entry("a/x", b"payload"),
+                file_entry(&keys, "a/x", b"payload"),
+            ],
+        ),
+        (
+            "dir-and-symlink-of-one-name",
+            vec![
+                dir_entry("a"),
+                file_entry(&keys, "a/y", b"payload"),
+                symlink_entry("a", outside.to_str().unwrap()),
+                file_entry(&keys, "a/x", b"payload"),
             ],
         ),
     ];
     for (name, entries) in cases {
         let manifest = manifest_with(entries);
+        let seal = |data: &[u8]| keys.seal_chunk(keys.chunk_id(data), data).unwrap();
         let rogue = RogueStorage {
-            chunks: vec![b"payload".to_vec(), manifest],
+            chunks: vec![seal(b"payload"), seal(&manifest)],
         };
         let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -420,9 +500,7 @@ fn restore_refuses_manifests_that_escape_the_target() {
         } else {
             vec![]
         };
-        assert!(
-            written.iter().all(|p| p == "target" || p == "target/a"),
-            "{name}: unexpected files {written:?}"
-        );
+        // The whole manifest is checked first: nothing at all is written.
+        assert!(written.is_empty(), "{name}: unexpected files {written:?}");
     }
 }

@@ -32,6 +32,8 @@ pub fn kind(entry: &LogEntry) -> &'static str {
         Some(Mutation::PutStorageServer(_)) => "register-storage-server",
         Some(Mutation::SetTicketKey(_)) => "set-ticket-key",
         Some(Mutation::MoveHomes(_)) => "move-homes",
+        Some(Mutation::PutAccountKey(_)) => "put-account-key",
+        Some(Mutation::RemoveAccountKey(_)) => "remove-account-key",
         None => "empty",
     }
 }
@@ -49,6 +51,10 @@ pub fn never_reapplied(entry: &LogEntry) -> Option<&'static str> {
         Some(Mutation::PutStorageServer(_)) => {
             Some("storage servers register themselves when they are primary, never re-applied")
         }
+        Some(Mutation::PutAccountKey(_) | Mutation::RemoveAccountKey(_)) => Some(
+            "encryption keys are never re-applied blindly: the account may have a different key now; \
+             the wrapped key is in `entry` for a manual recovery",
+        ),
         None => Some("the entry holds no mutation"),
     }
 }
@@ -83,6 +89,15 @@ pub fn summary(entry: &LogEntry, names: &ServerNames) -> String {
             )
         }
         Some(Mutation::SetTicketKey(_)) => "new ticket signing key (the secret is not listed)".into(),
+        Some(Mutation::PutAccountKey(k)) => format!(
+            "{} encryption key {} of account {} (wrapped; no passphrase or key in clear)",
+            if k.first { "first" } else { "another" },
+            k.key.as_ref().map_or("", |r| r.id.as_str()),
+            k.account_id
+        ),
+        Some(Mutation::RemoveAccountKey(k)) => {
+            format!("remove encryption key {} of account {}", k.key_id, k.account_id)
+        }
         Some(Mutation::MoveHomes(m)) => format!(
             "move the accounts homed on {} to {}{}{}",
             server(&m.from_id),

@@ -8,12 +8,12 @@ use duplex_proto::v1::account_admin_server::AccountAdmin;
 use duplex_proto::v1::account_service_server::AccountService;
 use duplex_proto::v1::{
     AccountRecord, AccountServerStatus, AccountView, CreateAccountRequest, CreateAccountResponse,
-    CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetTicketKeysRequest,
-    GetTicketKeysResponse, GroupView, ListAccountsRequest, ListAccountsResponse, ListGroupsRequest,
-    ListGroupsResponse, ListStorageServersRequest, ListStorageServersResponse, LoginRequest, LoginResponse,
-    MoveHomesRequest, MoveHomesResponse, Purpose, ReapplyRequest, ReapplyResponse, ReapplyResult,
-    RegisterStorageServerRequest, RegisterStorageServerResponse, ServerInfo, SetGroupEnabledRequest,
-    TicketClaims,
+    CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetKeysRequest, GetKeysResponse,
+    GetTicketKeysRequest, GetTicketKeysResponse, GroupView, KeyRecord, ListAccountsRequest,
+    ListAccountsResponse, ListGroupsRequest, ListGroupsResponse, ListStorageServersRequest,
+    ListStorageServersResponse, LoginRequest, LoginResponse, MoveHomesRequest, MoveHomesResponse, Purpose,
+    PutKeyRequest, ReapplyRequest, ReapplyResponse, ReapplyResult, RegisterStorageServerRequest,
+    RegisterStorageServerResponse, RemoveKeyRequest, ServerInfo, SetGroupEnabledRequest, TicketClaims,
 };
 use duplex_rpc::ticket::{TicketSigner, now_unix};
 use duplex_types::{Epoch, NameKind, ServerId, validate_name};
@@ -212,6 +212,59 @@ impl AccountService for AccountApi {
         Ok(Response::new(GetTicketKeysResponse {
             keys: vec![self.signer().await?.public_key()],
         }))
+    }
+
+    async fn get_keys(&self, request: Request<GetKeysRequest>) -> Result<Response<GetKeysResponse>, Status> {
+        let account = self.account_of(&request.into_inner().token).await?;
+        let keys = blocking(self.store(), move |s| s.keys_of(account)).await?;
+        Ok(Response::new(GetKeysResponse { keys }))
+    }
+
+    async fn init_key(&self, request: Request<PutKeyRequest>) -> Result<Response<KeyRecord>, Status> {
+        self.put_key(request.into_inner(), true).await.map(Response::new)
+    }
+
+    async fn add_key(&self, request: Request<PutKeyRequest>) -> Result<Response<KeyRecord>, Status> {
+        self.put_key(request.into_inner(), false).await.map(Response::new)
+    }
+
+    async fn remove_key(
+        &self,
+        request: Request<RemoveKeyRequest>,
+    ) -> Result<Response<GetKeysResponse>, Status> {
+        let req = request.into_inner();
+        let account = self.account_of(&req.token).await?;
+        let keys = self
+            .write(move |s, epoch| s.remove_key(epoch, account, &req.id))
+            .await?;
+        tracing::info!(account, "encryption key removed");
+        Ok(Response::new(GetKeysResponse { keys }))
+    }
+}
+
+impl AccountApi {
+    /// The account a token belongs to, checked as Login checks it.
+    async fn account_of(&self, token: &str) -> Result<u64, Status> {
+        if token.is_empty() || token.len() > 256 {
+            return Err(Status::unauthenticated("unknown or revoked token"));
+        }
+        let hash = hash_token(token);
+        Ok(blocking(self.store(), move |s| s.account_by_token(&hash))
+            .await?
+            .id)
+    }
+
+    async fn put_key(&self, req: PutKeyRequest, first: bool) -> Result<KeyRecord, Status> {
+        let account = self.account_of(&req.token).await?;
+        let key = req
+            .key
+            .ok_or_else(|| Status::invalid_argument("no key record in the request"))?;
+        crate::store::keys::check(&key).map_err(Status::from)?;
+        let key = self
+            .write(move |s, epoch| s.put_key(epoch, account, key, first))
+            .await?;
+        tracing::info!(account, key = %key.id, first, "encryption key stored");
+        Ok(key)
     }
 }
 

@@ -1,13 +1,14 @@
 //! `duplex backup`: scan, chunk and hash on every core, upload only what
 //! the server lacks, then commit a snapshot whose manifest names every
-//! chunk. Nothing is visible until the commit, so a backup cut short
+//! chunk, everything sealed with the account's keys (see `crypto`), and the
+//! paths and counts in an encrypted summary. Nothing is visible until the commit, so a backup cut short
 //! leaves no snapshot, and the next one reuses every chunk already stored.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use duplex_proto::v1::{Chunk, CommitSnapshotRequest, EntryKind, FileEntry, Manifest};
+use duplex_proto::v1::{Chunk, CommitSnapshotRequest, EntryKind, FileEntry, Manifest, SnapshotSummary};
 use duplex_types::ChunkId;
 use indicatif::ProgressBar;
 use prost::Message;
@@ -17,6 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
 use crate::chunking::{Batch, Uploader, chunk_stream};
+use crate::crypto::Keys;
 use crate::scan::{Item, scan};
 use crate::session::Session;
 
@@ -33,6 +35,7 @@ pub struct BackupReport {
 
 pub async fn backup(
     session: &Session,
+    keys: Arc<Keys>,
     roots: &[PathBuf],
     progress: ProgressBar,
     warn: Arc<dyn Fn(String) + Send + Sync>,
@@ -74,6 +77,7 @@ pub async fn backup(
     };
     let uploader = Arc::new(Uploader::new(
         session.storage.clone(),
+        keys.clone(),
         tokio::runtime::Handle::current(),
         txs,
     ));
@@ -104,12 +108,17 @@ pub async fn backup(
     drop(uploader);
     upload.await.map_err(AgentError::rpc("uploading chunks"))?;
 
+    let summary = keys.seal_summary(&SnapshotSummary {
+        paths: roots.iter().map(|p| p.display().to_string()).collect(),
+        hostname: hostname(),
+        files,
+        bytes,
+    })?;
     let mut storage = session.storage.clone();
     let info = storage
         .commit_snapshot(CommitSnapshotRequest {
             manifest_chunks: manifest_chunks.iter().map(|c| c.to_vec()).collect(),
-            paths: roots.iter().map(|p| p.display().to_string()).collect(),
-            hostname: hostname(),
+            summary,
         })
         .await
         .map_err(AgentError::rpc("committing the snapshot"))?
@@ -195,7 +204,7 @@ fn chunk_file(
         return Ok(entry);
     }
     let file = std::fs::File::open(&item.source).map_err(AgentError::io(&item.source))?;
-    let size = chunk_stream(file, &item.source, |id, data| {
+    let size = chunk_stream(file, &item.source, &uploader.keys, |id, data| {
         entry.chunks.push(id.to_vec());
         progress.inc(data.len() as u64);
         if batch.push(id, data) {
@@ -226,6 +235,7 @@ fn upload_manifest(
     chunk_stream(
         encoded.as_slice(),
         std::path::Path::new("<manifest>"),
+        &uploader.keys,
         |id, data| {
             ids.push(id);
             if batch.push(id, data) {

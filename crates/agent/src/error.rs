@@ -13,8 +13,13 @@ pub enum AgentError {
     Invalid(String),
     #[error("refusing to restore: {0}")]
     UnsafePath(String),
-    #[error("chunk {0} from the server does not match its id")]
+    #[error("chunk {0} from the server does not match its id or its data_hash (data loss)")]
     Corrupt(String),
+    /// Decryption or the keyed-id check failed: tampered or damaged data.
+    #[error("integrity check failed: {0}")]
+    Integrity(String),
+    #[error("wrong passphrase for account {0}: it opens none of the account's keys")]
+    WrongPassphrase(String),
 }
 
 impl AgentError {

@@ -2,9 +2,14 @@
 
 pub mod backup;
 pub mod chunking;
+pub mod crypto;
 mod error;
+pub mod keys;
+pub mod manifest;
 pub mod restore;
 pub mod scan;
+pub mod secret;
 pub mod session;
+pub mod verify;
 
 pub use error::AgentError;

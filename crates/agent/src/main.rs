@@ -6,9 +6,12 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use duplex_agent::chunking::hex;
+use duplex_agent::crypto::Keys;
+use duplex_agent::keys::{KeyService, Unlocked, unlock};
+use duplex_agent::secret::{self, Passphrase};
 use duplex_agent::session::{Options, Session, login};
-use duplex_agent::{backup, restore};
-use duplex_proto::v1::{ListSnapshotsRequest, Purpose, VerifyRequest};
+use duplex_agent::{AgentError, backup, restore, verify};
+use duplex_proto::v1::{ListSnapshotsRequest, Purpose};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -38,6 +41,10 @@ struct Cli {
     /// Talk plaintext to servers started with --insecure-plaintext (local debugging only).
     #[arg(long, env = "DUPLEX_INSECURE_PLAINTEXT", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     insecure_plaintext: bool,
+    /// File holding the account's encryption passphrase (else the
+    /// DUPLEX_PASSWORD environment variable, else a prompt on a terminal).
+    #[arg(long, global = true)]
+    password_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,7 +65,87 @@ enum Command {
         target: PathBuf,
     },
     /// Check that every chunk of a snapshot (or of the account) is present and intact.
-    Verify { snapshot: Option<String> },
+    Verify {
+        snapshot: Option<String>,
+        /// Also download and decrypt every chunk (of the snapshot, or of
+        /// every snapshot), checking each against its keyed id.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Manage the passphrases that unlock the account's encryption key.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Re-wrap the key under a new passphrase; the old one stops working.
+    Passwd {
+        /// File holding the new passphrase (else asked twice on a terminal).
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Add another passphrase that unlocks the same key.
+    Add {
+        /// File holding the new passphrase (else asked twice on a terminal).
+        #[arg(long)]
+        new_password_file: Option<PathBuf>,
+    },
+    /// List the account's keys (one per passphrase).
+    List,
+}
+
+/// The passphrase and the unlocked keys, kept across retries so a retry
+/// after a failover does not ask again or re-run Argon2.
+#[derive(Default)]
+struct Secrets {
+    passphrase: std::sync::OnceLock<Passphrase>,
+    unlocked: tokio::sync::OnceCell<Option<Arc<Unlocked>>>,
+}
+
+impl Secrets {
+    fn passphrase(&self, cli: &Cli) -> Result<&Passphrase, AgentError> {
+        if let Some(p) = self.passphrase.get() {
+            return Ok(p);
+        }
+        let p = secret::passphrase(cli.password_file.as_deref())?;
+        Ok(self.passphrase.get_or_init(|| p))
+    }
+
+    /// The unlocked account, or None when it has no key and `create` is off.
+    async fn unlocked(
+        &self,
+        cli: &Cli,
+        options: &Options,
+        session: &Session,
+        create: bool,
+    ) -> Result<Option<Arc<Unlocked>>, AgentError> {
+        if let Some(Some(u)) = self.unlocked.get() {
+            return Ok(Some(u.clone()));
+        }
+        let passphrase = self.passphrase(cli)?;
+        let service = KeyService::discover(options).await;
+        let found = unlock(&service, &session.account.name, passphrase, create)
+            .await?
+            .map(Arc::new);
+        if found.is_some() {
+            let _ = self.unlocked.set(found.clone());
+        }
+        Ok(found)
+    }
+
+    /// The keys, which must exist (they do once anything was backed up).
+    async fn keys(&self, cli: &Cli, options: &Options, session: &Session) -> Result<Arc<Keys>, AgentError> {
+        match self.unlocked(cli, options, session, false).await? {
+            Some(u) => Ok(u.keys.clone()),
+            None => Err(AgentError::Invalid(format!(
+                "account {} has no encryption key yet: nothing was backed up (the first backup creates it)",
+                session.account.name
+            ))),
+        }
+    }
 }
 
 #[tokio::main]
@@ -94,10 +181,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let deadline = Instant::now() + retry_for;
     let mut delay = Duration::from_millis(100);
     let mut last_warning: Option<String> = None;
+    let secrets = Secrets::default();
     loop {
         let session = login(&options, purpose).await;
         let outcome = match session {
-            Ok(session) => run_command(&cli, &session).await,
+            Ok(session) => run_command(&cli, &options, &secrets, &session).await,
             Err(e) => Err(e.into()),
         };
         match outcome {
@@ -118,20 +206,105 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn run_command(cli: &Cli, session: &Session) -> anyhow::Result<ExitCode> {
+async fn run_command(
+    cli: &Cli,
+    options: &Options,
+    secrets: &Secrets,
+    session: &Session,
+) -> anyhow::Result<ExitCode> {
+    let keys = || secrets.keys(cli, options, session);
     match &cli.command {
-        Command::Backup { paths } => run_backup(session, paths, cli.json).await,
-        Command::Snapshots => run_snapshots(session, cli.json).await,
-        Command::Restore { snapshot, target } => run_restore(session, snapshot, target, cli.json).await,
-        Command::Verify { snapshot } => run_verify(session, snapshot.clone(), cli.json).await,
+        Command::Backup { paths } => {
+            let unlocked = secrets.unlocked(cli, options, session, true).await?;
+            let keys = unlocked
+                .map(|u| u.keys.clone())
+                .ok_or_else(|| AgentError::Invalid("no key was created".into()))?;
+            run_backup(session, keys, paths, cli.json).await
+        }
+        Command::Snapshots => run_snapshots(session, keys, cli.json).await,
+        Command::Restore { snapshot, target } => {
+            // Found first: a snapshot that is not there is the error to give.
+            let info = restore::find(session, snapshot).await?;
+            run_restore(session, keys().await?, info, target, cli.json).await
+        }
+        Command::Verify { snapshot, read_data } => {
+            let report = if snapshot.is_none() && !read_data {
+                verify::account(session).await?
+            } else {
+                verify::snapshots(session, &keys().await?, snapshot.as_deref(), *read_data).await?
+            };
+            print_verify(snapshot.clone(), &report, cli.json)
+        }
+        Command::Key { action } => run_key(cli, options, secrets, session, action).await,
     }
+}
+
+async fn run_key(
+    cli: &Cli,
+    options: &Options,
+    secrets: &Secrets,
+    session: &Session,
+    action: &KeyAction,
+) -> anyhow::Result<ExitCode> {
+    let service = KeyService::discover(options).await;
+    let name = &session.account.name;
+    let (new_file, replace) = match action {
+        KeyAction::List => return list_keys(&service, cli.json).await,
+        KeyAction::Passwd { new_password_file } => (new_password_file, true),
+        KeyAction::Add { new_password_file } => (new_password_file, false),
+    };
+    let unlocked = secrets
+        .unlocked(cli, options, session, false)
+        .await?
+        .ok_or_else(|| {
+            AgentError::Invalid(format!(
+                "account {name} has no encryption key yet; back something up first"
+            ))
+        })?;
+    let new = secret::new_passphrase(new_file.as_deref())?;
+    let added = service.add(&unlocked, &new).await?;
+    if replace {
+        // Added before the old one goes, so a failure in between leaves
+        // two working passphrases, never none.
+        service.remove(&unlocked.record_id).await?;
+    }
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "id": added.id, "created": rfc3339(added.created_unix_ms) })
+        );
+    } else if replace {
+        println!(
+            "passphrase of account {name} changed (key {} replaces {})",
+            added.id, unlocked.record_id
+        );
+    } else {
+        println!("passphrase added to account {name} as key {}", added.id);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list_keys(service: &KeyService, json: bool) -> anyhow::Result<ExitCode> {
+    let keys = service.list().await?;
+    if json {
+        let list: Vec<_> = keys
+            .iter()
+            .map(|k| json!({ "id": k.id, "created": rfc3339(k.created_unix_ms) }))
+            .collect();
+        println!("{}", json!({ "keys": list }));
+    } else {
+        println!("{:<10}  created", "id");
+        for k in &keys {
+            println!("{:<10}  {}", k.id, rfc3339(k.created_unix_ms));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A failure that another server (or this one, a moment later) may not
 /// have: a server down, a broken connection, a role that moved, a fenced
 /// primary. Refusals about the request itself are final.
 fn worth_rediscovering(e: &anyhow::Error) -> bool {
-    use duplex_agent::AgentError;
     use tonic::Code;
     let status = e.chain().find_map(|c| {
         c.downcast_ref::<AgentError>()
@@ -170,11 +343,16 @@ fn progress_bar(json: bool, verb: &str) -> ProgressBar {
     bar
 }
 
-async fn run_backup(session: &Session, paths: &[PathBuf], json: bool) -> anyhow::Result<ExitCode> {
+async fn run_backup(
+    session: &Session,
+    keys: Arc<Keys>,
+    paths: &[PathBuf],
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "backing up");
     let warn_bar = bar.clone();
     let warn = Arc::new(move |msg: String| warn_bar.suspend(|| eprintln!("warning: {msg}")));
-    let report = backup::backup(session, paths, bar, warn).await?;
+    let report = backup::backup(session, keys, paths, bar, warn).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -190,23 +368,40 @@ async fn run_backup(session: &Session, paths: &[PathBuf], json: bool) -> anyhow:
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode> {
+async fn run_snapshots<F>(session: &Session, keys: impl FnOnce() -> F, json: bool) -> anyhow::Result<ExitCode>
+where
+    F: std::future::Future<Output = Result<Arc<Keys>, AgentError>>,
+{
     let mut storage = session.storage.clone();
     let snapshots = storage
         .list_snapshots(ListSnapshotsRequest {})
         .await?
         .into_inner()
         .snapshots;
+    // An account with no snapshot needs no passphrase to say so.
+    let keys = if snapshots.is_empty() {
+        None
+    } else {
+        Some(keys().await?)
+    };
+    let mut rows = Vec::new();
+    for s in &snapshots {
+        let summary = match &keys {
+            Some(k) => k.open_summary(&s.id, &s.summary)?,
+            None => Default::default(),
+        };
+        rows.push((s, summary));
+    }
     if json {
-        let list: Vec<_> = snapshots
+        let list: Vec<_> = rows
             .iter()
-            .map(|s| {
+            .map(|(s, summary)| {
                 json!({
                     "id": s.id,
                     "time": rfc3339(s.time_unix_ms),
-                    "files": s.files,
-                    "bytes": s.bytes,
-                    "paths": s.paths,
+                    "files": summary.files,
+                    "bytes": summary.bytes,
+                    "paths": summary.paths,
                 })
             })
             .collect();
@@ -216,14 +411,14 @@ async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode
             "{:<32}  {:<20}  {:>8}  {:>10}  paths",
             "id", "time", "files", "size"
         );
-        for s in &snapshots {
+        for (s, summary) in &rows {
             println!(
                 "{:<32}  {:<20}  {:>8}  {:>10}  {}",
                 s.id,
                 rfc3339(s.time_unix_ms),
-                s.files,
-                human_bytes(s.bytes),
-                s.paths.join(" ")
+                summary.files,
+                human_bytes(summary.bytes),
+                summary.paths.join(" ")
             );
         }
     }
@@ -232,12 +427,13 @@ async fn run_snapshots(session: &Session, json: bool) -> anyhow::Result<ExitCode
 
 async fn run_restore(
     session: &Session,
-    snapshot: &str,
+    keys: Arc<Keys>,
+    info: duplex_proto::v1::SnapshotInfo,
     target: &std::path::Path,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "restoring");
-    let report = restore::restore(session, snapshot, target, bar).await?;
+    let report = restore::restore(session, keys, info, target, bar).await?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -254,15 +450,8 @@ async fn run_restore(
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_verify(session: &Session, snapshot: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
-    let mut storage = session.storage.clone();
-    let report = storage
-        .verify(VerifyRequest {
-            snapshot_id: snapshot.clone().unwrap_or_default(),
-        })
-        .await?
-        .into_inner();
-    let ok = report.missing.is_empty() && report.corrupt.is_empty();
+fn print_verify(snapshot: Option<String>, report: &verify::Report, json: bool) -> anyhow::Result<ExitCode> {
+    let ok = report.ok();
     let missing: Vec<String> = report.missing.iter().map(|c| hex(c)).collect();
     let corrupt: Vec<String> = report.corrupt.iter().map(|c| hex(c)).collect();
     if json {
@@ -272,6 +461,7 @@ async fn run_verify(session: &Session, snapshot: Option<String>, json: bool) -> 
                 "ok": ok,
                 "chunks_checked": report.chunks_checked,
                 "bytes_checked": report.bytes_checked,
+                "chunks_read": report.chunks_read,
                 "missing": missing,
                 "corrupt": corrupt,
             })
@@ -279,9 +469,10 @@ async fn run_verify(session: &Session, snapshot: Option<String>, json: bool) -> 
     } else {
         let what = snapshot.map_or_else(|| "account".to_owned(), |s| format!("snapshot {s}"));
         println!(
-            "{what}: {} chunks ({}) checked, {} missing, {} corrupt",
+            "{what}: {} chunks ({}) checked, {} read back and decrypted, {} missing, {} corrupt",
             report.chunks_checked,
             human_bytes(report.bytes_checked),
+            report.chunks_read,
             missing.len(),
             corrupt.len()
         );

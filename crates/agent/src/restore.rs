@@ -1,8 +1,10 @@
 //! `duplex restore`: recreate a snapshot's files, directories, modes and
 //! mtimes under a target directory, and nowhere else.
 //!
-//! The manifest comes from a server, so it is treated as hostile: every
-//! path is checked before anything is written (relative, no `..`), and no
+//! The manifest is authenticated (only the account's key could have sealed
+//! it), but it is still checked whole before anything is written: every
+//! path relative with no `..`, no two entries with one name, every entry's
+//! parent a directory of the snapshot, chunk ids well formed. And no
 //! write ever goes through a symlink: parents are checked to be real
 //! directories, files are opened with O_NOFOLLOW, and symlinks from the
 //! snapshot are created only after every file and directory is in place.
@@ -13,14 +15,18 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use duplex_proto::v1::{EntryKind, FileEntry, GetChunksRequest, GetSnapshotRequest, Manifest};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use duplex_proto::v1::{EntryKind, FileEntry, GetSnapshotRequest, SnapshotInfo};
 use duplex_types::{ChunkId, validate_relative_path};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
-use prost::Message;
 use serde::Serialize;
 
 use crate::AgentError;
+use crate::crypto::Keys;
+use crate::manifest::{fetch_chunks, fetch_manifest};
 use crate::session::{Session, StorageClient};
 
 /// Files restored at once.
@@ -35,21 +41,26 @@ pub struct RestoreReport {
     pub bytes: u64,
 }
 
+/// The snapshot `query` names (id, unique prefix or "latest").
+pub async fn find(session: &Session, query: &str) -> Result<SnapshotInfo, AgentError> {
+    Ok(session
+        .storage
+        .clone()
+        .get_snapshot(GetSnapshotRequest { id: query.to_owned() })
+        .await
+        .map_err(AgentError::rpc(format!("finding snapshot {query}")))?
+        .into_inner())
+}
+
 pub async fn restore(
     session: &Session,
-    snapshot: &str,
+    keys: Arc<Keys>,
+    info: SnapshotInfo,
     target: &Path,
     progress: ProgressBar,
 ) -> Result<RestoreReport, AgentError> {
-    let mut storage = session.storage.clone();
-    let info = storage
-        .get_snapshot(GetSnapshotRequest {
-            id: snapshot.to_owned(),
-        })
-        .await
-        .map_err(AgentError::rpc(format!("finding snapshot {snapshot}")))?
-        .into_inner();
-    let manifest = fetch_manifest(&storage, &info.manifest_chunks).await?;
+    let storage = session.storage.clone();
+    let manifest = fetch_manifest(&storage, &keys, &info.manifest_chunks).await?;
     let plan = Plan::new(manifest.entries, target)?;
     progress.set_length(plan.files.iter().map(|(_, e)| e.size).sum());
 
@@ -61,7 +72,8 @@ pub async fn restore(
     let mut writes = futures::stream::iter(plan.files.iter().map(|(path, entry)| {
         let storage = storage.clone();
         let progress = progress.clone();
-        async move { restore_file(storage, target, path, entry, &progress).await }
+        let keys = keys.clone();
+        async move { restore_file(storage, keys, target, path, entry, &progress).await }
     }))
     .buffer_unordered(PARALLEL_FILES);
     while let Some(written) = writes.next().await {
@@ -89,101 +101,83 @@ pub async fn restore(
 }
 
 /// The manifest sorted into what to create, every path already checked.
-struct Plan {
+pub struct Plan {
     dirs: Vec<(PathBuf, FileEntry)>,
     files: Vec<(PathBuf, FileEntry)>,
     symlinks: Vec<(PathBuf, FileEntry)>,
 }
 
 impl Plan {
-    fn new(entries: Vec<FileEntry>, target: &Path) -> Result<Plan, AgentError> {
+    /// Checks the whole manifest; refuses it (naming the first problem and
+    /// saying nothing was written) before anything touches the target.
+    pub fn new(entries: Vec<FileEntry>, target: &Path) -> Result<Plan, AgentError> {
+        let refuse = |why: String| {
+            AgentError::UnsafePath(format!("{why} (nothing was written to {})", target.display()))
+        };
         let mut plan = Plan {
             dirs: Vec::new(),
             files: Vec::new(),
             symlinks: Vec::new(),
         };
+        let mut names = HashSet::new();
         for entry in entries {
-            let path = validate_relative_path(&entry.path).map_err(|e| {
-                AgentError::UnsafePath(format!("{e} (nothing was written to {})", target.display()))
-            })?;
+            let path = validate_relative_path(&entry.path).map_err(|e| refuse(e.to_string()))?;
+            if !names.insert(path.clone()) {
+                return Err(refuse(format!("the snapshot names {} twice", path.display())));
+            }
+            check_entry(&entry).map_err(refuse)?;
             match entry.kind() {
                 EntryKind::Dir => plan.dirs.push((path, entry)),
                 EntryKind::File => plan.files.push((path, entry)),
                 EntryKind::Symlink => plan.symlinks.push((path, entry)),
-                EntryKind::Unspecified => {
-                    return Err(AgentError::Invalid(format!(
-                        "manifest entry {:?} has no kind",
-                        entry.path
-                    )));
-                }
+                EntryKind::Unspecified => return Err(refuse(format!("entry {:?} has no kind", entry.path))),
             }
         }
         plan.dirs.sort_by(|a, b| a.0.cmp(&b.0));
-        plan.check_parents_are_dirs()?;
+        plan.check_parents_are_dirs().map_err(refuse)?;
         Ok(plan)
     }
 
     /// Every entry's parent must be a directory of the snapshot itself, so
-    /// no entry can be reached through a symlink the snapshot creates.
-    fn check_parents_are_dirs(&self) -> Result<(), AgentError> {
-        let dirs: std::collections::HashSet<&Path> = self.dirs.iter().map(|(p, _)| p.as_path()).collect();
+    /// no entry sits below a file or a symlink, and none can be reached
+    /// through a symlink the snapshot creates.
+    fn check_parents_are_dirs(&self) -> Result<(), String> {
+        let dirs: HashSet<&Path> = self.dirs.iter().map(|(p, _)| p.as_path()).collect();
         let all = self.dirs.iter().chain(&self.files).chain(&self.symlinks);
         for (path, _) in all {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
                 && !dirs.contains(parent)
             {
-                return Err(AgentError::UnsafePath(format!(
+                return Err(format!(
                     "{} is inside {}, which is not a directory of the snapshot",
                     path.display(),
                     parent.display()
-                )));
+                ));
             }
         }
         Ok(())
     }
 }
 
-pub async fn fetch_manifest(storage: &StorageClient, ids: &[Vec<u8>]) -> Result<Manifest, AgentError> {
-    let mut bytes = Vec::new();
-    let mut stream = fetch_chunks(storage.clone(), ids.to_vec()).await?;
-    while let Some(raw) = stream.try_next().await? {
-        bytes.extend_from_slice(&raw);
+/// What one entry must hold for its kind.
+fn check_entry(entry: &FileEntry) -> Result<(), String> {
+    let kind = EntryKind::try_from(entry.kind).unwrap_or(EntryKind::Unspecified);
+    if kind != EntryKind::File && !entry.chunks.is_empty() {
+        return Err(format!("entry {:?} is not a file but names chunks", entry.path));
     }
-    Manifest::decode(bytes.as_slice())
-        .map_err(|e| AgentError::Invalid(format!("snapshot manifest does not decode: {e}")))
-}
-
-/// Streams the chunks `ids` in order, each decompressed and checked
-/// against its id.
-async fn fetch_chunks(
-    mut storage: StorageClient,
-    ids: Vec<Vec<u8>>,
-) -> Result<impl futures::Stream<Item = Result<Vec<u8>, AgentError>>, AgentError> {
-    let expected: Vec<ChunkId> = ids
-        .iter()
-        .map(|b| ChunkId::from_bytes(b).map_err(|e| AgentError::Invalid(e.to_string())))
-        .collect::<Result<_, _>>()?;
-    let stream = storage
-        .get_chunks(GetChunksRequest { ids })
-        .await
-        .map_err(AgentError::rpc("fetching chunks"))?
-        .into_inner();
-    let mut position = 0usize;
-    Ok(stream.map(move |item| {
-        let chunk = item.map_err(AgentError::rpc("fetching chunks"))?;
-        let want = expected.get(position).copied();
-        position += 1;
-        let raw = crate::chunking::decode(&chunk)?;
-        let id = ChunkId::of(&raw);
-        if Some(id) != want || chunk.id != id.as_bytes() {
-            return Err(AgentError::Corrupt(id.to_string()));
-        }
-        Ok(raw)
-    }))
+    if kind == EntryKind::Symlink && (entry.symlink_target.is_empty() || entry.symlink_target.contains('\0'))
+    {
+        return Err(format!("symlink {:?} has an empty or invalid target", entry.path));
+    }
+    for c in &entry.chunks {
+        ChunkId::from_bytes(c).map_err(|e| format!("entry {:?}: {e}", entry.path))?;
+    }
+    Ok(())
 }
 
 async fn restore_file(
     storage: StorageClient,
+    keys: Arc<Keys>,
     target: &Path,
     path: &Path,
     entry: &FileEntry,
@@ -191,7 +185,7 @@ async fn restore_file(
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
     check_parents(target, path)?;
-    let mut file = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
@@ -199,16 +193,8 @@ async fn restore_file(
         .mode(0o600)
         .open(&full)
         .map_err(AgentError::io(&full))?;
-    let mut written = 0u64;
-    if !entry.chunks.is_empty() {
-        let mut chunks = fetch_chunks(storage, entry.chunks.clone()).await?;
-        while let Some(raw) = chunks.try_next().await? {
-            let len = raw.len() as u64;
-            file = write_blocking(file, raw, &full).await?;
-            written += len;
-            progress.inc(len);
-        }
-    }
+    let mut unfinished = Unfinished(Some(&full));
+    let (file, written) = write_chunks(file, storage, keys, entry, &full, progress).await?;
     if written != entry.size {
         return Err(AgentError::Invalid(format!(
             "{}: restored {written} bytes but the manifest says {}",
@@ -220,7 +206,45 @@ async fn restore_file(
         .map_err(AgentError::io(&full))?;
     file.set_modified(system_time(entry.mtime_ns))
         .map_err(AgentError::io(&full))?;
+    unfinished.0 = None;
     Ok(written)
+}
+
+/// Removes a file being restored unless it was finished: one that failed a
+/// check, or whose restore was cut short when another file failed, is not
+/// left half written in the target.
+struct Unfinished<'a>(Option<&'a Path>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Writes a file's chunks in order; every chunk is checked before its
+/// bytes are written.
+async fn write_chunks(
+    mut file: File,
+    storage: StorageClient,
+    keys: Arc<Keys>,
+    entry: &FileEntry,
+    full: &Path,
+    progress: &ProgressBar,
+) -> Result<(File, u64), AgentError> {
+    let mut written = 0u64;
+    if entry.chunks.is_empty() {
+        return Ok((file, 0));
+    }
+    let mut chunks = std::pin::pin!(fetch_chunks(storage, keys, entry.chunks.clone()).await?);
+    while let Some(raw) = chunks.try_next().await? {
+        let len = raw.len() as u64;
+        file = write_blocking(file, raw, full).await?;
+        written += len;
+        progress.inc(len);
+    }
+    Ok((file, written))
 }
 
 async fn write_blocking(mut file: File, data: Vec<u8>, path: &Path) -> Result<File, AgentError> {
@@ -294,5 +318,70 @@ fn system_time(ns: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
     } else {
         UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            kind: kind as i32,
+            mode: 0o755,
+            symlink_target: if kind == EntryKind::Symlink {
+                "/etc".into()
+            } else {
+                String::new()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn refused(entries: Vec<FileEntry>) -> String {
+        let target = tempfile::tempdir().expect("tempdir");
+        let into = target.path().join("restore");
+        let err = Plan::new(entries, &into).err().expect("refused").to_string();
+        assert!(
+            !into.exists(),
+            "nothing may be written before the manifest is checked"
+        );
+        assert!(err.contains("nothing was written"), "{err}");
+        err
+    }
+
+    #[test]
+    fn a_whole_manifest_is_checked_before_anything_is_written() {
+        use EntryKind::{Dir, File, Symlink};
+        // A file below a symlink of the snapshot.
+        let err = refused(vec![
+            entry("a", Dir),
+            entry("a/link", Symlink),
+            entry("a/link/passwd", File),
+        ]);
+        assert!(err.contains("not a directory of the snapshot"), "{err}");
+        // A file below a file.
+        refused(vec![entry("f", File), entry("f/x", File)]);
+        // A directory and a symlink of the same name.
+        let err = refused(vec![entry("d", Dir), entry("d", Symlink), entry("d/x", File)]);
+        assert!(err.contains("twice"), "{err}");
+        // Escapes.
+        refused(vec![entry("../x", File)]);
+        refused(vec![entry("/etc/passwd", File)]);
+        refused(vec![entry("a/../../x", File)]);
+        // A directory naming chunks.
+        let mut dir = entry("d", Dir);
+        dir.chunks.push(vec![0; 32]);
+        refused(vec![dir]);
+        // A well-formed one passes.
+        let target = tempfile::tempdir().expect("tempdir");
+        assert!(
+            Plan::new(
+                vec![entry("a", Dir), entry("a/f", File), entry("a/l", Symlink)],
+                target.path()
+            )
+            .is_ok()
+        );
     }
 }

@@ -36,6 +36,8 @@ pub enum LinkError {
     Address(#[from] duplex_rpc::ClientError),
     #[error("the change feed ended")]
     FeedEnded,
+    #[error("data loss: {0}")]
+    Corrupt(String),
 }
 
 fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> LinkError {
@@ -179,6 +181,24 @@ struct Sent {
     snapshots: u64,
 }
 
+/// The mirror is a hop too: a payload damaged on the source's disk or on
+/// the way is caught here, named, and never forwarded.
+fn check_payload_hash(item: &duplex_proto::v1::AccountChunk) -> Result<(), LinkError> {
+    let Some(chunk) = &item.chunk else {
+        return Err(LinkError::Corrupt(
+            "the source sent a chunk item without a chunk".into(),
+        ));
+    };
+    if duplex_types::sealed::payload_hash(&chunk.data).as_slice() != chunk.data_hash.as_slice() {
+        let id: String = chunk.id.iter().map(|b| format!("{b:02x}")).collect();
+        return Err(LinkError::Corrupt(format!(
+            "chunk {id} of account {} from the source does not match its data_hash",
+            item.account_id
+        )));
+    }
+    Ok(())
+}
+
 /// Sends the chunks of `records` the destination lacks, their snapshot
 /// records, and the checkpoint `last`, as one batch.
 async fn send_batch(
@@ -238,6 +258,7 @@ async fn send_batch(
             .await
             .map_err(rpc("reading chunks from the source"))?
         {
+            check_payload_hash(&item)?;
             let len = item.chunk.as_ref().map_or(0, |c| c.data.len() as u64);
             item.origin = item
                 .chunk

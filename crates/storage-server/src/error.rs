@@ -9,7 +9,7 @@ impl From<StoreError> for Status {
         match &e {
             StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
             StoreError::HashMismatch { .. } => {
-                tracing::warn!(error = %e, "refused a chunk that does not match its id");
+                tracing::warn!(error = %e, "refused a chunk whose payload does not match its hash");
                 Status::data_loss(e.to_string())
             }
             StoreError::MissingChunks { .. } => Status::failed_precondition(e.to_string()),

@@ -60,12 +60,7 @@ impl StorageReplication for StorageApi {
                 let item = match store.read_chunk(account, id) {
                     Ok(Some(c)) => Ok(AccountChunk {
                         account_id: account.0,
-                        chunk: Some(duplex_proto::v1::Chunk {
-                            id: c.id.to_vec(),
-                            compression: c.compression as i32,
-                            raw_len: c.raw_len,
-                            data: c.data.into(),
-                        }),
+                        chunk: Some(c.into_proto()),
                         origin: String::new(),
                     }),
                     Ok(None) => Err(Status::not_found(format!(

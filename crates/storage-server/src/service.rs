@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Access, Auth};
-use crate::store::snapshots::NewSnapshot;
+use crate::store::snapshots::{NewSnapshot, check_record};
 use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
 
 /// A pack is fsynced and indexed every this many bytes, so an upload cut
@@ -103,9 +103,10 @@ pub fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
 }
 
 pub fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
-    if chunk.raw_len as usize > MAX_CHUNK_BYTES || chunk.data.len() > MAX_CHUNK_BYTES + 1024 {
+    if chunk.data.len() > MAX_CHUNK_BYTES {
         return Err(Status::invalid_argument(format!(
-            "chunk larger than the {MAX_CHUNK_BYTES}-byte limit"
+            "chunk payload of {} bytes is over the {MAX_CHUNK_BYTES}-byte limit",
+            chunk.data.len()
         )));
     }
     Ok(())
@@ -163,12 +164,7 @@ impl StorageService for StorageApi {
         tokio::task::spawn_blocking(move || {
             for id in ids {
                 let item = match store.read_chunk(caller.account, id) {
-                    Ok(Some(c)) => Ok(Chunk {
-                        id: c.id.to_vec(),
-                        compression: c.compression as i32,
-                        raw_len: c.raw_len,
-                        data: c.data.into(),
-                    }),
+                    Ok(Some(c)) => Ok(c.into_proto()),
                     Ok(None) => Err(Status::not_found(format!("chunk {id} not found"))),
                     Err(e) => Err(Status::from(e)),
                 };
@@ -188,14 +184,10 @@ impl StorageService for StorageApi {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let role = self.check_primary().await?;
         let req = request.into_inner();
-        let manifest_chunks = chunk_ids(&req.manifest_chunks)?;
-        if req.paths.len() > 10_000 || req.hostname.len() > 255 {
-            return Err(Status::invalid_argument("too many paths or hostname too long"));
-        }
+        let manifest_chunks = check_record(&req.manifest_chunks, &req.summary).map_err(Status::from)?;
         let new = NewSnapshot {
             manifest_chunks,
-            paths: req.paths,
-            hostname: req.hostname,
+            summary: req.summary,
         };
         let (lease, name) = (self.lease.clone(), self.info.name.clone());
         let info = blocking(&self.store, move |s| {
@@ -213,7 +205,7 @@ impl StorageService for StorageApi {
         drop(role);
         // Sync mirroring: the other site has the snapshot before the ack.
         self.mirroring.wait_mirrored(self.store.last_seq().0).await;
-        tracing::info!(account = %caller.name, snapshot = %info.id, files = info.files, bytes = info.bytes, "snapshot committed");
+        tracing::info!(account = %caller.name, snapshot = %info.id, manifest_chunks = info.manifest_chunks.len(), "snapshot committed");
         Ok(Response::new(info))
     }
 
@@ -238,8 +230,13 @@ impl StorageService for StorageApi {
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Read).await?;
-        let snapshot = request.into_inner().snapshot_id;
+        let req = request.into_inner();
+        let ids = chunk_ids(&req.chunk_ids)?;
+        let snapshot = req.snapshot_id;
         let report = blocking(&self.store, move |s| {
+            if !ids.is_empty() {
+                return s.verify_ids(caller.account, ids);
+            }
             s.verify(
                 caller.account,
                 (!snapshot.is_empty()).then_some(snapshot.as_str()),

@@ -5,6 +5,7 @@ mod cluster;
 mod ids;
 mod names;
 mod paths;
+pub mod sealed;
 
 pub use cluster::{Mode, OperationKind, OperationState, OperatorRole, Phase, Role, ServerKind};
 pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};

@@ -54,6 +54,8 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
             txn.open_table(RETIRED)?.remove(server.id.as_str())?;
         }
         Some(Mutation::MoveHomes(m)) => move_homes(txn, m)?,
+        Some(Mutation::PutAccountKey(p)) => super::keys::apply_put(txn, p)?,
+        Some(Mutation::RemoveAccountKey(r)) => super::keys::apply_remove(txn, r)?,
         Some(Mutation::SetTicketKey(k)) => {
             txn.open_table(KEYS)?
                 .insert("ticket_secret", k.secret.as_slice())?;

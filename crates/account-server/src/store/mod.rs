@@ -17,6 +17,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Wri
 use crate::error::AccountError;
 
 mod apply;
+pub mod keys;
 pub mod log;
 pub mod meta;
 pub mod reapply;
@@ -27,7 +28,9 @@ mod tests;
 
 use apply::apply;
 pub use meta::RoleState;
-use tables::{ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS};
+use tables::{
+    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
+};
 
 /// A validated request to create an account.
 pub struct NewAccount {
@@ -63,6 +66,7 @@ impl AccountStore {
             txn.open_table(EPOCHS)?;
             txn.open_table(HOMES)?;
             txn.open_table(RETIRED)?;
+            txn.open_table(ACCOUNT_KEYS)?;
             let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
             match existing {
                 Some(bytes) => ServerId::parse(&String::from_utf8_lossy(&bytes))?,
@@ -378,6 +382,13 @@ impl AccountStore {
         }
         for (k, v) in txn.open_table(KEYS)?.iter()?.flatten() {
             h.update(b"K").update(k.value().as_bytes()).update(v.value());
+        }
+        for (k, v) in txn.open_table(ACCOUNT_KEYS)?.iter()?.flatten() {
+            let (account, id) = k.value();
+            h.update(b"E")
+                .update(&account.to_le_bytes())
+                .update(id.as_bytes())
+                .update(v.value());
         }
         Ok(h.finalize().to_hex().to_string())
     }

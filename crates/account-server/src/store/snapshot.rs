@@ -5,14 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
-use duplex_proto::v1::{AccountRecord, EpochStart, LogEntry, ServerInfo, SetGroup, StateSnapshot};
+use duplex_proto::v1::{
+    AccountKeys, AccountRecord, EpochStart, KeyRecord, LogEntry, ServerInfo, SetGroup, StateSnapshot,
+};
 use duplex_types::Lsn;
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::meta::{self, BASE_LSN, BOOTSTRAPS, LOG_BYTES, SNAPSHOT_LSN};
 use super::tables::{
-    ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
+    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
 };
 use super::{AccountStore, decode};
 use crate::error::AccountError;
@@ -60,6 +62,18 @@ impl AccountStore {
                 .retired_storage_servers
                 .push(decode::<ServerInfo>(item?.1.value())?);
         }
+        for item in txn.open_table(ACCOUNT_KEYS)?.iter()? {
+            let (k, v) = item?;
+            let account = k.value().0;
+            let key = decode::<KeyRecord>(v.value())?;
+            match snapshot.account_keys.last_mut() {
+                Some(last) if last.account_id == account => last.keys.push(key),
+                _ => snapshot.account_keys.push(AccountKeys {
+                    account_id: account,
+                    keys: vec![key],
+                }),
+            }
+        }
         if let Some(v) = txn.open_table(KEYS)?.get("ticket_secret")? {
             snapshot.ticket_secret = v.value().to_vec();
         }
@@ -83,6 +97,7 @@ impl AccountStore {
         txn.delete_table(STORAGE)?;
         txn.delete_table(RETIRED)?;
         txn.delete_table(KEYS)?;
+        txn.delete_table(ACCOUNT_KEYS)?;
         txn.delete_table(ACCOUNT_NAMES)?;
         txn.delete_table(TOKENS)?;
         txn.delete_table(GROUPS)?;
@@ -125,6 +140,13 @@ impl AccountStore {
             let mut keys = txn.open_table(KEYS)?;
             if !snapshot.ticket_secret.is_empty() {
                 keys.insert("ticket_secret", snapshot.ticket_secret.as_slice())?;
+            }
+            let mut account_keys = txn.open_table(ACCOUNT_KEYS)?;
+            for a in &snapshot.account_keys {
+                for key in &a.keys {
+                    super::keys::check(key)?;
+                    account_keys.insert((a.account_id, key.id.as_str()), key.encode_to_vec().as_slice())?;
+                }
             }
             let mut epochs = txn.open_table(EPOCHS)?;
             for e in &snapshot.epochs {

@@ -27,3 +27,6 @@ pub const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 pub const EPOCHS: TableDefinition<u64, u64> = TableDefinition::new("epochs");
 /// home storage server id → accounts homed there (derived, kept for O(1) placement).
 pub const HOMES: TableDefinition<&str, u64> = TableDefinition::new("homes");
+/// (account id, key id) → encoded `KeyRecord`: an account's master key
+/// wrapped under one passphrase. Replicated like the rest of the state.
+pub const ACCOUNT_KEYS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("account_keys");

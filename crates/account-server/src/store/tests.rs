@@ -188,3 +188,74 @@ fn reapply_recreates_what_still_fits_and_says_why_not_otherwise() {
     assert!(!store.group_enabled("g").unwrap());
     assert!(store.ticket_secret().unwrap().is_none());
 }
+
+fn key(id: &str) -> duplex_proto::v1::KeyRecord {
+    duplex_proto::v1::KeyRecord {
+        id: id.into(),
+        created_unix_ms: 1,
+        salt: vec![1; 16],
+        m_cost_kib: 65536,
+        t_cost: 3,
+        p_cost: 4,
+        nonce: vec![2; 24],
+        wrapped: vec![3; 48],
+        format_version: 1,
+    }
+}
+
+/// The first key is created once; the last is never removed; keys travel
+/// in the log and in snapshots, so a slave holds what the master holds.
+#[test]
+fn account_keys_converge_and_the_last_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = open(&dir, "master.redb");
+    master.put_storage_server(E, server(1, "storage-a")).unwrap();
+    let id = master
+        .create_account(E, new_account("demo", "storage-a"))
+        .unwrap()
+        .id;
+
+    assert!(matches!(
+        master.put_key(E, id, key("aa"), false),
+        Err(AccountError::Precondition(_))
+    ));
+    master.put_key(E, id, key("aa"), true).unwrap();
+    // The loser of a first-use race is told the key exists.
+    assert!(matches!(
+        master.put_key(E, id, key("bb"), true),
+        Err(AccountError::Exists(_))
+    ));
+    master.put_key(E, id, key("bb"), false).unwrap();
+    assert!(matches!(
+        master.put_key(E, 999, key("cc"), false),
+        Err(AccountError::Precondition(_) | AccountError::NotFound(_))
+    ));
+    let mut bad = key("dd");
+    bad.wrapped.pop();
+    assert!(matches!(
+        master.put_key(E, id, bad, false),
+        Err(AccountError::Invalid(_))
+    ));
+    assert_eq!(master.remove_key(E, id, "aa").unwrap().len(), 1);
+    assert!(matches!(
+        master.remove_key(E, id, "bb"),
+        Err(AccountError::Precondition(_))
+    ));
+    assert!(matches!(
+        master.remove_key(E, id, "zz"),
+        Err(AccountError::NotFound(_))
+    ));
+
+    // A slave replaying the log, and one installing a snapshot, agree.
+    let slave = open(&dir, "slave.redb");
+    slave
+        .append_entries(&master.entries_after(duplex_types::Lsn(0), 1000).unwrap())
+        .unwrap();
+    let fresh = open(&dir, "fresh.redb");
+    fresh.install_snapshot(&master.state_snapshot().unwrap()).unwrap();
+    for other in [&slave, &fresh] {
+        assert_eq!(other.keys_of(id).unwrap(), master.keys_of(id).unwrap());
+        assert_eq!(other.state_hash().unwrap(), master.state_hash().unwrap());
+    }
+    assert_eq!(master.keys_of(id).unwrap()[0].id, "bb");
+}

@@ -1,41 +1,40 @@
-//! Chunk payload checks: a chunk is accepted only when its content, once
-//! decompressed, hashes to its id.
+//! Payload checks. The server cannot read a sealed chunk; what it can
+//! check is the payload's shape (size, known format byte) and that its
+//! bytes hash to the `data_hash` the writer sent, on every hop.
 
-use duplex_proto::v1::Compression;
 use duplex_types::ChunkId;
+use duplex_types::sealed::{self, PayloadError};
 
 use super::StoreError;
 
-/// Largest uncompressed chunk the platform handles.
-pub const MAX_CHUNK_BYTES: usize = 8 * 1024 * 1024;
+pub use sealed::MAX_PAYLOAD as MAX_CHUNK_BYTES;
 
-/// Decompresses (bounded by `raw_len`, so a hostile payload cannot balloon).
-pub fn decode(compression: Compression, raw_len: usize, data: &[u8]) -> Result<Vec<u8>, String> {
-    if raw_len > MAX_CHUNK_BYTES {
-        return Err(format!(
-            "raw length {raw_len} exceeds the {MAX_CHUNK_BYTES}-byte chunk limit"
-        ));
+/// Checks an incoming payload against its claimed hash; returns the hash.
+pub fn check(id: ChunkId, data_hash: &[u8], data: &[u8]) -> Result<[u8; 32], StoreError> {
+    let claimed: [u8; 32] = data_hash.try_into().map_err(|_| {
+        StoreError::Invalid(format!(
+            "chunk {id}: data_hash must be 32 bytes, got {}",
+            data_hash.len()
+        ))
+    })?;
+    sealed::check_payload(data).map_err(|e| refuse(id, e))?;
+    if sealed::payload_hash(data) != claimed {
+        return Err(StoreError::HashMismatch { id });
     }
-    let raw = match compression {
-        Compression::None => data.to_vec(),
-        Compression::Zstd => zstd::bulk::decompress(data, raw_len).map_err(|e| format!("zstd: {e}"))?,
-    };
-    if raw.len() != raw_len {
-        return Err(format!("content is {} bytes, header says {raw_len}", raw.len()));
-    }
-    Ok(raw)
+    Ok(claimed)
 }
 
-/// Checks that `data` is the chunk `id`.
-pub fn verify(id: ChunkId, compression: Compression, raw_len: usize, data: &[u8]) -> Result<(), StoreError> {
-    let raw = decode(compression, raw_len, data).map_err(StoreError::Invalid)?;
-    let actual = ChunkId::of(&raw);
-    if actual != id {
-        return Err(StoreError::HashMismatch { id, actual });
+/// Checks stored bytes against the hash the index recorded.
+pub fn check_stored(id: ChunkId, expected: &[u8; 32], data: &[u8]) -> Result<(), StoreError> {
+    if sealed::payload_hash(data) != *expected {
+        return Err(StoreError::Corrupt {
+            id,
+            reason: "payload does not match its recorded hash".into(),
+        });
     }
     Ok(())
 }
 
-pub fn compression_from_u8(v: u8) -> Option<Compression> {
-    Compression::try_from(i32::from(v)).ok()
+fn refuse(id: ChunkId, e: PayloadError) -> StoreError {
+    StoreError::Invalid(format!("chunk {id}: {e}"))
 }

@@ -9,8 +9,8 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("invalid input: {0}")]
     Invalid(String),
-    #[error("chunk {id} does not match its content (hash is {actual})")]
-    HashMismatch { id: ChunkId, actual: ChunkId },
+    #[error("chunk {id}: payload does not match its data_hash (damaged on the way)")]
+    HashMismatch { id: ChunkId },
     #[error("snapshot names {count} chunks this server does not hold, e.g. {first}")]
     MissingChunks { count: usize, first: ChunkId },
     #[error("{0} not found")]

@@ -193,6 +193,8 @@ impl Store {
                     return Err(StoreError::Invalid("a snapshot item carries no snapshot".into()));
                 };
                 let id = SnapshotId::parse(&info.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                // The same checks an agent's commit passes.
+                super::snapshots::check_record(&info.manifest_chunks, &info.summary)?;
                 let key = (rec.account_id, *id.as_bytes());
                 if table.get(key)?.is_some() {
                     continue;

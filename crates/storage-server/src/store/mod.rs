@@ -18,24 +18,34 @@ mod verify;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use duplex_proto::v1::{ChangeRecord, ChunkAdded, Compression, StorageServerStatus, change_record};
+use duplex_proto::v1::{ChangeRecord, ChunkAdded, StorageServerStatus, change_record};
 use duplex_types::{AccountId, ChunkId, Seq, ServerId};
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-pub use codec::{MAX_CHUNK_BYTES, decode as decode_chunk};
+pub use codec::MAX_CHUNK_BYTES;
 pub use error::StoreError;
 pub use packs::{PackWriter, PutStats};
 pub use verify::VerifyReport;
 
 use tables::{CHUNKS, ChunkLoc, FEED, META, SNAPSHOTS};
 
-/// A chunk as stored: possibly compressed bytes plus what is needed to decode them.
+/// A chunk as stored: the sealed payload and its hash, already checked
+/// against each other.
 pub struct StoredChunk {
     pub id: ChunkId,
-    pub compression: Compression,
-    pub raw_len: u32,
+    pub data_hash: [u8; 32],
     pub data: Vec<u8>,
+}
+
+impl StoredChunk {
+    pub fn into_proto(self) -> duplex_proto::v1::Chunk {
+        duplex_proto::v1::Chunk {
+            id: self.id.to_vec(),
+            data: self.data.into(),
+            data_hash: self.data_hash.to_vec(),
+        }
+    }
 }
 
 pub struct Store {
@@ -55,7 +65,14 @@ impl Store {
         std::fs::create_dir_all(&packs_dir)
             .map_err(StoreError::io(format!("creating {}", packs_dir.display())))?;
         fsync_dir(dir)?;
-        let db = Database::create(dir.join("meta.redb"))?;
+        let meta_path = dir.join("meta.redb");
+        let db = Database::create(&meta_path)?;
+        // The index names every account's chunks: the owner's only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&meta_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(StoreError::io(format!("restricting {}", meta_path.display())))?;
+        }
         let server_id = tables::init(&db)?;
         let seq = tables::last_seq(&db)?;
         Ok(Store {
@@ -112,29 +129,30 @@ impl Store {
         Ok(stats)
     }
 
+    /// Reads one chunk and checks its bytes against the hash recorded when
+    /// it was stored, so nothing corrupt leaves this server unnoticed.
     pub fn read_chunk(&self, account: AccountId, id: ChunkId) -> Result<Option<StoredChunk>, StoreError> {
-        let loc = {
-            let txn = self.db.begin_read()?;
-            let table = txn.open_table(CHUNKS)?;
-            match table.get((account.0, *id.as_bytes()))? {
-                Some(v) => ChunkLoc::from_tuple(v.value()),
-                None => return Ok(None),
-            }
+        let Some(loc) = self.chunk_loc(account, id)? else {
+            return Ok(None);
         };
         let data = packs::read(&self.packs_dir, &loc).map_err(|e| StoreError::Corrupt {
             id,
             reason: e.to_string(),
         })?;
-        let compression = codec::compression_from_u8(loc.compression).ok_or_else(|| StoreError::Corrupt {
-            id,
-            reason: format!("unknown compression {}", loc.compression),
-        })?;
+        codec::check_stored(id, &loc.hash, &data)?;
         Ok(Some(StoredChunk {
             id,
-            compression,
-            raw_len: loc.raw_len,
+            data_hash: loc.hash,
             data,
         }))
+    }
+
+    fn chunk_loc(&self, account: AccountId, id: ChunkId) -> Result<Option<ChunkLoc>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(CHUNKS)?;
+        Ok(table
+            .get((account.0, *id.as_bytes()))?
+            .map(|v| ChunkLoc::from_tuple(v.value())))
     }
 
     pub fn status(&self) -> Result<StorageServerStatus, StoreError> {
@@ -212,7 +230,6 @@ fn index_chunks(
         *seq = seq.next();
         let added = change_record::Change::Chunk(ChunkAdded {
             id: p.id.to_vec(),
-            raw_len: p.loc.raw_len,
             stored_len: p.loc.len,
         });
         let from = p.origin.as_deref().unwrap_or(origin);

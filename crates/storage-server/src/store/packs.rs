@@ -83,8 +83,8 @@ impl PackWriter {
         self.pending_bytes
     }
 
-    /// Verifies `chunk` against its id and appends it. A chunk that does not
-    /// verify is refused before a byte of it is written.
+    /// Checks `chunk`'s payload against its hash and appends it. A chunk
+    /// that does not check is refused before a byte of it is written.
     pub fn add(&mut self, account: AccountId, chunk: &Chunk) -> Result<(), StoreError> {
         self.add_from(account, chunk, None)
     }
@@ -97,16 +97,7 @@ impl PackWriter {
         origin: Option<String>,
     ) -> Result<(), StoreError> {
         let id = ChunkId::from_bytes(&chunk.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let compression = chunk.compression();
-        let compression_code = u8::try_from(chunk.compression)
-            .map_err(|_| StoreError::Invalid(format!("unknown compression {}", chunk.compression)))?;
-        if codec::compression_from_u8(compression_code).is_none() {
-            return Err(StoreError::Invalid(format!(
-                "unknown compression {}",
-                chunk.compression
-            )));
-        }
-        codec::verify(id, compression, chunk.raw_len as usize, &chunk.data)?;
+        let hash = codec::check(id, &chunk.data_hash, &chunk.data)?;
         let len = u32::try_from(chunk.data.len())
             .map_err(|_| StoreError::Invalid("chunk payload larger than 4 GiB".into()))?;
         self.file
@@ -120,8 +111,7 @@ impl PackWriter {
                 pack: self.pack,
                 offset: self.offset,
                 len,
-                raw_len: chunk.raw_len,
-                compression: compression_code,
+                hash,
             },
         });
         self.offset += u64::from(len);

@@ -1,45 +1,60 @@
-//! Snapshot commit and lookup. A snapshot's manifest is itself stored as
-//! chunks; committing reads it back, validates every path and checks that
-//! every chunk it names is durable here before the snapshot becomes visible.
+//! Snapshot commit and lookup. A snapshot's manifest is stored as chunks
+//! the agent encrypted, so the server cannot read it: a commit checks that
+//! every manifest chunk it names is held (from the index alone, never
+//! loading chunk data), so its memory is bounded by the request's size
+//! whatever the request names. Paths are checked by the agent's restore.
 
-use duplex_proto::v1::{EntryKind, FileEntry, Manifest, SnapshotInfo, change_record};
-use duplex_types::{AccountId, ChunkId, SnapshotId, validate_relative_path};
+use duplex_proto::v1::{SnapshotInfo, change_record};
+use duplex_types::sealed::{MAX_MANIFEST_CHUNKS, MAX_SUMMARY_BYTES};
+use duplex_types::{AccountId, ChunkId, SnapshotId};
 use prost::Message;
 use redb::ReadableDatabase;
 
-use super::tables::{CHUNKS, FEED, SNAPSHOTS};
+use super::tables::{FEED, SNAPSHOTS};
 use super::{Store, StoreError};
 
 /// What a client asks to commit.
 pub struct NewSnapshot {
+    /// In manifest order (repeats allowed: the same piece can recur).
     pub manifest_chunks: Vec<ChunkId>,
-    pub paths: Vec<String>,
-    pub hostname: String,
+    /// The encrypted summary, stored opaque.
+    pub summary: Vec<u8>,
+}
+
+/// The checks every snapshot record passes before it is stored, whether an
+/// agent commits it or a mirror brings it: the cap on manifest chunks,
+/// 32-byte ids, a bounded summary.
+pub fn check_record(manifest_chunks: &[Vec<u8>], summary: &[u8]) -> Result<Vec<ChunkId>, StoreError> {
+    if manifest_chunks.is_empty() {
+        return Err(StoreError::Invalid("snapshot has no manifest".into()));
+    }
+    if manifest_chunks.len() > MAX_MANIFEST_CHUNKS {
+        return Err(StoreError::Invalid(format!(
+            "snapshot names {} manifest chunks; at most {MAX_MANIFEST_CHUNKS}",
+            manifest_chunks.len()
+        )));
+    }
+    if summary.len() > MAX_SUMMARY_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "snapshot summary is {} bytes; at most {MAX_SUMMARY_BYTES}",
+            summary.len()
+        )));
+    }
+    manifest_chunks
+        .iter()
+        .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(format!("manifest chunk: {e}"))))
+        .collect()
 }
 
 impl Store {
-    /// Reassembles and decodes a manifest from its chunks.
-    pub fn load_manifest(&self, account: AccountId, chunks: &[ChunkId]) -> Result<Manifest, StoreError> {
-        let mut bytes = Vec::new();
-        for id in chunks {
-            let chunk = self
-                .read_chunk(account, *id)?
-                .ok_or_else(|| StoreError::MissingChunks { count: 1, first: *id })?;
-            let raw = super::decode_chunk(chunk.compression, chunk.raw_len as usize, &chunk.data)
-                .map_err(|reason| StoreError::Corrupt { id: *id, reason })?;
-            bytes.extend_from_slice(&raw);
-        }
-        Manifest::decode(bytes.as_slice())
-            .map_err(|e| StoreError::Invalid(format!("manifest does not decode: {e}")))
-    }
-
     pub fn commit_snapshot(&self, account: AccountId, new: NewSnapshot) -> Result<SnapshotInfo, StoreError> {
-        if new.manifest_chunks.is_empty() {
-            return Err(StoreError::Invalid("snapshot has no manifest".into()));
-        }
-        let manifest = self.load_manifest(account, &new.manifest_chunks)?;
-        let (files, bytes, referenced) = check_manifest(&manifest)?;
-        let missing = self.missing(account, &referenced)?;
+        let raw: Vec<Vec<u8>> = new.manifest_chunks.iter().map(|c| c.to_vec()).collect();
+        check_record(&raw, &new.summary)?;
+        // Each distinct id is looked up once, however often it is named.
+        let mut distinct = new.manifest_chunks.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let missing = self.missing(account, &distinct)?;
         if let Some(first) = missing.first() {
             return Err(StoreError::MissingChunks {
                 count: missing.len(),
@@ -50,17 +65,13 @@ impl Store {
         let info = SnapshotInfo {
             id: id.to_string(),
             time_unix_ms: now_ms(),
-            files,
-            bytes,
-            paths: new.paths,
-            manifest_chunks: new.manifest_chunks.iter().map(|c| c.to_vec()).collect(),
-            hostname: new.hostname,
+            manifest_chunks: raw,
             origin: self.server_id().to_string(),
+            summary: new.summary,
         };
         self.write(|txn, seq| {
             // The chunks were checked above; they cannot vanish since chunks
             // are never deleted while a write is in flight.
-            txn.open_table(CHUNKS)?;
             let mut snapshots = txn.open_table(SNAPSHOTS)?;
             snapshots.insert((account.0, *id.as_bytes()), info.encode_to_vec().as_slice())?;
             *seq = seq.next();
@@ -112,45 +123,6 @@ impl Store {
 fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {
     SnapshotInfo::decode(bytes)
         .map_err(|e| StoreError::Invalid(format!("stored snapshot record does not decode: {e}")))
-}
-
-/// Validates every entry; returns (files, bytes, every chunk id referenced).
-pub fn check_manifest(manifest: &Manifest) -> Result<(u64, u64, Vec<ChunkId>), StoreError> {
-    let mut files = 0u64;
-    let mut bytes = 0u64;
-    let mut referenced = Vec::new();
-    for entry in &manifest.entries {
-        check_entry(entry)?;
-        if entry.kind() == EntryKind::File {
-            files += 1;
-            bytes += entry.size;
-        }
-        for c in &entry.chunks {
-            referenced.push(
-                ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(format!("{}: {e}", entry.path)))?,
-            );
-        }
-    }
-    referenced.sort_unstable();
-    referenced.dedup();
-    Ok((files, bytes, referenced))
-}
-
-fn check_entry(entry: &FileEntry) -> Result<(), StoreError> {
-    validate_relative_path(&entry.path)
-        .map_err(|e| StoreError::Invalid(format!("manifest entry refused: {e}")))?;
-    match EntryKind::try_from(entry.kind) {
-        Ok(EntryKind::File) => Ok(()),
-        Ok(EntryKind::Dir | EntryKind::Symlink) if entry.chunks.is_empty() => Ok(()),
-        Ok(EntryKind::Dir | EntryKind::Symlink) => Err(StoreError::Invalid(format!(
-            "manifest entry {:?} is not a file but names chunks",
-            entry.path
-        ))),
-        _ => Err(StoreError::Invalid(format!(
-            "manifest entry {:?} has unknown kind {}",
-            entry.path, entry.kind
-        ))),
-    }
 }
 
 pub fn now_ms() -> i64 {

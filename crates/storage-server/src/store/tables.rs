@@ -11,8 +11,8 @@ pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 pub const CHUNKS: TableDefinition<ChunkKey, ChunkLocTuple> = TableDefinition::new("chunks");
 /// (account, chunk id).
 pub type ChunkKey = (u64, [u8; 32]);
-/// `ChunkLoc` as redb stores it: (pack, offset, len, raw_len, compression).
-pub type ChunkLocTuple = (u64, u64, u32, u32, u8);
+/// `ChunkLoc` as redb stores it: (pack, offset, len, BLAKE3 of the payload).
+pub type ChunkLocTuple = (u64, u64, u32, [u8; 32]);
 /// (account, snapshot id) → encoded `SnapshotInfo`.
 pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::new("snapshots");
 /// source server id → last feed sequence of that source applied here.
@@ -20,30 +20,54 @@ pub const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkp
 /// seq → encoded `ChangeRecord`.
 pub const FEED: TableDefinition<u64, &[u8]> = TableDefinition::new("feed");
 
-/// Where one chunk's (possibly compressed) bytes live.
+/// Where one chunk's sealed payload lives, and the hash it must have.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLoc {
     pub pack: u64,
     pub offset: u64,
     pub len: u32,
-    pub raw_len: u32,
-    pub compression: u8,
+    pub hash: [u8; 32],
 }
 
 impl ChunkLoc {
     pub fn to_tuple(self) -> ChunkLocTuple {
-        (self.pack, self.offset, self.len, self.raw_len, self.compression)
+        (self.pack, self.offset, self.len, self.hash)
     }
 
-    pub fn from_tuple((pack, offset, len, raw_len, compression): ChunkLocTuple) -> Self {
+    pub fn from_tuple((pack, offset, len, hash): ChunkLocTuple) -> Self {
         Self {
             pack,
             offset,
             len,
-            raw_len,
-            compression,
+            hash,
         }
     }
+}
+
+/// META key of the data dir's format version.
+pub const FORMAT_KEY: &str = "data_format";
+/// Format 2: sealed (encrypted) payloads indexed by their hash. Format 1
+/// (before client-side encryption) stored compressed plaintext and is not
+/// read by this build.
+pub const DATA_FORMAT: u64 = 2;
+
+/// Refuses a data dir written in a format this build does not read. A dir
+/// with a server id but no format is format 1.
+fn check_format(meta: &redb::Table<'_, &'static str, &'static [u8]>, fresh: bool) -> Result<(), StoreError> {
+    let found = match meta.get(FORMAT_KEY)? {
+        Some(v) => <[u8; 8]>::try_from(v.value())
+            .map(u64::from_le_bytes)
+            .map_err(|_| StoreError::Invalid("meta data_format is not a u64".into()))?,
+        None if fresh => return Ok(()),
+        None => 1,
+    };
+    if found == DATA_FORMAT {
+        return Ok(());
+    }
+    Err(StoreError::Invalid(format!(
+        "this data dir holds data format {found}, and this build reads only format {DATA_FORMAT} \
+         (encrypted chunks); start it on an empty data dir and back up again, or run the build that wrote it"
+    )))
 }
 
 /// Creates the tables and the server id on first open; returns the id.
@@ -51,6 +75,9 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
     let txn = db.begin_write()?;
     let id = {
         let mut meta = txn.open_table(META)?;
+        let fresh = meta.get("server_id")?.is_none();
+        check_format(&meta, fresh)?;
+        meta.insert(FORMAT_KEY, DATA_FORMAT.to_le_bytes().as_slice())?;
         txn.open_table(CHUNKS)?;
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(FEED)?;

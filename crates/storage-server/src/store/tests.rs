@@ -1,16 +1,20 @@
-use duplex_proto::v1::{Chunk, Compression, EntryKind, FileEntry, Manifest};
+use duplex_proto::v1::Chunk;
+use duplex_types::sealed::{PAYLOAD_FORMAT_V1, payload_hash};
 use duplex_types::{AccountId, ChunkId};
-use prost::Message;
 
 use super::snapshots::NewSnapshot;
 use super::{Store, StoreError};
 
-fn chunk(data: &[u8]) -> Chunk {
+/// A chunk whose payload has the sealed shape (the server cannot tell
+/// real ciphertext from any other bytes, and need not).
+fn chunk(name: &[u8]) -> Chunk {
+    let mut data = vec![PAYLOAD_FORMAT_V1];
+    data.extend_from_slice(&[7; 40]);
+    data.extend_from_slice(name);
     Chunk {
-        id: ChunkId::of(data).to_vec(),
-        compression: Compression::None as i32,
-        raw_len: data.len() as u32,
-        data: data.to_vec().into(),
+        id: ChunkId::of(name).to_vec(),
+        data_hash: payload_hash(&data).to_vec(),
+        data: data.into(),
     }
 }
 
@@ -20,22 +24,6 @@ fn put(store: &Store, account: AccountId, chunks: &[Chunk]) -> Result<super::Put
         w.add(account, c)?;
     }
     store.commit_pack(&mut w)
-}
-
-fn manifest_chunk(entries: Vec<FileEntry>) -> Chunk {
-    chunk(&Manifest { entries }.encode_to_vec())
-}
-
-fn file(path: &str, data: &[u8]) -> FileEntry {
-    FileEntry {
-        path: path.into(),
-        kind: EntryKind::File as i32,
-        mode: 0o644,
-        size: data.len() as u64,
-        mtime_ns: 0,
-        chunks: vec![ChunkId::of(data).to_vec()],
-        symlink_target: String::new(),
-    }
 }
 
 #[test]
@@ -49,51 +37,71 @@ fn chunks_are_durable_scoped_and_verified() {
         assert_eq!(stats.stored, 2);
         assert_eq!(put(&store, a, &[chunk(b"one")]).expect("put").already_present, 1);
         let mut bad = chunk(b"three");
-        bad.data = b"tampered".to_vec().into();
-        bad.raw_len = 8;
+        bad.data = b"\x01tampered with, and long enough to be sealed".to_vec().into();
         let mut w = store.begin_pack().expect("pack");
         assert!(matches!(w.add(a, &bad), Err(StoreError::HashMismatch { .. })));
+        let mut unknown = chunk(b"four");
+        unknown.data = vec![9u8; 64].into();
+        unknown.data_hash = payload_hash(&unknown.data).to_vec();
+        let err = w.add(a, &unknown).expect_err("unknown format");
+        assert!(err.to_string().contains("format 9"), "{err}");
     }
     let store = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.last_seq().0, 2);
     // "one" and "two", stored once each, survive the reopen in the counter.
-    assert_eq!(store.status().expect("status").stored_bytes, 6);
+    assert_eq!(store.status().expect("status").stored_bytes, 2 * 44);
     let ids = [ChunkId::of(b"one"), ChunkId::of(b"two"), ChunkId::of(b"three")];
     assert_eq!(store.missing(a, &ids).expect("missing"), vec![ids[2]]);
     // Another account sees none of them.
     assert_eq!(store.missing(b, &ids).expect("missing").len(), 3);
     assert!(store.read_chunk(b, ids[0]).expect("read").is_none());
+    assert!(store.verify(a, None).expect("verify").is_clean());
 }
 
 #[test]
-fn snapshot_commits_only_when_complete_and_clean() {
+fn snapshot_commits_only_when_its_manifest_is_held() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
     let a = AccountId(1);
-    let m = manifest_chunk(vec![file("x/data", b"payload")]);
-    put(&store, a, std::slice::from_ref(&m)).expect("put manifest");
-    let new = |m: &Chunk| NewSnapshot {
-        manifest_chunks: vec![ChunkId::from_bytes(&m.id).expect("id")],
-        paths: vec!["/src".into()],
-        hostname: "h".into(),
+    let m = chunk(b"manifest");
+    let id = ChunkId::from_bytes(&m.id).expect("id");
+    let new = |ids: Vec<ChunkId>| NewSnapshot {
+        manifest_chunks: ids,
+        summary: vec![1, 2, 3],
     };
     assert!(matches!(
-        store.commit_snapshot(a, new(&m)),
+        store.commit_snapshot(a, new(vec![id])),
         Err(StoreError::MissingChunks { count: 1, .. })
     ));
     assert!(store.list_snapshots(a).expect("list").is_empty());
-    put(&store, a, &[chunk(b"payload")]).expect("put data");
-    let info = store.commit_snapshot(a, new(&m)).expect("commit");
-    assert_eq!((info.files, info.bytes), (1, 7));
+    put(&store, a, std::slice::from_ref(&m)).expect("put manifest");
+    // Naming one chunk many times costs one lookup, and the order is kept.
+    let info = store.commit_snapshot(a, new(vec![id; 256])).expect("commit");
+    assert_eq!(info.manifest_chunks.len(), 256);
+    assert_eq!(info.summary, vec![1, 2, 3]);
     assert_eq!(store.get_snapshot(a, &info.id[..8]).expect("prefix").id, info.id);
     assert_eq!(store.get_snapshot(a, "latest").expect("latest").id, info.id);
     assert!(store.get_snapshot(AccountId(2), &info.id).is_err());
     assert!(store.verify(a, Some(&info.id)).expect("verify").is_clean());
-
-    let evil = manifest_chunk(vec![file("../x", b"payload")]);
-    put(&store, a, std::slice::from_ref(&evil)).expect("put evil manifest");
     assert!(matches!(
-        store.commit_snapshot(a, new(&evil)),
+        store.commit_snapshot(a, new(Vec::new())),
         Err(StoreError::Invalid(_))
     ));
+}
+
+#[test]
+fn a_data_dir_of_another_format_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Store::open(dir.path()).expect("open"));
+    {
+        let db = redb::Database::create(dir.path().join("meta.redb")).expect("db");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(super::tables::META)
+            .expect("meta")
+            .insert(super::tables::FORMAT_KEY, 1u64.to_le_bytes().as_slice())
+            .expect("insert");
+        txn.commit().expect("commit");
+    }
+    let err = Store::open(dir.path()).err().expect("refused");
+    assert!(err.to_string().contains("data format 1"), "{err}");
 }

@@ -1,4 +1,7 @@
-//! Reading chunks back and checking them against their ids.
+//! Reading chunks back and checking each payload against the hash
+//! recorded when it was stored. The server cannot decrypt, so this is the
+//! ciphertext's integrity; the agent's `verify --read-data` checks the
+//! plaintext.
 
 use duplex_types::{AccountId, ChunkId};
 use redb::{ReadableDatabase, ReadableTable};
@@ -21,29 +24,20 @@ impl VerifyReport {
 }
 
 impl Store {
-    /// Checks one snapshot (its manifest and every chunk it names) or, with
-    /// `None`, every chunk the account holds.
+    /// Checks one snapshot's manifest chunks or, with `None`, every chunk
+    /// the account holds.
     pub fn verify(&self, account: AccountId, snapshot: Option<&str>) -> Result<VerifyReport, StoreError> {
         let ids = match snapshot {
-            Some(query) => {
-                let info = self.get_snapshot(account, query)?;
-                let manifest_ids = info
-                    .manifest_chunks
-                    .iter()
-                    .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut ids = manifest_ids.clone();
-                match self.load_manifest(account, &manifest_ids) {
-                    Ok(manifest) => ids.extend(super::snapshots::check_manifest(&manifest)?.2),
-                    Err(StoreError::MissingChunks { .. } | StoreError::Corrupt { .. }) => {}
-                    Err(e) => return Err(e),
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                ids
-            }
+            Some(query) => manifest_ids(&self.get_snapshot(account, query)?)?,
             None => self.account_chunks(account)?,
         };
+        self.verify_ids(account, ids)
+    }
+
+    /// Checks exactly `ids` (each once).
+    pub fn verify_ids(&self, account: AccountId, mut ids: Vec<ChunkId>) -> Result<VerifyReport, StoreError> {
+        ids.sort_unstable();
+        ids.dedup();
         let mut report = VerifyReport::default();
         for id in ids {
             self.verify_one(account, id, &mut report)?;
@@ -58,52 +52,25 @@ impl Store {
         report: &mut VerifyReport,
     ) -> Result<(), StoreError> {
         report.chunks_checked += 1;
-        let chunk = match self.read_chunk(account, id) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                report.missing.push(id);
-                return Ok(());
-            }
-            Err(StoreError::Corrupt { .. }) => {
-                report.corrupt.push(id);
-                return Ok(());
-            }
+        match self.read_chunk(account, id) {
+            Ok(Some(c)) => report.bytes_checked += c.data.len() as u64,
+            Ok(None) => report.missing.push(id),
+            Err(StoreError::Corrupt { .. }) => report.corrupt.push(id),
             Err(e) => return Err(e),
-        };
-        report.bytes_checked += u64::from(chunk.raw_len);
-        match super::decode_chunk(chunk.compression, chunk.raw_len as usize, &chunk.data) {
-            Ok(raw) if ChunkId::of(&raw) == id => {}
-            _ => report.corrupt.push(id),
         }
         Ok(())
     }
 
-    /// Checks every snapshot of the account: each manifest and every chunk
-    /// it names must be present and hash to its id. Returns the report and
-    /// how many snapshots were checked.
+    /// Checks an account for an operator: every chunk it holds must match
+    /// its hash, and every snapshot's manifest chunks must be present.
+    /// Returns the report and how many snapshots were seen.
     pub fn verify_snapshots(&self, account: AccountId) -> Result<(VerifyReport, u64), StoreError> {
         let snapshots = self.list_snapshots(account)?;
-        let mut ids = Vec::new();
+        let mut ids = self.account_chunks(account)?;
         for info in &snapshots {
-            let manifest_ids = info
-                .manifest_chunks
-                .iter()
-                .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
-                .collect::<Result<Vec<_>, _>>()?;
-            ids.extend(manifest_ids.iter().copied());
-            match self.load_manifest(account, &manifest_ids) {
-                Ok(manifest) => ids.extend(super::snapshots::check_manifest(&manifest)?.2),
-                Err(StoreError::MissingChunks { .. } | StoreError::Corrupt { .. }) => {}
-                Err(e) => return Err(e),
-            }
+            ids.extend(manifest_ids(info)?);
         }
-        ids.sort_unstable();
-        ids.dedup();
-        let mut report = VerifyReport::default();
-        for id in ids {
-            self.verify_one(account, id, &mut report)?;
-        }
-        Ok((report, snapshots.len() as u64))
+        Ok((self.verify_ids(account, ids)?, snapshots.len() as u64))
     }
 
     /// Accounts with at least one snapshot here.
@@ -131,4 +98,11 @@ impl Store {
         }
         Ok(ids)
     }
+}
+
+fn manifest_ids(info: &duplex_proto::v1::SnapshotInfo) -> Result<Vec<ChunkId>, StoreError> {
+    info.manifest_chunks
+        .iter()
+        .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
+        .collect()
 }

@@ -1,0 +1,282 @@
+//! Client-side encryption. Each account has a random 256-bit master key,
+//! stored on the account server only wrapped under a passphrase-derived key
+//! (Argon2id, RFC 9106's second recommended setting). From the master key
+//! come two subkeys: one keys the BLAKE3 that names chunks (so equal
+//! plaintexts of one account dedup, and nobody without the key can tell
+//! whether a known file is stored), the other seals payloads with
+//! XChaCha20-Poly1305 (random 24-byte nonces never repeat in practice).
+//!
+//! Payload: `[format 1][nonce][AEAD(zstd(plaintext), aad = chunk id)]`.
+//! Binding the id as associated data means a payload moved under another
+//! id fails its tag, and the keyed id is checked again after decryption.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use duplex_proto::v1::{Chunk, KeyRecord, SnapshotSummary};
+use duplex_types::ChunkId;
+use duplex_types::sealed::{
+    KEY_FORMAT_V1, MAX_PLAINTEXT_CHUNK, PAYLOAD_FORMAT_V1, PAYLOAD_OVERHEAD, payload_hash,
+};
+use prost::Message;
+use zeroize::Zeroizing;
+
+use crate::AgentError;
+use crate::chunking::hex;
+
+/// Fast zstd: the CPU, not the disk, is the ceiling on a backup.
+const ZSTD_LEVEL: i32 = 1;
+const NONCE_LEN: usize = 24;
+/// RFC 9106 §4, second recommended option: 64 MiB, 3 passes, 4 lanes.
+pub const DEFAULT_M_COST_KIB: u32 = 64 * 1024;
+pub const DEFAULT_T_COST: u32 = 3;
+pub const DEFAULT_P_COST: u32 = 4;
+const SUMMARY_AAD: &[u8] = b"duplex snapshot summary v1";
+
+/// The subkeys one unlocked account works with.
+pub struct Keys {
+    id_key: Zeroizing<[u8; 32]>,
+    chunks: XChaCha20Poly1305,
+    summaries: XChaCha20Poly1305,
+    /// The master key, kept to wrap it under another passphrase.
+    master: Zeroizing<[u8; 32]>,
+}
+
+impl Keys {
+    pub fn from_master(master: &[u8; 32]) -> Keys {
+        let id_key = Zeroizing::new(blake3::derive_key("duplex chunk id v1", master));
+        let aead = Zeroizing::new(blake3::derive_key("duplex chunk aead v1", master));
+        let summary = Zeroizing::new(blake3::derive_key("duplex snapshot summary aead v1", master));
+        Keys {
+            id_key,
+            chunks: XChaCha20Poly1305::new(aead.as_ref().into()),
+            summaries: XChaCha20Poly1305::new(summary.as_ref().into()),
+            master: Zeroizing::new(*master),
+        }
+    }
+
+    /// A fresh random master key.
+    pub fn generate() -> Keys {
+        let master = Zeroizing::new(rand::random::<[u8; 32]>());
+        Keys::from_master(&master)
+    }
+
+    pub fn master(&self) -> &[u8; 32] {
+        &self.master
+    }
+
+    /// The chunk id: keyed BLAKE3 of the plaintext.
+    pub fn chunk_id(&self, plain: &[u8]) -> ChunkId {
+        ChunkId::from(*blake3::keyed_hash(&self.id_key, plain).as_bytes())
+    }
+
+    /// Compresses, encrypts and frames one chunk for upload.
+    pub fn seal_chunk(&self, id: ChunkId, plain: &[u8]) -> Result<Chunk, AgentError> {
+        let compressed = zstd::bulk::compress(plain, ZSTD_LEVEL)
+            .map_err(|e| AgentError::Invalid(format!("compressing chunk {id}: {e}")))?;
+        let data = seal(&self.chunks, id.as_bytes(), &compressed)?;
+        Ok(Chunk {
+            id: id.to_vec(),
+            data_hash: payload_hash(&data).to_vec(),
+            data: data.into(),
+        })
+    }
+
+    /// Checks a chunk from a server end to end: its payload hash, the AEAD
+    /// tag (bound to `expected`), and the keyed id of the plaintext.
+    pub fn open_chunk(&self, chunk: &Chunk, expected: ChunkId) -> Result<Vec<u8>, AgentError> {
+        if chunk.id != expected.as_bytes() || payload_hash(&chunk.data).as_slice() != chunk.data_hash {
+            return Err(AgentError::Corrupt(expected.to_string()));
+        }
+        let compressed = open(&self.chunks, expected.as_bytes(), &chunk.data)
+            .map_err(|e| e.for_what(&format!("chunk {expected}")))?;
+        // Bounded, so a hostile payload cannot balloon memory.
+        let plain = zstd::bulk::decompress(&compressed, MAX_PLAINTEXT_CHUNK)
+            .map_err(|_| AgentError::Integrity(format!("chunk {expected} does not decompress")))?;
+        if self.chunk_id(&plain) != expected {
+            return Err(AgentError::Integrity(format!(
+                "chunk {expected} decrypts to content with another id"
+            )));
+        }
+        Ok(plain)
+    }
+
+    pub fn seal_summary(&self, summary: &SnapshotSummary) -> Result<Vec<u8>, AgentError> {
+        seal(&self.summaries, SUMMARY_AAD, &summary.encode_to_vec())
+    }
+
+    pub fn open_summary(&self, snapshot: &str, blob: &[u8]) -> Result<SnapshotSummary, AgentError> {
+        let what = format!("the summary of snapshot {snapshot}");
+        let plain = open(&self.summaries, SUMMARY_AAD, blob).map_err(|e| e.for_what(&what))?;
+        SnapshotSummary::decode(plain.as_slice())
+            .map_err(|e| AgentError::Integrity(format!("{what} does not decode: {e}")))
+    }
+}
+
+/// Why a sealed blob did not open.
+enum OpenError {
+    Format(String),
+    Tag,
+}
+
+impl OpenError {
+    fn for_what(self, what: &str) -> AgentError {
+        match self {
+            OpenError::Format(why) => AgentError::Invalid(format!("{what}: {why}")),
+            OpenError::Tag => AgentError::Integrity(format!(
+                "{what} fails its authentication tag: it was altered or damaged (or belongs to another key)"
+            )),
+        }
+    }
+}
+
+fn seal(cipher: &XChaCha20Poly1305, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, AgentError> {
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let sealed = cipher
+        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plain, aad })
+        .map_err(|_| AgentError::Invalid("encryption failed".into()))?;
+    let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+    out.push(PAYLOAD_FORMAT_V1);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+fn open(cipher: &XChaCha20Poly1305, aad: &[u8], data: &[u8]) -> Result<Vec<u8>, OpenError> {
+    if data.len() < PAYLOAD_OVERHEAD {
+        return Err(OpenError::Format(format!(
+            "{} bytes is too short to be sealed",
+            data.len()
+        )));
+    }
+    let (format, rest) = data.split_at(1);
+    if format != [PAYLOAD_FORMAT_V1] {
+        return Err(OpenError::Format(format!(
+            "format {} is unknown to this agent (it knows format {PAYLOAD_FORMAT_V1}); upgrade duplex",
+            format.first().copied().unwrap_or_default()
+        )));
+    }
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    cipher
+        .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad })
+        .map_err(|_| OpenError::Tag)
+}
+
+/// The key-encryption key for one record's salt and parameters.
+fn kek(passphrase: &[u8], record: &KeyRecord) -> Result<Zeroizing<[u8; 32]>, AgentError> {
+    let params = Params::new(record.m_cost_kib, record.t_cost, record.p_cost, Some(32))
+        .map_err(|e| AgentError::Invalid(format!("key {}: bad Argon2 parameters: {e}", record.id)))?;
+    let mut out = Zeroizing::new([0u8; 32]);
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+        .hash_password_into(passphrase, &record.salt, out.as_mut())
+        .map_err(|e| AgentError::Invalid(format!("key {}: deriving the key failed: {e}", record.id)))?;
+    Ok(out)
+}
+
+/// Wraps `master` under `passphrase` in a new key record.
+pub fn wrap(master: &[u8; 32], passphrase: &[u8]) -> Result<KeyRecord, AgentError> {
+    let mut record = KeyRecord {
+        id: hex(&rand::random::<[u8; 4]>()),
+        created_unix_ms: now_ms(),
+        salt: rand::random::<[u8; 16]>().to_vec(),
+        m_cost_kib: DEFAULT_M_COST_KIB,
+        t_cost: DEFAULT_T_COST,
+        p_cost: DEFAULT_P_COST,
+        nonce: Vec::new(),
+        wrapped: Vec::new(),
+        format_version: KEY_FORMAT_V1,
+    };
+    let kek = kek(passphrase, &record)?;
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    let cipher = XChaCha20Poly1305::new(kek.as_ref().into());
+    record.wrapped = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: master,
+                aad: record.id.as_bytes(),
+            },
+        )
+        .map_err(|_| AgentError::Invalid("wrapping the key failed".into()))?;
+    record.nonce = nonce.to_vec();
+    Ok(record)
+}
+
+/// The master key in `record`, or None when `passphrase` does not open it.
+pub fn unwrap(record: &KeyRecord, passphrase: &[u8]) -> Result<Option<Keys>, AgentError> {
+    if record.format_version != KEY_FORMAT_V1 {
+        return Err(AgentError::Invalid(format!(
+            "key {} has format {}, unknown to this agent (it knows format {KEY_FORMAT_V1}); upgrade duplex",
+            record.id, record.format_version
+        )));
+    }
+    if record.nonce.len() != NONCE_LEN {
+        return Err(AgentError::Invalid(format!(
+            "key {} has a malformed nonce",
+            record.id
+        )));
+    }
+    let kek = kek(passphrase, record)?;
+    let cipher = XChaCha20Poly1305::new(kek.as_ref().into());
+    let opened = cipher.decrypt(
+        XNonce::from_slice(&record.nonce),
+        Payload {
+            msg: &record.wrapped,
+            aad: record.id.as_bytes(),
+        },
+    );
+    let Ok(master) = opened.map(Zeroizing::new) else {
+        return Ok(None);
+    };
+    let master: [u8; 32] = master
+        .as_slice()
+        .try_into()
+        .map_err(|_| AgentError::Invalid(format!("key {} does not hold a 32-byte key", record.id)))?;
+    let master = Zeroizing::new(master);
+    Ok(Some(Keys::from_master(&master)))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_round_trip_and_tampering_is_caught() {
+        let keys = Keys::generate();
+        let plain = b"some file content".repeat(100);
+        let id = keys.chunk_id(&plain);
+        assert_ne!(id, ChunkId::of(&plain), "the id is keyed");
+        let chunk = keys.seal_chunk(id, &plain).expect("seal");
+        assert!(!chunk.data.windows(9).any(|w| w == b"some file"));
+        assert_eq!(keys.open_chunk(&chunk, id).expect("open"), plain);
+
+        let mut bad = chunk.clone();
+        let mut data = bad.data.to_vec();
+        data[40] ^= 1;
+        bad.data_hash = payload_hash(&data).to_vec();
+        bad.data = data.into();
+        assert!(matches!(keys.open_chunk(&bad, id), Err(AgentError::Integrity(_))));
+
+        let other = Keys::generate();
+        assert!(other.open_chunk(&chunk, id).is_err());
+    }
+
+    #[test]
+    fn wrapped_keys_open_only_with_their_passphrase() {
+        let keys = Keys::generate();
+        let mut record = wrap(keys.master(), b"right").expect("wrap");
+        assert_eq!(record.m_cost_kib, 64 * 1024);
+        let opened = unwrap(&record, b"right").expect("unwrap").expect("opens");
+        assert_eq!(opened.master(), keys.master());
+        assert!(unwrap(&record, b"wrong").expect("unwrap").is_none());
+        record.wrapped[0] ^= 1;
+        assert!(unwrap(&record, b"right").expect("unwrap").is_none());
+    }
+}

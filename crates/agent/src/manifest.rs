@@ -1,0 +1,60 @@
+//! Reading sealed chunks back: every chunk from a server is checked end
+//! to end (payload hash, AEAD tag bound to its id, keyed id of the
+//! plaintext) before a byte of it is used. Decryption runs on the
+//! blocking pool so a restore uses every core.
+
+use std::sync::Arc;
+
+use duplex_proto::v1::{GetChunksRequest, Manifest};
+use duplex_types::ChunkId;
+use futures::{Stream, StreamExt, TryStreamExt};
+use prost::Message;
+
+use crate::AgentError;
+use crate::crypto::Keys;
+use crate::session::StorageClient;
+
+/// Streams the chunks `ids` in order, each opened and checked.
+pub async fn fetch_chunks(
+    mut storage: StorageClient,
+    keys: Arc<Keys>,
+    ids: Vec<Vec<u8>>,
+) -> Result<impl Stream<Item = Result<Vec<u8>, AgentError>>, AgentError> {
+    let expected: Vec<ChunkId> = ids
+        .iter()
+        .map(|b| ChunkId::from_bytes(b).map_err(|e| AgentError::Invalid(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    let stream = storage
+        .get_chunks(GetChunksRequest { ids })
+        .await
+        .map_err(AgentError::rpc("fetching chunks"))?
+        .into_inner();
+    let mut expected = expected.into_iter();
+    Ok(stream.then(move |item| {
+        let want = expected.next();
+        let keys = keys.clone();
+        async move {
+            let chunk = item.map_err(AgentError::rpc("fetching chunks"))?;
+            let want =
+                want.ok_or_else(|| AgentError::Invalid("the server sent more chunks than asked".into()))?;
+            tokio::task::spawn_blocking(move || keys.open_chunk(&chunk, want))
+                .await
+                .map_err(|e| AgentError::Invalid(format!("decryption task failed: {e}")))?
+        }
+    }))
+}
+
+/// Fetches, opens and decodes a snapshot's manifest.
+pub async fn fetch_manifest(
+    storage: &StorageClient,
+    keys: &Arc<Keys>,
+    ids: &[Vec<u8>],
+) -> Result<Manifest, AgentError> {
+    let mut bytes = Vec::new();
+    let mut stream = std::pin::pin!(fetch_chunks(storage.clone(), keys.clone(), ids.to_vec()).await?);
+    while let Some(plain) = stream.try_next().await? {
+        bytes.extend_from_slice(&plain);
+    }
+    Manifest::decode(bytes.as_slice())
+        .map_err(|e| AgentError::Integrity(format!("snapshot manifest does not decode: {e}")))
+}
