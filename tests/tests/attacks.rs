@@ -16,6 +16,26 @@ use duplex_tests::{bin, runtime};
 use tonic::Code;
 use tonic::transport::Channel;
 
+/// Every code but OK.
+const ANY_FAILURE: &[Code] = &[
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
 /// One attempt and what came of it.
 struct Row {
     attack: String,
@@ -54,7 +74,12 @@ impl Suite {
         }
         let refused = self.rows.iter().filter(|r| r.refused).count();
         println!("\n{} attempts, {refused} refused\n", self.rows.len());
-        let open: Vec<_> = self.rows.iter().filter(|r| !r.refused).map(|r| &r.attack).collect();
+        let open: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|r| !r.refused)
+            .map(|r| &r.attack)
+            .collect();
         assert!(open.is_empty(), "not refused as expected: {open:#?}");
     }
 }
@@ -133,7 +158,9 @@ fn open_by_design(path: &str) -> bool {
         || path.starts_with("/duplex.v1.AccountService/") && !path.ends_with("/GetTicketKeys")
         || matches!(
             path,
-            "/duplex.v1.Coordinator/Enroll" | "/duplex.v1.Coordinator/GetTopology" | "/duplex.v1.Coordinator/WatchTopology"
+            "/duplex.v1.Coordinator/Enroll"
+                | "/duplex.v1.Coordinator/GetTopology"
+                | "/duplex.v1.Coordinator/WatchTopology"
         )
 }
 
@@ -199,11 +226,19 @@ fn network_attacks_are_refused() {
     let rt = runtime();
     let mut suite = Suite::default();
     let servers: Vec<(&str, &str, Vec<&str>)> = vec![
-        ("coordinator", &sites.coordinator.addr, vec!["duplex.v1.Coordinator"]),
+        (
+            "coordinator",
+            &sites.coordinator.addr,
+            vec!["duplex.v1.Coordinator"],
+        ),
         (
             "account-a",
             &sites.account_a.addr,
-            vec!["duplex.v1.AccountService", "duplex.v1.AccountAdmin", "duplex.v1.AccountReplication"],
+            vec![
+                "duplex.v1.AccountService",
+                "duplex.v1.AccountAdmin",
+                "duplex.v1.AccountReplication",
+            ],
         ),
         (
             "account-b",
@@ -224,51 +259,118 @@ fn network_attacks_are_refused() {
         ("mirror-b", &sites.mirror_b.addr, vec!["duplex.v1.Mirror"]),
     ];
 
+    let addr_of = |name: &str| servers.iter().find(|s| s.0 == name).unwrap().1.to_owned();
+
     // Plaintext on every port: the TLS handshake never happens.
     for (name, addr, _) in &servers {
         let plain = addr.replacen("https://", "http://", 1);
-        let channel = tonic::transport::Endpoint::from_shared(plain).unwrap().connect_lazy();
-        let result = rt.block_on(raw_unary(channel, "/grpc.health.v1.Health/Check", tonic::Request::new(())));
-        suite.expect(
-            format!("plaintext gRPC to {name}"),
-            &[Code::Unavailable, Code::Unknown, Code::Internal],
-            result,
-        );
+        let result = rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(plain)
+                .unwrap()
+                .connect_lazy();
+            raw_unary(channel, "/grpc.health.v1.Health/Check", tonic::Request::new(())).await
+        });
+        // Any failure will do (how a broken handshake surfaces varies);
+        // an answer would not.
+        suite.expect(format!("plaintext gRPC to {name}"), ANY_FAILURE, result);
     }
 
     // Every method of every service without any credential.
     for (name, addr, services) in &servers {
         for path in methods(services).into_iter().filter(|p| !open_by_design(p)) {
             let result = rt.block_on(call(&sites, addr, &path, &As::Nobody));
-            suite.expect(format!("{path} on {name}, no credential"), &[Code::Unauthenticated], result);
+            suite.expect(
+                format!("{path} on {name}, no credential"),
+                &[Code::Unauthenticated],
+                result,
+            );
         }
     }
 
     // A viewer and an operator beyond their roles; a revoked operator.
     let viewer = operator(&sites, "vera", "viewer");
     let oper = operator(&sites, "otto", "operator");
+    // New operators reach every server with its next heartbeat answer.
+    for (name, addr, services) in &servers {
+        let read = methods(services)
+            .into_iter()
+            .find(|p| p.ends_with("/GetStatus"))
+            .unwrap();
+        duplex_tests::wait_for(
+            &format!("{name} to know the new operators"),
+            Duration::from_secs(10),
+            || {
+                rt.block_on(call(&sites, addr, &read, &As::Token(viewer.clone())))
+                    .ok()
+            },
+        );
+    }
     for (name, addr, services) in &servers {
         for path in methods(services) {
             if beyond_viewer(&path) {
                 let result = rt.block_on(call(&sites, addr, &path, &As::Token(viewer.clone())));
-                suite.expect(format!("{path} on {name} as a viewer"), &[Code::PermissionDenied], result);
+                suite.expect(
+                    format!("{path} on {name} as a viewer"),
+                    &[Code::PermissionDenied],
+                    result,
+                );
             }
             if beyond_operator(&path) {
                 let result = rt.block_on(call(&sites, addr, &path, &As::Token(oper.clone())));
-                suite.expect(format!("{path} on {name} as an operator"), &[Code::PermissionDenied], result);
+                suite.expect(
+                    format!("{path} on {name} as an operator"),
+                    &[Code::PermissionDenied],
+                    result,
+                );
             }
         }
     }
     let forged = As::Token("0".repeat(64));
-    let result = rt.block_on(call(&sites, &sites.coordinator.addr, "/duplex.v1.Coordinator/GetStatus", &forged));
-    suite.expect("GetStatus with a made-up operator token", &[Code::Unauthenticated], result);
+    let result = rt.block_on(call(
+        &sites,
+        &sites.coordinator.addr,
+        "/duplex.v1.Coordinator/GetStatus",
+        &forged,
+    ));
+    suite.expect(
+        "GetStatus with a made-up operator token",
+        &[Code::Unauthenticated],
+        result,
+    );
     sites.ctl_ok(&["operators", "revoke", "otto"]);
+    duplex_tests::wait_for(
+        "storage-a to forget the revoked operator",
+        Duration::from_secs(10),
+        || {
+            let r = rt.block_on(call(
+                &sites,
+                &addr_of("storage-a"),
+                "/duplex.v1.StorageAdmin/VerifyAccounts",
+                &As::Token(oper.clone()),
+            ));
+            matches!(r, Err(s) if s.code() == Code::Unauthenticated).then_some(())
+        },
+    );
+    let result = rt.block_on(call(
+        &sites,
+        &addr_of("storage-a"),
+        "/duplex.v1.StorageAdmin/VerifyAccounts",
+        &As::Token(oper.clone()),
+    ));
+    suite.expect(
+        "VerifyAccounts on storage-a with a revoked operator token",
+        &[Code::Unauthenticated],
+        result,
+    );
     let revoked = ctl_as(&sites, &oper, &["failover", "--force"]);
     suite.expect(
         "duplexctl failover --force with a revoked operator token",
         &[Code::Unauthenticated],
-        refused_if(!revoked.status.success() && String::from_utf8_lossy(&revoked.stderr).contains("unknown or revoked"))
-            .map_err(|_| tonic::Status::unauthenticated("refused")),
+        refused_if(
+            !revoked.status.success()
+                && String::from_utf8_lossy(&revoked.stderr).contains("unknown or revoked"),
+        )
+        .map_err(|_| tonic::Status::unauthenticated("refused")),
     );
 
     // Certificates of the wrong kind, and one from another CA.
@@ -285,33 +387,119 @@ fn network_attacks_are_refused() {
         As::Cert(c, k)
     };
     let wrong_kind: Vec<(&str, &str, &str, &As)> = vec![
-        ("mirror-a", "storage-a", "/duplex.v1.StorageAdmin/SetRole", &mirror),
-        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/Promote", &mirror),
-        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/Demote", &mirror),
-        ("mirror-a", "account-a", "/duplex.v1.AccountReplication/GetStateSnapshot", &mirror),
-        ("mirror-a", "account-a", "/duplex.v1.AccountAdmin/MoveHomes", &mirror),
-        ("mirror-a", "coordinator", "/duplex.v1.Coordinator/Failover", &mirror),
-        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ChangeFeed", &storage_b),
-        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ReadChunks", &storage_b),
-        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/ApplyBatch", &storage_b),
-        ("storage-b", "storage-a", "/duplex.v1.StorageReplication/MissingChunksOf", &storage_b),
-        ("storage-b", "account-a", "/duplex.v1.AccountReplication/GetStateSnapshot", &storage_b),
-        ("storage-b", "account-a", "/duplex.v1.AccountReplication/Replicate", &storage_b),
+        (
+            "mirror-a",
+            "storage-a",
+            "/duplex.v1.StorageAdmin/SetRole",
+            &mirror,
+        ),
+        (
+            "mirror-a",
+            "account-a",
+            "/duplex.v1.AccountReplication/Promote",
+            &mirror,
+        ),
+        (
+            "mirror-a",
+            "account-a",
+            "/duplex.v1.AccountReplication/Demote",
+            &mirror,
+        ),
+        (
+            "mirror-a",
+            "account-a",
+            "/duplex.v1.AccountReplication/GetStateSnapshot",
+            &mirror,
+        ),
+        (
+            "mirror-a",
+            "account-a",
+            "/duplex.v1.AccountAdmin/MoveHomes",
+            &mirror,
+        ),
+        (
+            "mirror-a",
+            "coordinator",
+            "/duplex.v1.Coordinator/Failover",
+            &mirror,
+        ),
+        (
+            "storage-b",
+            "storage-a",
+            "/duplex.v1.StorageReplication/ChangeFeed",
+            &storage_b,
+        ),
+        (
+            "storage-b",
+            "storage-a",
+            "/duplex.v1.StorageReplication/ReadChunks",
+            &storage_b,
+        ),
+        (
+            "storage-b",
+            "storage-a",
+            "/duplex.v1.StorageReplication/ApplyBatch",
+            &storage_b,
+        ),
+        (
+            "storage-b",
+            "storage-a",
+            "/duplex.v1.StorageReplication/MissingChunksOf",
+            &storage_b,
+        ),
+        (
+            "storage-b",
+            "account-a",
+            "/duplex.v1.AccountReplication/GetStateSnapshot",
+            &storage_b,
+        ),
+        (
+            "storage-b",
+            "account-a",
+            "/duplex.v1.AccountReplication/Replicate",
+            &storage_b,
+        ),
         ("account-b", "mirror-a", "/duplex.v1.Mirror/SetLinks", &account_b),
-        ("account-b", "storage-a", "/duplex.v1.StorageAdmin/SetRole", &account_b),
-        ("account-b", "coordinator", "/duplex.v1.Coordinator/IssueEnrollmentToken", &account_b),
+        (
+            "account-b",
+            "storage-a",
+            "/duplex.v1.StorageAdmin/SetRole",
+            &account_b,
+        ),
+        (
+            "account-b",
+            "coordinator",
+            "/duplex.v1.Coordinator/IssueEnrollmentToken",
+            &account_b,
+        ),
     ];
-    let addr_of = |name: &str| servers.iter().find(|s| s.0 == name).unwrap().1.to_owned();
     for (cert, target, path, who) in wrong_kind {
         let result = rt.block_on(call(&sites, &addr_of(target), path, who));
-        suite.expect(format!("{path} on {target} with {cert}'s certificate"), &[Code::PermissionDenied], result);
+        suite.expect(
+            format!("{path} on {target} with {cert}'s certificate"),
+            &[Code::PermissionDenied],
+            result,
+        );
     }
     // A heartbeat in another server's name, and a storage server
     // registering itself as another (the "backups redirected" attack).
     let result = rt.block_on(heartbeat_as(&sites, &storage_b, "storage-a"));
-    suite.expect("heartbeat for storage-a with storage-b's certificate", &[Code::PermissionDenied], result);
-    let result = rt.block_on(register_as(&sites, &addr_of("account-a"), &storage_b, "storage-a"));
-    suite.expect("RegisterStorageServer of storage-a with storage-b's certificate", &[Code::PermissionDenied], result);
+    suite.expect(
+        "heartbeat for storage-a with storage-b's certificate",
+        &[Code::PermissionDenied],
+        result,
+    );
+    let result = rt.block_on(register_as(
+        &sites,
+        &addr_of("account-a"),
+        &storage_b,
+        "storage-a",
+    ));
+    suite.expect(
+        "RegisterStorageServer of storage-a with storage-b's certificate",
+        &[Code::PermissionDenied],
+        result,
+    );
 
     // A certificate naming the coordinator, signed by another CA.
     let rogue_dir = sites.path("rogue-ca");
@@ -322,23 +510,46 @@ fn network_attacks_are_refused() {
         .issue_for_key(&key, &identity, &["127.0.0.1".into()], Duration::from_secs(3600))
         .unwrap();
     let foreign = As::Cert(issued.cert_pem, key.serialize_pem());
-    let result = rt.block_on(call(&sites, &addr_of("storage-a"), "/duplex.v1.StorageAdmin/SetRole", &foreign));
+    let result = rt.block_on(call(
+        &sites,
+        &addr_of("storage-a"),
+        "/duplex.v1.StorageAdmin/SetRole",
+        &foreign,
+    ));
     suite.expect(
         "SetRole on storage-a with a coordinator certificate from another CA",
-        &[Code::Unavailable, Code::Unknown, Code::Internal],
+        ANY_FAILURE,
         result,
     );
 
     // Identity takeover: a token for a name that is enrolled.
-    let out = sites.ctl(&["servers", "token", "storage-a", "--site", "a", "--kind", "storage"]);
+    let out = sites.ctl(&[
+        "servers",
+        "token",
+        "storage-a",
+        "--site",
+        "a",
+        "--kind",
+        "storage",
+    ]);
     suite.expect(
         "enrollment token for the enrolled name storage-a",
-        &[Code::FailedPrecondition],
-        refused_if(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already enrolled")),
+        &[Code::PermissionDenied],
+        refused_if(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already enrolled"),
+        ),
     );
 
     // At rest: data dirs, keys, tokens and databases are their owner's only.
-    for name in ["coordinator", "account-a", "account-b", "storage-a", "storage-b", "mirror-a", "mirror-b"] {
+    for name in [
+        "coordinator",
+        "account-a",
+        "account-b",
+        "storage-a",
+        "storage-b",
+        "mirror-a",
+        "mirror-b",
+    ] {
         let dir = sites.path(name);
         suite.expect(
             format!("{name}'s data dir readable by others"),

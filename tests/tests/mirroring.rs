@@ -353,6 +353,7 @@ fn active_active_converges_and_stops_without_loops() {
     for mirror in [&ma, &mb] {
         let out = std::process::Command::new(duplex_tests::bin("duplexctl"))
             .args(["mirror", "status", &mirror.addr, "--json"])
+            .env("DUPLEX_INSECURE_PLAINTEXT", "1")
             .output()
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -412,6 +413,7 @@ fn a_reversed_link_sends_only_what_the_other_side_lacks() {
     let ctl = |args: &[&str]| {
         let out = std::process::Command::new(duplex_tests::bin("duplexctl"))
             .args(args)
+            .env("DUPLEX_INSECURE_PLAINTEXT", "1")
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -88,7 +88,7 @@ fn every_server_answers_reflection_and_health() {
             .unwrap();
         let binary = service.cmd[0].clone();
         let status = Command::new(&binary)
-            .args(["healthcheck", "--addr", &service.addr])
+            .args(["healthcheck", "--insecure-plaintext", "--addr", &service.addr])
             .status()
             .unwrap();
         assert!(status.success(), "{} healthcheck failed", service.name);
@@ -141,6 +141,31 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     let endpoint = info["endpoints"][0].as_str().unwrap().to_owned();
     let token = info["account"]["token"].as_str().unwrap().to_owned();
     assert_eq!(info["account"]["name"], "demo");
+    // Secure by default: a CA, an operator token, the demo passphrase, TLS
+    // everywhere, and a file only its owner can read.
+    let ca = std::path::PathBuf::from(info["ca"].as_str().unwrap());
+    let operator_token = info["operator_token"].as_str().unwrap().to_owned();
+    let password = info["password"].as_str().unwrap().to_owned();
+    assert!(ca.exists() && !operator_token.is_empty() && !password.is_empty());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "playground.json holds secrets");
+    }
+    let roots = duplex_rpc::tls::roots(Some(&ca)).unwrap();
+    duplex_rpc::tls::set_client_mode(duplex_rpc::tls::ClientMode::ByScheme(
+        duplex_rpc::tls::client_config(roots, None).unwrap(),
+    ));
+    let agent = |args: &[&str]| {
+        Command::new(bin("duplex"))
+            .args(args)
+            .env("DUPLEX_ENDPOINT", &endpoint)
+            .env("DUPLEX_TOKEN", &token)
+            .env("DUPLEX_CA", &ca)
+            .env("DUPLEX_PASSWORD", &password)
+            .output()
+            .unwrap()
+    };
     let services = info["services"].as_array().unwrap().clone();
     let names: Vec<&str> = services.iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(
@@ -158,6 +183,7 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     let rt = runtime();
     for s in &services {
         let addr = s["addr"].as_str().unwrap();
+        assert!(addr.starts_with("https://"), "{addr}");
         rt.block_on(duplex_rpc::health::check(addr, "")).unwrap();
         assert!(!rt.block_on(reflected_services(addr)).is_empty());
         let binary = match s["kind"].as_str().unwrap() {
@@ -171,14 +197,10 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("hello"), b"hello duplex").unwrap();
-    let out = duplex_tests::cluster::duplex(&endpoint, &token, &["backup", src.to_str().unwrap(), "--json"]);
+    let out = agent(&["backup", src.to_str().unwrap(), "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let target = dir.path().join("restored");
-    let out = duplex_tests::cluster::duplex(
-        &endpoint,
-        &token,
-        &["restore", "latest", "--target", target.to_str().unwrap()],
-    );
+    let out = agent(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(target.join("src/hello")).unwrap(), b"hello duplex");
     // Sync mirroring: the acknowledged snapshot is already on storage-b.
@@ -186,7 +208,7 @@ fn playground_runs_a_cluster_and_stops_every_child() {
         .as_str()
         .unwrap()
         .to_owned();
-    let out = duplex_tests::cluster::duplex(&endpoint, &token, &["--storage", &b, "snapshots", "--json"]);
+    let out = agent(&["--storage", &b, "snapshots", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed["snapshots"].as_array().unwrap().len(), 1, "{listed}");
 
@@ -195,6 +217,8 @@ fn playground_runs_a_cluster_and_stops_every_child() {
     let status = |c: &str| -> serde_json::Value {
         let out = Command::new(bin("duplexctl"))
             .args(["--coordinator", c, "status", "--json"])
+            .env("DUPLEX_CA", &ca)
+            .env("DUPLEX_OPERATOR_TOKEN", &operator_token)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -293,7 +317,7 @@ fn servers_read_a_toml_config_file_below_env_and_flags() {
         ),
     ] {
         let mut cmd = Command::new(bin("duplex-account-server"));
-        cmd.args(["--config", config.to_str().unwrap()])
+        cmd.args(["--config", config.to_str().unwrap(), "--insecure-plaintext"])
             .args(&extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
@@ -324,7 +348,14 @@ fn sigterm_stops_a_server_whose_log_pipe_is_closed() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(bin("duplex-account-server"))
-        .args(["--listen", "127.0.0.1:0", "--name", "account-t", "--data-dir"])
+        .args([
+            "--insecure-plaintext",
+            "--listen",
+            "127.0.0.1:0",
+            "--name",
+            "account-t",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

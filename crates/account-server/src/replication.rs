@@ -158,8 +158,8 @@ impl AccountReplication for ReplicationApi {
         &self,
         request: Request<PromoteRequest>,
     ) -> Result<Response<AccountServerStatus>, Status> {
-        let epoch =
-            Epoch::granted(request.into_inner().epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let epoch = Epoch::granted(request.into_inner().epoch)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.node.promote(epoch).await?;
         Ok(Response::new(self.node.status().await?))
     }

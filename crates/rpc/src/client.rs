@@ -44,8 +44,8 @@ pub fn channel(url: &str) -> Result<Channel, ClientError> {
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024));
     match (crate::tls::client_mode(), https) {
-        (ClientMode::Plaintext, false) => Ok(endpoint.connect_lazy()),
-        (ClientMode::Tls(config), true) => Ok(tls_channel(endpoint, config)),
+        (ClientMode::Plaintext | ClientMode::ByScheme(_), false) => Ok(endpoint.connect_lazy()),
+        (ClientMode::Tls(config) | ClientMode::ByScheme(config), true) => Ok(tls_channel(endpoint, config)),
         (ClientMode::Tls(_), false) => Err(ClientError::PlaintextRefused { url: url.to_owned() }),
         (ClientMode::Plaintext, true) => Err(ClientError::TlsUnconfigured { url: url.to_owned() }),
     }
@@ -58,7 +58,10 @@ pub fn channel_with(url: &str, config: std::sync::Arc<rustls::ClientConfig>) -> 
         url: url.to_owned(),
         source,
     })?;
-    Ok(tls_channel(endpoint.connect_timeout(Duration::from_secs(3)), config))
+    Ok(tls_channel(
+        endpoint.connect_timeout(Duration::from_secs(3)),
+        config,
+    ))
 }
 
 fn tls_channel(endpoint: Endpoint, config: std::sync::Arc<rustls::ClientConfig>) -> Channel {

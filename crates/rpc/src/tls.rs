@@ -270,6 +270,10 @@ pub enum ClientMode {
     /// `--insecure-plaintext`: local debugging only.
     Plaintext,
     Tls(Arc<ClientConfig>),
+    /// TLS for `https://`, plaintext for `http://`: for a test process
+    /// that talks to secure and to `--insecure-plaintext` servers at once.
+    /// No Duplex binary uses it.
+    ByScheme(Arc<ClientConfig>),
 }
 
 static CLIENT_MODE: OnceLock<RwLock<ClientMode>> = OnceLock::new();
@@ -308,7 +312,7 @@ pub fn setup_client(ca: Option<&Path>, insecure_plaintext: bool) -> Result<(), T
 pub fn scheme() -> &'static str {
     match client_mode() {
         ClientMode::Plaintext => "http",
-        ClientMode::Tls(_) => "https",
+        ClientMode::Tls(_) | ClientMode::ByScheme(_) => "https",
     }
 }
 
