@@ -105,6 +105,11 @@ impl Node {
         self.mastership.lock().map(|t| t.clone()).unwrap_or_default()
     }
 
+    /// The epoch this server holds its role under.
+    pub async fn epoch(&self) -> Epoch {
+        self.role.read().await.epoch
+    }
+
     pub async fn promote(self: &Arc<Self>, epoch: Epoch) -> Result<(), Status> {
         let mut role = self.role.write().await;
         check_epoch(&role, epoch)?;

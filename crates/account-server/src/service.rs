@@ -196,6 +196,8 @@ impl AccountService for AccountApi {
             can_write: purpose == Purpose::Backup && enabled,
             issued_at_unix: now,
             expires_at_unix: expires,
+            home: home.name.clone(),
+            epoch: self.node.epoch().await.0,
         });
         Ok(Response::new(LoginResponse {
             ticket,

@@ -322,6 +322,7 @@ fn worth_rediscovering(e: &anyhow::Error) -> bool {
         Code::FailedPrecondition => [
             "duplex-primary",
             "duplex-master",
+            "duplex-home",
             duplex_rpc::heartbeat::FENCED_METADATA_KEY,
         ]
         .iter()

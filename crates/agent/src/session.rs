@@ -89,7 +89,9 @@ fn open(options: &Options, login: duplex_proto::v1::LoginResponse) -> Result<Ses
         .storage
         .clone()
         .unwrap_or_else(|| duplex_rpc::discovery::client_addr(&home));
-    let ticket = MetadataValue::from_bytes(&login.ticket);
+    let mut ticket = MetadataValue::from_bytes(&login.ticket);
+    // A bearer credential: kept out of tonic's and hyper's debug output.
+    ticket.set_sensitive(true);
     let storage =
         StorageServiceClient::with_interceptor(duplex_rpc::channel(&storage_url)?, TicketAuth(ticket))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -134,6 +134,8 @@ mod tests {
             can_write: true,
             issued_at_unix: 0,
             expires_at_unix: expires,
+            home: "storage-a".into(),
+            epoch: 1,
         }
     }
 

@@ -2,6 +2,7 @@
 //! the account servers and are cached; an unknown key id triggers one
 //! refresh (at most once a second), so key rotation needs no restart.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use duplex_proto::TICKET_METADATA_KEY;
@@ -31,14 +32,25 @@ pub struct Auth {
     verifier: RwLock<TicketVerifier>,
     account_servers: Vec<String>,
     last_refresh: Mutex<Option<Instant>>,
+    /// This server's name: write tickets must name it as the account's home.
+    name: String,
+    /// The newest account-master epoch seen in a write ticket. A deposed
+    /// master (cut off, not yet told) may still sign tickets with stale
+    /// homes; once a newer master's ticket has been seen, its are refused.
+    newest_epoch: AtomicU64,
 }
 
+/// Metadata key naming the account's home on a refusal for the wrong home.
+pub const HOME_METADATA_KEY: &str = "duplex-home";
+
 impl Auth {
-    pub fn new(account_servers: Vec<String>) -> Self {
+    pub fn new(name: String, account_servers: Vec<String>) -> Self {
         Self {
             verifier: RwLock::new(TicketVerifier::default()),
             account_servers,
             last_refresh: Mutex::new(None),
+            name,
+            newest_epoch: AtomicU64::new(0),
         }
     }
 
@@ -62,7 +74,33 @@ impl Auth {
             .await
             .verify(&ticket, now_unix())
             .map_err(unauthenticated)?;
+        if access == Access::Write {
+            self.check_home(&claims)?;
+        }
         authorize(claims, access)
+    }
+
+    /// A write ticket must be for this server, from a master no older than
+    /// the newest one seen.
+    fn check_home(&self, claims: &TicketClaims) -> Result<(), Status> {
+        if claims.home != self.name {
+            let mut status = Status::failed_precondition(format!(
+                "this ticket is for account {:?} at its home {:?}, not at {}; log in again to find its home",
+                claims.account_name, claims.home, self.name
+            ));
+            if let Ok(home) = claims.home.parse() {
+                status.metadata_mut().insert(HOME_METADATA_KEY, home);
+            }
+            return Err(status);
+        }
+        let newest = self.newest_epoch.fetch_max(claims.epoch, Ordering::SeqCst);
+        if claims.epoch < newest {
+            return Err(Status::aborted(format!(
+                "this ticket was signed by an account master at epoch {}, older than epoch {newest}; log in again",
+                claims.epoch
+            )));
+        }
+        Ok(())
     }
 
     async fn refresh(&self) {
@@ -109,4 +147,39 @@ fn authorize(claims: TicketClaims, access: Access) -> Result<Caller, Status> {
 
 fn unauthenticated(e: TicketError) -> Status {
     Status::unauthenticated(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(home: &str, epoch: u64) -> TicketClaims {
+        TicketClaims {
+            account_id: 1,
+            account_name: "demo".into(),
+            home: home.into(),
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn write_tickets_are_for_this_home_from_the_newest_master() {
+        let auth = Auth::new("storage-a".into(), Vec::new());
+        let wrong = auth
+            .check_home(&claims("storage-b", 3))
+            .expect_err("another home");
+        assert_eq!(wrong.code(), tonic::Code::FailedPrecondition);
+        assert!(wrong.message().contains("storage-b"), "{}", wrong.message());
+        assert_eq!(
+            wrong.metadata().get(HOME_METADATA_KEY).map(|v| v.to_str().ok()),
+            Some(Some("storage-b"))
+        );
+        auth.check_home(&claims("storage-a", 3)).expect("this home");
+        auth.check_home(&claims("storage-a", 5)).expect("a newer master");
+        let stale = auth
+            .check_home(&claims("storage-a", 4))
+            .expect_err("a deposed master");
+        assert_eq!(stale.code(), tonic::Code::Aborted);
+    }
 }

@@ -132,8 +132,10 @@ impl StorageService for StorageApi {
         &self,
         request: Request<Streaming<Chunk>>,
     ) -> Result<Response<PutChunksResponse>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        // The role first: a replica or fenced primary names where to go,
+        // which an agent follows; then whether the ticket is for this home.
         drop(self.check_primary().await?);
+        let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let mut stream = request.into_inner();
         let account = caller.account;
         let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
@@ -181,8 +183,8 @@ impl StorageService for StorageApi {
         &self,
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<SnapshotInfo>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let role = self.check_primary().await?;
+        let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let req = request.into_inner();
         let manifest_chunks = check_record(&req.manifest_chunks, &req.summary).map_err(Status::from)?;
         let new = NewSnapshot {

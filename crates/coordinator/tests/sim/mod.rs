@@ -48,6 +48,10 @@ struct Node {
     have: BTreeMap<String, usize>,
     /// Replication into this server stops until then (a lagging standby).
     paused_until: Option<Instant>,
+    /// Removed by an operator: its certificate is revoked, so the
+    /// coordinator's guard refuses its heartbeats from then on (the guard
+    /// sits in front of the engine the simulation drives directly).
+    revoked: bool,
 }
 
 impl Node {
@@ -288,7 +292,7 @@ async fn heartbeats(world: Arc<Mutex<World>>, current: Current, name: String, of
         let request = {
             let w = lock(&world);
             let Some(node) = w.nodes.get(&name) else { return };
-            if !node.runs() || node.cut {
+            if !node.runs() || node.cut || node.revoked {
                 continue;
             }
             report(&w, node, now)
@@ -488,6 +492,7 @@ fn platform(mode: Mode) -> World {
                 lease_until: None,
                 have: BTreeMap::new(),
                 paused_until: None,
+                revoked: false,
             },
         );
     }
@@ -652,11 +657,22 @@ async fn operator(
             Command::RemoveServer { name: name.clone() }
         }
     };
+    let removing = match &command {
+        Command::RemoveServer { name } => Some(name.clone()),
+        _ => None,
+    };
     if matches!(command, Command::Failover { force: true, .. }) {
         lock(world).forced = true;
     }
     match engine.command(command, "sim").await {
-        Ok(_) => Ok(()),
+        Ok(_) => {
+            if let Some(name) = removing
+                && let Some(node) = lock(world).nodes.get_mut(&name)
+            {
+                node.revoked = true;
+            }
+            Ok(())
+        }
         Err(s) if s.code() == tonic::Code::Internal => {
             Err(format!("operator {what}: internal error: {}", s.message()))
         }
