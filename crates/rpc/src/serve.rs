@@ -152,33 +152,32 @@ pub async fn serve(
     }
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT.
+/// A token cancelled on the first SIGTERM or SIGINT. The handlers are
+/// installed before this returns, so a signal that arrives right after a
+/// server says it is listening cannot kill it the default way.
 pub fn shutdown_on_signals() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let child = token.clone();
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
     tokio::spawn(async move {
-        let signal = wait_for_signal().await;
+        let signal = match handlers {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                }
+            }
+            _ => {
+                tracing::warn!("cannot install signal handlers; stopping on ctrl-c only");
+                let _ = tokio::signal::ctrl_c().await;
+                "ctrl-c"
+            }
+        };
         // Stop first, then say so: nothing may stand between a signal and
         // the shutdown, not even a log line.
         child.cancel();
         tracing::info!("{signal} received");
     });
     token
-}
-
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; stopping on ctrl-c only");
-            let _ = tokio::signal::ctrl_c().await;
-            "ctrl-c"
-        }
-    }
 }

@@ -98,7 +98,10 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     let initial = role.role;
     let api = Arc::new(StorageApi {
         store: Arc::new(store),
-        auth: Arc::new(Auth::new(config.name.clone(), config.account_servers)),
+        auth: Arc::new(Auth::new(
+            config.coordinator.is_some().then(|| config.name.clone()),
+            config.account_servers,
+        )),
         info,
         role: tokio::sync::RwLock::new(role),
         mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
