@@ -223,8 +223,13 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for op in &events {
+        let by = match (op.by.as_str(), op.by_addr.as_str()) {
+            ("" | "coordinator", _) => String::new(),
+            (name, "") => format!(" [by {name}]"),
+            (name, addr) => format!(" [by {name} from {addr}]"),
+        };
         println!(
-            "{}  {:<17} {:<8} {}{}",
+            "{}  {:<17} {:<8} {}{}{by}",
             rfc3339(op.started_unix_ms),
             op.kind,
             op.state,
