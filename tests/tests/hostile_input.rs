@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use duplex_tests::accounts;
+use duplex_tests::accounts::{self, account, admin, register_storage};
 use duplex_tests::runtime;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -88,4 +88,36 @@ fn invalid_utf8_is_an_invalid_argument() {
         "{message}"
     );
     assert!(message.contains("UTF-8"), "{message}");
+}
+
+#[test]
+fn a_huge_name_is_refused_without_being_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let server = accounts::start(dir.path(), "account-a", &[]);
+    let huge = "n".repeat(1 << 20);
+    rt.block_on(async {
+        register_storage(&server.addr).await;
+        // 1 MiB is under tonic's 4 MiB decode limit, so the name reaches
+        // the handler's validation, whose message must not carry it back.
+        let mut client = admin(&server.addr);
+        let by_name = client
+            .create_account(account(&huge))
+            .await
+            .expect_err("a 1 MiB account name is refused");
+        let mut grouped = account("fine");
+        grouped.group = huge.clone();
+        let by_group = client
+            .create_account(grouped)
+            .await
+            .expect_err("a 1 MiB group name is refused");
+        for status in [by_name, by_group] {
+            assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+            assert!(
+                status.message().len() < 1024,
+                "the error echoes {} bytes",
+                status.message().len()
+            );
+        }
+    });
 }
