@@ -169,7 +169,7 @@ impl AccountReplication for ReplicationApi {
         if !(req.master.starts_with("http://") || req.master.starts_with("https://")) {
             return Err(Status::invalid_argument(format!(
                 "master {:?} must be an http(s) URL",
-                req.master
+                duplex_types::shown(&req.master)
             )));
         }
         if req.master == self.node.info.addr {

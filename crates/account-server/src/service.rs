@@ -384,7 +384,7 @@ impl AccountAdmin for AccountApi {
         {
             return Err(Status::permission_denied(format!(
                 "{id} may register only itself, not {:?}",
-                server.name.chars().take(64).collect::<String>()
+                duplex_types::shown(&server.name)
             )));
         }
         ServerId::parse(&server.id).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -393,13 +393,13 @@ impl AccountAdmin for AccountApi {
         if server.kind != "storage" {
             return Err(Status::invalid_argument(format!(
                 "kind must be \"storage\", got {:?}",
-                server.kind
+                duplex_types::shown(&server.kind)
             )));
         }
         if !(server.addr.starts_with("http://") || server.addr.starts_with("https://")) {
             return Err(Status::invalid_argument(format!(
                 "addr {:?} must be an http(s) URL",
-                server.addr
+                duplex_types::shown(&server.addr)
             )));
         }
         let name = server.name.clone();

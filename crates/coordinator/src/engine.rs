@@ -509,11 +509,15 @@ impl Owner {
             return Err(Status::failed_precondition(format!(
                 "the name {:?} belongs to another running server (id {}); a second server cannot take it \
                  while the first one heartbeats",
-                member.name, known.id
+                duplex_types::shown(&member.name),
+                known.id
             )));
         }
         duplex_types::Epoch::granted(report.epoch).map_err(|e| {
-            Status::invalid_argument(format!("{} reports an impossible epoch: {e}", member.name))
+            Status::invalid_argument(format!(
+                "{} reports an impossible epoch: {e}",
+                duplex_types::shown(&member.name)
+            ))
         })?;
         let mut next = self.desired.clone();
         next.epoch = next.epoch.max(report.epoch);
@@ -682,7 +686,10 @@ impl Owner {
 
     fn remove(&mut self, name: &str, by: &str) -> Result<pb::Operation, Status> {
         let Some(member) = self.desired.servers.get(name).cloned() else {
-            return Err(Status::not_found(format!("no server is named {name:?}")));
+            return Err(Status::not_found(format!(
+                "no server is named {:?}",
+                duplex_types::shown(name)
+            )));
         };
         let (observed, now) = self.view_parts();
         if observed.healthy(name, now, self.shared.config.failover_timeout) {
@@ -1200,7 +1207,10 @@ fn site_or_active(view: &View<'_>, site: &str) -> Result<String, Status> {
     duplex_types::validate_name(duplex_types::NameKind::Site, site)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if !view.desired.servers.values().any(|s| s.site == site) {
-        return Err(Status::not_found(format!("no server is on site {site:?}")));
+        return Err(Status::not_found(format!(
+            "no server is on site {:?}",
+            duplex_types::shown(site)
+        )));
     }
     Ok(site.to_owned())
 }

@@ -12,7 +12,7 @@ use duplex_proto::v1 as pb;
 use duplex_rpc::auth::{Gate, OperatorKey};
 use duplex_rpc::pki::Ca;
 use duplex_rpc::tls::ServerIdentity;
-use duplex_types::{NameKind, OperatorRole, ServerKind, validate_name};
+use duplex_types::{NameKind, OperatorRole, ServerKind, shown, validate_name};
 use tonic::Status;
 
 use crate::clock::Clock;
@@ -38,11 +38,6 @@ fn hash_hex(secret: &str) -> String {
 
 fn internal(e: crate::store::StoreError) -> Status {
     Status::internal(e.to_string())
-}
-
-/// Shortens what a caller sent before it is echoed in an error.
-fn shown(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 pub struct Security {

@@ -13,7 +13,7 @@ use duplex_proto::v1::{
     RevokeOperatorResponse, ServerState, SwitchoverRequest, Topology,
 };
 use duplex_rpc::auth::{Caller, caller};
-use duplex_types::{Role, ServerKind};
+use duplex_types::{Role, ServerKind, shown};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -55,10 +55,6 @@ impl CoordinatorApi {
             caller.describe()
         )))
     }
-}
-
-fn shown(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 /// The cluster as `duplexctl status` shows it.
@@ -123,7 +119,7 @@ fn kind_of(kind: &str) -> Result<Option<ServerKind>, Status> {
         Ok(k) if k.holds_data() => Ok(Some(k)),
         _ => Err(Status::invalid_argument(format!(
             "--kind must be account or storage, not {:?}",
-            kind.chars().take(32).collect::<String>()
+            duplex_types::shown(kind)
         ))),
     }
 }
@@ -269,7 +265,7 @@ impl Coordinator for CoordinatorApi {
         let id: u64 = id.parse().map_err(|_| {
             Status::invalid_argument(format!(
                 "operation id {:?} is not a number",
-                id.chars().take(32).collect::<String>()
+                duplex_types::shown(&id)
             ))
         })?;
         durably(|| self.engine.store.operation(id))?

@@ -45,14 +45,15 @@ impl MirrorApi {
             for url in [&spec.source, &spec.destination] {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(Status::invalid_argument(format!(
-                        "link address {url:?} must be an http(s) URL"
+                        "link address {:?} must be an http(s) URL",
+                        duplex_types::shown(url)
                     )));
                 }
             }
             if spec.source == spec.destination {
                 return Err(Status::invalid_argument(format!(
                     "link from {} to itself",
-                    spec.source
+                    duplex_types::shown(&spec.source)
                 )));
             }
         }

@@ -408,7 +408,8 @@ where
         match decided {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                Box::pin(self.inner.call(request))
+                let call = self.inner.call(request);
+                Box::pin(async move { call.await.map(|response| undecodable_is_invalid(&path, response)) })
             }
             Err(status) => {
                 REFUSED_CALLS.fetch_add(1, Ordering::Relaxed);
@@ -421,6 +422,45 @@ where
             }
         }
     }
+}
+
+/// How tonic-prost 0.14 reports a request it cannot decode: it answers
+/// `Internal` with prost's `DecodeError` text, which always starts so.
+const DECODE_FAILURE: &str = "failed to decode Protobuf message: ";
+
+/// A request the server cannot decode (a string field that is not UTF-8,
+/// a truncated varint) is the caller's fault, yet tonic answers
+/// `Internal`. Rewrite such an answer to `InvalidArgument` naming the
+/// problem. tonic decodes a unary or server-streaming request before the
+/// handler runs, and a client-streaming handler fails before it answers,
+/// so the status is in the headers of a trailers-only response, which is
+/// the only place looked at: a bidirectional stream that fails to decode
+/// after it has started answering keeps tonic's `Internal` in its trailers.
+fn undecodable_is_invalid(
+    path: &str,
+    response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let Some(status) = Status::from_header_map(response.headers()) else {
+        return response;
+    };
+    let Some(detail) = status.message().strip_prefix(DECODE_FAILURE) else {
+        return response;
+    };
+    if status.code() != tonic::Code::Internal {
+        return response;
+    }
+    let hint = if detail.contains("not UTF-8") {
+        " (string fields must be UTF-8)"
+    } else {
+        ""
+    };
+    // The path is `/duplex.v1.Service/Method`; prost names the message type.
+    let method = path.trim_start_matches('/');
+    tracing::debug!(method, detail, "undecodable request");
+    Status::invalid_argument(format!(
+        "the request to {method} is not a valid message: {detail}{hint}"
+    ))
+    .into_http()
 }
 
 #[cfg(test)]
@@ -508,6 +548,24 @@ mod tests {
             .check("/x", FAILOVER, None, Some("alice-token"))
             .expect("allowed");
         assert_eq!(audited.name(), "alice");
+    }
+
+    #[test]
+    fn undecodable_requests_are_invalid_arguments() {
+        let path = "/duplex.v1.AccountAdmin/CreateAccount";
+        let tonic_says = Status::internal(
+            "failed to decode Protobuf message: CreateAccountRequest.name: invalid string value: data is not UTF-8 encoded",
+        );
+        let rewritten = undecodable_is_invalid(path, tonic_says.into_http());
+        let status = Status::from_header_map(rewritten.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("duplex.v1.AccountAdmin/CreateAccount"));
+        assert!(status.message().contains("CreateAccountRequest.name"));
+        assert!(status.message().ends_with("(string fields must be UTF-8)"));
+        // A handler's own Internal error is left alone.
+        let own = undecodable_is_invalid(path, Status::internal("disk full").into_http());
+        let status = Status::from_header_map(own.headers()).expect("a status");
+        assert_eq!(status.code(), tonic::Code::Internal);
     }
 
     #[test]

@@ -307,7 +307,10 @@ impl StorageAdmin for StorageApi {
     ) -> Result<Response<StorageServerStatus>, Status> {
         let req = request.into_inner();
         let role = Role::parse(&req.role).ok_or_else(|| {
-            Status::invalid_argument(format!("role must be primary or replica, not {:?}", req.role))
+            Status::invalid_argument(format!(
+                "role must be primary or replica, not {:?}",
+                duplex_types::shown(&req.role)
+            ))
         })?;
         let epoch = Epoch::granted(req.epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.apply_role(role, epoch, req.primary).await?;

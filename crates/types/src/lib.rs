@@ -12,6 +12,19 @@ pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};
 pub use names::{NameKind, validate_name};
 pub use paths::{PathError, validate_relative_path};
 
+/// Longest prefix of caller-supplied text an error message repeats.
+pub const SHOWN_CHARS: usize = 64;
+
+/// What an error may repeat of a caller-supplied string: at most
+/// [`SHOWN_CHARS`] characters, ending in "…" when cut, so a hostile
+/// request cannot make a server's answers and logs as large as itself.
+pub fn shown(s: &str) -> String {
+    match s.char_indices().nth(SHOWN_CHARS) {
+        None => s.to_owned(),
+        Some((end, _)) => format!("{}…", &s[..end]),
+    }
+}
+
 /// A value from outside that does not make a valid domain value.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidInput {
@@ -21,7 +34,8 @@ pub enum InvalidInput {
         expected: usize,
         got: usize,
     },
-    #[error("{what} {value:?} is not valid: {reason}")]
+    // The value came from a caller: only a prefix of it goes back out.
+    #[error("{what} {:?} is not valid: {reason}", shown(.value))]
     Malformed {
         what: &'static str,
         value: String,
@@ -51,4 +65,22 @@ macro_rules! from_redb_errors {
             }
         }
     )*};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_keeps_a_short_prefix() {
+        assert_eq!(shown("abc"), "abc");
+        let exact = "é".repeat(SHOWN_CHARS);
+        assert_eq!(shown(&exact), exact);
+        let long = "é".repeat(1 << 20);
+        let cut = shown(&long);
+        assert_eq!(cut.chars().count(), SHOWN_CHARS + 1);
+        assert!(cut.ends_with('…'));
+        let err = validate_name(NameKind::Account, &"n".repeat(1 << 20)).unwrap_err();
+        assert!(err.to_string().len() < 200, "{err}");
+    }
 }

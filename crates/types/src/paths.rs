@@ -5,11 +5,11 @@ use std::path::{Component, Path, PathBuf};
 pub enum PathError {
     #[error("path is empty")]
     Empty,
-    #[error("path {0:?} is absolute")]
+    #[error("path {:?} is absolute", crate::shown(.0))]
     Absolute(String),
-    #[error("path {0:?} contains '..'")]
+    #[error("path {:?} contains '..'", crate::shown(.0))]
     ParentDir(String),
-    #[error("path {0:?} contains '.', an empty component or a NUL byte")]
+    #[error("path {:?} contains '.', an empty component or a NUL byte", crate::shown(.0))]
     Unclean(String),
 }
 

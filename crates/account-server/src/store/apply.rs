@@ -3,7 +3,8 @@
 //! reach the same state.
 
 use duplex_proto::v1::log_entry::Mutation;
-use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes};
+use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes, ServerInfo};
+use duplex_types::{NameKind, ServerId, validate_name};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
 
@@ -13,6 +14,11 @@ use crate::error::AccountError;
 /// Applies one log entry's effect. Used by the master when it writes and
 /// (later) by slaves when they replay, so both reach the same state.
 pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountError> {
+    // A slave takes the master's word for what to write, not for its
+    // shape: the same checks the master's handlers make run here, so an
+    // entry no handler could have written stops replication (the batch's
+    // transaction is dropped) instead of entering the state.
+    check(entry).map_err(|why| AccountError::Invalid(format!("log entry {}: {why}", entry.lsn)))?;
     match &entry.mutation {
         Some(Mutation::CreateAccount(c)) => {
             let record = AccountRecord {
@@ -66,6 +72,61 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
                 entry.lsn
             )));
         }
+    }
+    Ok(())
+}
+
+/// The domain checks of one entry, as the master's handlers apply them to
+/// the request the entry came from. Key records are checked where they
+/// are applied (`keys::apply_put`).
+fn check(entry: &LogEntry) -> Result<(), String> {
+    match &entry.mutation {
+        Some(Mutation::CreateAccount(c)) => {
+            validate_name(NameKind::Account, &c.name).map_err(|e| e.to_string())?;
+            validate_name(NameKind::Group, &c.group).map_err(|e| e.to_string())?;
+            ServerId::parse(&c.home_id).map_err(|e| e.to_string())?;
+            if c.token_hash.len() != 32 {
+                return Err("token hash is not 32 bytes".into());
+            }
+        }
+        Some(Mutation::SetGroup(g)) => validate_name(NameKind::Group, &g.name).map_err(|e| e.to_string())?,
+        Some(Mutation::PutStorageServer(p)) => {
+            let server = p.server.as_ref().ok_or("no server record")?;
+            check_server(server)?;
+        }
+        Some(Mutation::MoveHomes(m)) => {
+            ServerId::parse(&m.from_id).map_err(|e| e.to_string())?;
+            ServerId::parse(&m.to_id).map_err(|e| e.to_string())?;
+            for id in &m.previous_ids {
+                ServerId::parse(id).map_err(|e| e.to_string())?;
+            }
+        }
+        Some(Mutation::SetTicketKey(k)) => {
+            if k.secret.len() != 32 {
+                return Err("ticket secret is not 32 bytes".into());
+            }
+        }
+        Some(Mutation::PutAccountKey(_)) | Some(Mutation::RemoveAccountKey(_)) | None => {}
+    }
+    Ok(())
+}
+
+/// A storage server record as `RegisterStorageServer` accepts it.
+fn check_server(server: &ServerInfo) -> Result<(), String> {
+    ServerId::parse(&server.id).map_err(|e| e.to_string())?;
+    validate_name(NameKind::Server, &server.name).map_err(|e| e.to_string())?;
+    validate_name(NameKind::Site, &server.site).map_err(|e| e.to_string())?;
+    if server.kind != "storage" {
+        return Err(format!(
+            "server kind must be \"storage\", got {:?}",
+            duplex_types::shown(&server.kind)
+        ));
+    }
+    if !(server.addr.starts_with("http://") || server.addr.starts_with("https://")) {
+        return Err(format!(
+            "server address {:?} must be an http(s) URL",
+            duplex_types::shown(&server.addr)
+        ));
     }
     Ok(())
 }

@@ -259,3 +259,72 @@ fn account_keys_converge_and_the_last_is_kept() {
     }
     assert_eq!(master.keys_of(id).unwrap()[0].id, "bb");
 }
+
+/// A slave validates what it replays as the master validates requests: an
+/// entry no handler could have written stops the batch, and nothing of the
+/// batch is applied, not even the valid entries before it.
+#[test]
+fn a_slave_refuses_log_entries_that_fail_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = open(&dir, "master.redb");
+    master.put_storage_server(E, server(1, "storage-a")).unwrap();
+    master
+        .create_account(E, new_account("demo", "storage-a"))
+        .unwrap();
+    let good = master.entries_after(duplex_types::Lsn(0), 1000).unwrap();
+    let home_id = server(1, "storage-a").id;
+    let next = good.len() as u64 + 1;
+    let entry = |mutation| LogEntry {
+        lsn: next,
+        epoch: E.0,
+        time_unix_ms: 0,
+        mutation: Some(mutation),
+    };
+    let account = |name: &str, group: &str, home_id: &str| {
+        Mutation::CreateAccount(CreateAccount {
+            id: 99,
+            name: name.into(),
+            group: group.into(),
+            token_hash: vec![7; 32],
+            home_id: home_id.into(),
+            quota_bytes: 0,
+        })
+    };
+    let mut bad_server = server(2, "storage-b");
+    bad_server.kind = "coordinator".into();
+    let huge = "n".repeat(1 << 20);
+    let hostile = [
+        entry(account("../etc", "default", &home_id)),
+        entry(account(&huge, "default", &home_id)),
+        entry(account("fine", "no spaces", &home_id)),
+        entry(account("fine", "default", "not-a-uuid")),
+        entry(Mutation::SetGroup(SetGroup {
+            name: String::new(),
+            enabled: true,
+        })),
+        entry(Mutation::PutStorageServer(duplex_proto::v1::PutStorageServer {
+            server: Some(bad_server),
+        })),
+        entry(Mutation::SetTicketKey(SetTicketKey { secret: vec![1; 3] })),
+    ];
+    for bad in hostile {
+        let slave = open(&dir, "slave.redb");
+        let mut batch = good.clone();
+        batch.push(bad);
+        let err = slave.append_entries(&batch).unwrap_err();
+        assert!(matches!(err, AccountError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains(&format!("log entry {next}")), "{err}");
+        assert!(
+            err.to_string().len() < 300,
+            "the error echoes the input: {} bytes",
+            err.to_string().len()
+        );
+        assert_eq!(slave.account_count().unwrap(), 0, "nothing of the batch applied");
+        drop(slave);
+        std::fs::remove_file(dir.path().join("slave.redb")).unwrap();
+    }
+    // The valid batch alone replays.
+    let slave = open(&dir, "slave.redb");
+    slave.append_entries(&good).unwrap();
+    assert_eq!(slave.state_hash().unwrap(), master.state_hash().unwrap());
+}
