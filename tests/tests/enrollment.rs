@@ -137,7 +137,7 @@ fn servers_enroll_once_with_a_token_bound_to_them() {
         &d.join("mirror-a.log"),
     );
     assert!(first.addr.starts_with("https://"), "{}", first.addr);
-    wait_for("mirror-a to join", Duration::from_secs(20), || {
+    wait_for("mirror-a to join", Duration::from_secs(60), || {
         listed(&e, "mirror-a").then_some(())
     });
     assert_eq!(mode(&d.join("mirror-a")), 0o700);
@@ -153,19 +153,19 @@ fn servers_enroll_once_with_a_token_bound_to_them() {
 
     // A restart needs no token: the certificate is kept.
     first.kill();
-    wait_for("mirror-a to be seen down", Duration::from_secs(20), || {
+    wait_for("mirror-a to be seen down", Duration::from_secs(60), || {
         (!listed(&e, "mirror-a")).then_some(())
     });
     first.restart();
     wait_for(
         "mirror-a to rejoin with its certificate",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || listed(&e, "mirror-a").then_some(()),
     );
 
     // Removal revokes its certificate: restarted as it was, it is refused.
     first.kill();
-    wait_for("mirror-a to be seen down", Duration::from_secs(20), || {
+    wait_for("mirror-a to be seen down", Duration::from_secs(60), || {
         (!listed(&e, "mirror-a")).then_some(())
     });
     let out = ctl(&e, &["servers", "remove", "mirror-a"]);
@@ -173,7 +173,7 @@ fn servers_enroll_once_with_a_token_bound_to_them() {
     first.restart();
     wait_for(
         "the revoked mirror-a to be refused",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         || first.log_text().contains("has been revoked").then_some(()),
     );
     assert!(!listed(&e, "mirror-a"), "a revoked server joined");
@@ -225,7 +225,7 @@ fn certificates_renew_themselves_before_they_expire() {
     assert_ne!(std::fs::read_to_string(&cert).unwrap(), first);
     // Well past the first certificate's expiry, the mirror still heartbeats
     // with its renewed one.
-    wait_for("mirror-a to be listed healthy", Duration::from_secs(20), || {
+    wait_for("mirror-a to be listed healthy", Duration::from_secs(60), || {
         listed(&e, "mirror-a").then_some(())
     });
 }

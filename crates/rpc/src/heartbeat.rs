@@ -102,16 +102,17 @@ pub async fn run<R, RF, A, AF>(
     };
     let mut client = CoordinatorClient::new(channel);
     let mut interval = DEFAULT_INTERVAL;
-    let mut failing = false;
+    // The last failure logged: each new kind of failure is logged once
+    // (a refusal after a timeout must not be hidden behind it).
+    let mut failing: Option<String> = None;
     loop {
         let mut request = report().await;
         request.security_version = link.gate.version();
         let sent = Instant::now();
         match tokio::time::timeout(interval * 2, client.heartbeat(request)).await {
             Ok(Ok(response)) => {
-                if failing {
+                if failing.take().is_some() {
                     tracing::info!(coordinator = %link.url, "coordinator reachable again");
-                    failing = false;
                 }
                 let response = response.into_inner();
                 lease.set((response.lease_ms > 0).then(|| sent + Duration::from_millis(response.lease_ms)));
@@ -125,15 +126,19 @@ pub async fn run<R, RF, A, AF>(
                     apply(assignment).await;
                 }
             }
-            Ok(Err(status)) if !failing => {
-                tracing::warn!(coordinator = %link.url, %status, "heartbeat refused");
-                failing = true;
+            Ok(Err(status)) => {
+                let failure = format!("{:?}: {}", status.code(), status.message());
+                if failing.as_ref() != Some(&failure) {
+                    tracing::warn!(coordinator = %link.url, %status, "heartbeat refused");
+                    failing = Some(failure);
+                }
             }
-            Err(_) if !failing => {
-                tracing::warn!(coordinator = %link.url, "heartbeat timed out");
-                failing = true;
+            Err(_) => {
+                if failing.as_deref() != Some("timeout") {
+                    tracing::warn!(coordinator = %link.url, "heartbeat timed out");
+                    failing = Some("timeout".into());
+                }
             }
-            _ => {}
         }
         tokio::select! {
             () = stop.cancelled() => return,
