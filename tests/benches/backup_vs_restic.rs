@@ -8,11 +8,10 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-use duplex_tests::bench::{generate_tree, machine, write_section};
-use duplex_tests::{bin, wait_for};
+use duplex_tests::bench::{Playground, generate_tree, machine, write_section};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -41,7 +40,7 @@ fn main() {
          `cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic`\n\n\
          A generated {mib} MiB tree (60 % random data in 32 MiB files, 30 % text, 10 % small files), \
          first backup into an empty repository, warm page cache. Duplex goes through the playground \
-         (agent → storage server over gRPC on loopback, every chunk fsynced); restic writes a local \
+         (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk fsynced, mirrored synchronously to site b); restic writes a local \
          repository (compression `auto`). Machine: {}.\n\n\
          | tool | seconds | MiB/s |\n| --- | ---: | ---: |\n\
          | duplex | {duplex_secs:.2} | {:.1} |\n| restic {} | {restic_secs:.2} | {:.1} |\n\n\
@@ -58,40 +57,9 @@ fn main() {
 }
 
 fn time_duplex(work: &std::path::Path, tree: &std::path::Path) -> f64 {
-    let dir = work.join("playground");
-    let mut playground = Command::new(bin("duplexctl"))
-        .args(["playground", "--dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let info: serde_json::Value = wait_for("the playground", Duration::from_secs(60), || {
-        serde_json::from_slice(&std::fs::read(dir.join("playground.json")).ok()?).ok()
-    });
-    let start = Instant::now();
-    let out = Command::new(bin("duplex"))
-        .args(["backup", tree.to_str().unwrap(), "--json"])
-        .env("DUPLEX_ENDPOINT", info["endpoints"][0].as_str().unwrap())
-        .env("DUPLEX_TOKEN", info["account"]["token"].as_str().unwrap())
-        .env("DUPLEX_PASSWORD", duplex_tests::cluster::TEST_PASSPHRASE)
-        .output()
-        .unwrap();
-    let secs = start.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "duplex backup failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!(
-        "duplex: {secs:.2} s {}",
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
-    // SAFETY: SIGTERM to the playground we spawned.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(playground.id() as i32, libc::SIGTERM);
-    }
-    playground.wait().unwrap();
+    let playground = Playground::start(&work.join("playground"), &[]);
+    let (secs, snapshot) = playground.timed_backup(tree);
+    eprintln!("duplex: {secs:.2} s, snapshot {snapshot}");
     secs
 }
 

@@ -75,3 +75,100 @@ pub fn machine() -> String {
         .unwrap_or_default();
     format!("{cores} cores, {cpu}")
 }
+
+/// A `duplexctl playground` run for a bench; stopped with SIGTERM (every
+/// child with it) when dropped.
+pub struct Playground {
+    child: std::process::Child,
+    pub info: serde_json::Value,
+}
+
+impl Playground {
+    /// Starts a playground in `dir` with `extra` flags and waits for its
+    /// playground.json. The bench's own gRPC calls then trust its CA and
+    /// present its operator token.
+    pub fn start(dir: &Path, extra: &[&str]) -> Playground {
+        use std::process::{Command, Stdio};
+        let child = Command::new(crate::bin("duplexctl"))
+            .args(["playground", "--dir", dir.to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let info: serde_json::Value =
+            crate::wait_for("the playground", std::time::Duration::from_secs(90), || {
+                serde_json::from_slice(&std::fs::read(dir.join("playground.json")).ok()?).ok()
+            });
+        if let Some(ca) = info["ca"].as_str() {
+            let roots = duplex_rpc::tls::roots(Some(Path::new(ca))).unwrap();
+            let config = duplex_rpc::tls::client_config(roots, None).unwrap();
+            duplex_rpc::tls::set_client_mode(duplex_rpc::tls::ClientMode::ByScheme(config));
+        }
+        if let Some(token) = info["operator_token"].as_str() {
+            crate::use_operator_token(token);
+        }
+        Playground { child, info }
+    }
+
+    pub fn secure(&self) -> bool {
+        self.info["ca"].is_string()
+    }
+
+    /// `duplex ARGS` as the demo account.
+    pub fn duplex(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(crate::bin("duplex"));
+        cmd.args(args)
+            .env("DUPLEX_ENDPOINT", self.info["endpoints"][0].as_str().unwrap())
+            .env("DUPLEX_TOKEN", self.info["account"]["token"].as_str().unwrap())
+            .env("DUPLEX_PASSWORD", self.info["password"].as_str().unwrap());
+        match self.info["ca"].as_str() {
+            Some(ca) => cmd.env("DUPLEX_CA", ca),
+            None => cmd.env("DUPLEX_INSECURE_PLAINTEXT", "1"),
+        };
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "duplex {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Seconds a `duplex backup` of `tree` takes, and its snapshot id.
+    pub fn timed_backup(&self, tree: &Path) -> (f64, String) {
+        let start = std::time::Instant::now();
+        let out = self.duplex(&["backup", tree.to_str().unwrap(), "--json"]);
+        let secs = start.elapsed().as_secs_f64();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (secs, v["snapshot"].as_str().unwrap().to_owned())
+    }
+
+    /// Seconds a `duplex restore` of `snapshot` into `target` takes.
+    pub fn timed_restore(&self, snapshot: &str, target: &Path) -> f64 {
+        let start = std::time::Instant::now();
+        self.duplex(&["restore", snapshot, "--target", target.to_str().unwrap()]);
+        start.elapsed().as_secs_f64()
+    }
+
+    /// The playground.json entry of service `name`.
+    pub fn service(&self, name: &str) -> &serde_json::Value {
+        self.info["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+    }
+}
+
+impl Drop for Playground {
+    fn drop(&mut self) {
+        // SAFETY: SIGTERM to the playground this process spawned.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}

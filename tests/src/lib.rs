@@ -137,3 +137,21 @@ pub fn scrape(addr: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// Adds an account ticket to every call, as the agent does.
+#[derive(Clone)]
+pub struct WithTicket(tonic::metadata::BinaryMetadataValue);
+
+impl WithTicket {
+    pub fn new(ticket: &[u8]) -> Self {
+        Self(tonic::metadata::BinaryMetadataValue::from_bytes(ticket))
+    }
+}
+
+impl tonic::service::Interceptor for WithTicket {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert_bin(duplex_proto::TICKET_METADATA_KEY, self.0.clone());
+        Ok(req)
+    }
+}

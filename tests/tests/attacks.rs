@@ -95,15 +95,7 @@ enum As {
 
 /// Calls `path` with an empty request message, as `who`.
 async fn call(sites: &TwoSites, addr: &str, path: &str, who: &As) -> Result<(), tonic::Status> {
-    let channel = match who {
-        As::Cert(cert, key) => {
-            let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
-            let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
-            let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
-            duplex_rpc::client::channel_with(addr, config).unwrap()
-        }
-        _ => duplex_rpc::channel(addr).unwrap(),
-    };
+    let channel = channel_as(sites, addr, who);
     let mut request = tonic::Request::new(());
     if let As::Token(t) = who {
         request
@@ -111,6 +103,19 @@ async fn call(sites: &TwoSites, addr: &str, path: &str, who: &As) -> Result<(), 
             .insert("authorization", format!("Bearer {t}").parse().unwrap());
     }
     raw_unary(channel, path, request).await
+}
+
+/// A TLS channel to `addr`, presenting `who`'s certificate if it is one.
+fn channel_as(sites: &TwoSites, addr: &str, who: &As) -> Channel {
+    match who {
+        As::Cert(cert, key) => {
+            let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
+            let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
+            let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
+            duplex_rpc::client::channel_with(addr, config).unwrap()
+        }
+        _ => duplex_rpc::channel(addr).unwrap(),
+    }
 }
 
 /// An empty message: every request decodes from it (all fields default),
@@ -540,6 +545,30 @@ fn network_attacks_are_refused() {
         ),
     );
 
+    // A rogue process enrolling over the wire: without a token, with a
+    // made-up one, and with one already spent.
+    let (_key, csr) = duplex_rpc::pki::key_and_csr(&["127.0.0.1".into()]).unwrap();
+    for (what, token) in [("no", String::new()), ("a made-up", "7".repeat(64))] {
+        let result = rt.block_on(enroll_as(&sites, &token, &csr, "rogue-1"));
+        suite.expect(
+            format!("Enroll rogue-1 with {what} enrollment token"),
+            &[Code::Unauthenticated, Code::PermissionDenied],
+            result,
+        );
+    }
+    let issued = sites.ctl_json(&["servers", "token", "rogue-2", "--site", "a", "--kind", "storage"]);
+    let token = issued["token"].as_str().unwrap().to_owned();
+    rt.block_on(enroll_as(&sites, &token, &csr, "rogue-2"))
+        .expect("the first use of a token enrolls");
+    let result = rt.block_on(enroll_as(&sites, &token, &csr, "rogue-2"));
+    suite.expect(
+        "Enroll rogue-2 again with its spent token",
+        &[Code::PermissionDenied],
+        result,
+    );
+
+    one_account_against_another(&sites, &rt, &mut suite);
+
     // At rest: data dirs, keys, tokens and databases are their owner's only.
     for name in [
         "coordinator",
@@ -608,11 +637,7 @@ fn mode(path: &Path) -> u32 {
 async fn heartbeat_as(sites: &TwoSites, who: &As, name: &str) -> Result<(), tonic::Status> {
     use duplex_proto::v1::coordinator_client::CoordinatorClient;
     use duplex_proto::v1::{HeartbeatRequest, ServerInfo};
-    let As::Cert(cert, key) = who else { unreachable!() };
-    let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
-    let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
-    let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
-    let channel = duplex_rpc::client::channel_with(&sites.coordinator.addr, config).unwrap();
+    let channel = channel_as(sites, &sites.coordinator.addr, who);
     CoordinatorClient::new(channel)
         .heartbeat(HeartbeatRequest {
             server: Some(ServerInfo {
@@ -633,11 +658,7 @@ async fn heartbeat_as(sites: &TwoSites, who: &As, name: &str) -> Result<(), toni
 async fn register_as(sites: &TwoSites, account: &str, who: &As, name: &str) -> Result<(), tonic::Status> {
     use duplex_proto::v1::account_admin_client::AccountAdminClient;
     use duplex_proto::v1::{RegisterStorageServerRequest, ServerInfo};
-    let As::Cert(cert, key) = who else { unreachable!() };
-    let roots = duplex_rpc::tls::roots(Some(&sites.ca)).unwrap();
-    let creds = Arc::new(duplex_rpc::tls::Credentials::from_pem(cert, key).unwrap());
-    let config = duplex_rpc::tls::client_config(roots, Some(creds)).unwrap();
-    let channel = duplex_rpc::client::channel_with(account, config).unwrap();
+    let channel = channel_as(sites, account, who);
     AccountAdminClient::new(channel)
         .register_storage_server(RegisterStorageServerRequest {
             server: Some(ServerInfo {
@@ -651,4 +672,113 @@ async fn register_as(sites: &TwoSites, account: &str, who: &As, name: &str) -> R
         })
         .await
         .map(|_| ())
+}
+
+async fn enroll_as(sites: &TwoSites, token: &str, csr: &str, name: &str) -> Result<(), tonic::Status> {
+    use duplex_proto::v1::EnrollRequest;
+    use duplex_proto::v1::coordinator_client::CoordinatorClient;
+    CoordinatorClient::new(channel_as(sites, &sites.coordinator.addr, &As::Nobody))
+        .enroll(EnrollRequest {
+            token: token.into(),
+            csr_pem: csr.into(),
+            name: name.into(),
+            site: "a".into(),
+            kind: "storage".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+type Storage = duplex_proto::v1::storage_service_client::StorageServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, duplex_tests::WithTicket>,
+>;
+
+/// The storage data API of `token`'s home, with a ticket for `purpose`.
+async fn storage_as(sites: &TwoSites, token: &str, purpose: duplex_proto::v1::Purpose) -> Storage {
+    use duplex_proto::v1::LoginRequest;
+    use duplex_proto::v1::account_service_client::AccountServiceClient;
+    let ticket = AccountServiceClient::new(duplex_rpc::channel(&sites.account_a.addr).unwrap())
+        .login(LoginRequest {
+            token: token.to_owned(),
+            purpose: purpose as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ticket;
+    duplex_proto::v1::storage_service_client::StorageServiceClient::with_interceptor(
+        duplex_rpc::channel(&sites.storage_a.addr).unwrap(),
+        duplex_tests::WithTicket::new(&ticket),
+    )
+}
+
+/// One account holder against another's data: listing, restoring,
+/// fetching by chunk id, and overwriting a chunk it knows the id of.
+fn one_account_against_another(sites: &TwoSites, rt: &tokio::runtime::Runtime, suite: &mut Suite) {
+    use duplex_proto::v1::{Chunk, GetChunksRequest, ListSnapshotsRequest, Purpose};
+    let alice = sites.create_account("alice", None, Some("storage-a"));
+    let mallory = sites.create_account("mallory", None, Some("storage-a"));
+    let src = sites.path("alice-files");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("diary"), duplex_tests::tree::random_bytes(7, 300_000)).unwrap();
+    let snapshot = sites.backup(&alice, &src);
+
+    let listed = sites.duplex(&mallory, &["snapshots", "--json"]);
+    let seen = String::from_utf8_lossy(&listed.stdout).contains(&snapshot);
+    suite.expect(
+        "mallory lists alice's snapshots",
+        &[Code::PermissionDenied],
+        refused_if(!seen),
+    );
+    let target = sites.path("stolen");
+    let out = sites.duplex(
+        &mallory,
+        &["restore", &snapshot, "--target", target.to_str().unwrap()],
+    );
+    suite.expect(
+        "mallory restores alice's snapshot by id",
+        &[Code::PermissionDenied],
+        refused_if(!out.status.success() && !target.join("alice-files/diary").exists()),
+    );
+
+    // The ids of alice's manifest chunks, as the server sees them.
+    let ids = rt.block_on(async {
+        let mut storage = storage_as(sites, &alice, Purpose::Read).await;
+        let list = storage.list_snapshots(ListSnapshotsRequest {}).await.unwrap();
+        list.into_inner().snapshots[0].manifest_chunks.clone()
+    });
+    let fetched = rt.block_on(async {
+        let mut storage = storage_as(sites, &mallory, Purpose::Read).await;
+        let mut stream = storage
+            .get_chunks(GetChunksRequest { ids: ids.clone() })
+            .await?
+            .into_inner();
+        stream.message().await.map(|_| ())
+    });
+    suite.expect("mallory fetches alice's chunks by id", &[Code::NotFound], fetched);
+
+    // Mallory uploads garbage under alice's chunk id: it lands in
+    // mallory's account only, and alice's restore is untouched.
+    let garbage = {
+        let mut data = vec![1u8];
+        data.extend_from_slice(&[0; 64]);
+        Chunk {
+            id: ids[0].clone(),
+            data_hash: duplex_types::sealed::payload_hash(&data).to_vec(),
+            data: data.into(),
+        }
+    };
+    rt.block_on(async {
+        let mut storage = storage_as(sites, &mallory, Purpose::Backup).await;
+        storage.put_chunks(futures::stream::iter(vec![garbage])).await
+    })
+    .expect("mallory may store any chunk in her own account");
+    let restored = sites.restore(&alice, &snapshot, "alice-restored");
+    let intact = std::fs::read(restored.join("alice-files/diary")).unwrap()
+        == duplex_tests::tree::random_bytes(7, 300_000);
+    suite.expect(
+        "mallory overwrites alice's chunk by id",
+        &[Code::PermissionDenied],
+        refused_if(intact),
+    );
 }

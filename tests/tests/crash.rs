@@ -40,11 +40,12 @@ fn sigkill_during_backup_leaves_no_partial_snapshot() {
         .to_owned();
     let chunks_before = stored_chunks(&rt, &cluster.storage.addr).unwrap();
 
-    // Large enough that the backup is still running when the kill lands.
+    // Large enough that the backup is still running when the kill lands
+    // (at 8 chunks of about 1 MiB), small enough for a crowded CI disk.
     let big = cluster.path("big");
     std::fs::create_dir_all(&big).unwrap();
     for i in 0..6 {
-        std::fs::write(big.join(format!("part{i}")), random_bytes(10 + i, 64 * MIB)).unwrap();
+        std::fs::write(big.join(format!("part{i}")), random_bytes(10 + i, 32 * MIB)).unwrap();
     }
     let agent = Command::new(bin("duplex"))
         .args(["backup", big.to_str().unwrap(), "--json"])
