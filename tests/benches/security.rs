@@ -95,43 +95,54 @@ fn one_run(dir: &Path, flags: &[&str], tree: &Path, backlog: &Path, times: &mut 
     times.mirror.push(mirror);
 }
 
-/// Seconds mirror-a takes, from its start, to bring storage-b level with
-/// storage-a after `tree` was backed up while it was down.
+/// Seconds the mirrors take, from their start, to bring storage-b level
+/// with storage-a after `tree` was backed up while they were down.
 fn mirror_backlog(pg: &Playground, tree: &Path) -> f64 {
-    let mirror = pg.service("mirror-a");
-    // SAFETY: SIGKILL to a playground child, by the pid it recorded.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::kill(mirror["pid"].as_i64().unwrap() as i32, libc::SIGKILL);
+    let mirrors = [pg.service("mirror-a"), pg.service("mirror-b")];
+    for mirror in mirrors {
+        // SAFETY: SIGKILL to a playground child, by the pid it recorded.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(mirror["pid"].as_i64().unwrap() as i32, libc::SIGKILL);
+        }
     }
     pg.timed_backup(tree);
-    let cmd: Vec<&str> = mirror["cmd"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
     let (a, b) = (
         pg.service("storage-a")["addr"].as_str().unwrap(),
         pg.service("storage-b")["addr"].as_str().unwrap(),
     );
     let rt = runtime();
+    let behind = rt.block_on(async { (status(a).await, status(b).await) });
+    assert_ne!(behind.0, behind.1, "storage-b caught up with no mirror running");
     let start = Instant::now();
-    let mut restarted = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut restarted: Vec<_> = mirrors.iter().map(|m| start_again(m)).collect();
     wait_for("storage-b to catch up", Duration::from_secs(600), || {
         let (sa, sb) = rt.block_on(async { (status(a).await, status(b).await) });
         let (sa, sb) = (sa?, sb?);
         (sa == sb).then_some(())
     });
     let secs = start.elapsed().as_secs_f64();
-    let _ = restarted.kill();
-    let _ = restarted.wait();
+    for child in &mut restarted {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     secs
+}
+
+/// Starts a killed playground service again with the argv it recorded.
+fn start_again(service: &serde_json::Value) -> std::process::Child {
+    let cmd: Vec<&str> = service["cmd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// Chunks and snapshots a storage server holds.
@@ -242,7 +253,7 @@ fn report(mib: usize, runs: usize, secure: &Times, plain: &Times, s: &Sealing) -
          The playground as deployed (mTLS between servers, TLS to the agent, sync mirroring, \
          client-side encryption) against the same build started with `--insecure-plaintext` \
          (no TLS, no operator tokens), alternating, {runs} runs each, medians. A generated {mib} MiB \
-         tree backed up and restored; then mirror-a stopped, a {} MiB tree backed up, mirror-a \
+         tree backed up and restored; then both mirrors stopped, a {} MiB tree backed up, the mirrors \
          started again and timed until storage-b holds what storage-a holds. Machine: {}.\n\n\
          | | TLS on | TLS off | difference |\n| --- | ---: | ---: | ---: |\n{}{}{}\n\
          Encryption cannot be switched off (there is no plaintext chunk format to fall back to), \
