@@ -106,7 +106,9 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         ));
     }
     let metrics = metrics(node.clone());
-    let api = Arc::new(AccountApi::new(node.clone()));
+    // Without a coordinator there is no history to feed: nothing is queued.
+    let audit = config.coordinator.as_ref().map(|link| link.audit.clone());
+    let api = Arc::new(AccountApi::new(node.clone(), audit));
     let replication = AccountReplicationServer::new(ReplicationApi { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
