@@ -133,4 +133,21 @@ fn account_server_actions_are_in_history_with_who_and_from_where() {
             && detail(e).contains("created account demo")),
         "{events:?}"
     );
+    // Nothing was lost on the way, and the queue drains.
+    let metrics = wait_for(
+        "account-a's audit queue to drain",
+        Duration::from_secs(30),
+        || {
+            let m = sites.scrape(&sites.account_a.addr);
+            m.lines()
+                .any(|l| l.starts_with("duplex_audit_pending{") && l.ends_with(" 0"))
+                .then_some(m)
+        },
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("duplex_audit_dropped_total{") && l.ends_with(" 0")),
+        "{metrics}"
+    );
 }
