@@ -11,6 +11,7 @@ use duplex_proto::v1::account_admin_server::AccountAdminServer;
 use duplex_proto::v1::account_replication_server::AccountReplicationServer;
 use duplex_proto::v1::account_service_server::AccountServiceServer;
 use duplex_proto::v1::{HeartbeatRequest, ServerInfo};
+use duplex_rpc::audit::Outbox;
 use duplex_rpc::heartbeat::Lease;
 use duplex_rpc::metrics::{Exposition, MetricsFn};
 use duplex_rpc::ticket::TicketSigner;
@@ -105,8 +106,10 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
             shutdown.clone(),
         ));
     }
-    let metrics = metrics(node.clone());
-    let api = Arc::new(AccountApi::new(node.clone()));
+    // Without a coordinator there is no history to feed: nothing is queued.
+    let audit = config.coordinator.as_ref().map(|link| link.audit.clone());
+    let metrics = metrics(node.clone(), audit.clone());
+    let api = Arc::new(AccountApi::new(node.clone(), audit));
     let replication = AccountReplicationServer::new(ReplicationApi { node })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -172,9 +175,10 @@ fn heartbeat(
 }
 
 /// `/metrics`: role, epoch, LSN, replication state and lag.
-fn metrics(node: Arc<Node>) -> MetricsFn {
+fn metrics(node: Arc<Node>, audit: Option<Arc<Outbox>>) -> MetricsFn {
     Arc::new(move || {
         let node = node.clone();
+        let audit = audit.clone();
         Box::pin(async move {
             let mut e = Exposition::default();
             let name = node.info.name.clone();
@@ -217,6 +221,20 @@ fn metrics(node: Arc<Node>) -> MetricsFn {
             );
             if let Some(lag) = s.lag {
                 e.lag(&l, &lag);
+            }
+            if let Some(audit) = &audit {
+                e.gauge(
+                    "duplex_audit_pending",
+                    "Operator actions not yet in the coordinator's history.",
+                    &l,
+                    audit.len() as f64,
+                );
+                e.counter(
+                    "duplex_audit_dropped_total",
+                    "Operator actions dropped before the coordinator took them (queue full).",
+                    &l,
+                    audit.dropped() as f64,
+                );
             }
             for slave in &s.slaves {
                 let slave_name = slave.server.as_ref().map(|x| x.name.clone()).unwrap_or_default();

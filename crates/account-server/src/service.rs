@@ -15,6 +15,8 @@ use duplex_proto::v1::{
     PutKeyRequest, ReapplyRequest, ReapplyResponse, ReapplyResult, RegisterStorageServerRequest,
     RegisterStorageServerResponse, RemoveKeyRequest, ServerInfo, SetGroupEnabledRequest, TicketClaims,
 };
+use duplex_rpc::audit::Outbox;
+use duplex_rpc::auth::{Caller, Who, caller};
 use duplex_rpc::ticket::{TicketSigner, now_unix};
 use duplex_types::{Epoch, NameKind, ServerId, validate_name};
 use tonic::{Request, Response, Status};
@@ -34,13 +36,32 @@ pub struct AccountApi {
     pub node: Arc<Node>,
     /// Loaded on first use: a slave learns the secret through replication.
     signer: std::sync::Mutex<Option<Arc<TicketSigner>>>,
+    /// Operator actions on their way to the coordinator's history (none
+    /// without a coordinator).
+    outbox: Option<Arc<Outbox>>,
 }
 
 impl AccountApi {
-    pub fn new(node: Arc<Node>) -> Self {
+    pub fn new(node: Arc<Node>, outbox: Option<Arc<Outbox>>) -> Self {
         Self {
             node,
             signer: std::sync::Mutex::new(None),
+            outbox,
+        }
+    }
+
+    /// Logs an operator's action here and queues it for the coordinator's
+    /// history. Called only after the write succeeded: a refused or failed
+    /// call changed nothing.
+    fn audit(&self, caller: &Caller, detail: String) {
+        // The coordinator's own calls (failback disabling groups) are in
+        // history already, as the operation that made them.
+        if !matches!(caller.who, Who::Operator { .. }) {
+            return;
+        }
+        tracing::info!(by = %caller.describe(), %detail, "operator action");
+        if let Some(outbox) = &self.outbox {
+            outbox.record(caller, detail);
         }
     }
 
@@ -125,6 +146,32 @@ where
         .await
         .map_err(|e| Status::internal(format!("account task failed: {e}")))?
         .map_err(Status::from)
+}
+
+/// Most names one audit detail lists; the rest are counted.
+const NAMES_SHOWN: usize = 5;
+
+/// How history describes a bulk import: how many, which groups, the first
+/// few names.
+fn imported(records: &[AccountRecord]) -> String {
+    let mut groups: Vec<&str> = records.iter().map(|r| r.group.as_str()).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    format!(
+        "created {} accounts ({}) in group{} {}",
+        records.len(),
+        listed(records.iter().map(|r| r.name.as_str()), records.len()),
+        if groups.len() == 1 { "" } else { "s" },
+        listed(groups.iter().copied(), groups.len()),
+    )
+}
+
+fn listed<'a>(names: impl Iterator<Item = &'a str>, count: usize) -> String {
+    let mut shown: Vec<&str> = names.take(NAMES_SHOWN).collect();
+    let more = count.saturating_sub(shown.len());
+    let more = (more > 0).then(|| format!("and {more} more"));
+    shown.extend(more.as_deref());
+    shown.join(", ")
 }
 
 pub fn hash_token(token: &str) -> [u8; 32] {
@@ -276,11 +323,16 @@ impl AccountAdmin for AccountApi {
         &self,
         request: Request<CreateAccountRequest>,
     ) -> Result<Response<CreateAccountResponse>, Status> {
+        let caller = caller(&request);
         let (new, token) = self.new_account(request.into_inner())?;
         let (record, servers) = self
             .write(move |s, epoch| Ok((s.create_account(epoch, new)?, servers_by_id(s)?)))
             .await?;
         tracing::info!(account = %record.name, group = %record.group, "account created");
+        self.audit(
+            &caller,
+            format!("created account {} in group {}", record.name, record.group),
+        );
         Ok(Response::new(CreateAccountResponse {
             account: Some(view(&record, &servers)),
             token,
@@ -291,6 +343,7 @@ impl AccountAdmin for AccountApi {
         &self,
         request: Request<CreateAccountsRequest>,
     ) -> Result<Response<CreateAccountsResponse>, Status> {
+        let caller = caller(&request);
         let requests = request.into_inner().accounts;
         if requests.len() > MAX_BULK {
             return Err(Status::invalid_argument(format!(
@@ -308,6 +361,7 @@ impl AccountAdmin for AccountApi {
             .write(move |s, epoch| Ok((s.create_accounts(epoch, new)?, servers_by_id(s)?)))
             .await?;
         tracing::info!(count = records.len(), "accounts imported");
+        self.audit(&caller, imported(&records));
         let accounts = records
             .iter()
             .zip(tokens)
@@ -349,6 +403,7 @@ impl AccountAdmin for AccountApi {
         &self,
         request: Request<SetGroupEnabledRequest>,
     ) -> Result<Response<GroupView>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         validate_name(NameKind::Group, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let name = req.name.clone();
@@ -359,6 +414,14 @@ impl AccountAdmin for AccountApi {
             })
             .await?;
         tracing::info!(group = %req.name, enabled = req.enabled, "group updated");
+        self.audit(
+            &caller,
+            format!(
+                "{} group {} ({accounts} accounts)",
+                if req.enabled { "enabled" } else { "disabled" },
+                req.name
+            ),
+        );
         Ok(Response::new(GroupView {
             name: req.name,
             enabled: req.enabled,
@@ -430,6 +493,7 @@ impl AccountAdmin for AccountApi {
     }
 
     async fn reapply(&self, request: Request<ReapplyRequest>) -> Result<Response<ReapplyResponse>, Status> {
+        let caller = caller(&request);
         let req = request.into_inner();
         let entries = crate::divergence::decode_entries(&req.entries)?;
         let dry_run = req.dry_run;
@@ -438,6 +502,17 @@ impl AccountAdmin for AccountApi {
             .await?;
         for o in outcomes.iter().filter(|o| o.applied && !dry_run) {
             tracing::warn!(lsn = o.lsn, new_lsn = o.new_lsn, kind = o.kind, reason = %o.reason, "divergent entry re-applied");
+        }
+        // A dry run only reports what would fit.
+        if !dry_run {
+            let applied = outcomes.iter().filter(|o| o.applied).count();
+            self.audit(
+                &caller,
+                format!(
+                    "re-applied {applied} of {} divergent entries as new writes",
+                    outcomes.len()
+                ),
+            );
         }
         let results = outcomes
             .into_iter()
@@ -465,5 +540,31 @@ impl AccountAdmin for AccountApi {
         _request: Request<GetAccountStatusRequest>,
     ) -> Result<Response<AccountServerStatus>, Status> {
         Ok(Response::new(self.node.status().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, group: &str) -> AccountRecord {
+        AccountRecord {
+            name: name.into(),
+            group: group.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_import_is_described_without_listing_every_account() {
+        let one = imported(&[record("alice", "g")]);
+        assert_eq!(one, "created 1 accounts (alice) in group g");
+        let many: Vec<_> = (0..8)
+            .map(|i| record(&format!("u{i}"), if i % 2 == 0 { "even" } else { "odd" }))
+            .collect();
+        assert_eq!(
+            imported(&many),
+            "created 8 accounts (u0, u1, u2, u3, u4, and 3 more) in groups even, odd"
+        );
     }
 }

@@ -79,6 +79,12 @@ enum Msg {
         detail: String,
         caller: duplex_rpc::auth::Caller,
     },
+    Reported {
+        server: String,
+        stream: u64,
+        records: Vec<crate::audit::Reported>,
+        reply: oneshot::Sender<Result<(), Status>>,
+    },
     Answer {
         op: u64,
         phase: usize,
@@ -181,6 +187,7 @@ pub fn start(
         refusals: BTreeSet::new(),
         refused_any: false,
         enabling: None,
+        reported: crate::audit::Seen::default(),
     };
     if first_start {
         let next = owner.desired.clone();
@@ -270,6 +277,29 @@ impl Shared {
         });
     }
 
+    /// Records operator actions another server served (already validated,
+    /// see `crate::audit`); answers once they are in history, so the server
+    /// drops its copies only then.
+    pub async fn audit_reported(
+        &self,
+        server: &str,
+        stream: u64,
+        records: Vec<crate::audit::Reported>,
+    ) -> Result<(), Status> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Msg::Reported {
+                server: server.to_owned(),
+                stream,
+                records,
+                reply,
+            })
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is shutting down"))?
+    }
+
     pub(crate) fn wake(&self) {
         let _ = self.tx.send(Msg::Wake);
     }
@@ -297,6 +327,8 @@ struct Owner {
     refused_any: bool,
     /// The group being enabled again, if a call is out.
     enabling: Option<String>,
+    /// Operator actions other servers reported, so a resent one is recorded once.
+    reported: crate::audit::Seen,
 }
 
 impl Owner {
@@ -330,6 +362,14 @@ impl Owner {
             }
             Msg::Event { kind, detail } => self.record(kind, OperationState::Reported, detail, true),
             Msg::Audit { detail, caller } => self.record_audit(detail, &caller),
+            Msg::Reported {
+                server,
+                stream,
+                records,
+                reply,
+            } => {
+                let _ = reply.send(self.record_reported(&server, stream, records));
+            }
             Msg::Answer {
                 op,
                 phase,
@@ -495,6 +535,52 @@ impl Owner {
         if let Err(e) = self.commit(next, vec![event]) {
             tracing::error!(error = %e, "cannot record an operator action");
         }
+    }
+
+    /// One history event per reported action not recorded before, all in
+    /// one commit.
+    fn record_reported(
+        &mut self,
+        server: &str,
+        stream: u64,
+        records: Vec<crate::audit::Reported>,
+    ) -> Result<(), Status> {
+        let before = self.reported.clone();
+        let fresh: Vec<_> = records
+            .into_iter()
+            .filter(|r| self.reported.fresh(server, stream, r.seq))
+            .collect();
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let now = self.shared.clock.wall_ms();
+        let mut events = Vec::with_capacity(fresh.len());
+        for r in fresh {
+            tracing::info!(by = %r.by, role = %r.role, from = %r.addr, %server, detail = %r.detail,
+                "operator action reported");
+            events.push(pb::Operation {
+                id: self.next_id(),
+                kind: OperationKind::Audit.as_str().to_owned(),
+                state: OperationState::Done.as_str().to_owned(),
+                detail: format!("on {server}: {}", r.detail),
+                // The server's clock says when it happened, but never a
+                // time after this event is recorded.
+                started_unix_ms: if r.at_ms > 0 { r.at_ms.min(now) } else { now },
+                finished_unix_ms: now,
+                by: r.by,
+                by_role: r.role.as_str().to_owned(),
+                by_addr: r.addr,
+                ..Default::default()
+            });
+        }
+        let next = self.desired.clone();
+        if let Err(e) = self.commit(next, events) {
+            // Not seen after all: the server sends them again.
+            self.reported = before;
+            tracing::error!(error = %e, %server, "cannot record reported operator actions");
+            return Err(internal(e));
+        }
+        Ok(())
     }
 
     // ---- servers joining ------------------------------------------------

@@ -84,6 +84,8 @@ impl Shared {
             },
             assignment,
             security: None,
+            // Set by the service once it has recorded what the heartbeat reported.
+            audit_acknowledged: 0,
         };
         Ok((response, events, was_down))
     }

@@ -8,6 +8,7 @@
 //! the outside, so the same engine runs against real servers and in the
 //! simulation (`tests/simulation.rs`).
 
+pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod decide;

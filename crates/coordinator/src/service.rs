@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use duplex_proto::v1 as pb;
 use duplex_proto::v1::coordinator_server::Coordinator;
 use duplex_proto::v1::{
     CancelRequest, ClusterStatus, CreateOperatorRequest, CreatedOperator, EnrollRequest, EnrollmentToken,
@@ -33,6 +34,28 @@ impl CoordinatorApi {
         let op = self.engine.command(command, &caller.name()).await?;
         self.engine.audit(caller, what);
         Ok(op)
+    }
+
+    /// Records the operator actions a heartbeat carried; the highest
+    /// sequence number the server may now drop (0: none).
+    async fn reported(&self, server: &str, kind: &str, stream: u64, records: Vec<pb::AuditRecord>) -> u64 {
+        // The heartbeat was accepted, so its kind parsed and its sender is
+        // the server it names.
+        let Ok(kind) = kind.parse::<ServerKind>() else {
+            return 0;
+        };
+        let accepted = crate::audit::accept(kind, records);
+        for why in &accepted.refused {
+            tracing::warn!(%server, %kind, reason = %why, "reported operator actions ignored");
+        }
+        if accepted.records.is_empty() {
+            return accepted.considered;
+        }
+        match self.engine.audit_reported(server, stream, accepted.records).await {
+            Ok(()) => accepted.considered,
+            // Not recorded: the server keeps them and sends them again.
+            Err(_) => 0,
+        }
     }
 
     /// A heartbeat is accepted only from the server its certificate names.
@@ -133,11 +156,17 @@ impl Coordinator for CoordinatorApi {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = caller(&request);
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         self.check_sender(&caller, &request)?;
         let version = request.security_version;
+        let audit = std::mem::take(&mut request.audit);
+        let stream = request.audit_stream;
+        let sender = request.server.as_ref().map(|s| (s.name.clone(), s.kind.clone()));
         let mut response = self.engine.heartbeat(request).await?;
         response.security = self.security.state_for(version);
+        if let (Some((name, kind)), false) = (sender, audit.is_empty()) {
+            response.audit_acknowledged = self.reported(&name, &kind, stream, audit).await;
+        }
         Ok(Response::new(response))
     }
 

@@ -132,6 +132,7 @@ impl ServerArgs {
         self.coordinator.as_ref().map(|url| crate::heartbeat::Link {
             url: url.clone(),
             gate: secured.gate.clone(),
+            audit: std::sync::Arc::default(),
         })
     }
 

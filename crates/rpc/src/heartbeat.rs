@@ -28,6 +28,8 @@ pub struct Link {
     pub url: String,
     /// Updated from the security state each answer may carry.
     pub gate: std::sync::Arc<crate::auth::Gate>,
+    /// Operator actions the heartbeats carry to the coordinator's history.
+    pub audit: std::sync::Arc<crate::audit::Outbox>,
 }
 
 /// The write lease of a master or primary. Not enforced for a server that
@@ -108,6 +110,8 @@ pub async fn run<R, RF, A, AF>(
     loop {
         let mut request = report().await;
         request.security_version = link.gate.version();
+        request.audit = link.audit.pending();
+        request.audit_stream = link.audit.stream();
         let sent = Instant::now();
         match tokio::time::timeout(interval * 2, client.heartbeat(request)).await {
             Ok(Ok(response)) => {
@@ -115,6 +119,9 @@ pub async fn run<R, RF, A, AF>(
                     tracing::info!(coordinator = %link.url, "coordinator reachable again");
                 }
                 let response = response.into_inner();
+                // Only what the coordinator says it holds leaves the queue;
+                // the rest goes again with the next heartbeat.
+                link.audit.acknowledge(response.audit_acknowledged);
                 lease.set((response.lease_ms > 0).then(|| sent + Duration::from_millis(response.lease_ms)));
                 if let Some(security) = &response.security {
                     crate::security::apply_state(&link.gate, security);

@@ -1,5 +1,6 @@
 //! RPC plumbing shared by every Duplex server and client.
 
+pub mod audit;
 pub mod auth;
 pub mod cli;
 pub mod client;
