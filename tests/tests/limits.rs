@@ -80,8 +80,11 @@ fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
     for _ in 0..2 {
         let (tx, rx) = mpsc::channel::<Chunk>(1);
         let request = with_ticket(ReceiverStream::new(rx), &alice_ticket);
-        let channel = duplex_rpc::channel(&cluster.storage.addr).unwrap();
-        let upload = rt.spawn(async move { StorageServiceClient::new(channel).put_chunks(request).await });
+        let addr = cluster.storage.addr.clone();
+        let upload = rt.spawn(async move {
+            let channel = duplex_rpc::channel(&addr).unwrap();
+            StorageServiceClient::new(channel).put_chunks(request).await
+        });
         held.push((tx, upload));
     }
     // Until both have reached the server, a third call may still pass.
