@@ -116,9 +116,7 @@ fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
     // An upload that finishes gives its place back.
     let (tx, upload) = held.pop().unwrap();
     drop(tx);
-    rt.block_on(upload)
-        .unwrap()
-        .expect("an empty upload succeeds");
+    rt.block_on(upload).unwrap().expect("an empty upload succeeds");
     wait_for("alice to be served again", DEADLINE, || {
         rt.block_on(list_snapshots(&cluster, &alice_ticket)).ok()
     });
@@ -146,7 +144,11 @@ fn forged_tickets_spend_nothing_of_the_account_they_name() {
         let refused = rt
             .block_on(list_snapshots(&cluster, &forged))
             .expect_err("a forged ticket");
-        assert_eq!(refused.code(), Code::Unauthenticated, "forged call {i}: {refused:?}");
+        assert_eq!(
+            refused.code(),
+            Code::Unauthenticated,
+            "forged call {i}: {refused:?}"
+        );
     }
     assert_eq!(limited(&cluster, "rate"), 0);
 
@@ -164,7 +166,9 @@ fn forged_tickets_spend_nothing_of_the_account_they_name() {
     assert!(served >= 5, "only {served} calls before the limit");
     assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
     assert!(
-        refusal.message().starts_with(&format!("account {bob_id} made 5 requests")),
+        refusal
+            .message()
+            .starts_with(&format!("account {bob_id} made 5 requests")),
         "{}",
         refusal.message()
     );

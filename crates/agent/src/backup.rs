@@ -124,8 +124,8 @@ pub async fn backup(
         async move { storage.commit_snapshot(request).await }
     })
     .await
-        .map_err(AgentError::rpc("committing the snapshot"))?
-        .into_inner();
+    .map_err(AgentError::rpc("committing the snapshot"))?
+    .into_inner();
     progress.finish_and_clear();
     Ok(BackupReport {
         snapshot: info.id,

@@ -30,8 +30,8 @@ pub async fn fetch_chunks(
         async move { storage.get_chunks(GetChunksRequest { ids }).await }
     })
     .await
-        .map_err(AgentError::rpc("fetching chunks"))?
-        .into_inner();
+    .map_err(AgentError::rpc("fetching chunks"))?
+    .into_inner();
     let mut expected = expected.into_iter();
     Ok(stream.then(move |item| {
         let want = expected.next();

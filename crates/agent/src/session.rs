@@ -69,7 +69,9 @@ where
     let mut pause = Duration::from_millis(50);
     loop {
         match call().await {
-            Err(status) if status.code() == Code::ResourceExhausted && start.elapsed() + pause < THROTTLED_FOR => {
+            Err(status)
+                if status.code() == Code::ResourceExhausted && start.elapsed() + pause < THROTTLED_FOR =>
+            {
                 tracing::debug!(message = status.message(), "over the account's limit; waiting");
                 tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
                 pause = (pause * 2).min(Duration::from_secs(2));

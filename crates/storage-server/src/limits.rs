@@ -504,10 +504,7 @@ mod tests {
         let limiter = Limiter::new(limits(1, 1000), Instant::now());
         // The test's "ticket": a plain header; none passes unlimited.
         let key: KeyFn<String> = Arc::new(|h: &http::HeaderMap| {
-            let account = h
-                .get("account")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+            let account = h.get("account").and_then(|v| v.to_str().ok()).map(str::to_owned);
             Box::pin(async move { account })
         });
         let mut svc = PerKey::new(limiter.clone(), key).layer(Streaming);
