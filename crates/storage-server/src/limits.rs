@@ -136,10 +136,6 @@ impl<K: Hash + Eq + Clone + Display> Limiter<K> {
         })
     }
 
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Calls refused by `limit` since start.
     pub fn refused(&self, limit: Limit) -> u64 {
         match limit {
