@@ -76,8 +76,7 @@ fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
     let (_, bob_ticket) = rt.block_on(login(&cluster, &bob, Purpose::Read));
 
     // Two uploads held open: the server waits for chunks that do not come.
-    let mut held = Vec::new();
-    for _ in 0..2 {
+    let hold = || {
         let (tx, rx) = mpsc::channel::<Chunk>(1);
         let request = with_ticket(ReceiverStream::new(rx), &alice_ticket);
         let addr = cluster.storage.addr.clone();
@@ -85,10 +84,24 @@ fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
             let channel = duplex_rpc::channel(&addr).unwrap();
             StorageServiceClient::new(channel).put_chunks(request).await
         });
-        held.push((tx, upload));
-    }
-    // Until both have reached the server, a third call may still pass.
+        (tx, upload)
+    };
+    let mut held = vec![hold(), hold()];
+    // The probe is one of alice's calls too: while an upload is still on
+    // its way, the probe may take its place and the upload be the one
+    // refused. Such an upload is sent again; a refused probe means both
+    // uploads are in.
     let refusal = wait_for("alice's third call to be refused", DEADLINE, || {
+        for slot in &mut held {
+            if slot.1.is_finished() {
+                let refused = rt
+                    .block_on(&mut slot.1)
+                    .unwrap()
+                    .expect_err("an upload with no end");
+                assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+                *slot = hold();
+            }
+        }
         rt.block_on(list_snapshots(&cluster, &alice_ticket)).err()
     });
     assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
