@@ -20,7 +20,7 @@ use crate::AgentError;
 use crate::chunking::{Batch, Uploader, chunk_stream};
 use crate::crypto::Keys;
 use crate::scan::{Item, scan};
-use crate::session::Session;
+use crate::session::{Session, throttled};
 
 /// Parallel upload streams (each its own pack on the server).
 const UPLOAD_STREAMS: usize = 2;
@@ -114,15 +114,18 @@ pub async fn backup(
         files,
         bytes,
     })?;
-    let mut storage = session.storage.clone();
-    let info = storage
-        .commit_snapshot(CommitSnapshotRequest {
-            manifest_chunks: manifest_chunks.iter().map(|c| c.to_vec()).collect(),
-            summary,
-        })
-        .await
-        .map_err(AgentError::rpc("committing the snapshot"))?
-        .into_inner();
+    let request = CommitSnapshotRequest {
+        manifest_chunks: manifest_chunks.iter().map(|c| c.to_vec()).collect(),
+        summary,
+    };
+    let info = throttled(|| {
+        let mut storage = session.storage.clone();
+        let request = request.clone();
+        async move { storage.commit_snapshot(request).await }
+    })
+    .await
+    .map_err(AgentError::rpc("committing the snapshot"))?
+    .into_inner();
     progress.finish_and_clear();
     Ok(BackupReport {
         snapshot: info.id,

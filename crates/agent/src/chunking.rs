@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::session::StorageClient;
+use crate::session::{StorageClient, throttled};
 
 pub const MIN_CHUNK: u32 = 256 * 1024;
 pub const AVG_CHUNK: u32 = 1024 * 1024;
@@ -73,10 +73,13 @@ impl Uploader {
         let request = MissingChunksRequest {
             ids: fresh.iter().map(|(id, _)| id.to_vec()).collect(),
         };
-        let mut storage = self.storage.clone();
         let missing = self
             .handle
-            .block_on(storage.missing_chunks(request))
+            .block_on(throttled(|| {
+                let mut storage = self.storage.clone();
+                let request = request.clone();
+                async move { storage.missing_chunks(request).await }
+            }))
             .map_err(AgentError::rpc("asking which chunks the server lacks"))?
             .into_inner()
             .missing;

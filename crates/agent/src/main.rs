@@ -318,7 +318,16 @@ fn worth_rediscovering(e: &anyhow::Error) -> bool {
         return false;
     };
     match status.code() {
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => true,
+        // ResourceExhausted: the account is over a server's per-account
+        // limits even after the call's own retries (an upload stream, or
+        // other agents of the account busy for long); the delay lets
+        // them finish.
+        Code::Unavailable
+        | Code::Unknown
+        | Code::Cancelled
+        | Code::DeadlineExceeded
+        | Code::Aborted
+        | Code::ResourceExhausted => true,
         Code::FailedPrecondition => [
             "duplex-primary",
             "duplex-master",

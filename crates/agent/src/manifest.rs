@@ -12,11 +12,11 @@ use prost::Message;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::session::StorageClient;
+use crate::session::{StorageClient, throttled};
 
 /// Streams the chunks `ids` in order, each opened and checked.
 pub async fn fetch_chunks(
-    mut storage: StorageClient,
+    storage: StorageClient,
     keys: Arc<Keys>,
     ids: Vec<Vec<u8>>,
 ) -> Result<impl Stream<Item = Result<Vec<u8>, AgentError>>, AgentError> {
@@ -24,11 +24,14 @@ pub async fn fetch_chunks(
         .iter()
         .map(|b| ChunkId::from_bytes(b).map_err(|e| AgentError::Invalid(e.to_string())))
         .collect::<Result<_, _>>()?;
-    let stream = storage
-        .get_chunks(GetChunksRequest { ids })
-        .await
-        .map_err(AgentError::rpc("fetching chunks"))?
-        .into_inner();
+    let stream = throttled(|| {
+        let mut storage = storage.clone();
+        let ids = ids.clone();
+        async move { storage.get_chunks(GetChunksRequest { ids }).await }
+    })
+    .await
+    .map_err(AgentError::rpc("fetching chunks"))?
+    .into_inner();
     let mut expected = expected.into_iter();
     Ok(stream.then(move |item| {
         let want = expected.next();

@@ -2,6 +2,9 @@
 //! token for a ticket, and open the home storage server with that ticket
 //! attached to every call.
 
+use std::future::Future;
+use std::time::Duration;
+
 use duplex_proto::v1::account_service_client::AccountServiceClient;
 use duplex_proto::v1::storage_service_client::StorageServiceClient;
 use duplex_proto::v1::{AccountView, LoginRequest, Purpose, ServerInfo};
@@ -43,6 +46,39 @@ pub struct Session {
     pub home: ServerInfo,
     /// URL actually used for storage calls.
     pub storage_url: String,
+}
+
+/// How long one storage call keeps retrying while the server says the
+/// account is over its per-account limits; after that the error goes to
+/// the command's own retry.
+const THROTTLED_FOR: Duration = Duration::from_secs(30);
+
+/// Runs a storage call again, after a growing pause, while the server
+/// refuses it with RESOURCE_EXHAUSTED: the account has too many calls in
+/// flight or too many in the last second (`--max-streams-per-account`,
+/// `--max-requests-per-account`). The server refuses such a call before
+/// its handler runs, so sending it again is safe even for a commit; a
+/// moment's wait is all it needs, not a new login. The pause is jittered
+/// so an agent's threads do not come back in step.
+pub async fn throttled<T, F, Fut>(mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let start = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match call().await {
+            Err(status)
+                if status.code() == Code::ResourceExhausted && start.elapsed() + pause < THROTTLED_FOR =>
+            {
+                tracing::debug!(message = status.message(), "over the account's limit; waiting");
+                tokio::time::sleep(pause.mul_f64(0.5 + rand::random::<f64>())).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Logs in through the first endpoint that answers.
@@ -102,4 +138,41 @@ fn open(options: &Options, login: duplex_proto::v1::LoginResponse) -> Result<Ses
         home,
         storage_url,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn throttled_calls_wait_and_retry_other_errors_return_at_once() {
+        let calls = AtomicU32::new(0);
+        let ok = throttled(|| async {
+            if calls.fetch_add(1, Ordering::SeqCst) < 3 {
+                Err(Status::resource_exhausted("account 1 has 32 calls in flight"))
+            } else {
+                Ok(7)
+            }
+        })
+        .await;
+        assert_eq!(ok.ok(), Some(7));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+        calls.store(0, Ordering::SeqCst);
+        let refused = throttled(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err::<(), _>(Status::unavailable("down"))
+        })
+        .await;
+        assert_eq!(refused.map_err(|s| s.code()), Err(Code::Unavailable));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+        // An account that stays over its limit fails in the end.
+        let start = tokio::time::Instant::now();
+        let exhausted = throttled(|| async { Err::<(), _>(Status::resource_exhausted("busy")) }).await;
+        assert_eq!(exhausted.map_err(|s| s.code()), Err(Code::ResourceExhausted));
+        assert!(start.elapsed() <= THROTTLED_FOR, "{:?}", start.elapsed());
+    }
 }

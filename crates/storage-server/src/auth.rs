@@ -61,6 +61,22 @@ impl Auth {
     }
 
     pub async fn check(&self, metadata: &MetadataMap, access: Access) -> Result<Caller, Status> {
+        let claims = self.claims(metadata).await?;
+        if access == Access::Write {
+            self.check_home(&claims)?;
+        }
+        authorize(claims, access)
+    }
+
+    /// The account a call's ticket was signed for, if the ticket verifies;
+    /// what the per-account limits key on, so a forged ticket naming
+    /// another account cannot spend that account's budget.
+    pub async fn account(&self, metadata: &MetadataMap) -> Option<AccountId> {
+        let claims = self.claims(metadata).await.ok()?;
+        Some(AccountId(claims.account_id))
+    }
+
+    async fn claims(&self, metadata: &MetadataMap) -> Result<TicketClaims, Status> {
         let ticket = metadata
             .get_bin(TICKET_METADATA_KEY)
             .ok_or_else(|| unauthenticated(TicketError::Missing))?
@@ -70,16 +86,11 @@ impl Auth {
         if !self.verifier.read().await.knows(&key_id) {
             self.refresh().await;
         }
-        let claims = self
-            .verifier
+        self.verifier
             .read()
             .await
             .verify(&ticket, now_unix())
-            .map_err(unauthenticated)?;
-        if access == Access::Write {
-            self.check_home(&claims)?;
-        }
-        authorize(claims, access)
+            .map_err(unauthenticated)
     }
 
     /// A write ticket must be for this server, from a master no older than

@@ -2,6 +2,7 @@
 
 pub mod auth;
 mod error;
+pub mod limits;
 pub mod mirroring;
 pub mod policy;
 pub mod replication;

@@ -1,5 +1,8 @@
 use clap::Parser;
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
+use std::num::NonZeroU32;
+
+use duplex_storage_server::limits::{self, Limits};
 use duplex_storage_server::mirroring::Mode;
 use duplex_storage_server::server::{Config, run};
 use duplex_storage_server::store::mirror::Role;
@@ -37,6 +40,17 @@ struct Cli {
     /// How long a sync commit waits for the mirror before degrading to async.
     #[arg(long, env = "DUPLEX_SYNC_WAIT", value_parser = humantime::parse_duration, default_value = "5s", global = true)]
     sync_wait: std::time::Duration,
+    /// Calls one account may have in flight on the data API (a download
+    /// counts until it has streamed whole); more are refused with
+    /// RESOURCE_EXHAUSTED, which agents retry. At least 1; an agent's
+    /// backup needs 3 (two uploads and a query).
+    #[arg(long, env = "DUPLEX_MAX_STREAMS_PER_ACCOUNT", value_name = "N", value_parser = at_least_one, default_value_t = DEFAULT_STREAMS, global = true)]
+    max_streams_per_account: NonZeroU32,
+    /// Requests per second one account may make on the data API, with a
+    /// burst of as many after a quiet second; more are refused with
+    /// RESOURCE_EXHAUSTED, which agents retry. At least 1.
+    #[arg(long, env = "DUPLEX_MAX_REQUESTS_PER_ACCOUNT", value_name = "PER_SECOND", value_parser = at_least_one, default_value_t = DEFAULT_RATE, global = true)]
+    max_requests_per_account: NonZeroU32,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -54,6 +68,25 @@ enum MirroringArg {
 }
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:7100";
+
+const DEFAULT_STREAMS: NonZeroU32 = nonzero(limits::DEFAULT_STREAMS);
+const DEFAULT_RATE: NonZeroU32 = nonzero(limits::DEFAULT_RATE);
+
+const fn nonzero(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("a default limit is zero"),
+    }
+}
+
+/// A limit of 0 would refuse every call, so it is refused at startup
+/// rather than taken to mean "unlimited".
+fn at_least_one(s: &str) -> Result<NonZeroU32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a whole number: {e}"))?;
+    NonZeroU32::new(n).ok_or_else(|| "0 would refuse every call; give at least 1".to_owned())
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -93,6 +126,10 @@ async fn main() -> anyhow::Result<()> {
             MirroringArg::Async => Mode::Async,
         },
         sync_wait: cli.sync_wait,
+        limits: Limits {
+            streams: cli.max_streams_per_account,
+            rate: cli.max_requests_per_account,
+        },
     };
     run(config, bound, shutdown).await?;
     Ok(())

@@ -17,9 +17,10 @@ use tonic::server::NamedService;
 use tonic::service::Routes;
 
 use duplex_proto::v1::storage_replication_server::StorageReplicationServer;
-use duplex_types::Epoch;
+use duplex_types::{AccountId, Epoch};
 
 use crate::auth::Auth;
+use crate::limits::{KeyFn, Limit, Limiter, Limits, PerKey};
 use crate::mirroring::{Mirroring, Mode};
 use crate::service::StorageApi;
 use crate::store::mirror::{Role, RoleState};
@@ -42,6 +43,8 @@ pub struct Config {
     pub sync_wait: Duration,
     pub coordinator: Option<duplex_rpc::heartbeat::Link>,
     pub secured: duplex_rpc::security::Secured,
+    /// What one account may do at once on the data API.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,12 +99,13 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     };
     tracing::info!(role = role.role.as_str(), epoch = role.epoch.0, "role");
     let initial = role.role;
+    let auth = Arc::new(Auth::new(
+        config.coordinator.is_some().then(|| config.name.clone()),
+        config.account_servers,
+    ));
     let api = Arc::new(StorageApi {
         store: Arc::new(store),
-        auth: Arc::new(Auth::new(
-            config.coordinator.is_some().then(|| config.name.clone()),
-            config.account_servers,
-        )),
+        auth: auth.clone(),
         info,
         role: tokio::sync::RwLock::new(role),
         mirroring: Arc::new(Mirroring::new(config.mirroring, config.sync_wait)),
@@ -127,10 +131,21 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
             shutdown.clone(),
         ));
     }
-    let metrics = metrics(api.clone());
-    let data = StorageServiceServer::from_arc(api.clone())
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let limiter = Limiter::new(config.limits, tokio::time::Instant::now());
+    tracing::info!(
+        streams = config.limits.streams.get(),
+        requests_per_second = config.limits.rate.get(),
+        "per-account limits on the data API"
+    );
+    let metrics = metrics(api.clone(), limiter.clone());
+    // Only the data API is limited per account: the admin and replication
+    // services are for servers and operators, checked by the guard.
+    let data = tower::Layer::layer(
+        &PerKey::new(limiter, ticket_account(auth)),
+        StorageServiceServer::from_arc(api.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+    );
     let admin = StorageAdminServer::from_arc(api.clone());
     let replication = StorageReplicationServer::from_arc(api)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -147,6 +162,17 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
     };
     duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
+}
+
+/// The account whose verified ticket a call carries: the per-account
+/// limits' key. The handler verifies the ticket again for its own access
+/// check; the signature check is cheap beside any call's work.
+fn ticket_account(auth: Arc<Auth>) -> KeyFn<AccountId> {
+    Arc::new(move |headers| {
+        let auth = auth.clone();
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        Box::pin(async move { auth.account(&metadata).await })
+    })
 }
 
 /// What this server tells the coordinator on each heartbeat.
@@ -182,15 +208,25 @@ fn heartbeat(
     }
 }
 
-/// `/metrics`: role, epoch, feed sequence, stored data, mirroring state and lag per link.
-fn metrics(api: Arc<StorageApi>) -> MetricsFn {
+/// `/metrics`: role, epoch, feed sequence, stored data, mirroring state,
+/// lag per link, calls refused by the per-account limits.
+fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn {
     Arc::new(move || {
         let api = api.clone();
+        let limiter = limiter.clone();
         Box::pin(async move {
             let mut e = Exposition::default();
             let name = api.info.name.clone();
             let l = [("server", name.as_str())];
             e.gauge("duplex_up", "1 while the server answers.", &l, 1.0);
+            for limit in [Limit::Streams, Limit::Rate] {
+                e.counter(
+                    "duplex_account_limited_total",
+                    "Data API calls refused because their account was over a per-account limit.",
+                    &[("server", name.as_str()), ("limit", limit.as_str())],
+                    limiter.refused(limit) as f64,
+                );
+            }
             let Ok(s) = api.status().await else {
                 return e.finish();
             };
