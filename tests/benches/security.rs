@@ -7,7 +7,7 @@
 //!     cargo build --release --bins && cargo bench -p duplex-tests --bench security
 //!
 //! `DUPLEX_BENCH_MIB` sets the tree size (default 512), `DUPLEX_BENCH_RUNS`
-//! the runs per mode (default 3).
+//! the runs per mode (default 7).
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,6 +19,7 @@ use duplex_agent::crypto::Keys;
 use duplex_proto::v1::GetStorageStatusRequest;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
 use duplex_tests::bench::{Playground, generate_tree, machine, write_section};
+use duplex_tests::tree::random_bytes;
 use duplex_tests::{runtime, wait_for};
 use duplex_types::ChunkId;
 
@@ -47,13 +48,23 @@ fn main() {
         return;
     }
     let mib = env_or("DUPLEX_BENCH_MIB", 512);
-    let runs = env_or("DUPLEX_BENCH_RUNS", 3);
+    let runs = env_or("DUPLEX_BENCH_RUNS", 7);
     let work = tempfile::tempdir().unwrap();
     let tree = work.path().join("tree");
     let backlog = work.path().join("backlog");
     eprintln!("generating {mib} MiB and {} MiB trees", mib / 2);
     generate_tree(&tree, mib);
-    generate_tree(&backlog, mib / 2);
+    // Content of its own: a tree from the same generator would dedup
+    // against the first one and leave the mirrors nothing to copy.
+    std::fs::create_dir_all(&backlog).unwrap();
+    for i in 0..(mib / 2).div_ceil(32) {
+        let len = 32.min(mib / 2 - i * 32) * 1024 * 1024;
+        std::fs::write(
+            backlog.join(format!("new{i:03}.bin")),
+            random_bytes(90_000 + i as u64, len),
+        )
+        .unwrap();
+    }
     Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -81,6 +92,8 @@ fn main() {
 }
 
 fn one_run(dir: &Path, flags: &[&str], tree: &Path, backlog: &Path, times: &mut Times) {
+    // Each run starts with no dirty pages left by the one before.
+    Command::new("sync").status().unwrap();
     let pg = Playground::start(dir, flags);
     let (backup, snapshot) = pg.timed_backup(tree);
     let restore = pg.timed_restore(&snapshot, &dir.join("restored"));
@@ -253,7 +266,7 @@ fn report(mib: usize, runs: usize, secure: &Times, plain: &Times, s: &Sealing) -
          The playground as deployed (mTLS between servers, TLS to the agent, sync mirroring, \
          client-side encryption) against the same build started with `--insecure-plaintext` \
          (no TLS, no operator tokens), alternating, {runs} runs each, medians. A generated {mib} MiB \
-         tree backed up and restored; then both mirrors stopped, a {} MiB tree backed up, the mirrors \
+         tree backed up and restored; then both mirrors stopped, {} MiB of new random data backed up, the mirrors \
          started again and timed until storage-b holds what storage-a holds. Machine: {}.\n\n\
          | | TLS on | TLS off | difference |\n| --- | ---: | ---: | ---: |\n{}{}{}\n\
          Encryption cannot be switched off (there is no plaintext chunk format to fall back to), \

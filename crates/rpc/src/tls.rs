@@ -49,7 +49,14 @@ pub enum TlsError {
 
 /// The ring provider, the one crypto backend Duplex builds with.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    // AES-128-GCM first: as safe for a session key that lives one
+    // connection, and a quarter less work per byte than AES-256 on the
+    // bulk paths (mirroring moves every chunk over two TLS legs).
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Who a server certificate names.
