@@ -2,7 +2,13 @@
 //! the destination holds, send only the chunks the destination lacks, then
 //! the snapshot records, and the new checkpoint in the same batch. The
 //! mirror keeps nothing: killed anywhere, it resumes from the destination's
-//! checkpoint and at most re-sends the batch that was not acknowledged.
+//! checkpoint and at most re-sends the batches that were not acknowledged.
+//!
+//! Reading and applying overlap: the next batch is read from the source
+//! while the destination writes and fsyncs the one before, so a link runs
+//! at the pace of the slower side rather than the sum of both. Batches
+//! are still applied one at a time and in order, so the checkpoint only
+//! moves forward; a chunk both batches carry is simply stored once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -125,27 +131,47 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
         s.checkpoint = checkpoint;
     });
     tracing::info!(source = %spec.source, destination = %spec.destination, checkpoint, "link running");
-    let mut limiter = RateLimiter::new(spec.rate);
-    loop {
-        let batch = gather(&mut feed).await?;
-        let Some(last) = batch.last().map(|r| r.seq) else {
-            continue;
-        };
-        let sent = send_batch(&mut src, &mut dst, &source_id, batch, last, &mut limiter).await?;
-        src.report_progress(ReportProgressRequest {
-            destination_id: destination_id.clone(),
-            destination: spec.destination.clone(),
-            applied_seq: last,
-        })
-        .await
-        .map_err(rpc("reporting progress"))?;
-        update(status, |s| {
-            s.checkpoint = last;
-            s.chunks_sent += sent.chunks;
-            s.bytes_sent += sent.bytes;
-            s.snapshots_sent += sent.snapshots;
-        });
-    }
+    // One batch read ahead while one is applied: at most three in memory.
+    let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
+    let reading = {
+        let (mut src, mut dst) = (src.clone(), dst.clone());
+        let source_id = source_id.clone();
+        async move {
+            let mut limiter = RateLimiter::new(spec.rate);
+            loop {
+                let batch = gather(&mut feed).await?;
+                let Some(last) = batch.last().map(|r| r.seq) else {
+                    continue;
+                };
+                let batch = prepare(&mut src, &mut dst, &source_id, batch, last, &mut limiter).await?;
+                if ready.send(batch).await.is_err() {
+                    return Ok::<(), LinkError>(());
+                }
+            }
+        }
+    };
+    let applying = async move {
+        while let Some(batch) = prepared.recv().await {
+            dst.apply_batch(futures::stream::iter(batch.items))
+                .await
+                .map_err(rpc("applying the batch on the destination"))?;
+            src.report_progress(ReportProgressRequest {
+                destination_id: destination_id.clone(),
+                destination: spec.destination.clone(),
+                applied_seq: batch.last,
+            })
+            .await
+            .map_err(rpc("reporting progress"))?;
+            update(status, |s| {
+                s.checkpoint = batch.last;
+                s.chunks_sent += batch.sent.chunks;
+                s.bytes_sent += batch.sent.bytes;
+                s.snapshots_sent += batch.sent.snapshots;
+            });
+        }
+        Ok(())
+    };
+    tokio::try_join!(reading, applying).map(|_| ())
 }
 
 /// Waits for one record, then takes whatever else arrives within a moment.
@@ -199,16 +225,23 @@ fn check_payload_hash(item: &duplex_proto::v1::AccountChunk) -> Result<(), LinkE
     Ok(())
 }
 
-/// Sends the chunks of `records` the destination lacks, their snapshot
-/// records, and the checkpoint `last`, as one batch.
-async fn send_batch(
+/// One batch read from the source, ready for the destination.
+struct Prepared {
+    items: Vec<MirrorItem>,
+    last: u64,
+    sent: Sent,
+}
+
+/// Reads the chunks of `records` the destination lacks and puts them, the
+/// snapshot records and the checkpoint `last` into one batch.
+async fn prepare(
     src: &mut Repl,
     dst: &mut Repl,
     source_id: &str,
     records: Vec<ChangeRecord>,
     last: u64,
     limiter: &mut RateLimiter,
-) -> Result<Sent, LinkError> {
+) -> Result<Prepared, LinkError> {
     // account → [(chunk id, origin)]
     let mut wanted: BTreeMap<u64, Vec<(Vec<u8>, String)>> = BTreeMap::new();
     let mut items = Vec::new();
@@ -281,10 +314,11 @@ async fn send_batch(
             seq: last,
         })),
     });
-    dst.apply_batch(futures::stream::iter(chunk_items))
-        .await
-        .map_err(rpc("applying the batch on the destination"))?;
-    Ok(sent)
+    Ok(Prepared {
+        items: chunk_items,
+        last,
+        sent,
+    })
 }
 
 /// Keeps a link's chunk traffic under `rate` bytes per second (0: no limit),
