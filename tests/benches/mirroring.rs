@@ -178,6 +178,7 @@ fn delta_resync() -> (u64, u64) {
     });
     let out = Command::new(duplex_tests::bin("duplexctl"))
         .args(["mirror", "status", &reverse.addr, "--json"])
+        .env("DUPLEX_INSECURE_PLAINTEXT", "1")
         .output()
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
