@@ -155,3 +155,20 @@ impl tonic::service::Interceptor for WithTicket {
         Ok(req)
     }
 }
+
+/// Logs in at the account server `account` as the account with `token`.
+pub async fn login(
+    account: &str,
+    token: &str,
+    purpose: duplex_proto::v1::Purpose,
+) -> duplex_proto::v1::LoginResponse {
+    use duplex_proto::v1::account_service_client::AccountServiceClient;
+    AccountServiceClient::new(duplex_rpc::channel(account).unwrap())
+        .login(duplex_proto::v1::LoginRequest {
+            token: token.to_owned(),
+            purpose: purpose as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}

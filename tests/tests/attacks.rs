@@ -695,16 +695,8 @@ type Storage = duplex_proto::v1::storage_service_client::StorageServiceClient<
 
 /// The storage data API of `token`'s home, with a ticket for `purpose`.
 async fn storage_as(sites: &TwoSites, token: &str, purpose: duplex_proto::v1::Purpose) -> Storage {
-    use duplex_proto::v1::LoginRequest;
-    use duplex_proto::v1::account_service_client::AccountServiceClient;
-    let ticket = AccountServiceClient::new(duplex_rpc::channel(&sites.account_a.addr).unwrap())
-        .login(LoginRequest {
-            token: token.to_owned(),
-            purpose: purpose as i32,
-        })
+    let ticket = duplex_tests::login(&sites.account_a.addr, token, purpose)
         .await
-        .unwrap()
-        .into_inner()
         .ticket;
     duplex_proto::v1::storage_service_client::StorageServiceClient::with_interceptor(
         duplex_rpc::channel(&sites.storage_a.addr).unwrap(),

@@ -10,9 +10,8 @@
 use std::time::Duration;
 
 use duplex_proto::TICKET_METADATA_KEY;
-use duplex_proto::v1::account_service_client::AccountServiceClient;
 use duplex_proto::v1::storage_service_client::StorageServiceClient;
-use duplex_proto::v1::{Chunk, ListSnapshotsRequest, LoginRequest, Purpose, Ticket, TicketClaims};
+use duplex_proto::v1::{Chunk, ListSnapshotsRequest, Purpose, Ticket, TicketClaims};
 use duplex_tests::tree::{assert_same_tree, mixed_tree};
 use duplex_tests::{Cluster, runtime, scrape, wait_for};
 use prost::Message;
@@ -26,15 +25,7 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Logs in as the account with `token`: its id and ticket.
 async fn login(cluster: &Cluster, token: &str, purpose: Purpose) -> (u64, Vec<u8>) {
-    let mut account = AccountServiceClient::new(duplex_rpc::channel(&cluster.account.addr).unwrap());
-    let response = account
-        .login(LoginRequest {
-            token: token.to_owned(),
-            purpose: purpose as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = duplex_tests::login(&cluster.account.addr, token, purpose).await;
     (response.account.unwrap().id, response.ticket)
 }
 

@@ -11,12 +11,12 @@ use duplex_proto::v1::storage_service_client::StorageServiceClient;
 use duplex_proto::v1::storage_service_server::{StorageService, StorageServiceServer};
 use duplex_proto::v1::{
     Chunk, CommitSnapshotRequest, EntryKind, FileEntry, GetChunksRequest, GetKeysRequest, GetSnapshotRequest,
-    ListSnapshotsRequest, ListSnapshotsResponse, LoginRequest, Manifest, MissingChunksRequest,
-    MissingChunksResponse, Purpose, PutChunksResponse, SnapshotInfo, VerifyRequest, VerifyResponse,
+    ListSnapshotsRequest, ListSnapshotsResponse, Manifest, MissingChunksRequest, MissingChunksResponse,
+    Purpose, PutChunksResponse, SnapshotInfo, VerifyRequest, VerifyResponse,
 };
 use duplex_tests::cluster::TEST_PASSPHRASE;
 use duplex_tests::tree::random_bytes;
-use duplex_tests::{Cluster, runtime};
+use duplex_tests::{Cluster, WithTicket, runtime};
 use duplex_types::ChunkId;
 use duplex_types::sealed::payload_hash;
 use prost::Message;
@@ -145,31 +145,16 @@ async fn login(
     purpose: Purpose,
 ) -> (
     StorageServiceClient<
-        tonic::service::interceptor::InterceptedService<
-            tonic::transport::Channel,
-            impl tonic::service::Interceptor,
-        >,
+        tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithTicket>,
     >,
     Vec<u8>,
 ) {
-    let mut account = AccountServiceClient::new(duplex_rpc::channel(&cluster.account.addr).unwrap());
-    let ticket = account
-        .login(LoginRequest {
-            token: token.to_owned(),
-            purpose: purpose as i32,
-        })
+    let ticket = duplex_tests::login(&cluster.account.addr, token, purpose)
         .await
-        .unwrap()
-        .into_inner()
         .ticket;
-    let value = MetadataValue::from_bytes(&ticket);
     let storage = StorageServiceClient::with_interceptor(
         duplex_rpc::channel(&cluster.storage.addr).unwrap(),
-        move |mut req: Request<()>| {
-            req.metadata_mut()
-                .insert_bin(duplex_proto::TICKET_METADATA_KEY, value.clone());
-            Ok(req)
-        },
+        WithTicket::new(&ticket),
     );
     (storage, ticket)
 }
