@@ -119,6 +119,17 @@ impl Cluster {
     pub fn backup(&self, token: &str, path: &Path) -> serde_json::Value {
         self.duplex_json(token, &["backup", path.to_str().unwrap()])
     }
+
+    /// Restores `snapshot` into a fresh directory `into`, asserting success.
+    pub fn restore(&self, token: &str, snapshot: &str, into: &str) -> PathBuf {
+        let target = self.path(into);
+        let out = self.duplex(
+            token,
+            &["restore", snapshot, "--target", target.to_str().unwrap()],
+        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        target
+    }
 }
 
 /// The encryption passphrase the harness gives every agent it runs.

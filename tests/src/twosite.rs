@@ -201,16 +201,28 @@ impl TwoSites {
         self.dir.path().join(rel)
     }
 
-    /// `duplexctl ARGS` against this platform's coordinator.
+    /// `duplexctl ARGS` against this platform's coordinator, as its admin.
     pub fn ctl(&self, args: &[&str]) -> Output {
+        self.ctl_as(&self.admin_token, args)
+    }
+
+    /// `duplexctl ARGS` as the operator with `token`.
+    pub fn ctl_as(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin("duplexctl"))
             .args(args)
             .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
             .env("DUPLEX_CA", &self.ca)
-            .env("DUPLEX_OPERATOR_TOKEN", &self.admin_token)
+            .env("DUPLEX_OPERATOR_TOKEN", token)
             .env_remove("DUPLEX_ENDPOINT")
             .output()
             .unwrap()
+    }
+
+    /// Creates an operator with `role`; its token.
+    pub fn create_operator(&self, name: &str, role: &str) -> String {
+        let v = self.ctl_json(&["operators", "create", name, "--role", role]);
+        assert_eq!(v["role"], role);
+        v["token"].as_str().unwrap().to_owned()
     }
 
     /// `duplexctl ARGS --json`, asserting success.

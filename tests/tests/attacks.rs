@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use duplex_tests::runtime;
 use duplex_tests::twosite::{Options, TwoSites};
-use duplex_tests::{bin, runtime};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -208,23 +208,6 @@ fn tls_material(dir: &Path) -> (String, String) {
     )
 }
 
-fn ctl_as(sites: &TwoSites, token: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(bin("duplexctl"))
-        .args(args)
-        .env("DUPLEX_COORDINATOR", &sites.coordinator.addr)
-        .env("DUPLEX_CA", &sites.ca)
-        .env("DUPLEX_OPERATOR_TOKEN", token)
-        .env_remove("DUPLEX_ENDPOINT")
-        .output()
-        .unwrap()
-}
-
-fn operator(sites: &TwoSites, name: &str, role: &str) -> String {
-    let v = sites.ctl_json(&["operators", "create", name, "--role", role]);
-    assert_eq!(v["role"], role);
-    v["token"].as_str().unwrap().to_owned()
-}
-
 #[test]
 fn network_attacks_are_refused() {
     let sites = TwoSites::start(Options::default());
@@ -293,8 +276,8 @@ fn network_attacks_are_refused() {
     }
 
     // A viewer and an operator beyond their roles; a revoked operator.
-    let viewer = operator(&sites, "vera", "viewer");
-    let oper = operator(&sites, "otto", "operator");
+    let viewer = sites.create_operator("vera", "viewer");
+    let oper = sites.create_operator("otto", "operator");
     // New operators reach every server with its next heartbeat answer.
     for (name, addr, services) in &servers {
         let read = methods(services)
@@ -367,7 +350,7 @@ fn network_attacks_are_refused() {
         &[Code::Unauthenticated],
         result,
     );
-    let revoked = ctl_as(&sites, &oper, &["failover", "--force"]);
+    let revoked = sites.ctl_as(&oper, &["failover", "--force"]);
     suite.expect(
         "duplexctl failover --force with a revoked operator token",
         &[Code::Unauthenticated],

@@ -8,24 +8,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use duplex_tests::twosite::{Options, TwoSites};
-use duplex_tests::{bin, wait_for};
-
-fn ctl_as(sites: &TwoSites, token: &str, args: &[&str]) -> Output {
-    std::process::Command::new(bin("duplexctl"))
-        .args(args)
-        .env("DUPLEX_COORDINATOR", &sites.coordinator.addr)
-        .env("DUPLEX_CA", &sites.ca)
-        .env("DUPLEX_OPERATOR_TOKEN", token)
-        .env_remove("DUPLEX_ENDPOINT")
-        .output()
-        .unwrap()
-}
-
-fn operator(sites: &TwoSites, name: &str, role: &str) -> String {
-    let v = sites.ctl_json(&["operators", "create", name, "--role", role]);
-    assert_eq!(v["role"], role);
-    v["token"].as_str().unwrap().to_owned()
-}
+use duplex_tests::wait_for;
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -36,7 +19,7 @@ fn stderr(out: &Output) -> String {
 fn succeeds(sites: &TwoSites, token: &str, args: &[&str]) -> Output {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let out = ctl_as(sites, token, args);
+        let out = sites.ctl_as(token, args);
         if out.status.success() {
             return out;
         }
@@ -60,8 +43,8 @@ fn detail(event: &serde_json::Value) -> &str {
 #[test]
 fn account_server_actions_are_in_history_with_who_and_from_where() {
     let sites = TwoSites::start(Options::default());
-    let otto = operator(&sites, "otto", "operator");
-    let vera = operator(&sites, "vera", "viewer");
+    let otto = sites.create_operator("otto", "operator");
+    let vera = sites.create_operator("vera", "viewer");
 
     succeeds(
         &sites,
@@ -74,7 +57,7 @@ fn account_server_actions_are_in_history_with_who_and_from_where() {
         "the viewer to be refused for her role",
         Duration::from_secs(30),
         || {
-            let out = ctl_as(&sites, &vera, &["accounts", "create", "mallory", "--json"]);
+            let out = sites.ctl_as(&vera, &["accounts", "create", "mallory", "--json"]);
             assert!(!out.status.success(), "a viewer created an account");
             let err = stderr(&out);
             err.contains("role viewer").then_some(err)

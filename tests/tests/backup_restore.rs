@@ -26,12 +26,7 @@ fn mixed_tree_restores_bit_for_bit_with_modes_and_mtimes() {
     assert_eq!(snaps[0]["files"], report["files"]);
     assert_eq!(snaps[0]["bytes"], report["bytes"]);
 
-    let target = cluster.path("restored");
-    let out = cluster.duplex(
-        &token,
-        &["restore", &snapshot, "--target", target.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = cluster.restore(&token, &snapshot, "restored");
     assert_same_tree(&src, &target.join("data"));
 
     let verify = cluster.duplex_json(&token, &["verify", &snapshot]);

@@ -190,12 +190,7 @@ fn a_backup_and_restore_never_meet_the_default_limits() {
         .as_str()
         .unwrap()
         .to_owned();
-    let target = cluster.path("restored");
-    let out = cluster.duplex(
-        &token,
-        &["restore", &snapshot, "--target", target.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = cluster.restore(&token, &snapshot, "restored");
     assert_same_tree(&src, &target.join("data"));
     assert_eq!(limited(&cluster, "streams"), 0);
     assert_eq!(limited(&cluster, "rate"), 0);
@@ -220,12 +215,7 @@ fn a_throttled_agent_waits_and_still_restores_bit_for_bit() {
         .as_str()
         .unwrap()
         .to_owned();
-    let target = cluster.path("restored");
-    let out = cluster.duplex(
-        &token,
-        &["restore", &snapshot, "--target", target.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let target = cluster.restore(&token, &snapshot, "restored");
     assert_same_tree(&src, &target.join("data"));
     assert!(
         limited(&cluster, "rate") > 0,
