@@ -1,11 +1,15 @@
 //! What TLS and client-side encryption cost, written to docs/BENCHMARKS.md:
 //! backup, restore and mirroring through the playground as deployed (mTLS
-//! between servers, TLS to clients) against the same build with
-//! `--insecure-plaintext`, alternating runs on one dataset; and the CPU time
-//! sealing (keyed id, AEAD) adds over hashing and compressing alone.
+//! between servers, TLS to clients, encryption) against the same build with
+//! `--insecure-plaintext`, and with an agent built without the cipher,
+//! alternating runs on one dataset; and the CPU time sealing (keyed id,
+//! AEAD) adds over hashing and compressing alone.
 //!
-//!     cargo build --release --bins && cargo bench -p duplex-tests --bench security
+//!     cargo build --release --bins
+//!     cargo build --release -p duplex-agent --features bench-unencrypted --target-dir target/unencrypted
+//!     cargo bench -p duplex-tests --bench security
 //!
+//! Without the second build the "both off" column is left out.
 //! `DUPLEX_BENCH_MIB` sets the tree size (default 512), `DUPLEX_BENCH_RUNS`
 //! the runs per mode (default 7).
 
@@ -74,35 +78,81 @@ fn main() {
         .status()
         .unwrap();
 
-    let (mut secure, mut plain) = (Times::default(), Times::default());
+    let unencrypted = unencrypted_agent();
+    let modes: &[Mode] = if unencrypted.is_some() {
+        &[Mode::Deployed, Mode::TlsOff, Mode::BothOff]
+    } else {
+        eprintln!(
+            "no {}: leaving out the both-off runs",
+            unencrypted_path().display()
+        );
+        &[Mode::Deployed, Mode::TlsOff]
+    };
+    let mut times: [Times; 3] = Default::default();
     for run in 0..runs {
-        for insecure in [false, true] {
-            let times = if insecure { &mut plain } else { &mut secure };
-            let dir = work.path().join(format!("run{run}-{insecure}"));
-            let flags: &[&str] = if insecure { &["--insecure-plaintext"] } else { &[] };
-            one_run(&dir, flags, &tree, &backlog, times);
+        for &mode in modes {
+            let dir = work.path().join(format!("run{run}-{mode:?}"));
+            let agent = match mode {
+                Mode::BothOff => unencrypted.clone(),
+                _ => None,
+            };
+            one_run(&dir, mode, agent, &tree, &backlog, &mut times[mode as usize]);
             std::fs::remove_dir_all(&dir).unwrap();
         }
     }
     let sealing = sealing_cost(&tree);
-    let body = report(mib, runs, &secure, &plain, &sealing);
+    let body = report(mib, runs, &times, &sealing);
     let path = write_section("security", &body);
     println!("{body}");
     eprintln!("written to {}", path.display());
 }
 
-fn one_run(dir: &Path, flags: &[&str], tree: &Path, backlog: &Path, times: &mut Times) {
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// The playground as deployed: mTLS, TLS to the agent, encryption.
+    Deployed,
+    /// `--insecure-plaintext`: no TLS, encryption still on.
+    TlsOff,
+    /// `--insecure-plaintext` and an agent built without the cipher.
+    BothOff,
+}
+
+fn unencrypted_path() -> std::path::PathBuf {
+    // target/release/duplex → target/unencrypted/release/duplex
+    let release = duplex_tests::bin("duplex-coordinator");
+    let target = release.parent().and_then(Path::parent).unwrap();
+    target.join("unencrypted/release/duplex")
+}
+
+/// The agent built with `bench-unencrypted`, when it has been built.
+fn unencrypted_agent() -> Option<std::path::PathBuf> {
+    let path = unencrypted_path();
+    path.exists().then_some(path)
+}
+
+fn one_run(
+    dir: &Path,
+    mode: Mode,
+    agent: Option<std::path::PathBuf>,
+    tree: &Path,
+    backlog: &Path,
+    times: &mut Times,
+) {
     // Each run starts with no dirty pages left by the one before.
     Command::new("sync").status().unwrap();
-    let pg = Playground::start(dir, flags);
+    let flags: &[&str] = match mode {
+        Mode::Deployed => &[],
+        Mode::TlsOff | Mode::BothOff => &["--insecure-plaintext"],
+    };
+    let mut pg = Playground::start(dir, flags);
+    if let Some(agent) = agent {
+        pg.agent = agent;
+    }
     let (backup, snapshot) = pg.timed_backup(tree);
     let restore = pg.timed_restore(&snapshot, &dir.join("restored"));
     std::fs::remove_dir_all(dir.join("restored")).unwrap();
     let mirror = mirror_backlog(&pg, backlog);
-    eprintln!(
-        "secure={}: backup {backup:.2} s, restore {restore:.2} s, mirror {mirror:.2} s",
-        pg.secure()
-    );
+    eprintln!("{mode:?}: backup {backup:.2} s, restore {restore:.2} s, mirror {mirror:.2} s");
     times.backup.push(backup);
     times.restore.push(restore);
     times.mirror.push(mirror);
@@ -256,46 +306,76 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-fn report(mib: usize, runs: usize, secure: &Times, plain: &Times, s: &Sealing) -> String {
-    let row = |what: &str, on: &[f64], off: &[f64], size: usize| {
-        let (on, off) = (median(on), median(off));
-        format!(
-            "| {what} | {on:.2} s ({:.0} MiB/s) | {off:.2} s ({:.0} MiB/s) | {:+.1} % |\n",
-            size as f64 / on,
-            size as f64 / off,
-            (on / off - 1.0) * 100.0
-        )
+fn report(mib: usize, runs: usize, times: &[Times; 3], s: &Sealing) -> String {
+    let [deployed, tls_off, both_off] = times;
+    let have_both_off = !both_off.backup.is_empty();
+    let pct = |on: f64, off: f64| format!("{:+.1} %", (on / off - 1.0) * 100.0);
+    let row = |what: &str, pick: fn(&Times) -> &Vec<f64>, size: usize| {
+        let cell = |t: &Times| {
+            let m = median(pick(t));
+            format!("{m:.2} s ({:.0} MiB/s)", size as f64 / m)
+        };
+        let (on, tls) = (median(pick(deployed)), median(pick(tls_off)));
+        if have_both_off {
+            let off = median(pick(both_off));
+            format!(
+                "| {what} | {} | {} | {} | {} | **{}** |\n",
+                cell(deployed),
+                cell(tls_off),
+                cell(both_off),
+                pct(on, tls),
+                pct(on, off)
+            )
+        } else {
+            format!(
+                "| {what} | {} | {} | {} |\n",
+                cell(deployed),
+                cell(tls_off),
+                pct(on, tls)
+            )
+        }
+    };
+    let header = if have_both_off {
+        "| | as deployed | TLS off | TLS and encryption off | TLS costs | TLS and encryption cost |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n"
+    } else {
+        "| | as deployed | TLS off | TLS costs |\n| --- | ---: | ---: | ---: |\n"
     };
     let seal_extra = s.seal - s.hash_compress;
     let open_extra = s.open - s.decompress_hash;
     format!(
         "## Security: what TLS and encryption cost\n\n\
-         `cargo build --release --bins && cargo bench -p duplex-tests --bench security`\n\n\
+         ```\ncargo build --release --bins\n\
+         cargo build --release -p duplex-agent --features bench-unencrypted --target-dir target/unencrypted\n\
+         cargo bench -p duplex-tests --bench security\n```\n\n\
          The playground as deployed (mTLS between servers, TLS to the agent, sync mirroring, \
          client-side encryption) against the same build started with `--insecure-plaintext` \
-         (no TLS, no operator tokens), alternating, {runs} runs each, medians. A generated {mib} MiB \
+         (no TLS, no operator tokens), and that again with an agent built with `bench-unencrypted` \
+         (everything but the cipher: chunks compressed, framed, hashed and verified at every hop, \
+         not encrypted; a build that runs only in plaintext mode, for this comparison), \
+         alternating, {runs} runs each, medians. A generated {mib} MiB \
          tree backed up and restored; then both mirrors stopped, {} MiB of new random data backed up, the mirrors \
-         started again and timed from the first chunk they copy until storage-b holds what storage-a holds. Machine: {}.\n\n\
-         | | TLS on | TLS off | difference |\n| --- | ---: | ---: | ---: |\n{}{}{}\n\
-         Encryption cannot be switched off (there is no plaintext chunk format to fall back to), \
-         so its cost is measured in-process on the same tree's {:.0} MiB of chunks, one core: \
+         started again and timed from the first chunk they copy until storage-b holds what storage-a holds \
+         (the agent plays no part in that copy, so only TLS can differ). Machine: {}.\n\n\
+         {header}{}{}{}\n\
+         In-process, one core, on the same tree's {:.0} MiB of chunks: \
          keyed id + zstd + XChaCha20-Poly1305 + payload hash took {:.2} s against {:.2} s for an \
-         unkeyed id + zstd alone, **{:.2} s more** ({:.1} % of the backup above, if none of it \
-         overlapped with I/O); opening (AEAD check, zstd, keyed id) {:.2} s against {:.2} s, \
-         **{:.2} s more** ({:.1} % of the restore).\n",
+         unkeyed id + zstd alone, {:.2} s more ({:.1} % of the backup above, if none of it \
+         overlapped); opening (AEAD check, zstd, keyed id) {:.2} s against {:.2} s, \
+         {:.2} s more ({:.1} % of the restore).\n",
         mib / 2,
         machine(),
-        row("backup", &secure.backup, &plain.backup, mib),
-        row("restore", &secure.restore, &plain.restore, mib),
-        row("mirror backlog", &secure.mirror, &plain.mirror, mib / 2),
+        row("backup", |t| &t.backup, mib),
+        row("restore", |t| &t.restore, mib),
+        row("mirror backlog", |t| &t.mirror, mib / 2),
         s.mib,
         s.seal,
         s.hash_compress,
         seal_extra,
-        seal_extra / median(&secure.backup) * 100.0,
+        seal_extra / median(&deployed.backup) * 100.0,
         s.open,
         s.decompress_hash,
         open_extra,
-        open_extra / median(&secure.restore) * 100.0,
+        open_extra / median(&deployed.restore) * 100.0,
     )
 }

@@ -81,6 +81,8 @@ pub fn machine() -> String {
 pub struct Playground {
     child: std::process::Child,
     pub info: serde_json::Value,
+    /// The `duplex` binary [`Playground::duplex`] runs.
+    pub agent: PathBuf,
 }
 
 impl Playground {
@@ -108,7 +110,11 @@ impl Playground {
         if let Some(token) = info["operator_token"].as_str() {
             crate::use_operator_token(token);
         }
-        Playground { child, info }
+        Playground {
+            child,
+            info,
+            agent: crate::bin("duplex"),
+        }
     }
 
     pub fn secure(&self) -> bool {
@@ -117,7 +123,7 @@ impl Playground {
 
     /// `duplex ARGS` as the demo account.
     pub fn duplex(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = std::process::Command::new(crate::bin("duplex"));
+        let mut cmd = std::process::Command::new(&self.agent);
         cmd.args(args)
             .env("DUPLEX_ENDPOINT", self.info["endpoints"][0].as_str().unwrap())
             .env("DUPLEX_TOKEN", self.info["account"]["token"].as_str().unwrap())

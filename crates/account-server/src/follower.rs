@@ -20,7 +20,7 @@ use crate::divergence;
 use crate::error::AccountError;
 use crate::node::Node;
 use crate::store::log::epoch_in;
-use crate::store::snapshot::decompress;
+use crate::store::snapshot::{MAX_SNAPSHOT_BYTES, decompress};
 
 /// Metadata key on the master's refusal telling a slave to bootstrap.
 pub const BOOTSTRAP_METADATA_KEY: &str = "duplex-bootstrap";
@@ -241,6 +241,12 @@ async fn bootstrap(node: &Arc<Node>, master: &str) -> Result<(), FollowError> {
         .into_inner();
     let mut bytes = Vec::new();
     while let Some(part) = stream.message().await? {
+        if (bytes.len() + part.data.len()) as u64 > MAX_SNAPSHOT_BYTES {
+            return Err(AccountError::Invalid(format!(
+                "the master's snapshot is over {MAX_SNAPSHOT_BYTES} bytes compressed"
+            ))
+            .into());
+        }
         bytes.extend_from_slice(&part.data);
     }
     let snapshot = decompress(&bytes)?;

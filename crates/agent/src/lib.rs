@@ -1,5 +1,6 @@
 //! The Duplex backup agent, as a library so tests can drive it in process.
 
+pub mod aead;
 pub mod backup;
 pub mod chunking;
 pub mod crypto;

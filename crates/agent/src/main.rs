@@ -162,6 +162,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if cfg!(feature = "bench-unencrypted") {
+        if !cli.insecure_plaintext {
+            anyhow::bail!(
+                "this duplex was built with bench-unencrypted, a benchmark's baseline that does not encrypt: \
+                 it runs only with --insecure-plaintext"
+            );
+        }
+        eprintln!("WARNING: built with bench-unencrypted: chunks are NOT encrypted (benchmarks only)");
+    }
     duplex_rpc::tls::setup_client(cli.ca.as_deref(), cli.insecure_plaintext)?;
     let options = Options {
         endpoints: cli.endpoint.clone(),

@@ -42,7 +42,8 @@ pub fn channel(url: &str) -> Result<Channel, ClientError> {
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .initial_stream_window_size(Some(4 * 1024 * 1024))
-        .initial_connection_window_size(Some(16 * 1024 * 1024));
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .max_frame_size(crate::MAX_FRAME_SIZE);
     match (crate::tls::client_mode(), https) {
         (ClientMode::Plaintext | ClientMode::ByScheme(_), false) => Ok(endpoint.connect_lazy()),
         (ClientMode::Tls(config) | ClientMode::ByScheme(config), true) => Ok(tls_channel(endpoint, config)),

@@ -132,6 +132,7 @@ pub async fn serve(
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(4 * 1024 * 1024))
         .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .max_frame_size(crate::MAX_FRAME_SIZE)
         .layer(guard)
         .add_routes(routes)
         .serve_with_incoming_shutdown(

@@ -323,6 +323,18 @@ pub fn scheme() -> &'static str {
     }
 }
 
+/// What TLS runs over: TCP read through a buffer. rustls asks for at most
+/// 4 KiB per read, so a 16 KiB record took four `recv` calls; the buffer
+/// takes whatever the socket holds in one and hands it out from memory.
+type Wire = tokio::io::BufReader<TcpStream>;
+
+/// Room for several full TLS records (16 KiB each) per `recv`.
+const WIRE_READ_BUFFER: usize = 256 * 1024;
+
+fn wire(tcp: TcpStream) -> Wire {
+    tokio::io::BufReader::with_capacity(WIRE_READ_BUFFER, tcp)
+}
+
 /// Dials TCP then TLS for a tonic channel, naming the host the URI names.
 #[derive(Clone)]
 pub(crate) struct Dialer {
@@ -330,7 +342,7 @@ pub(crate) struct Dialer {
 }
 
 impl tower::Service<http::Uri> for Dialer {
-    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<Wire>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -350,7 +362,7 @@ impl tower::Service<http::Uri> for Dialer {
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(host.clone())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("host {host:?}: {e}")))?;
-            let tls = connector.connect(name, tcp).await?;
+            let tls = connector.connect(name, wire(tcp)).await?;
             Ok(hyper_util::rt::TokioIo::new(tls))
         })
     }
@@ -364,7 +376,7 @@ pub struct Conn {
 
 enum Io {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<Wire>>),
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -470,7 +482,7 @@ pub fn accept(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(wire(tcp))).await {
                     Ok(Ok(stream)) => {
                         let peer = peer_of(addr, &stream);
                         let _ = tx
@@ -492,7 +504,7 @@ pub fn accept(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-fn peer_of(addr: SocketAddr, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> Peer {
+fn peer_of(addr: SocketAddr, stream: &tokio_rustls::server::TlsStream<Wire>) -> Peer {
     let presented = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
     let cert = presented.and_then(|der| parse_peer_cert(der));
     Peer {

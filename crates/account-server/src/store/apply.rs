@@ -3,7 +3,7 @@
 //! reach the same state.
 
 use duplex_proto::v1::log_entry::Mutation;
-use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes, ServerInfo};
+use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes, ServerInfo, StateSnapshot};
 use duplex_types::{NameKind, ServerId, validate_name};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
@@ -81,14 +81,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
 /// are applied (`keys::apply_put`).
 fn check(entry: &LogEntry) -> Result<(), String> {
     match &entry.mutation {
-        Some(Mutation::CreateAccount(c)) => {
-            validate_name(NameKind::Account, &c.name).map_err(|e| e.to_string())?;
-            validate_name(NameKind::Group, &c.group).map_err(|e| e.to_string())?;
-            ServerId::parse(&c.home_id).map_err(|e| e.to_string())?;
-            if c.token_hash.len() != 32 {
-                return Err("token hash is not 32 bytes".into());
-            }
-        }
+        Some(Mutation::CreateAccount(c)) => check_account(&c.name, &c.group, &c.home_id, &c.token_hash)?,
         Some(Mutation::SetGroup(g)) => validate_name(NameKind::Group, &g.name).map_err(|e| e.to_string())?,
         Some(Mutation::PutStorageServer(p)) => {
             let server = p.server.as_ref().ok_or("no server record")?;
@@ -101,12 +94,51 @@ fn check(entry: &LogEntry) -> Result<(), String> {
                 ServerId::parse(id).map_err(|e| e.to_string())?;
             }
         }
-        Some(Mutation::SetTicketKey(k)) => {
-            if k.secret.len() != 32 {
-                return Err("ticket secret is not 32 bytes".into());
-            }
-        }
+        Some(Mutation::SetTicketKey(k)) => check_ticket_secret(&k.secret)?,
         Some(Mutation::PutAccountKey(_)) | Some(Mutation::RemoveAccountKey(_)) | None => {}
+    }
+    Ok(())
+}
+
+/// The checks `check` makes, over every record of a state snapshot, so a
+/// slave bootstrapping from one holds no state the log could not give it.
+pub fn check_snapshot(snapshot: &StateSnapshot) -> Result<(), String> {
+    for a in &snapshot.accounts {
+        check_account(&a.name, &a.group, &a.home_id, &a.token_hash)
+            .map_err(|why| format!("account {}: {why}", a.id))?;
+        if !a.previous_home_id.is_empty() {
+            ServerId::parse(&a.previous_home_id).map_err(|e| format!("account {}: {e}", a.id))?;
+        }
+    }
+    for g in &snapshot.groups {
+        validate_name(NameKind::Group, &g.name).map_err(|e| e.to_string())?;
+    }
+    for s in snapshot
+        .storage_servers
+        .iter()
+        .chain(&snapshot.retired_storage_servers)
+    {
+        check_server(s)?;
+    }
+    if !snapshot.ticket_secret.is_empty() {
+        check_ticket_secret(&snapshot.ticket_secret)?;
+    }
+    Ok(())
+}
+
+fn check_account(name: &str, group: &str, home_id: &str, token_hash: &[u8]) -> Result<(), String> {
+    validate_name(NameKind::Account, name).map_err(|e| e.to_string())?;
+    validate_name(NameKind::Group, group).map_err(|e| e.to_string())?;
+    ServerId::parse(home_id).map_err(|e| e.to_string())?;
+    if token_hash.len() != 32 {
+        return Err("token hash is not 32 bytes".into());
+    }
+    Ok(())
+}
+
+fn check_ticket_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() != 32 {
+        return Err("ticket secret is not 32 bytes".into());
     }
     Ok(())
 }

@@ -92,6 +92,8 @@ impl AccountStore {
 
     /// Replaces all replicated state (and the log) with `snapshot`.
     pub fn install_snapshot(&self, snapshot: &StateSnapshot) -> Result<(), AccountError> {
+        super::apply::check_snapshot(snapshot)
+            .map_err(|why| AccountError::Invalid(format!("snapshot at LSN {}: {why}", snapshot.lsn)))?;
         let txn = self.db.begin_write()?;
         txn.delete_table(ACCOUNTS)?;
         txn.delete_table(STORAGE)?;
@@ -193,9 +195,25 @@ pub fn compress(snapshot: &StateSnapshot) -> Result<Vec<u8>, AccountError> {
         .map_err(|e| AccountError::Corrupt(format!("compressing snapshot: {e}")))
 }
 
+/// Largest snapshot a slave takes, compressed or not: far above a million
+/// accounts with their keys, and a bound on what a bad master can make a
+/// slave allocate.
+pub const MAX_SNAPSHOT_BYTES: u64 = 4 << 30;
+
 pub fn decompress(bytes: &[u8]) -> Result<StateSnapshot, AccountError> {
-    let raw = zstd::stream::decode_all(bytes)
+    use std::io::Read;
+    let decoder = zstd::stream::read::Decoder::new(bytes)
         .map_err(|e| AccountError::Invalid(format!("snapshot does not decompress: {e}")))?;
+    let mut raw = Vec::new();
+    decoder
+        .take(MAX_SNAPSHOT_BYTES + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| AccountError::Invalid(format!("snapshot does not decompress: {e}")))?;
+    if raw.len() as u64 > MAX_SNAPSHOT_BYTES {
+        return Err(AccountError::Invalid(format!(
+            "snapshot decompresses to more than {MAX_SNAPSHOT_BYTES} bytes"
+        )));
+    }
     StateSnapshot::decode(raw.as_slice())
         .map_err(|e| AccountError::Invalid(format!("snapshot does not decode: {e}")))
 }

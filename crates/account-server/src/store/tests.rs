@@ -1,5 +1,7 @@
 use duplex_proto::v1::log_entry::Mutation;
-use duplex_proto::v1::{CreateAccount, LogEntry, MoveHomesRequest, ServerInfo, SetGroup, SetTicketKey};
+use duplex_proto::v1::{
+    CreateAccount, LogEntry, MoveHomesRequest, ServerInfo, SetGroup, SetTicketKey, StateSnapshot,
+};
 use duplex_types::Epoch;
 
 use super::{AccountStore, NewAccount};
@@ -30,6 +32,16 @@ fn new_account(name: &str, home: &str) -> NewAccount {
         home: Some(home.into()),
         quota_bytes: 0,
     }
+}
+
+/// A store holding storage-a and one account homed on it.
+fn with_account(dir: &tempfile::TempDir, file: &str, account: &str) -> AccountStore {
+    let store = open(dir, file);
+    store.put_storage_server(E, server(1, "storage-a")).unwrap();
+    store
+        .create_account(E, new_account(account, "storage-a"))
+        .unwrap();
+    store
 }
 
 fn moves(from: &str, to: &str, returning: bool, retire: bool, previous: &str) -> MoveHomesRequest {
@@ -135,11 +147,7 @@ fn lost_account(id: u64, name: &str, home: &ServerInfo, group: &str) -> Mutation
 #[test]
 fn reapply_recreates_what_still_fits_and_says_why_not_otherwise() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(&dir, "a.redb");
-    store.put_storage_server(E, server(1, "storage-a")).unwrap();
-    store
-        .create_account(E, new_account("taken", "storage-a"))
-        .unwrap();
+    let store = with_account(&dir, "a.redb", "taken");
     let gone = server(9, "storage-gone");
     let entries = [
         entry(10, lost_account(1, "lost", &server(1, "storage-a"), "g")),
@@ -266,11 +274,7 @@ fn account_keys_converge_and_the_last_is_kept() {
 #[test]
 fn a_slave_refuses_log_entries_that_fail_validation() {
     let dir = tempfile::tempdir().unwrap();
-    let master = open(&dir, "master.redb");
-    master.put_storage_server(E, server(1, "storage-a")).unwrap();
-    master
-        .create_account(E, new_account("demo", "storage-a"))
-        .unwrap();
+    let master = with_account(&dir, "master.redb", "demo");
     let good = master.entries_after(duplex_types::Lsn(0), 1000).unwrap();
     let home_id = server(1, "storage-a").id;
     let next = good.len() as u64 + 1;
@@ -327,4 +331,55 @@ fn a_slave_refuses_log_entries_that_fail_validation() {
     let slave = open(&dir, "slave.redb");
     slave.append_entries(&good).unwrap();
     assert_eq!(slave.state_hash().unwrap(), master.state_hash().unwrap());
+}
+
+/// A snapshot is held to the checks a log entry is: a slave bootstrapping
+/// from a bad master's snapshot keeps the state it had.
+#[test]
+fn a_slave_refuses_snapshots_that_fail_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = with_account(&dir, "master.redb", "demo");
+    let good = master.state_snapshot().unwrap();
+    let mut bad_server = server(2, "storage-b");
+    bad_server.addr = "file:///etc/passwd".into();
+    type Spoil = Box<dyn Fn(&mut StateSnapshot)>;
+    let hostile: [(&str, Spoil); 6] = [
+        ("account name", Box::new(|s| s.accounts[0].name = "../etc".into())),
+        ("group", Box::new(|s| s.accounts[0].group = "n".repeat(1 << 20))),
+        ("home", Box::new(|s| s.accounts[0].home_id = "not-a-uuid".into())),
+        ("token hash", Box::new(|s| s.accounts[0].token_hash = vec![1; 5])),
+        (
+            "server",
+            Box::new(move |s| s.storage_servers.push(bad_server.clone())),
+        ),
+        ("ticket secret", Box::new(|s| s.ticket_secret = vec![1; 3])),
+    ];
+    let slave = open(&dir, "slave.redb");
+    slave.install_snapshot(&good).unwrap();
+    for (what, spoil) in hostile {
+        let mut bad = good.clone();
+        spoil(&mut bad);
+        let err = slave.install_snapshot(&bad).unwrap_err();
+        assert!(matches!(err, AccountError::Invalid(_)), "{what}: {err}");
+        assert!(err.to_string().len() < 300, "{what}: the error echoes the input");
+        assert_eq!(
+            slave.state_hash().unwrap(),
+            master.state_hash().unwrap(),
+            "{what}: the slave's state is untouched"
+        );
+    }
+}
+
+#[test]
+fn a_snapshot_round_trips_through_compression_and_garbage_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = open(&dir, "master.redb");
+    master.put_storage_server(E, server(1, "storage-a")).unwrap();
+    let snapshot = master.state_snapshot().unwrap();
+    let bytes = super::snapshot::compress(&snapshot).unwrap();
+    assert_eq!(super::snapshot::decompress(&bytes).unwrap(), snapshot);
+    assert!(matches!(
+        super::snapshot::decompress(b"not zstd at all"),
+        Err(AccountError::Invalid(_))
+    ));
 }
