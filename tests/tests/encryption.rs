@@ -337,6 +337,7 @@ fn a_tampered_payload_byte_is_detected_by_verify_and_refused_by_restore() {
     // The server's own check (no key needed) names the damaged chunk.
     let out = cluster.duplex(&token, &["verify", "--json"]);
     assert!(!out.status.success(), "verify passed over a tampered pack");
+    assert_eq!(out.status.code(), Some(5), "damaged data exits 5");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["corrupt"].as_array().unwrap().len(), 1, "{report}");
     let out = cluster.duplex(&token, &["verify", &snapshot, "--read-data", "--json"]);
@@ -363,6 +364,7 @@ fn a_tampered_payload_byte_is_detected_by_verify_and_refused_by_restore() {
         &["restore", &snapshot, "--target", target.to_str().unwrap()],
     );
     assert!(!out.status.success(), "restore of a tampered chunk succeeded");
+    assert_eq!(out.status.code(), Some(5), "damaged data exits 5");
     let err = stderr(&out);
     assert!(err.contains("DataLoss") || err.contains("integrity"), "{err}");
     assert!(

@@ -1,3 +1,4 @@
+use duplex_rpc::outln;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -156,9 +157,23 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// The exit code for a failure (see `duplex_rpc::exit`): damaged data is
+/// 5, a server nobody could reach 4.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    use duplex_rpc::exit;
+    for cause in e.chain() {
+        match cause.downcast_ref::<AgentError>() {
+            Some(AgentError::Integrity(_) | AgentError::Corrupt(_)) => return exit::INTEGRITY,
+            Some(AgentError::Rpc { status, .. }) => return exit::for_status(status),
+            _ => {}
+        }
+    }
+    exit::for_error(e.chain())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -278,17 +293,18 @@ async fn run_key(
         service.remove(&unlocked.record_id).await?;
     }
     if cli.json {
-        println!(
+        outln!(
             "{}",
             json!({ "id": added.id, "created": rfc3339(added.created_unix_ms) })
         );
     } else if replace {
-        println!(
+        outln!(
             "passphrase of account {name} changed (key {} replaces {})",
-            added.id, unlocked.record_id
+            added.id,
+            unlocked.record_id
         );
     } else {
-        println!("passphrase added to account {name} as key {}", added.id);
+        outln!("passphrase added to account {name} as key {}", added.id);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -300,11 +316,11 @@ async fn list_keys(service: &KeyService, json: bool) -> anyhow::Result<ExitCode>
             .iter()
             .map(|k| json!({ "id": k.id, "created": rfc3339(k.created_unix_ms) }))
             .collect();
-        println!("{}", json!({ "keys": list }));
+        outln!("{}", json!({ "keys": list }));
     } else {
-        println!("{:<10}  created", "id");
+        outln!("{:<10}  created", "id");
         for k in &keys {
-            println!("{:<10}  {}", k.id, rfc3339(k.created_unix_ms));
+            outln!("{:<10}  {}", k.id, rfc3339(k.created_unix_ms));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -370,12 +386,17 @@ async fn run_backup(
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "backing up");
     let warn_bar = bar.clone();
-    let warn = Arc::new(move |msg: String| warn_bar.suspend(|| eprintln!("warning: {msg}")));
+    let skipped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = skipped.clone();
+    let warn = Arc::new(move |msg: String| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        warn_bar.suspend(|| eprintln!("warning: {msg}"))
+    });
     let report = backup::backup(session, keys, paths, bar, warn).await?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
+        outln!(
             "snapshot {} saved to {}: {} files, {} (uploaded {})",
             report.snapshot,
             session.home.name,
@@ -383,6 +404,12 @@ async fn run_backup(
             human_bytes(report.bytes),
             human_bytes(report.uploaded_bytes)
         );
+    }
+    let skipped = skipped.load(std::sync::atomic::Ordering::Relaxed);
+    if skipped > 0 {
+        // As restic does: the snapshot is saved, but it lacks something.
+        eprintln!("warning: the snapshot lacks {skipped} item(s) that could not be read (see above)");
+        return Ok(ExitCode::from(duplex_rpc::exit::PARTIAL));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -424,14 +451,17 @@ where
                 })
             })
             .collect();
-        println!("{}", json!({ "snapshots": list }));
+        outln!("{}", json!({ "snapshots": list }));
     } else {
-        println!(
+        outln!(
             "{:<32}  {:<20}  {:>8}  {:>10}  paths",
-            "id", "time", "files", "size"
+            "id",
+            "time",
+            "files",
+            "size"
         );
         for (s, summary) in &rows {
-            println!(
+            outln!(
                 "{:<32}  {:<20}  {:>8}  {:>10}  {}",
                 s.id,
                 rfc3339(s.time_unix_ms),
@@ -454,9 +484,9 @@ async fn run_restore(
     let bar = progress_bar(json, "restoring");
     let report = restore::restore(session, keys, info, target, bar).await?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
-        println!(
+        outln!(
             "restored snapshot {} into {}: {} files, {} directories, {} symlinks, {}",
             report.snapshot,
             target.display(),
@@ -474,7 +504,7 @@ fn print_verify(snapshot: Option<String>, report: &verify::Report, json: bool) -
     let missing: Vec<String> = report.missing.iter().map(|c| hex(c)).collect();
     let corrupt: Vec<String> = report.corrupt.iter().map(|c| hex(c)).collect();
     if json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "ok": ok,
@@ -487,7 +517,7 @@ fn print_verify(snapshot: Option<String>, report: &verify::Report, json: bool) -
         );
     } else {
         let what = snapshot.map_or_else(|| "account".to_owned(), |s| format!("snapshot {s}"));
-        println!(
+        outln!(
             "{what}: {} chunks ({}) checked, {} read back and decrypted, {} missing, {} corrupt",
             report.chunks_checked,
             human_bytes(report.bytes_checked),
@@ -496,13 +526,17 @@ fn print_verify(snapshot: Option<String>, report: &verify::Report, json: bool) -
             corrupt.len()
         );
         for id in &missing {
-            println!("missing {id}");
+            outln!("missing {id}");
         }
         for id in &corrupt {
-            println!("corrupt {id}");
+            outln!("corrupt {id}");
         }
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(duplex_rpc::exit::INTEGRITY)
+    })
 }
 
 fn rfc3339(ms: i64) -> String {

@@ -6,6 +6,8 @@ use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::{
     CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
 };
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::outln;
 use serde_json::json;
 
 /// An admin client for the master account server, found through any
@@ -34,7 +36,7 @@ pub async fn connect(endpoints: &[String]) -> anyhow::Result<AccountAdminClient<
                 }
                 fallback.get_or_insert(client);
             }
-            Err(status) => last = Some(anyhow::anyhow!("{url}: {}", status.message())),
+            Err(status) => last = Some(call_failed(url.as_str())(status).into()),
         }
     }
     fallback.ok_or_else(|| {
@@ -90,20 +92,22 @@ pub async fn create_account(
         async move { client.create_account(request).await }
     })
     .await
-    .map_err(|s| anyhow::anyhow!("creating account {name:?}: {}", s.message()))?
+    .map_err(call_failed(format!("creating account {name:?}")))?
     .into_inner();
     let account = response.account.context("server returned no account")?;
     if json {
-        println!(
+        outln!(
             "{}",
             json!({"name": account.name, "token": response.token, "home": account.home})
         );
     } else {
-        println!(
+        outln!(
             "account {} created in group {} with home {}",
-            account.name, account.group, account.home
+            account.name,
+            account.group,
+            account.home
         );
-        println!("token (shown only once): {}", response.token);
+        outln!("token (shown only once): {}", response.token);
     }
     Ok(())
 }
@@ -115,7 +119,7 @@ pub async fn list_accounts(
     let accounts = client
         .list_accounts(ListAccountsRequest {})
         .await
-        .map_err(|s| anyhow::anyhow!("listing accounts: {}", s.message()))?
+        .map_err(call_failed("listing accounts"))?
         .into_inner()
         .accounts;
     if json {
@@ -123,11 +127,11 @@ pub async fn list_accounts(
             .iter()
             .map(|a| json!({"name": a.name, "group": a.group, "home": a.home}))
             .collect();
-        println!("{}", json!({ "accounts": list }));
+        outln!("{}", json!({ "accounts": list }));
     } else {
-        println!("{:<24} {:<16} home", "name", "group");
+        outln!("{:<24} {:<16} home", "name", "group");
         for a in &accounts {
-            println!("{:<24} {:<16} {}", a.name, a.group, a.home);
+            outln!("{:<24} {:<16} {}", a.name, a.group, a.home);
         }
     }
     Ok(())
@@ -140,7 +144,7 @@ pub async fn list_groups(
     let groups = client
         .list_groups(ListGroupsRequest {})
         .await
-        .map_err(|s| anyhow::anyhow!("listing groups: {}", s.message()))?
+        .map_err(call_failed("listing groups"))?
         .into_inner()
         .groups;
     if json {
@@ -148,11 +152,11 @@ pub async fn list_groups(
             .iter()
             .map(|g| json!({"name": g.name, "enabled": g.enabled, "accounts": g.accounts}))
             .collect();
-        println!("{}", json!({ "groups": list }));
+        outln!("{}", json!({ "groups": list }));
     } else {
-        println!("{:<24} {:<8} accounts", "name", "enabled");
+        outln!("{:<24} {:<8} accounts", "name", "enabled");
         for g in &groups {
-            println!("{:<24} {:<8} {}", g.name, g.enabled, g.accounts);
+            outln!("{:<24} {:<8} {}", g.name, g.enabled, g.accounts);
         }
     }
     Ok(())
@@ -174,10 +178,10 @@ pub async fn set_group(
         async move { client.set_group_enabled(request).await }
     })
     .await
-    .map_err(|s| anyhow::anyhow!("updating group {name:?}: {}", s.message()))?
+    .map_err(call_failed(format!("updating group {name:?}")))?
     .into_inner();
     if json {
-        println!(
+        outln!(
             "{}",
             json!({"name": group.name, "enabled": group.enabled, "accounts": group.accounts})
         );
@@ -187,7 +191,7 @@ pub async fn set_group(
         } else {
             "disabled: its backups are refused"
         };
-        println!("group {} {state} ({} accounts)", group.name, group.accounts);
+        outln!("group {} {state} ({} accounts)", group.name, group.accounts);
     }
     Ok(())
 }

@@ -2,6 +2,7 @@ mod admin;
 mod conn;
 mod mirror;
 mod ops;
+mod plan;
 mod playground;
 mod procs;
 mod reapply;
@@ -12,11 +13,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Duplex operator CLI.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "duplexctl", version)]
 struct Cli {
     /// The coordinator (status); account and group commands go to --endpoint.
     #[arg(long, env = "DUPLEX_COORDINATOR", global = true)]
@@ -87,6 +88,12 @@ enum Command {
         /// Return when the failover finished (exit 0) or failed (non-zero).
         #[arg(long)]
         wait: bool,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long)]
+        yes: bool,
+        /// Show which roles would move where, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Stop the running operation where it waits, undoing what must not stay.
     Cancel {
@@ -101,6 +108,12 @@ enum Command {
         site: Option<String>,
         #[arg(long)]
         wait: bool,
+        /// Do not ask for confirmation on a terminal.
+        #[arg(long)]
+        yes: bool,
+        /// Show which roles would move where, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Give every server back the role it joined with, once the lost site is back.
     Failback {
@@ -120,7 +133,7 @@ enum Command {
     },
     /// Every failover, switchover, failback and refusal, with its phases.
     History,
-    /// Live status, redrawn as it changes.
+    /// Live status, redrawn as it changes (with --json, one JSON line per change).
     Watch,
     /// Check every snapshot on every storage server, chunk by chunk.
     Verify,
@@ -141,6 +154,16 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+    /// Print a shell completion script (e.g. `duplexctl completions bash > /etc/bash_completion.d/duplexctl`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages for duplexctl and each of its commands into DIR.
+    Man {
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -267,7 +290,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(duplex_rpc::exit::for_error(e.chain()))
         }
     }
 }
@@ -281,6 +304,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Playground { dir, mode } => {
             return playground::run(dir, mode, cli.insecure_plaintext).await;
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "duplexctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man { dir } => return man_pages(dir),
         _ => {}
     }
     conn::setup(cli.ca.as_deref(), cli.insecure_plaintext)?;
@@ -294,7 +322,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => e,
     };
     match cli.command {
-        Command::Playground { .. } | Command::Ca { .. } => Ok(()),
+        Command::Playground { .. }
+        | Command::Ca { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => Ok(()),
         Command::Operators { command } => {
             let client = ops::client(cli.coordinator.as_deref())?;
             match command {
@@ -316,18 +347,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             kind,
             force,
             wait,
+            yes,
+            dry_run,
         } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Failover { site, force, kind }, wait, json)
+            let check = ops::Check { yes, dry_run, json };
+            let request = ops::Request::Failover { site, force, kind };
+            ops::start_checked(client, request, check, wait)
                 .await
                 .map_err(at_coordinator)
         }
         Command::Cancel { wait } => ops::cancel(ops::client(cli.coordinator.as_deref())?, wait, json)
             .await
             .map_err(at_coordinator),
-        Command::Switchover { site, wait } => {
+        Command::Switchover {
+            site,
+            wait,
+            yes,
+            dry_run,
+        } => {
             let client = ops::client(cli.coordinator.as_deref())?;
-            ops::start(client, ops::Request::Switchover { site }, wait, json)
+            let check = ops::Check { yes, dry_run, json };
+            ops::start_checked(client, ops::Request::Switchover { site }, check, wait)
                 .await
                 .map_err(at_coordinator)
         }
@@ -346,7 +387,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::History => ops::history(ops::client(cli.coordinator.as_deref())?, json)
             .await
             .map_err(at_coordinator),
-        Command::Watch => ops::watch(cli.coordinator.as_deref())
+        Command::Watch => ops::watch(cli.coordinator.as_deref(), json)
             .await
             .map_err(at_coordinator),
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
@@ -442,6 +483,17 @@ fn ca_init(dir: &std::path::Path, keep_existing: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `duplexctl.1` and a page per command (`duplexctl-failover.1`, ...).
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut command = Cli::command();
+    command.build();
+    clap_mangen::generate_to(command, dir)
+        .with_context(|| format!("writing man pages into {}", dir.display()))?;
+    eprintln!("wrote man pages into {}", dir.display());
+    Ok(())
+}
+
 /// Account-server entry points: the endpoints, then the coordinator.
 fn entry_points(endpoints: &[String], coordinator: Option<&str>) -> Vec<String> {
     let mut all = endpoints.to_vec();
@@ -451,8 +503,6 @@ fn entry_points(endpoints: &[String], coordinator: Option<&str>) -> Vec<String> 
 
 #[cfg(test)]
 mod tests {
-    use clap::{CommandFactory, Parser};
-
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
@@ -470,7 +520,7 @@ mod tests {
         let cli = parse(&["failover", "--kind", "storage", "--force", "--wait"]).unwrap();
         assert!(matches!(
             cli.command,
-            Command::Failover { kind: Some(k), force: true, wait: true, site: None } if k == "storage"
+            Command::Failover { kind: Some(k), force: true, wait: true, site: None, .. } if k == "storage"
         ));
     }
 

@@ -4,6 +4,8 @@
 use anyhow::Context;
 use duplex_proto::v1::mirror_client::MirrorClient;
 use duplex_proto::v1::{GetMirrorStatusRequest, LinkSpec, MirrorStatus, SetLinksRequest};
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::outln;
 use serde_json::json;
 
 fn print(status: &MirrorStatus, json: bool) {
@@ -29,13 +31,13 @@ fn print(status: &MirrorStatus, json: bool) {
                 })
             })
             .collect();
-        println!("{}", json!({ "links": links }));
+        outln!("{}", json!({ "links": links }));
         return;
     }
     for l in &status.links {
         let spec = l.spec.clone().unwrap_or_default();
         let lag = l.lag.unwrap_or_default();
-        println!(
+        outln!(
             "{} -> {}: {} checkpoint {} of {}, behind {} records / {} bytes / {:.1} s, sent {} bytes, {} retries",
             spec.source,
             spec.destination,
@@ -56,7 +58,7 @@ pub async fn status(url: &str, json: bool) -> anyhow::Result<()> {
     let status = client
         .get_status(GetMirrorStatusRequest {})
         .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?
+        .map_err(call_failed(url))?
         .into_inner();
     print(&status, json);
     Ok(())
@@ -81,7 +83,7 @@ pub async fn set_links(url: &str, links: &[String], rate: u64, json: bool) -> an
     let status = client
         .set_links(SetLinksRequest { links })
         .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?
+        .map_err(call_failed(url))?
         .into_inner();
     print(&status, json);
     Ok(())

@@ -2,6 +2,8 @@
 //! watch | verify` and `servers token | remove`: operations the coordinator
 //! runs, and what it has recorded.
 
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::{out, outln};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -21,7 +23,7 @@ pub fn client(coordinator: Option<&str>) -> anyhow::Result<Client> {
 }
 
 fn rpc_error(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
-    move |s| anyhow::anyhow!("{what}: {}", s.message())
+    move |s| call_failed(what)(s).into()
 }
 
 /// What an operation request asks for.
@@ -41,6 +43,61 @@ pub enum Request {
     Resync {
         rate: u64,
     },
+}
+
+/// How a failover or switchover is guarded from the operator's hand.
+pub struct Check {
+    /// Skip the question on a terminal.
+    pub yes: bool,
+    /// Show the plan and stop.
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+/// A failover or switchover: with `dry_run`, shows which roles would move
+/// and stops; on a terminal, shows them and asks first unless `yes`.
+pub async fn start_checked(
+    mut client: Client,
+    request: Request,
+    check: Check,
+    wait: bool,
+) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let (what, site, kind) = match &request {
+        Request::Failover { site, kind, .. } => ("failover", site.clone(), kind.clone()),
+        Request::Switchover { site } => ("switchover", site.clone(), None),
+        _ => return start(client, request, wait, check.json).await,
+    };
+    let ask = !check.yes && std::io::stdin().is_terminal();
+    if check.dry_run || ask {
+        let status = client
+            .get_status(duplex_proto::v1::GetClusterStatusRequest {})
+            .await
+            .map_err(rpc_error("status"))?
+            .into_inner();
+        let moves = crate::plan::moves(&status, site.as_deref(), kind.as_deref());
+        let lines = crate::plan::describe(what, &moves);
+        if check.dry_run {
+            if check.json {
+                outln!("{}", serde_json::json!({ "dry_run": true, "plan": lines }));
+            } else {
+                for line in &lines {
+                    outln!("{line}");
+                }
+                outln!("dry run: nothing was changed");
+            }
+            return Ok(());
+        }
+        for line in &lines {
+            eprintln!("{line}");
+        }
+        crate::plan::confirm(
+            &format!("Start the {what}?"),
+            &mut std::io::stdin().lock(),
+            &mut std::io::stderr(),
+        )?;
+    }
+    start(client, request, wait, check.json).await
 }
 
 /// Starts an operation; with `wait`, follows it to the end and fails when it does.
@@ -71,7 +128,7 @@ pub async fn start(mut client: Client, request: Request, wait: bool, json: bool)
     }
     .into_inner();
     if !json {
-        println!("{} {} started: {}", op.kind, op.id, op.detail);
+        outln!("{} {} started: {}", op.kind, op.id, op.detail);
     }
     conclude(client, op, wait, json).await
 }
@@ -85,7 +142,7 @@ pub async fn cancel(mut client: Client, wait: bool, json: bool) -> anyhow::Resul
         .map_err(rpc_error("cancel"))?
         .into_inner();
     if !json {
-        println!("{} {} {}: cancel requested", op.kind, op.id, op.state);
+        outln!("{} {} {}: cancel requested", op.kind, op.id, op.state);
     }
     conclude(client, op, wait, json).await
 }
@@ -98,7 +155,7 @@ async fn conclude(mut client: Client, op: Operation, wait: bool, json: bool) -> 
         op
     };
     if json {
-        println!("{}", operation_json(&op));
+        outln!("{}", operation_json(&op));
     }
     if op.state == "failed" {
         bail!("{} {} failed: {}", op.kind, op.id, op.error);
@@ -112,13 +169,13 @@ async fn follow(client: &mut Client, mut op: Operation, json: bool) -> anyhow::R
     loop {
         if !json {
             for p in op.phases.iter().skip(shown) {
-                println!("  {} {}", rfc3339(p.started_unix_ms), p.name);
+                outln!("  {} {}", rfc3339(p.started_unix_ms), p.name);
             }
             shown = op.phases.len();
         }
         if op.state != "running" {
             if !json {
-                println!("{} {} {}", op.kind, op.id, op.state);
+                outln!("{} {} {}", op.kind, op.id, op.state);
             }
             return Ok(op);
         }
@@ -140,11 +197,11 @@ pub async fn remove_server(mut client: Client, name: &str, json: bool) -> anyhow
             name: name.to_owned(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("removing server {name:?}: {}", s.message()))?;
+        .map_err(call_failed(format!("removing server {name:?}")))?;
     if json {
-        println!("{}", serde_json::json!({ "removed": name }));
+        outln!("{}", serde_json::json!({ "removed": name }));
     } else {
-        println!("server {name} removed");
+        outln!("server {name} removed");
     }
     Ok(())
 }
@@ -159,12 +216,12 @@ pub async fn create_operator(mut client: Client, name: &str, role: &str, json: b
         .map_err(rpc_error("creating an operator"))?
         .into_inner();
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"name": created.name, "role": created.role, "token": created.token})
         );
     } else {
-        println!("{}", created.token);
+        outln!("{}", created.token);
         eprintln!(
             "operator {} ({}) created; this token is shown once: keep it (DUPLEX_OPERATOR_TOKEN)",
             created.name, created.role
@@ -185,12 +242,12 @@ pub async fn list_operators(mut client: Client, json: bool) -> anyhow::Result<()
             .iter()
             .map(|o| serde_json::json!({"name": o.name, "role": o.role, "created": rfc3339(o.created_unix_ms)}))
             .collect();
-        println!("{}", serde_json::json!({ "operators": list }));
+        outln!("{}", serde_json::json!({ "operators": list }));
         return Ok(());
     }
-    println!("{:<24} {:<9} CREATED", "NAME", "ROLE");
+    outln!("{:<24} {:<9} CREATED", "NAME", "ROLE");
     for o in &operators {
-        println!("{:<24} {:<9} {}", o.name, o.role, rfc3339(o.created_unix_ms));
+        outln!("{:<24} {:<9} {}", o.name, o.role, rfc3339(o.created_unix_ms));
     }
     Ok(())
 }
@@ -203,9 +260,9 @@ pub async fn revoke_operator(mut client: Client, name: &str, json: bool) -> anyh
         .await
         .map_err(rpc_error("revoking an operator"))?;
     if json {
-        println!("{}", serde_json::json!({ "revoked": name }));
+        outln!("{}", serde_json::json!({ "revoked": name }));
     } else {
-        println!("operator {name} revoked");
+        outln!("operator {name} revoked");
     }
     Ok(())
 }
@@ -219,7 +276,7 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
         .events;
     if json {
         let events: Vec<_> = events.iter().map(operation_json).collect();
-        println!("{}", serde_json::json!({ "events": events }));
+        outln!("{}", serde_json::json!({ "events": events }));
         return Ok(());
     }
     for op in &events {
@@ -228,7 +285,7 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
             (name, "") => format!(" [by {name}]"),
             (name, addr) => format!(" [by {name} from {addr}]"),
         };
-        println!(
+        outln!(
             "{}  {:<17} {:<8} {}{}{by}",
             rfc3339(op.started_unix_ms),
             op.kind,
@@ -246,7 +303,7 @@ pub async fn history(mut client: Client, json: bool) -> anyhow::Result<()> {
             } else {
                 "unfinished".into()
             };
-            println!("    {:<20} {took}", p.name);
+            outln!("    {:<20} {took}", p.name);
         }
     }
     Ok(())
@@ -343,7 +400,7 @@ pub async fn token(mut client: Client, binding: &Binding, ttl: Duration, json: b
         .await
         .map_err(rpc_error("issuing an enrollment token"))?;
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "name": binding.name,
@@ -354,7 +411,7 @@ pub async fn token(mut client: Client, binding: &Binding, ttl: Duration, json: b
             })
         );
     } else {
-        println!("{}", token.token);
+        outln!("{}", token.token);
         eprintln!(
             "one-time enrollment token for {} {} on site {}, valid until {}: put it in a file and start the \
              server with --enrollment-token-file FILE --ca CA.pem (or DUPLEX_ENROLLMENT_TOKEN)",
@@ -367,8 +424,9 @@ pub async fn token(mut client: Client, binding: &Binding, ttl: Duration, json: b
     Ok(())
 }
 
-/// Redraws `status` whenever the topology changes (and every second, for lag).
-pub async fn watch(coordinator: Option<&str>) -> anyhow::Result<()> {
+/// Redraws `status` whenever the topology changes (and every second, for
+/// lag); with `json`, prints each status as one JSON line instead.
+pub async fn watch(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
     let mut client = client(coordinator)?;
     let mut stream = client
         .watch_topology(GetTopologyRequest {})
@@ -376,8 +434,10 @@ pub async fn watch(coordinator: Option<&str>) -> anyhow::Result<()> {
         .map_err(rpc_error("watching the topology"))?
         .into_inner();
     loop {
-        print!("\x1b[2J\x1b[H");
-        crate::status::run(coordinator, false).await?;
+        if !json {
+            out!("\x1b[2J\x1b[H");
+        }
+        crate::status::run(coordinator, json).await?;
         tokio::select! {
             msg = stream.message() => {
                 if msg.map_err(rpc_error("watching the topology"))?.is_none() {
@@ -412,7 +472,7 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
                 account_ids: Vec::new(),
             })
             .await
-            .map_err(|e| anyhow::anyhow!("verifying {}: {}", server.name, e.message()))?
+            .map_err(call_failed(format!("verifying {}", server.name)))?
             .into_inner()
             .accounts;
         let sum = |f: fn(&duplex_proto::v1::AccountVerification) -> u64| accounts.iter().map(f).sum::<u64>();
@@ -436,10 +496,10 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
         }));
     }
     if json {
-        println!("{}", serde_json::json!({"ok": ok, "servers": reports}));
+        outln!("{}", serde_json::json!({"ok": ok, "servers": reports}));
     } else {
         for r in &reports {
-            println!(
+            outln!(
                 "{:<12} {:<8} {} accounts, {} snapshots, {} chunks checked: {} missing, {} corrupt",
                 r["name"].as_str().unwrap_or(""),
                 r["role"].as_str().unwrap_or(""),
@@ -452,7 +512,10 @@ pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()>
         }
     }
     if !ok {
-        bail!("verification found missing or corrupt data (see above)");
+        return Err(duplex_rpc::exit::Coded::integrity(
+            "verification found missing or corrupt data (see above)",
+        )
+        .into());
     }
     Ok(())
 }

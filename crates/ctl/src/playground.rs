@@ -1,6 +1,7 @@
 //! `duplexctl playground`: a whole cluster on this machine, as child
 //! processes on loopback ports, until SIGINT / SIGTERM.
 
+use duplex_rpc::outln;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -479,26 +480,26 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 }
 
 fn print_banner(dir: &Path, file: &PlaygroundFile) {
-    println!(
+    outln!(
         "Duplex playground is running (data in {}). Press Ctrl-C to stop it.",
         dir.display()
     );
-    println!();
-    println!("  export DUPLEX_ENDPOINT={}", file.endpoints.join(","));
-    println!(
+    outln!();
+    outln!("  export DUPLEX_ENDPOINT={}", file.endpoints.join(","));
+    outln!(
         "  export DUPLEX_COORDINATOR={}",
         file.coordinator.as_deref().unwrap_or_default()
     );
-    println!("  export DUPLEX_TOKEN={}", file.account.token);
-    println!("  export DUPLEX_PASSWORD={}", file.password);
+    outln!("  export DUPLEX_TOKEN={}", file.account.token);
+    outln!("  export DUPLEX_PASSWORD={}", file.password);
     if let (Some(ca), Some(token)) = (&file.ca, &file.operator_token) {
-        println!("  export DUPLEX_CA={}", ca.display());
-        println!("  export DUPLEX_OPERATOR_TOKEN={token}");
+        outln!("  export DUPLEX_CA={}", ca.display());
+        outln!("  export DUPLEX_OPERATOR_TOKEN={token}");
     }
-    println!("  duplex backup ~/some/dir");
-    println!("  duplex snapshots");
-    println!("  duplex restore latest --target /tmp/restored");
-    println!("  duplexctl status");
-    println!();
-    println!("Details for scripts: {}", dir.join("playground.json").display());
+    outln!("  duplex backup ~/some/dir");
+    outln!("  duplex snapshots");
+    outln!("  duplex restore latest --target /tmp/restored");
+    outln!("  duplexctl status");
+    outln!();
+    outln!("Details for scripts: {}", dir.join("playground.json").display());
 }

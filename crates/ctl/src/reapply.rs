@@ -3,6 +3,8 @@
 //! master never received) back to the master, which re-applies each one
 //! that still makes sense and says why it skipped the others.
 
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::outln;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -81,7 +83,7 @@ async fn send(endpoints: &[String], request: ReapplyRequest) -> anyhow::Result<V
         async move { client.reapply(request).await }
     })
     .await
-    .map_err(|s| anyhow::anyhow!("re-applying: {}", s.message()))?;
+    .map_err(call_failed("re-applying"))?;
     Ok(response.into_inner().results)
 }
 
@@ -110,7 +112,7 @@ fn print(results: &[ReapplyResult], dry_run: bool, json: bool) {
             .iter()
             .map(|r| json!({"lsn": r.lsn, "kind": r.kind, "applied": r.applied, "reason": r.reason}))
             .collect();
-        println!("{}", json!({"dry_run": dry_run, "entries": entries}));
+        outln!("{}", json!({"dry_run": dry_run, "entries": entries}));
         return;
     }
     let (yes, no) = if dry_run {
@@ -120,10 +122,10 @@ fn print(results: &[ReapplyResult], dry_run: bool, json: bool) {
     };
     for r in results {
         let verdict = if r.applied { yes } else { no };
-        println!("lsn {:<8} {:<24} {verdict}: {}", r.lsn, r.kind, r.reason);
+        outln!("lsn {:<8} {:<24} {verdict}: {}", r.lsn, r.kind, r.reason);
     }
     let applied = results.iter().filter(|r| r.applied).count();
-    println!("{applied} {yes}, {} {no}", results.len() - applied);
+    outln!("{applied} {yes}, {} {no}", results.len() - applied);
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ use anyhow::Context;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::account_replication_client::AccountReplicationClient;
 use duplex_proto::v1::{AccountServerStatus, DemoteRequest, GetAccountStatusRequest, PromoteRequest};
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::outln;
 use serde_json::json;
 
 async fn status_of(url: &str) -> anyhow::Result<AccountServerStatus> {
@@ -12,7 +14,7 @@ async fn status_of(url: &str) -> anyhow::Result<AccountServerStatus> {
     Ok(admin
         .get_status(GetAccountStatusRequest {})
         .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?
+        .map_err(call_failed(url))?
         .into_inner())
 }
 
@@ -44,30 +46,38 @@ pub fn status_json(s: &AccountServerStatus) -> serde_json::Value {
 
 fn print(s: &AccountServerStatus, json: bool) {
     if json {
-        println!("{}", status_json(s));
+        outln!("{}", status_json(s));
         return;
     }
     let server = s.server.clone().unwrap_or_default();
-    println!(
+    outln!(
         "{} ({}) {} epoch {} lsn {} accounts {}",
-        server.name, server.addr, s.role, s.epoch, s.lsn, s.accounts
+        server.name,
+        server.addr,
+        s.role,
+        s.epoch,
+        s.lsn,
+        s.accounts
     );
-    println!("  replication: {}  state hash: {}", s.replication, s.state_hash);
+    outln!("  replication: {}  state hash: {}", s.replication, s.state_hash);
     if !s.master.is_empty() {
         let lag = s.lag.unwrap_or_default();
-        println!(
+        outln!(
             "  following {} (behind by {} records, {:.1} s)",
-            s.master, lag.records, lag.seconds
+            s.master,
+            lag.records,
+            lag.seconds
         );
     }
     for sl in &s.slaves {
         let name = sl.server.as_ref().map(|x| x.name.clone()).unwrap_or_default();
-        println!("  slave {name}: applied {}", sl.applied_lsn);
+        outln!("  slave {name}: applied {}", sl.applied_lsn);
     }
     if s.divergent_entries > 0 {
-        println!(
+        outln!(
             "  DIVERGENT ENTRIES: {} (report: {})",
-            s.divergent_entries, s.divergence_report
+            s.divergent_entries,
+            s.divergence_report
         );
     }
 }
@@ -87,7 +97,7 @@ pub async fn promote(url: &str, epoch: Option<u64>, json: bool) -> anyhow::Resul
     let status = client
         .promote(PromoteRequest { epoch })
         .await
-        .map_err(|s| anyhow::anyhow!("promoting {url}: {}", s.message()))?
+        .map_err(call_failed(format!("promoting {url}")))?
         .into_inner();
     print(&status, json);
     Ok(())
@@ -111,7 +121,7 @@ pub async fn demote(url: &str, master: &str, epoch: Option<u64>, json: bool) -> 
             master: master.to_owned(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("demoting {url}: {}", s.message()))?
+        .map_err(call_failed(format!("demoting {url}")))?
         .into_inner();
     print(&status, json);
     Ok(())

@@ -4,6 +4,8 @@
 use anyhow::Context;
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
 use duplex_proto::v1::{ClusterStatus, GetClusterStatusRequest};
+use duplex_rpc::exit::call_failed;
+use duplex_rpc::outln;
 use serde_json::json;
 
 pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
@@ -40,31 +42,38 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
     let status = client
         .get_status(GetClusterStatusRequest {})
         .await
-        .map_err(|s| anyhow::anyhow!("{url}: {}", s.message()))?
+        .map_err(call_failed(url))?
         .into_inner();
     if json {
-        println!("{}", to_json(&status));
+        outln!("{}", to_json(&status));
         return Ok(());
     }
-    println!(
+    outln!(
         "mode {}  epoch {}  phase {}",
-        status.mode, status.epoch, status.phase
+        status.mode,
+        status.epoch,
+        status.phase
     );
     for warning in &status.warnings {
-        println!("warning: {warning}");
+        outln!("warning: {warning}");
     }
     for (origin, now) in &status.moved_homes {
-        println!("accounts of {origin} are homed on {now} until a failback");
+        outln!("accounts of {origin} are homed on {now} until a failback");
     }
     if !status.held.is_empty() {
-        println!(
+        outln!(
             "held (nothing is mirrored into them until resync or failback): {}",
             status.held.join(", ")
         );
     }
-    println!(
+    outln!(
         "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} lag",
-        "name", "kind", "site", "role", "healthy", "addr"
+        "name",
+        "kind",
+        "site",
+        "role",
+        "healthy",
+        "addr"
     );
     for s in &status.servers {
         let server = s.server.clone().unwrap_or_default();
@@ -72,7 +81,7 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
             .lag
             .map(|l| format!("{} records, {} bytes, {:.1} s", l.records, l.bytes, l.seconds))
             .unwrap_or_else(|| "-".into());
-        println!(
+        outln!(
             "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} {lag}",
             server.name,
             server.kind,

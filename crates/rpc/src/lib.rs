@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod discovery;
+pub mod exit;
 pub mod health;
 pub mod heartbeat;
 pub mod metrics;
