@@ -209,3 +209,45 @@ fn completions_and_man_pages() {
     let failover = std::fs::read_to_string(dir.path().join("duplexctl-failover.1")).unwrap();
     assert!(failover.contains("dry\\-run"), "the page documents --dry-run");
 }
+
+#[test]
+fn servers_log_json_lines_naming_the_call_and_the_phase() {
+    let p = TwoSites::start(Options {
+        coordinator: &["--log-format", "json"],
+        ..Options::default()
+    });
+    p.create_operator("olga", "viewer");
+    p.ctl_ok(&["switchover", "--wait"]);
+    let log = p.coordinator.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
+    );
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+    let action = lines
+        .iter()
+        .find(|l| {
+            l["fields"]["message"] == "operator action"
+                && l["fields"]["detail"].as_str().unwrap_or("").contains("olga")
+        })
+        .unwrap_or_else(|| panic!("no operator action for olga in {log}"));
+    assert_eq!(action["span"]["name"], "rpc", "{action}");
+    assert!(
+        action["span"]["method"]
+            .as_str()
+            .unwrap()
+            .ends_with("/CreateOperator"),
+        "{action}"
+    );
+    let phase = lines
+        .iter()
+        .find(|l| l["span"]["name"] == "operation" && l["span"]["kind"] == "switchover")
+        .unwrap_or_else(|| panic!("no line inside a switchover's span in {log}"));
+    assert!(phase["span"]["phase"].is_string(), "{phase}");
+}

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use duplex_tests::proxy::Fault;
 use duplex_tests::tree::{assert_same_tree, random_bytes};
-use duplex_tests::twosite::{Options, TwoSites, role_in};
+use duplex_tests::twosite::{Options, TwoSites, lag_in, role_in};
 use duplex_tests::wait_for;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -517,7 +517,10 @@ fn a_recovered_storage_server_is_resynced_only_when_asked() {
         "resync: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_for("the snapshot to reach storage-a", LONG, || on_a().then_some(()));
+    // --wait returned once storage-a caught up, not when the links were set.
+    assert!(on_a(), "resync --wait returned before storage-a caught up");
+    let status = sites.status();
+    assert_eq!(lag_in(&status, "storage-a").unwrap()["bytes"], 0, "{status}");
     let links = sites.ctl_json(&["mirror", "status", &sites.mirror_a.addr]);
     assert_eq!(links["links"][0]["rate"], 50_000_000, "{links}");
     assert_eq!(last_event(&sites.history(), "resync")["state"], "done");

@@ -921,6 +921,10 @@ impl Owner {
             let Some(op) = self.desired.running().cloned() else {
                 return;
             };
+            // Every log line of a step names the operation and its phase.
+            let phase = op.current().map_or_else(|| "next".to_owned(), |p| p.to_string());
+            let span = tracing::info_span!("operation", id = op.id, kind = %op.kind, %phase);
+            let _in_operation = span.enter();
             let outcome = match op.current() {
                 None => self.start_next_phase(&op),
                 Some(_) => self.step(&op),

@@ -130,7 +130,59 @@ pub async fn start(mut client: Client, request: Request, wait: bool, json: bool)
     if !json {
         outln!("{} {} started: {}", op.kind, op.id, op.detail);
     }
-    conclude(client, op, wait, json).await
+    let resync = op.kind == "resync";
+    conclude(client.clone(), op, wait, json).await?;
+    if resync && wait {
+        // The operation ends once the links run; the operator waits for the copy.
+        wait_caught_up(&mut client, json).await?;
+    }
+    Ok(())
+}
+
+/// Polls the coordinator until every storage replica that is mirrored into
+/// reports no lag, saying on stderr how far behind each is meanwhile.
+async fn wait_caught_up(client: &mut Client, json: bool) -> anyhow::Result<()> {
+    let mut said = std::time::Instant::now();
+    loop {
+        let status = client
+            .get_status(duplex_proto::v1::GetClusterStatusRequest {})
+            .await
+            .map_err(rpc_error("status"))?
+            .into_inner();
+        let behind = behind(&status)?;
+        if behind.is_empty() {
+            if !json {
+                outln!("caught up: no storage replica is behind");
+            }
+            return Ok(());
+        }
+        if said.elapsed() >= Duration::from_secs(2) {
+            eprintln!("waiting: {}", behind.join(", "));
+            said = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The storage replicas not yet level with their source, each with how far
+/// behind it is; an error for one that is down and so cannot catch up.
+fn behind(status: &duplex_proto::v1::ClusterStatus) -> anyhow::Result<Vec<String>> {
+    let mut behind = Vec::new();
+    for s in &status.servers {
+        let Some(info) = s.server.as_ref() else { continue };
+        if info.kind != "storage" || s.assigned_role != "replica" || status.held.contains(&info.name) {
+            continue;
+        }
+        if !s.healthy {
+            bail!("{} is down: it cannot catch up", info.name);
+        }
+        match s.lag {
+            Some(l) if l.records == 0 && l.bytes == 0 => {}
+            Some(l) => behind.push(format!("{} {} bytes behind", info.name, l.bytes)),
+            None => behind.push(format!("{} (lag not reported yet)", info.name)),
+        }
+    }
+    Ok(behind)
 }
 
 /// Cancels the running operation; with `wait`, follows it until it has

@@ -407,9 +407,15 @@ where
             .check(&path, rule, peer, bearer(request.headers()));
         match decided {
             Ok(caller) => {
+                use tracing::Instrument;
+                // Every log line a handler writes names the call and the caller.
+                let span = tracing::info_span!("rpc", method = %path, from = %caller.addr);
                 request.extensions_mut().insert(caller);
-                let call = self.inner.call(request);
-                Box::pin(async move { call.await.map(|response| undecodable_is_invalid(&path, response)) })
+                let call = span.in_scope(|| self.inner.call(request));
+                Box::pin(
+                    async move { call.await.map(|response| undecodable_is_invalid(&path, response)) }
+                        .instrument(span),
+                )
             }
             Err(status) => {
                 REFUSED_CALLS.fetch_add(1, Ordering::Relaxed);

@@ -6,6 +6,15 @@ use clap::{Args, Subcommand};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
+    /// Log lines on stderr: `text` for people, `json` (one object per line) for collectors.
+    #[arg(
+        long,
+        env = "DUPLEX_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: crate::telemetry::LogFormat,
     /// TOML file whose keys are defaults for these options (e.g. `listen = "0.0.0.0:7000"`).
     #[arg(long, env = "DUPLEX_CONFIG", global = true)]
     pub config: Option<PathBuf>,

@@ -92,7 +92,7 @@ fn at_least_one(s: &str) -> Result<NonZeroU32, String> {
 async fn main() -> anyhow::Result<()> {
     duplex_rpc::config::load_config_file_into_env()?;
     let cli = Cli::parse();
-    duplex_rpc::telemetry::init();
+    duplex_rpc::telemetry::init_as(cli.server.log_format);
     let listen = match start(&cli.server, cli.command.as_ref(), DEFAULT_LISTEN).await? {
         Start::Checked => return Ok(()),
         Start::Serve { listen } => listen,
