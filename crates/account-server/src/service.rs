@@ -180,8 +180,7 @@ pub fn hash_token(token: &str) -> [u8; 32] {
 
 fn new_token() -> String {
     let bytes: [u8; 32] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("dpx_{hex}")
+    format!("dpx_{}", hex::encode(bytes))
 }
 
 fn view(record: &AccountRecord, servers: &HashMap<String, ServerInfo>) -> AccountView {

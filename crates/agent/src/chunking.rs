@@ -119,10 +119,6 @@ impl Batch {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Cuts `reader` (the contents of `path`) into content-defined chunks,
 /// calling `each` with every chunk's keyed id and bytes. Returns the length read.
 pub fn chunk_stream<R: Read>(

@@ -21,7 +21,6 @@ use zeroize::Zeroizing;
 
 use crate::AgentError;
 use crate::aead::{NONCE_LEN, TAG_LEN, XChaCha20Poly1305};
-use crate::chunking::hex;
 
 /// Fast zstd: the CPU, not the disk, is the ceiling on a backup.
 const ZSTD_LEVEL: i32 = 1;
@@ -223,7 +222,7 @@ fn kek(passphrase: &[u8], record: &KeyRecord) -> Result<Zeroizing<[u8; 32]>, Age
 /// Wraps `master` under `passphrase` in a new key record.
 pub fn wrap(master: &[u8; 32], passphrase: &[u8]) -> Result<KeyRecord, AgentError> {
     let mut record = KeyRecord {
-        id: hex(&rand::random::<[u8; 4]>()),
+        id: hex::encode(rand::random::<[u8; 4]>()),
         created_unix_ms: now_ms(),
         salt: rand::random::<[u8; 16]>().to_vec(),
         m_cost_kib: DEFAULT_M_COST_KIB,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use duplex_agent::chunking::hex;
 use duplex_agent::crypto::Keys;
 use duplex_agent::keys::{KeyService, Unlocked, unlock};
 use duplex_agent::secret::{self, Passphrase};
@@ -501,8 +500,8 @@ async fn run_restore(
 
 fn print_verify(snapshot: Option<String>, report: &verify::Report, json: bool) -> anyhow::Result<ExitCode> {
     let ok = report.ok();
-    let missing: Vec<String> = report.missing.iter().map(|c| hex(c)).collect();
-    let corrupt: Vec<String> = report.corrupt.iter().map(|c| hex(c)).collect();
+    let missing: Vec<String> = report.missing.iter().map(hex::encode).collect();
+    let corrupt: Vec<String> = report.corrupt.iter().map(hex::encode).collect();
     if json {
         outln!(
             "{}",

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
@@ -216,7 +216,7 @@ fn check_payload_hash(item: &duplex_proto::v1::AccountChunk) -> Result<(), LinkE
         ));
     };
     if duplex_types::sealed::payload_hash(&chunk.data).as_slice() != chunk.data_hash.as_slice() {
-        let id: String = chunk.id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(&chunk.id);
         return Err(LinkError::Corrupt(format!(
             "chunk {id} of account {} from the source does not match its data_hash",
             item.account_id
@@ -322,31 +322,73 @@ async fn prepare(
 }
 
 /// Keeps a link's chunk traffic under `rate` bytes per second (0: no limit),
-/// so a resync does not crush a busy site.
+/// so a resync does not crush a busy site. A token bucket (governor's GCRA)
+/// holding at most one second of traffic: a link idle for a minute may
+/// then send one second's worth at once, not a minute's.
 struct RateLimiter {
-    rate: u64,
-    start: Instant,
-    sent: u64,
+    bucket: Option<governor::DefaultDirectRateLimiter>,
+    /// Bytes per second, and the most one wait may ask for.
+    burst: std::num::NonZeroU32,
 }
 
 impl RateLimiter {
     fn new(rate: u64) -> Self {
-        Self {
-            rate,
-            start: Instant::now(),
-            sent: 0,
-        }
+        // governor counts in u32 cells; a rate past 4 GB/s is no limit here.
+        let burst = std::num::NonZeroU32::new(u32::try_from(rate).unwrap_or(u32::MAX))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let bucket = (rate > 0).then(|| governor::RateLimiter::direct(governor::Quota::per_second(burst)));
+        Self { bucket, burst }
     }
 
     async fn take(&mut self, bytes: u64) {
-        if self.rate == 0 {
-            return;
+        let Some(bucket) = &self.bucket else { return };
+        let mut left = bytes;
+        // A chunk larger than the bucket waits for it in bucket-sized pieces.
+        while left > 0 {
+            let piece = left.min(u64::from(self.burst.get()));
+            left -= piece;
+            let Some(n) = u32::try_from(piece).ok().and_then(std::num::NonZeroU32::new) else {
+                return;
+            };
+            // Only `n` over the burst fails, and pieces are at most the burst.
+            let _ = bucket.until_n_ready(n).await;
         }
-        self.sent += bytes;
-        let due = Duration::from_secs_f64(self.sent as f64 / self.rate as f64);
-        let elapsed = self.start.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bug this replaced: credit built up while idle let a link set to
+    /// 100 kB/s send 300 kB at once after two idle seconds.
+    #[tokio::test]
+    async fn idle_time_buys_at_most_one_second_of_burst() {
+        let mut limiter = RateLimiter::new(100_000);
+        // The idle spell is the scenario itself, not a stand-in for a condition.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let start = std::time::Instant::now();
+        for _ in 0..30 {
+            limiter.take(10_000).await;
         }
+        // 100 kB may go at once; the other 200 kB take two seconds.
+        assert!(
+            start.elapsed() >= Duration::from_millis(1800),
+            "300 kB went out in {:?} at 100 kB/s",
+            start.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_larger_than_a_second_of_traffic_still_passes() {
+        let mut limiter = RateLimiter::new(1_000_000);
+        let start = std::time::Instant::now();
+        limiter.take(1_500_000).await;
+        assert!(
+            start.elapsed() >= Duration::from_millis(400),
+            "{:?}",
+            start.elapsed()
+        );
+        RateLimiter::new(0).take(u64::MAX).await;
     }
 }

@@ -184,7 +184,7 @@ impl Ca {
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
-            serial: crate::tls::hex(&serial),
+            serial: hex::encode(serial),
             not_after,
         })
     }

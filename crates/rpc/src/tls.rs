@@ -124,12 +124,8 @@ pub fn parse_peer_cert(der: &[u8]) -> Option<PeerCert> {
     })?;
     Some(PeerCert {
         identity,
-        serial: hex(cert.tbs_certificate.raw_serial()),
+        serial: hex::encode(cert.tbs_certificate.raw_serial()),
     })
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// This process's certificate chain and key, replaced in place when the

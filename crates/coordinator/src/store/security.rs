@@ -82,7 +82,7 @@ impl OperatorRecord {
     fn to_json(&self) -> String {
         json!({
             "role": self.role.as_str(),
-            "hash": self.token_hash.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+            "hash": hex::encode(self.token_hash),
             "created": self.created_unix_ms,
         })
         .to_string()
