@@ -5,15 +5,35 @@
 #   deploy/build.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The image's binaries use the `image` profile: release, stripped, no debug
+# info. It lives in Cargo.toml; say so plainly rather than let cargo fail
+# with "profile `image` is not defined".
+grep -q '^\[profile\.image\]' Cargo.toml || {
+  echo "deploy/build.sh: Cargo.toml has no [profile.image]; add:" >&2
+  printf '  [profile.image]\n  inherits = "release"\n  debug = false\n  strip = true\n' >&2
+  exit 1
+}
 target=$(rustc -vV | sed -n 's/^host: //p')
 # --target keeps the static flag off build scripts and proc macros; the
 # separate target dir keeps these builds from evicting the normal ones.
-RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+# Cargo puts a custom profile's output in a directory named after it:
+# target/static/<triple>/image/.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --profile image --locked \
   --target "$target" --target-dir target/static --bins
 rm -rf deploy/bin
 mkdir -p deploy/bin
 for b in duplex duplexctl duplex-coordinator duplex-account-server duplex-storage-server duplex-mirror; do
-  cp "target/static/$target/release/$b" deploy/bin/
+  cp "target/static/$target/image/$b" deploy/bin/
+done
+# The image runs as 65532:65532, not root. A fresh named volume takes the
+# owner and mode of the image's directory it is first mounted on, so every
+# path compose.yaml mounts a volume on is made here, empty and 0700, and
+# copied into the image owned by 65532 (the Dockerfile's second COPY).
+# They sit under bin/ only because deploy/.dockerignore lets nothing else
+# but the Dockerfile into the build context.
+for d in data ca enroll coordinator; do
+  mkdir -p "deploy/bin/.mountpoints/$d"
+  chmod 700 "deploy/bin/.mountpoints/$d"
 done
 docker build --quiet -t duplex:latest deploy
 echo "built duplex:latest"

@@ -2,9 +2,10 @@
 # Duplex end to end on this machine's Docker engine: build the static
 # binaries and the image, bring both sites up, back up, partition a primary
 # from the coordinator (fencing and failover under a real partition), fail
-# back, `docker kill` a primary (failover), fail back again, restore every
-# snapshot bit for bit, check grpcurl and the health check on published
-# ports, tear down with the volumes. Exits non-zero on any failure.
+# back, `docker kill` a primary (failover), fail back again, crash a primary
+# behind Docker's back (its restart policy must bring it back), restore
+# every snapshot bit for bit, check grpcurl and the health check on
+# published ports, tear down with the volumes. Exits non-zero on any failure.
 #
 #   deploy/e2e.sh
 set -euo pipefail
@@ -12,6 +13,9 @@ cd "$(dirname "$0")/.."
 P=duplex-e2e
 COMPOSE=(docker-compose -f deploy/compose.yaml -p "$P")
 BIN=deploy/bin
+# Everything below dials 127.0.0.1: publish there whatever deploy/.env says
+# (the shell wins over .env).
+export DUPLEX_PUBLIC_HOST=127.0.0.1 DUPLEX_BIND_IP=127.0.0.1
 export DUPLEX_COORDINATOR=https://127.0.0.1:7300
 export DUPLEX_ENDPOINT=https://127.0.0.1:7300
 unset DUPLEX_TOKEN
@@ -46,7 +50,27 @@ role() {
     "import json,sys; print(next(s['role'] for s in json.load(sys.stdin)['servers'] if s['name']=='$1'))"
 }
 has_role() { [ "$(role "$1")" = "$2" ]; }
-container() { echo "${P}_$1_1"; }
+# container SERVICE: the id of SERVICE's container. Compose v1 names it
+# ${P}_SERVICE_1 and v2 ${P}-SERVICE-1; `ps -q` answers in both (v2 lists
+# running containers only).
+container() { "${COMPOSE[@]}" ps -q "$1" 2>/dev/null | head -n 1; }
+# network NAME: the id of the project's network NAME, by Compose's labels.
+network() {
+  docker network ls -q --filter "label=com.docker.compose.project=$P" \
+    --filter "label=com.docker.compose.network=$1" | head -n 1
+}
+# restarted ID N: the container runs again, restarted more than N times.
+restarted() {
+  local s
+  s=$(docker inspect -f '{{.State.Running}} {{.RestartCount}}' "$1") || return 1
+  [ "${s%% *}" = true ] && [ "${s#* }" -gt "$2" ]
+}
+# settled: one storage server primary and the other replica.
+settled() {
+  local a b
+  a=$(role storage-a) && b=$(role storage-b) || return 1
+  [ "$a $b" = "primary replica" ] || [ "$a $b" = "replica primary" ]
+}
 
 healthy() {
   for s in coordinator account-a account-b storage-a storage-b mirror-a mirror-b; do
@@ -106,7 +130,9 @@ export DUPLEX_TOKEN=$token
 backup
 
 step "partition storage-a from the coordinator: it fences itself, storage-b takes over"
-docker network disconnect "${P}_inter" "$(container storage-a)"
+inter=$(network inter)
+[ -n "$inter" ] || fail "no inter network for project $P"
+docker network disconnect "$inter" "$(container storage-a)"
 wait_until 30 "storage-b to be promoted" has_role storage-b primary
 # An agent on site a still reaches storage-a; storage-a must refuse it.
 refused=$(docker exec -e DUPLEX_PASSWORD "$(container storage-a)" /bin/duplex --ca /data/tls/ca.pem \
@@ -117,7 +143,7 @@ echo "   storage-a refused: $(echo "$refused" | tail -1 | cut -c1-100)"
 backup
 # Compose gave the container its service name as an alias; reconnecting
 # must give it back, or no one on the network can resolve storage-a.
-docker network connect --alias storage-a "${P}_inter" "$(container storage-a)"
+docker network connect --alias storage-a "$inter" "$(container storage-a)"
 wait_until 30 "storage-a to rejoin as replica" has_role storage-a replica
 
 step "fail back"
@@ -126,14 +152,55 @@ wait_until 30 "storage-a to be primary again" has_role storage-a primary
 backup
 
 step "docker kill storage-a: failover"
-docker kill "$(container storage-a)" >/dev/null
+id=$(container storage-a)
+[ -n "$id" ] || fail "no storage-a container"
+docker kill "$id" >/dev/null
 backup
 has_role storage-b primary || fail "storage-b is not primary after the kill"
+# To Docker, `docker kill` is a manual stop, like `docker stop`: moby's
+# daemon/kill.go marks the container manually stopped and cancels its
+# restart manager, so `restart: unless-stopped` (or always, or on-failure)
+# leaves it down until it is started again. This step is a long outage:
+# failover, then a rejoin as replica when we start it. Had the engine
+# restarted it, the failover above would have raced that restart.
+[ "$(docker inspect -f '{{.State.Running}}' "$id")" = false ] \
+  || fail "Docker restarted storage-a after docker kill; this step assumes it does not"
 "${COMPOSE[@]}" start storage-a
 wait_until 60 "storage-a to rejoin as replica" has_role storage-a replica
 "$BIN/duplexctl" failback --wait || fail "failback after the kill"
 wait_until 30 "storage-a to be primary again" has_role storage-a primary
 backup
+
+step "crash storage-a behind Docker's back: its restart policy brings it back"
+# A real crash (the OOM killer, an abort, kill -9 on the host) is not a
+# manual stop: Docker restarts the container after 100 ms, possibly before
+# the coordinator's 1.5 s failover timeout runs out. Either way storage-a
+# must come back by itself and healthy, the storage servers must settle as
+# one primary and one replica (never two primaries), and backups must go
+# on. It takes signalling the container's process from here: skipped where
+# that process is not ours to signal (Docker in a VM, not root).
+id=$(container storage-a)
+[ -n "$id" ] || fail "no storage-a container"
+pid=$(docker inspect -f '{{.State.Pid}}' "$id")
+if [ "$pid" -gt 0 ] && [ "$(tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline")" = "/bin/duplex-storage-server " ] \
+  && kill -0 "$pid" 2>/dev/null; then
+  restarts=$(docker inspect -f '{{.RestartCount}}' "$id")
+  kill -KILL "$pid"
+  wait_until 30 "Docker to restart storage-a (restart: unless-stopped)" restarted "$id" "$restarts"
+  wait_until 120 "every service to be healthy after the crash" healthy
+  backup
+  wait_until 60 "one primary and one replica after the crash" settled
+  if has_role storage-b primary; then
+    echo "   storage-b took over while storage-a restarted; failing back"
+    "$BIN/duplexctl" failback --wait || fail "failback after the crash"
+  else
+    echo "   storage-a restarted before the failover timeout and stayed primary"
+  fi
+  wait_until 30 "storage-a to be primary again" has_role storage-a primary
+  backup
+else
+  echo "   skipped: cannot signal storage-a's process (pid $pid) from here"
+fi
 
 step "restore every snapshot bit for bit"
 for i in "${!SNAPS[@]}"; do

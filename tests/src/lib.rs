@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod accounts;
+pub mod alerts;
 pub mod bench;
 pub mod cluster;
 pub mod proxy;

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use duplex_tests::alerts::webhook;
 use duplex_tests::proxy::Fault;
 use duplex_tests::tree::{assert_same_tree, random_bytes};
 use duplex_tests::twosite::{Options, TwoSites, lag_in, role_in};
@@ -81,49 +81,6 @@ fn phase_names(event: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-/// A webhook receiver: the JSON bodies POSTed to it.
-fn webhook() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let sink = got.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // Read headers, then exactly content-length bytes of body.
-            let body = loop {
-                let Ok(n) = conn.read(&mut chunk) else { break None };
-                if n == 0 {
-                    break None;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                    let len = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().to_owned())
-                        })
-                        .and_then(|v| v.parse::<usize>().ok())
-                        .unwrap_or(0);
-                    if body.len() >= len {
-                        break Some(body[..len].to_owned());
-                    }
-                }
-            };
-            let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n");
-            if let Some(v) = body.and_then(|b| serde_json::from_str(&b).ok()) {
-                sink.lock().unwrap().push(v);
-            }
-        }
-    });
-    (url, got)
-}
-
 #[test]
 fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     let (hook, posted) = webhook();
@@ -168,7 +125,7 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
     assert_all_restore(&sites, &acked.lock().unwrap());
     let metrics = sites.scrape(&sites.coordinator.addr);
     assert!(
-        metrics.contains("duplex_operations_total{kind=\"failover\",state=\"done\"} 1"),
+        metrics.contains("duplex_operations_finished_total{kind=\"failover\",state=\"done\"} 1"),
         "{metrics}"
     );
     assert!(

@@ -185,7 +185,7 @@ fn metrics(node: Arc<Node>, audit: Option<Arc<Outbox>>) -> MetricsFn {
             let l = [("server", name.as_str())];
             e.gauge("duplex_up", "1 while the server answers.", &l, 1.0);
             let Ok(s) = node.status().await else {
-                return e.finish();
+                return e;
             };
             e.gauge(
                 "duplex_account_is_master",
@@ -246,7 +246,7 @@ fn metrics(node: Arc<Node>, audit: Option<Arc<Outbox>>) -> MetricsFn {
                     records as f64,
                 );
             }
-            e.finish()
+            e
         })
     })
 }

@@ -17,7 +17,8 @@ pub struct Config {
     /// No automatic failover when the standby is further behind than this.
     pub max_lag_on_failover: Duration,
     pub auto_failover: bool,
-    pub webhook: Option<String>,
+    /// Where events are sent (webhook, email).
+    pub alerts: crate::notify::Alerts,
     /// How long a failback waits for the recovered servers to come back
     /// (and for reverse mirroring to nearly catch up) before giving up.
     pub rejoin_timeout: Duration,
@@ -34,7 +35,7 @@ impl Config {
             heartbeat_interval: Duration::from_millis(250),
             max_lag_on_failover: Duration::from_secs(30),
             auto_failover: true,
-            webhook: None,
+            alerts: crate::notify::Alerts::default(),
             rejoin_timeout: Duration::from_secs(3600),
             phase_timeout: Duration::from_secs(60),
         }

@@ -186,6 +186,7 @@ pub fn start(
         phase: PhaseState::default(),
         refusals: BTreeSet::new(),
         refused_any: false,
+        standbys: BTreeMap::new(),
         enabling: None,
         reported: crate::audit::Seen::default(),
     };
@@ -325,6 +326,8 @@ struct Owner {
     /// Refusals already recorded, so history gets one per distinct reason.
     refusals: BTreeSet<String>,
     refused_any: bool,
+    /// Each standby's health as last reported in history.
+    standbys: BTreeMap<String, bool>,
     /// The group being enabled again, if a call is out.
     enabling: Option<String>,
     /// Operator actions other servers reported, so a resent one is recorded once.
@@ -383,6 +386,7 @@ impl Owner {
 
     fn tick(&mut self) {
         self.detect();
+        self.watch_standbys();
         self.advance();
         self.enable_groups();
         self.publish_topology();
@@ -434,7 +438,7 @@ impl Owner {
         }
         for op in &commit.operations {
             if op.state != OperationState::Running.as_str() || op.phases.is_empty() {
-                crate::notify::send(self.shared.config.webhook.as_deref(), op);
+                self.shared.config.alerts.send(op);
             }
         }
         Ok(())
@@ -487,7 +491,7 @@ impl Owner {
         id
     }
 
-    /// Records a one-off event in history (and the webhook).
+    /// Records a one-off event in history (and alerts it).
     fn record(&mut self, kind: OperationKind, state: OperationState, detail: String, automatic: bool) {
         let now = self.shared.clock.wall_ms();
         let event = pb::Operation {
@@ -884,6 +888,21 @@ impl Owner {
                     tracing::error!(error = %e, "cannot stop the running operation");
                 }
             }
+        }
+    }
+
+    /// Records each standby lost or regained since the last tick.
+    fn watch_standbys(&mut self) {
+        let (observed, now) = self.view_parts();
+        let view = self.shared.view(&self.desired, &observed, now);
+        let changes = crate::decide::standbys::changes(&view, &mut self.standbys);
+        for change in changes {
+            let kind = if change.up {
+                OperationKind::StandbyRegained
+            } else {
+                OperationKind::StandbyLost
+            };
+            self.record(kind, OperationState::Reported, change.detail, true);
         }
     }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 use clap::Parser;
 use duplex_coordinator::clock::Clock;
 use duplex_coordinator::config::Config;
+use duplex_coordinator::notify::{AlertSettings, Alerts};
 use duplex_coordinator::security::{Security, issue_own};
 use duplex_coordinator::servers::GrpcServers;
 use duplex_coordinator::service::CoordinatorApi;
@@ -41,9 +42,23 @@ struct Cli {
     /// Only fail over when an operator says so.
     #[arg(long, env = "DUPLEX_NO_AUTO_FAILOVER", global = true)]
     no_auto_failover: bool,
-    /// POST a JSON document here on failover, failback, switchover and refusals.
+    /// POST each event's JSON here (http or https): failovers, failbacks,
+    /// switchovers, refusals, fencing, degraded sync, standbys lost and regained.
     #[arg(long, env = "DUPLEX_WEBHOOK", global = true)]
     webhook: Option<String>,
+    /// Trust this CA (PEM) for an https webhook instead of the system's roots.
+    #[arg(long, env = "DUPLEX_WEBHOOK_CA", global = true)]
+    webhook_ca: Option<std::path::PathBuf>,
+    /// Mail each event through this server: smtp://HOST[:PORT] (STARTTLS
+    /// when offered) or smtps://HOST[:PORT], optionally with USER:PASSWORD@.
+    #[arg(long, env = "DUPLEX_SMTP_URL", global = true)]
+    smtp_url: Option<String>,
+    /// Who gets the alert emails (repeat, or separate with commas).
+    #[arg(long, env = "DUPLEX_ALERT_EMAIL", value_delimiter = ',', global = true)]
+    alert_email: Vec<String>,
+    /// The alert emails' sender.
+    #[arg(long, env = "DUPLEX_ALERT_FROM", global = true)]
+    alert_from: Option<String>,
     /// How long a failback waits for recovered servers before giving up.
     #[arg(long, env = "DUPLEX_REJOIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "1h", global = true)]
     rejoin_timeout: Duration,
@@ -122,7 +137,13 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         heartbeat_interval: cli.heartbeat_interval,
         max_lag_on_failover: cli.max_lag_on_failover,
         auto_failover: !cli.no_auto_failover,
-        webhook: cli.webhook,
+        alerts: Alerts::new(&AlertSettings {
+            webhook: cli.webhook.clone(),
+            webhook_ca: cli.webhook_ca.clone(),
+            smtp_url: cli.smtp_url.clone(),
+            alert_email: cli.alert_email.clone(),
+            alert_from: cli.alert_from.clone(),
+        })?,
         rejoin_timeout: cli.rejoin_timeout,
         phase_timeout: cli.phase_timeout,
     };

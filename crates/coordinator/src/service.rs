@@ -425,7 +425,8 @@ pub fn metrics(engine: Engine) -> duplex_rpc::metrics::MetricsFn {
             );
             let now = engine.clock.wall_ms();
             for s in status.servers.iter().skip(1) {
-                let name = s.server.as_ref().map_or("", |i| i.name.as_str());
+                let info = s.server.clone().unwrap_or_default();
+                let name = info.name.as_str();
                 let l = [("server", name)];
                 e.gauge(
                     "duplex_heartbeat_age_seconds",
@@ -439,8 +440,13 @@ pub fn metrics(engine: Engine) -> duplex_rpc::metrics::MetricsFn {
                 );
                 e.gauge(
                     "duplex_server_healthy",
-                    "1 while heartbeats arrive.",
-                    &l,
+                    "1 while heartbeats arrive; assigned_role tells a holder (primary, master) from a standby.",
+                    &[
+                        ("server", name),
+                        ("kind", info.kind.as_str()),
+                        ("site", info.site.as_str()),
+                        ("assigned_role", s.assigned_role.as_str()),
+                    ],
                     f64::from(u8::from(s.healthy)),
                 );
                 e.gauge(
@@ -454,19 +460,57 @@ pub fn metrics(engine: Engine) -> duplex_rpc::metrics::MetricsFn {
                 }
             }
             let ops = durably(|| engine.store.operations()).unwrap_or_default();
-            let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
-            for op in &ops {
-                *counts.entry((op.kind.clone(), op.state.clone())).or_default() += 1;
-            }
-            for ((kind, state), n) in counts {
-                e.counter(
-                    "duplex_operations_total",
-                    "Failovers, switchovers, failbacks, resyncs and refusals, by outcome.",
-                    &[("kind", kind.as_str()), ("state", state.as_str())],
-                    n as f64,
-                );
-            }
-            e.finish()
+            operation_metrics(&mut e, &ops);
+            e
         })
     })
+}
+
+/// Operations as counters that only grow: started and finished by kind
+/// (every outcome exported from zero, so the first refusal is an increase
+/// a rule can see), the running ones as a gauge, and one-off events.
+fn operation_metrics(e: &mut duplex_rpc::metrics::Exposition, ops: &[pb::Operation]) {
+    use duplex_types::{OperationKind as K, OperationState as S};
+    const OPERATIONS: [K; 4] = [K::Failover, K::Switchover, K::Failback, K::Resync];
+    const OUTCOMES: [S; 4] = [S::Done, S::Failed, S::Cancelled, S::Refused];
+    let count = |f: &dyn Fn(&pb::Operation) -> bool| ops.iter().filter(|op| f(op)).count() as f64;
+    for kind in OPERATIONS {
+        let k = kind.as_str();
+        e.counter(
+            "duplex_operations_started_total",
+            "Failovers, switchovers, failbacks and resyncs started.",
+            &[("kind", k)],
+            count(&|op| op.kind == k),
+        );
+        e.gauge(
+            "duplex_operations_running",
+            "Operations running now.",
+            &[("kind", k)],
+            count(&|op| op.kind == k && op.state == S::Running.as_str()),
+        );
+        for state in OUTCOMES {
+            // A refused failover is recorded as an event of its own kind.
+            let n = match (kind, state) {
+                (K::Failover, S::Refused) => count(&|op| op.kind == K::FailoverRefused.as_str()),
+                _ => count(&|op| op.kind == k && op.state == state.as_str()),
+            };
+            e.counter(
+                "duplex_operations_finished_total",
+                "Operations finished, by kind and outcome (done, failed, cancelled, refused).",
+                &[("kind", k), ("state", state.as_str())],
+                n,
+            );
+        }
+    }
+    for kind in K::ALL
+        .iter()
+        .filter(|k| !OPERATIONS.contains(k) && **k != K::FailoverRefused)
+    {
+        e.counter(
+            "duplex_events_total",
+            "One-off events recorded in the history, by kind.",
+            &[("kind", kind.as_str())],
+            count(&|op| op.kind == kind.as_str()),
+        );
+    }
 }

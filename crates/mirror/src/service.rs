@@ -232,7 +232,7 @@ pub fn metrics(api: Arc<MirrorApi>) -> duplex_rpc::metrics::MetricsFn {
                     link.retries as f64,
                 );
             }
-            e.finish()
+            e
         })
     })
 }

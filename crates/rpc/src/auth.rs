@@ -8,7 +8,6 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
@@ -19,23 +18,6 @@ use crate::tls::{Peer, ServerIdentity};
 
 /// Metadata key of an operator token.
 pub const AUTHORIZATION: &str = "authorization";
-
-static REFUSED_CALLS: AtomicU64 = AtomicU64::new(0);
-static REFUSED_HANDSHAKES: AtomicU64 = AtomicU64::new(0);
-
-/// Calls refused by a guard in this process.
-pub fn refused_calls() -> u64 {
-    REFUSED_CALLS.load(Ordering::Relaxed)
-}
-
-/// TLS handshakes refused in this process (plaintext clients, foreign certificates).
-pub fn refused_handshakes() -> u64 {
-    REFUSED_HANDSHAKES.load(Ordering::Relaxed)
-}
-
-pub(crate) fn count_refused_handshake() {
-    REFUSED_HANDSHAKES.fetch_add(1, Ordering::Relaxed);
-}
 
 /// What a method requires.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -412,13 +394,18 @@ where
                 let span = tracing::info_span!("rpc", method = %path, from = %caller.addr);
                 request.extensions_mut().insert(caller);
                 let call = span.in_scope(|| self.inner.call(request));
+                let started = std::time::Instant::now();
                 Box::pin(
-                    async move { call.await.map(|response| undecodable_is_invalid(&path, response)) }
-                        .instrument(span),
+                    async move {
+                        let answered = call.await;
+                        crate::metrics::observe_rpc(&path, started.elapsed());
+                        answered.map(|response| undecodable_is_invalid(&path, response))
+                    }
+                    .instrument(span),
                 )
             }
             Err(status) => {
-                REFUSED_CALLS.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::refused_call();
                 let from = peer
                     .and_then(|p| p.addr)
                     .map_or_else(|| "unknown".to_owned(), |a| a.to_string());

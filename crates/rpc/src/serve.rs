@@ -105,7 +105,10 @@ pub async fn serve(
             "/metrics",
             axum::routing::get(move || {
                 let render = render.clone();
-                async move { render().await + &crate::metrics::auth_metrics() }
+                async move {
+                    let body = crate::metrics::render(&render().await);
+                    ([(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], body)
+                }
             }),
         );
         routes = Routes::from(router);

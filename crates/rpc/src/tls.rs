@@ -489,7 +489,7 @@ pub fn accept(
                             .await;
                     }
                     Ok(Err(e)) => {
-                        crate::auth::count_refused_handshake();
+                        crate::metrics::refused_handshake();
                         tracing::debug!(%addr, error = %e, "TLS handshake refused");
                     }
                     Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),

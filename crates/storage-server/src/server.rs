@@ -228,7 +228,7 @@ fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn 
                 );
             }
             let Ok(s) = api.status().await else {
-                return e.finish();
+                return e;
             };
             e.gauge(
                 "duplex_storage_is_primary",
@@ -276,6 +276,9 @@ fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn 
                 &l,
                 s.accounts_behind.len() as f64,
             );
+            if let Ok(usage) = crate::service::blocking(&api.store, Store::usage).await {
+                account_metrics(&mut e, &name, usage);
+            }
             for link in &s.links_out {
                 let ll = [
                     ("server", name.as_str()),
@@ -284,9 +287,49 @@ fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn 
                 let lag = link.lag.unwrap_or_default();
                 e.lag(&ll, &lag);
             }
-            e.finish()
+            e
         })
     })
+}
+
+/// Accounts given series of their own on one server. Beyond it, the
+/// accounts whose last backup is oldest are kept (those are what an
+/// operator is paged about); the unlabelled oldest-backup gauge still
+/// covers every account.
+const MAX_ACCOUNT_SERIES: usize = 1000;
+
+/// Per-account stored bytes and last-backup age, bounded by
+/// [`MAX_ACCOUNT_SERIES`].
+fn account_metrics(e: &mut Exposition, server: &str, mut usage: Vec<crate::store::AccountUsage>) {
+    let now = crate::store::snapshots::now_ms();
+    let age = |u: &crate::store::AccountUsage| (now - u.last_backup_unix_ms).max(0) as f64 / 1000.0;
+    // Accounts with no snapshot yet have nothing to be late on.
+    usage.retain(|u| u.last_backup_unix_ms > 0);
+    usage.sort_by_key(|u| u.last_backup_unix_ms);
+    if let Some(oldest) = usage.first() {
+        e.gauge(
+            "duplex_storage_oldest_backup_age_seconds",
+            "Seconds since the newest snapshot of the account that has gone longest without one.",
+            &[("server", server)],
+            age(oldest),
+        );
+    }
+    for u in usage.iter().take(MAX_ACCOUNT_SERIES) {
+        let account = u.account.0.to_string();
+        let l = [("server", server), ("account", account.as_str())];
+        e.gauge(
+            "duplex_storage_account_stored_bytes",
+            "Chunk bytes the account holds on this server (deduplicated within the account).",
+            &l,
+            u.stored_bytes as f64,
+        );
+        e.gauge(
+            "duplex_storage_account_last_backup_age_seconds",
+            "Seconds since the account's newest snapshot on this server.",
+            &l,
+            age(u),
+        );
+    }
 }
 
 /// Announces this server to the account servers, retrying until one accepts.

@@ -125,6 +125,10 @@ wire_enum! {
         Divergence = "divergence",
         /// A server forgotten by the operator.
         ServerRemoved = "server-removed",
+        /// A replica, slave or mirror stopped heartbeating.
+        StandbyLost = "standby-lost",
+        /// A standby reported lost is heartbeating again.
+        StandbyRegained = "standby-regained",
         /// A state-changing operator action (who, with which role, from where).
         Audit = "audit",
     }

@@ -163,72 +163,9 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::decide::tests::desired;
-    use crate::model::{Desired, Lag, Report};
-    use crate::observed::{Observed, Seen};
-
-    fn seen(d: &Desired, name: &str, at: Instant, position: u64) -> Seen {
-        let member = d.servers[name].clone();
-        Seen {
-            report: Report {
-                role: d.role(name).unwrap_or(Role::Running),
-                member,
-                epoch: d.epoch,
-                lag: None,
-                outbound: Default::default(),
-                fenced: false,
-                position,
-                links: Vec::new(),
-                degraded: false,
-                divergent_entries: 0,
-                divergence_report: String::new(),
-            },
-            at,
-            wall_ms: 0,
-            granted_at: None,
-            leased: false,
-        }
-    }
-
-    fn site_platform() -> Desired {
-        desired(
-            Mode::ActivePassive,
-            &[
-                ("account-a", Role::Master),
-                ("account-b", Role::Slave),
-                ("storage-a", Role::Primary),
-                ("storage-b", Role::Replica),
-            ],
-        )
-    }
-
-    /// Every server heard at `t0` except those in `silent_since`.
-    fn observed(d: &Desired, t0: Instant, silent_since: &[(&str, Instant)]) -> Observed {
-        let mut o = Observed::default();
-        for name in d.servers.keys() {
-            let at = silent_since
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(t0, |(_, t)| *t);
-            o.record(seen(d, name, at, 10));
-        }
-        let a_id = d.servers["storage-b"].id.clone();
-        if let Some(s) = o.seen.get_mut("storage-a") {
-            s.report.outbound.insert(a_id, Some(Lag::default()));
-        }
-        o
-    }
-
-    fn view<'a>(d: &'a Desired, o: &'a Observed, c: &'a Config, started: Instant, now: Instant) -> View<'a> {
-        View {
-            desired: d,
-            observed: o,
-            config: c,
-            now,
-            now_ms: 0,
-            started,
-        }
-    }
+    use crate::decide::tests::{observed, seen, site_platform, view};
+    use crate::model::Lag;
+    use crate::observed::Observed;
 
     #[tokio::test(start_paused = true)]
     async fn a_whole_site_is_one_failover_moving_both_kinds() {

@@ -545,8 +545,8 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::decide::tests::desired;
-    use crate::model::{Desired, PhaseRun, Report};
-    use crate::observed::{Observed, Seen};
+    use crate::model::{Desired, PhaseRun};
+    use crate::observed::Observed;
 
     fn op(kind: OperationKind, phase: Phase, plan: Plan) -> Op {
         Op {
@@ -572,25 +572,11 @@ mod tests {
     }
 
     fn heard(d: &Desired, o: &mut Observed, name: &str, at: Instant, role: Role, granted: Option<Instant>) {
-        o.record(Seen {
-            report: Report {
-                member: d.servers[name].clone(),
-                role,
-                epoch: d.epoch,
-                lag: None,
-                outbound: Default::default(),
-                fenced: false,
-                position: 0,
-                links: Vec::new(),
-                degraded: false,
-                divergent_entries: 0,
-                divergence_report: String::new(),
-            },
-            at,
-            wall_ms: 0,
-            granted_at: granted,
-            leased: granted.is_some(),
-        });
+        let mut seen = crate::decide::tests::seen(d, name, at, 0);
+        seen.report.role = role;
+        seen.granted_at = granted;
+        seen.leased = granted.is_some();
+        o.record(seen);
     }
 
     fn platform() -> Desired {

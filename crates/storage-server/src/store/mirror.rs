@@ -204,6 +204,7 @@ impl Store {
                 let change = change_record::Change::Snapshot(info.clone());
                 let r = record(*seq, &rec.origin, AccountId(rec.account_id), change);
                 feed.insert(seq.0, r.encode_to_vec().as_slice())?;
+                super::usage::note_snapshot(txn, AccountId(rec.account_id), info.time_unix_ms)?;
                 added_snapshots += 1;
             }
             Ok(())

@@ -13,6 +13,7 @@ pub mod mirror;
 mod packs;
 pub mod snapshots;
 mod tables;
+mod usage;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Wri
 pub use codec::MAX_CHUNK_BYTES;
 pub use error::StoreError;
 pub use packs::{PackWriter, PutStats};
+pub use usage::AccountUsage;
 pub use verify::VerifyReport;
 
 use tables::{CHUNKS, ChunkLoc, FEED, META, SNAPSHOTS};
@@ -218,6 +220,7 @@ fn index_chunks(
     origin: &str,
 ) -> Result<PutStats, StoreError> {
     let mut stats = PutStats::default();
+    let mut by_account: std::collections::BTreeMap<u64, u64> = Default::default();
     let mut chunks = txn.open_table(CHUNKS)?;
     let mut feed = txn.open_table(FEED)?;
     for p in pending {
@@ -239,8 +242,10 @@ fn index_chunks(
         )?;
         stats.stored += 1;
         stats.stored_bytes += u64::from(p.loc.len);
+        *by_account.entry(p.account.0).or_default() += u64::from(p.loc.len);
     }
     drop((chunks, feed));
+    usage::add_bytes(txn, &by_account)?;
     // Kept as a counter so status and /metrics stay O(1) in the chunk count.
     let mut meta = txn.open_table(META)?;
     let total = tables::counter(&meta, tables::STORED_BYTES)? + stats.stored_bytes;

@@ -78,6 +78,7 @@ impl Store {
             let record = self.change(*seq, account, change_record::Change::Snapshot(info.clone()));
             txn.open_table(FEED)?
                 .insert(seq.0, record.encode_to_vec().as_slice())?;
+            super::usage::note_snapshot(txn, account, info.time_unix_ms)?;
             Ok(())
         })?;
         Ok(info)
@@ -120,7 +121,7 @@ impl Store {
     }
 }
 
-fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {
+pub(super) fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {
     SnapshotInfo::decode(bytes)
         .map_err(|e| StoreError::Invalid(format!("stored snapshot record does not decode: {e}")))
 }

@@ -82,6 +82,7 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(FEED)?;
         txn.open_table(CHECKPOINTS)?;
+        super::usage::backfill(&txn)?;
         let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
         match existing {
             Some(bytes) => {

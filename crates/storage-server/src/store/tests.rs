@@ -105,3 +105,51 @@ fn a_data_dir_of_another_format_is_refused() {
     let err = Store::open(dir.path()).err().expect("refused");
     assert!(err.to_string().contains("data format 1"), "{err}");
 }
+
+#[test]
+fn usage_counts_each_accounts_new_bytes_and_newest_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (AccountId(1), AccountId(2));
+    let info = {
+        let store = Store::open(dir.path()).expect("open");
+        put(&store, a, &[chunk(b"one"), chunk(b"two")]).expect("put");
+        // A repeat adds nothing; the same bytes under another account count there.
+        put(&store, a, &[chunk(b"one")]).expect("put");
+        put(&store, b, &[chunk(b"one")]).expect("put");
+        let m = ChunkId::of(b"one");
+        store
+            .commit_snapshot(
+                a,
+                NewSnapshot {
+                    manifest_chunks: vec![m],
+                    summary: vec![],
+                },
+            )
+            .expect("commit")
+    };
+    let store = Store::open(dir.path()).expect("reopen");
+    let usage = store.usage().expect("usage");
+    assert_eq!(usage.len(), 2);
+    assert_eq!((usage[0].account, usage[0].stored_bytes), (a, 2 * 44));
+    assert_eq!(usage[0].last_backup_unix_ms, info.time_unix_ms);
+    assert_eq!((usage[1].account, usage[1].stored_bytes), (b, 44));
+    assert_eq!(usage[1].last_backup_unix_ms, 0);
+}
+
+#[test]
+fn usage_is_rebuilt_for_a_data_dir_written_before_it_was_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = AccountId(7);
+    {
+        let store = Store::open(dir.path()).expect("open");
+        put(&store, a, &[chunk(b"one"), chunk(b"two")]).expect("put");
+        // What an older build left: chunks indexed, no usage rows.
+        let txn = store.db.begin_write().expect("txn");
+        txn.delete_table(super::usage::ACCOUNTS).expect("drop usage");
+        txn.commit().expect("commit");
+    }
+    let store = Store::open(dir.path()).expect("reopen");
+    let usage = store.usage().expect("usage");
+    assert_eq!(usage.len(), 1);
+    assert_eq!((usage[0].account, usage[0].stored_bytes), (a, 2 * 44));
+}
