@@ -61,7 +61,7 @@ enum FollowError {
 }
 
 pub async fn run(node: Arc<Node>, master: String, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     tracing::info!(%master, "following master");
     loop {
         let result = tokio::select! {
@@ -70,7 +70,7 @@ pub async fn run(node: Arc<Node>, master: String, stop: CancellationToken) {
         };
         set(&node.progress, |p| p.connected = false);
         match result {
-            Ok(()) => backoff = Duration::from_millis(100),
+            Ok(()) => backoff.reset(),
             Err(FollowError::Bootstrap(why)) => {
                 tracing::warn!(%why, "bootstrapping from the master's snapshot");
                 let bootstrapped = tokio::select! {
@@ -86,9 +86,8 @@ pub async fn run(node: Arc<Node>, master: String, stop: CancellationToken) {
         }
         tokio::select! {
             () = stop.cancelled() => break,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
     tracing::info!("stopped following");
 }

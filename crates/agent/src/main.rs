@@ -1,4 +1,4 @@
-use duplex_rpc::outln;
+use duplex_rpc::{out, outln};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -202,7 +202,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli.retry_for
     };
     let deadline = Instant::now() + retry_for;
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut delay = backoff.next_pause();
     let mut last_warning: Option<String> = None;
     let secrets = Secrets::default();
     loop {
@@ -222,7 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // Retry as soon as the coordinator publishes a change (a
                 // failover making progress), or after a growing delay.
                 duplex_rpc::discovery::wait_for_change(&options.endpoints, delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = backoff.next_pause();
             }
             other => return other,
         }
@@ -317,10 +318,10 @@ async fn list_keys(service: &KeyService, json: bool) -> anyhow::Result<ExitCode>
             .collect();
         outln!("{}", json!({ "keys": list }));
     } else {
-        outln!("{:<10}  created", "id");
-        for k in &keys {
-            outln!("{:<10}  {}", k.id, rfc3339(k.created_unix_ms));
-        }
+        let rows = keys
+            .iter()
+            .map(|k| vec![k.id.clone(), rfc3339(k.created_unix_ms)]);
+        out!("{}", duplex_rpc::table::render(&["id", "created"], rows));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -452,23 +453,19 @@ where
             .collect();
         outln!("{}", json!({ "snapshots": list }));
     } else {
-        outln!(
-            "{:<32}  {:<20}  {:>8}  {:>10}  paths",
-            "id",
-            "time",
-            "files",
-            "size"
-        );
-        for (s, summary) in &rows {
-            outln!(
-                "{:<32}  {:<20}  {:>8}  {:>10}  {}",
-                s.id,
+        let rows = rows.iter().map(|(s, summary)| {
+            vec![
+                s.id.clone(),
                 rfc3339(s.time_unix_ms),
-                summary.files,
+                summary.files.to_string(),
                 human_bytes(summary.bytes),
-                summary.paths.join(" ")
-            );
-        }
+                summary.paths.join(" "),
+            ]
+        });
+        out!(
+            "{}",
+            duplex_rpc::table::render(&["id", "time", "files", "size", "paths"], rows)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

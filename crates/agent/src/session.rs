@@ -60,28 +60,20 @@ const THROTTLED_FOR: Duration = Duration::from_secs(30);
 /// its handler runs, so sending it again is safe even for a commit; a
 /// moment's wait is all it needs, not a new login. The pause is jittered
 /// so an agent's threads do not come back in step.
-pub async fn throttled<T, F, Fut>(mut call: F) -> Result<T, Status>
+pub async fn throttled<T, F, Fut>(call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Status>>,
 {
-    let start = tokio::time::Instant::now();
-    let mut pause = Duration::from_millis(50);
-    loop {
-        // The deadline is checked against the jittered wait itself, so the
-        // last wait can never carry the call past THROTTLED_FOR.
-        let wait = pause.mul_f64(0.5 + rand::random::<f64>());
-        match call().await {
-            Err(status)
-                if status.code() == Code::ResourceExhausted && start.elapsed() + wait < THROTTLED_FOR =>
-            {
-                tracing::debug!(message = status.message(), "over the account's limit; waiting");
-                tokio::time::sleep(wait).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-            }
-            other => return other,
-        }
-    }
+    use duplex_rpc::backoff::Retryable;
+    call.retry(duplex_rpc::backoff::policy(
+        Duration::from_millis(50),
+        Duration::from_secs(2),
+        Some(THROTTLED_FOR),
+    ))
+    .when(|status| status.code() == Code::ResourceExhausted)
+    .notify(|status, _| tracing::debug!(message = status.message(), "over the account's limit; waiting"))
+    .await
 }
 
 /// Logs in through the first endpoint that answers.

@@ -7,7 +7,7 @@ use duplex_proto::v1::{
     CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
 };
 use duplex_rpc::exit::call_failed;
-use duplex_rpc::outln;
+use duplex_rpc::{out, outln};
 use serde_json::json;
 
 /// An admin client for the master account server, found through any
@@ -129,10 +129,8 @@ pub async fn list_accounts(
             .collect();
         outln!("{}", json!({ "accounts": list }));
     } else {
-        outln!("{:<24} {:<16} home", "name", "group");
-        for a in &accounts {
-            outln!("{:<24} {:<16} {}", a.name, a.group, a.home);
-        }
+        let rows = accounts.iter().map(|a| vec![&a.name, &a.group, &a.home]);
+        out!("{}", duplex_rpc::table::render(&["name", "group", "home"], rows));
     }
     Ok(())
 }
@@ -154,10 +152,13 @@ pub async fn list_groups(
             .collect();
         outln!("{}", json!({ "groups": list }));
     } else {
-        outln!("{:<24} {:<8} accounts", "name", "enabled");
-        for g in &groups {
-            outln!("{:<24} {:<8} {}", g.name, g.enabled, g.accounts);
-        }
+        let rows = groups
+            .iter()
+            .map(|g| vec![g.name.clone(), g.enabled.to_string(), g.accounts.to_string()]);
+        out!(
+            "{}",
+            duplex_rpc::table::render(&["name", "enabled", "accounts"], rows)
+        );
     }
     Ok(())
 }

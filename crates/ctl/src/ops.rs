@@ -297,10 +297,13 @@ pub async fn list_operators(mut client: Client, json: bool) -> anyhow::Result<()
         outln!("{}", serde_json::json!({ "operators": list }));
         return Ok(());
     }
-    outln!("{:<24} {:<9} CREATED", "NAME", "ROLE");
-    for o in &operators {
-        outln!("{:<24} {:<9} {}", o.name, o.role, rfc3339(o.created_unix_ms));
-    }
+    let rows = operators
+        .iter()
+        .map(|o| vec![o.name.clone(), o.role.clone(), rfc3339(o.created_unix_ms)]);
+    out!(
+        "{}",
+        duplex_rpc::table::render(&["NAME", "ROLE", "CREATED"], rows)
+    );
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use anyhow::Context;
 use duplex_proto::v1::coordinator_client::CoordinatorClient;
 use duplex_proto::v1::{ClusterStatus, GetClusterStatusRequest};
 use duplex_rpc::exit::call_failed;
-use duplex_rpc::outln;
+use duplex_rpc::{out, outln};
 use serde_json::json;
 
 pub fn to_json(status: &ClusterStatus) -> serde_json::Value {
@@ -66,31 +66,26 @@ pub async fn run(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
             status.held.join(", ")
         );
     }
-    outln!(
-        "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} lag",
-        "name",
-        "kind",
-        "site",
-        "role",
-        "healthy",
-        "addr"
-    );
-    for s in &status.servers {
+    let rows = status.servers.iter().map(|s| {
         let server = s.server.clone().unwrap_or_default();
         let lag = s
             .lag
             .map(|l| format!("{} records, {} bytes, {:.1} s", l.records, l.bytes, l.seconds))
             .unwrap_or_else(|| "-".into());
-        outln!(
-            "{:<14} {:<12} {:<5} {:<8} {:<8} {:<26} {lag}",
-            server.name,
-            server.kind,
-            server.site,
-            s.role,
-            s.healthy,
-            duplex_rpc::discovery::client_addr(&server)
-        );
-    }
+        vec![
+            server.name.clone(),
+            server.kind.clone(),
+            server.site.clone(),
+            s.role.clone(),
+            s.healthy.to_string(),
+            duplex_rpc::discovery::client_addr(&server),
+            lag,
+        ]
+    });
+    out!(
+        "{}",
+        duplex_rpc::table::render(&["name", "kind", "site", "role", "healthy", "addr", "lag"], rows)
+    );
     Ok(())
 }
 

@@ -68,7 +68,7 @@ async fn server_id(url: &str) -> Result<String, LinkError> {
 }
 
 pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         update(&status, |s| s.state = "connecting".into());
         let result = tokio::select! {
@@ -84,9 +84,8 @@ pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: Cancellat
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

@@ -80,24 +80,20 @@ pub fn is_retryable(code: Code) -> bool {
 
 /// Retries an idempotent call on retryable codes with exponential backoff
 /// until `deadline` has passed.
-pub async fn retry<T, F, Fut>(deadline: Duration, mut call: F) -> Result<T, tonic::Status>
+pub async fn retry<T, F, Fut>(deadline: Duration, call: F) -> Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
-    let start = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(status) if is_retryable(status.code()) && start.elapsed() + backoff < deadline => {
-                tracing::debug!(code = ?status.code(), message = status.message(), "retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-            Err(status) => return Err(status),
-        }
-    }
+    use crate::backoff::Retryable;
+    call.retry(crate::backoff::policy(
+        Duration::from_millis(50),
+        Duration::from_secs(1),
+        Some(deadline),
+    ))
+    .when(|status| is_retryable(status.code()))
+    .notify(|status, pause| tracing::debug!(code = ?status.code(), message = status.message(), ?pause, "retrying"))
+    .await
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod pki;
 pub mod secure_fs;
 pub mod security;
 pub mod serve;
+pub mod table;
 pub mod telemetry;
 pub mod ticket;
 pub mod tls;

@@ -334,7 +334,7 @@ fn account_metrics(e: &mut Exposition, server: &str, mut usage: Vec<crate::store
 
 /// Announces this server to the account servers, retrying until one accepts.
 pub async fn register(info: ServerInfo, account_servers: Vec<String>, shutdown: CancellationToken) {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         for url in &account_servers {
             let Ok(channel) = duplex_rpc::channel(url) else {
@@ -357,8 +357,7 @@ pub async fn register(info: ServerInfo, account_servers: Vec<String>, shutdown: 
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(backoff.next_pause()) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
