@@ -338,6 +338,30 @@ fn servers_read_a_toml_config_file_below_env_and_flags() {
         let _ = child.wait();
         assert_eq!((server.name.as_str(), server.site.as_str()), (name, site));
     }
+    // A typo or a bad value is refused at start, naming the file and the key.
+    for (text, expected) in [
+        (
+            "lisen = \"127.0.0.1:0\"\n",
+            "unknown key \"lisen\"; did you mean \"listen\"?",
+        ),
+        (
+            "sync-timeout = \"soon\"\n",
+            "key \"sync-timeout\": invalid value 'soon'",
+        ),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(bin("duplex-account-server"))
+            .args(["--config", config.to_str().unwrap(), "--insecure-plaintext"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("config file {}", config.display())),
+            "{stderr}"
+        );
+        assert!(stderr.contains(expected), "{stderr}");
+    }
 }
 
 /// A server whose stderr pipe is gone (its supervisor died, a log shipper

@@ -40,8 +40,7 @@ fn parse_link(s: &str, rate: u64) -> anyhow::Result<LinkSpec> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    duplex_rpc::config::load_config_file_into_env()?;
-    let cli = Cli::parse();
+    let cli: Cli = duplex_rpc::config::parse()?;
     duplex_rpc::telemetry::init_as(cli.server.log_format);
     let listen = match start(&cli.server, cli.command.as_ref(), DEFAULT_LISTEN).await? {
         Start::Checked => return Ok(()),
