@@ -5,7 +5,7 @@ use std::path::PathBuf;
 pub enum AgentError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{context}: {} ({:?})", status.message(), status.code())]
+    #[error("{context}: {} ({:?})", duplex_rpc::exit::describe(status), status.code())]
     Rpc { context: String, status: tonic::Status },
     #[error(transparent)]
     Client(#[from] duplex_rpc::ClientError),

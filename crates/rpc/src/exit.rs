@@ -24,10 +24,26 @@ pub const INTEGRITY: u8 = 5;
 /// A call to a server that failed, named by what it was for. It keeps the
 /// status, so the exit code can say why, but shows only its message.
 #[derive(Debug, thiserror::Error)]
-#[error("{what}: {}", status.message())]
+#[error("{what}: {}", describe(status))]
 pub struct CallFailed {
     pub what: String,
     pub status: tonic::Status,
+}
+
+/// A status's message and the causes beneath it ("tcp connect error:
+/// Connection refused (os error 111)"), each said once.
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut cause = status.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        if !said.is_empty() && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = e.source();
+    }
+    text
 }
 
 /// `map_err` for a call: `.map_err(call_failed("failover"))`.
