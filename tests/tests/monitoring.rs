@@ -196,7 +196,7 @@ fn wait_alerted(sites: &TwoSites, posted: &Posted, smtp: Option<&SmtpSink>, kind
 }
 
 #[test]
-fn a_lost_standby_is_alerted_in_history_over_https_and_by_email_and_so_is_its_return() {
+fn a_lost_standby_and_link_are_alerted_in_history_over_https_and_by_email_and_so_is_their_return() {
     let dir = tempfile::tempdir().unwrap();
     let (hook, ca, posted) = https_webhook(dir.path());
     let smtp = SmtpSink::start(dir.path());
@@ -218,6 +218,14 @@ fn a_lost_standby_is_alerted_in_history_over_https_and_by_email_and_so_is_its_re
     // The replica dies: nothing fails over, but site a has no standby now.
     sites.storage_b.signal(libc::SIGKILL);
     wait_alerted(&sites, &posted, smtp.as_ref(), "standby-lost", "storage-b");
+    // And the link into it, whose mirror still heartbeats, stops copying.
+    wait_alerted(
+        &sites,
+        &posted,
+        smtp.as_ref(),
+        "link-lost",
+        "storage-a -> storage-b",
+    );
     let about_b = |sites: &TwoSites, kind: &str| {
         sites
             .events(kind)
@@ -236,6 +244,13 @@ fn a_lost_standby_is_alerted_in_history_over_https_and_by_email_and_so_is_its_re
     assert!(sites.events("failover").is_empty(), "{:?}", sites.history());
     sites.storage_b.restart();
     wait_alerted(&sites, &posted, smtp.as_ref(), "standby-regained", "storage-b");
+    wait_alerted(
+        &sites,
+        &posted,
+        smtp.as_ref(),
+        "link-regained",
+        "storage-a -> storage-b",
+    );
     // Each change is told once, not on every heartbeat.
     assert_eq!(about_b(&sites, "standby-lost").len(), 1, "{:?}", sites.history());
     assert_eq!(

@@ -187,6 +187,7 @@ pub fn start(
         refusals: BTreeSet::new(),
         refused_any: false,
         standbys: BTreeMap::new(),
+        links: BTreeMap::new(),
         enabling: None,
         reported: crate::audit::Seen::default(),
     };
@@ -328,6 +329,8 @@ struct Owner {
     refused_any: bool,
     /// Each standby's health as last reported in history.
     standbys: BTreeMap<String, bool>,
+    /// Each assigned link's health as last reported in history.
+    links: BTreeMap<String, bool>,
     /// The group being enabled again, if a call is out.
     enabling: Option<String>,
     /// Operator actions other servers reported, so a resent one is recorded once.
@@ -891,18 +894,24 @@ impl Owner {
         }
     }
 
-    /// Records each standby lost or regained since the last tick.
+    /// Records each standby and link lost or regained since the last tick.
     fn watch_standbys(&mut self) {
         let (observed, now) = self.view_parts();
         let view = self.shared.view(&self.desired, &observed, now);
-        let changes = crate::decide::standbys::changes(&view, &mut self.standbys);
-        for change in changes {
-            let kind = if change.up {
-                OperationKind::StandbyRegained
+        let standbys = crate::decide::standbys::changes(&view, &mut self.standbys);
+        let links = crate::decide::standbys::link_changes(&view, &mut self.links);
+        let kinds = |up| {
+            if up {
+                (OperationKind::StandbyRegained, OperationKind::LinkRegained)
             } else {
-                OperationKind::StandbyLost
-            };
-            self.record(kind, OperationState::Reported, change.detail, true);
+                (OperationKind::StandbyLost, OperationKind::LinkLost)
+            }
+        };
+        for change in standbys {
+            self.record(kinds(change.up).0, OperationState::Reported, change.detail, true);
+        }
+        for change in links {
+            self.record(kinds(change.up).1, OperationState::Reported, change.detail, true);
         }
     }
 

@@ -112,6 +112,18 @@ pub struct Report {
     pub degraded: bool,
     pub divergent_entries: u64,
     pub divergence_report: String,
+    /// Mirrors: how each link fares.
+    pub link_health: Vec<LinkHealth>,
+}
+
+/// One link as its mirror reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkHealth {
+    pub source: String,
+    pub destination: String,
+    /// Zero while it runs.
+    pub failing_for: std::time::Duration,
+    pub state: String,
 }
 
 impl TryFrom<&pb::HeartbeatRequest> for Report {
@@ -150,6 +162,19 @@ impl TryFrom<&pb::HeartbeatRequest> for Report {
             degraded: r.degraded,
             divergent_entries: r.divergent_entries,
             divergence_report: r.divergence_report.clone(),
+            link_health: r
+                .link_health
+                .iter()
+                .filter_map(|h| {
+                    let spec = h.spec.as_ref()?;
+                    Some(LinkHealth {
+                        source: spec.source.clone(),
+                        destination: spec.destination.clone(),
+                        failing_for: std::time::Duration::from_millis(h.failing_for_ms),
+                        state: h.state.clone(),
+                    })
+                })
+                .collect(),
         })
     }
 }

@@ -30,6 +30,8 @@ use tonic::transport::Channel;
 const MAX_RECORDS: usize = 256;
 const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 const GATHER: Duration = Duration::from_millis(5);
+/// How long an idle link waits before checking that the destination answers.
+const IDLE_PROBE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -69,24 +71,36 @@ async fn server_id(url: &str) -> Result<String, LinkError> {
 
 pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: CancellationToken) {
     let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    update(&status, |s| s.failing_since_unix_ms = now_ms());
     loop {
         update(&status, |s| s.state = "connecting".into());
         let result = tokio::select! {
             () = stop.cancelled() => return,
             r = run_once(&spec, &status) => r,
         };
-        if let Err(e) = result {
+        if let Err(e) = &result {
             tracing::warn!(source = %spec.source, destination = %spec.destination, error = %e, "link interrupted; retrying");
-            update(&status, |s| {
+        }
+        update(&status, |s| {
+            if let Err(e) = &result {
                 s.state = format!("error: {e}");
                 s.retries += 1;
-            });
-        }
+            }
+            if s.failing_since_unix_ms == 0 {
+                s.failing_since_unix_ms = now_ms();
+            }
+        });
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(backoff.next_pause()) => {}
         }
     }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn update(status: &Mutex<LinkStatus>, f: impl FnOnce(&mut LinkStatus)) {
@@ -127,6 +141,7 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
     .map_err(rpc("reporting progress"))?;
     update(status, |s| {
         s.state = "running".into();
+        s.failing_since_unix_ms = 0;
         s.checkpoint = checkpoint;
     });
     tracing::info!(source = %spec.source, destination = %spec.destination, checkpoint, "link running");
@@ -150,7 +165,22 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
         }
     };
     let applying = async move {
-        while let Some(batch) = prepared.recv().await {
+        loop {
+            // An idle link still checks that the destination answers, so a
+            // destination that died is a failing link within seconds, not
+            // at the next write.
+            let batch = match tokio::time::timeout(IDLE_PROBE, prepared.recv()).await {
+                Ok(Some(batch)) => batch,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    dst.get_checkpoint(GetCheckpointRequest {
+                        source_id: source_id.clone(),
+                    })
+                    .await
+                    .map_err(rpc("checking the idle destination"))?;
+                    continue;
+                }
+            };
             dst.apply_batch(futures::stream::iter(batch.items))
                 .await
                 .map_err(rpc("applying the batch on the destination"))?;
@@ -168,7 +198,6 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
                 s.snapshots_sent += batch.sent.snapshots;
             });
         }
-        Ok(())
     };
     tokio::try_join!(reading, applying).map(|_| ())
 }

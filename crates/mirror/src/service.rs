@@ -66,6 +66,7 @@ impl MirrorApi {
                 .iter()
                 .any(|w| key(w) == *k && running.status.lock().is_ok_and(|s| s.spec.as_ref() == Some(w)));
             if !keep {
+                tracing::info!(source = %k.0, destination = %k.1, "link stopped: no longer assigned here");
                 running.stop.cancel();
             }
             keep
@@ -166,11 +167,27 @@ impl MirrorApi {
             .iter()
             .filter_map(|l| l.lag)
             .max_by_key(|l| l.records);
+        let now = crate::link::now_ms();
+        let link_health = status
+            .links
+            .iter()
+            .map(|l| duplex_proto::v1::LinkHealth {
+                spec: l.spec.clone(),
+                failing_for_ms: if l.failing_since_unix_ms == 0 {
+                    0
+                } else {
+                    // At least 1: a link that failed this very millisecond is failing.
+                    (now - l.failing_since_unix_ms).max(1) as u64
+                },
+                state: l.state.clone(),
+            })
+            .collect();
         duplex_proto::v1::HeartbeatRequest {
             server: Some(self.info.clone()),
             role: "running".into(),
             lag,
             links: self.specs(),
+            link_health,
             ..Default::default()
         }
     }

@@ -129,6 +129,10 @@ wire_enum! {
         StandbyLost = "standby-lost",
         /// A standby reported lost is heartbeating again.
         StandbyRegained = "standby-regained",
+        /// A mirroring link stopped copying.
+        LinkLost = "link-lost",
+        /// A link reported lost is copying again.
+        LinkRegained = "link-regained",
         /// A state-changing operator action (who, with which role, from where).
         Audit = "audit",
     }

@@ -114,6 +114,7 @@ pub(crate) mod tests {
                 degraded: false,
                 divergent_entries: 0,
                 divergence_report: String::new(),
+                link_health: Vec::new(),
             },
             at,
             wall_ms: 0,

@@ -1,7 +1,8 @@
-//! Standbys lost and regained. A replica, slave or mirror that stops
-//! heartbeating takes no writes, so nothing fails over; but what it
+//! Standbys and links lost and regained. A replica, slave or mirror that
+//! stops heartbeating takes no writes, so nothing fails over; but what it
 //! protects has no standby until it returns, and an operator must hear of
-//! that as loudly as of a failover. Each change is reported once.
+//! that as loudly as of a failover. So too a mirroring link that stops
+//! copying while its mirror still heartbeats. Each change is reported once.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,16 @@ pub struct Change {
     pub name: String,
     pub up: bool,
     pub detail: String,
+}
+
+/// Notes `up` (None: not known yet) for `key`; whether it is news: a
+/// loss, or a return after a reported loss. A first sighting up is not.
+fn changed(known: &mut BTreeMap<String, bool>, key: &str, up: Option<bool>) -> bool {
+    let Some(up) = up else {
+        return false;
+    };
+    let before = known.insert(key.to_owned(), up);
+    !(before == Some(up) || (before.is_none() && up))
 }
 
 /// Whether `name` is a standby now: a replica, a slave, or a mirror.
@@ -37,18 +48,12 @@ pub fn changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Chang
         if !is_standby(view, name) {
             continue;
         }
-        let up = if view.healthy(name) {
-            true
-        } else if view.lost(name) {
-            false
-        } else {
-            // Silent, but not yet for the failover timeout: a blip.
-            continue;
-        };
-        let before = known.insert(name.clone(), up);
-        if before == Some(up) || (before.is_none() && up) {
+        // Silent, but not yet for the failover timeout, is a blip: unknown.
+        let up = (view.healthy(name) || view.lost(name)).then(|| view.healthy(name));
+        if !changed(known, name, up) {
             continue;
         }
+        let up = view.healthy(name);
         let what = match view.desired.role(name) {
             Some(role) => role.as_str().to_owned(),
             None => "mirror".to_owned(),
@@ -63,6 +68,70 @@ pub fn changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Chang
         };
         out.push(Change {
             name: name.clone(),
+            up,
+            detail,
+        });
+    }
+    out
+}
+
+/// How long a link may fail before it is reported lost: a destination
+/// restarting, a failover re-pointing links, pass within it.
+pub fn link_grace(view: &View<'_>) -> std::time::Duration {
+    (view.config.failover_timeout * 2).max(std::time::Duration::from_secs(3))
+}
+
+/// Like [`changes`], for the links the coordinator assigned: one failing
+/// for [`link_grace`] is lost, one running again is regained. A link whose
+/// mirror is not heartbeating is left as it was: the mirror's own loss is
+/// what is reported then.
+pub fn link_changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Change> {
+    let name_of = |addr: &str| {
+        view.desired
+            .servers
+            .values()
+            .find(|m| m.addr == addr)
+            .map_or_else(|| addr.to_owned(), |m| m.name.clone())
+    };
+    let assigned: Vec<(String, String, String, String)> = super::roles::links(view.desired)
+        .into_iter()
+        .map(|(mirror, spec)| {
+            let key = format!("{} -> {}", name_of(&spec.source), name_of(&spec.destination));
+            (key, mirror, spec.source, spec.destination)
+        })
+        .collect();
+    known.retain(|key, _| assigned.iter().any(|(k, ..)| k == key));
+    let mut out = Vec::new();
+    for (key, mirror, source, destination) in assigned {
+        if !view.healthy(&mirror) {
+            continue;
+        }
+        let Some(health) = view.observed.seen.get(&mirror).and_then(|s| {
+            s.report
+                .link_health
+                .iter()
+                .find(|h| h.source == source && h.destination == destination)
+        }) else {
+            continue;
+        };
+        // A retry or two within the grace is unknown, not lost.
+        let up = (health.failing_for.is_zero() || health.failing_for >= link_grace(view))
+            .then(|| health.failing_for.is_zero());
+        if !changed(known, &key, up) {
+            continue;
+        }
+        let up = health.failing_for.is_zero();
+        let detail = if up {
+            format!("link {key} (run by {mirror}) is copying again")
+        } else {
+            format!(
+                "link {key} (run by {mirror}) has not copied for {} s: {}; nothing reaches the destination until it recovers",
+                health.failing_for.as_secs(),
+                health.state
+            )
+        };
+        out.push(Change {
+            name: key,
             up,
             detail,
         });
@@ -138,5 +207,46 @@ mod tests {
         let found = changes(&view(&d, &silent, &c, start, later), &mut known);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!((found[0].name.as_str(), found[0].up), ("account-b", false));
+    }
+
+    fn link_health(o: &mut crate::observed::Observed, d: &crate::model::Desired, failing_ms: u64) {
+        let (mirror, spec) = crate::decide::roles::links(d).remove(0);
+        let seen = o.seen.get_mut(&mirror).expect("mirror seen");
+        seen.report.link_health = vec![crate::model::LinkHealth {
+            source: spec.source,
+            destination: spec.destination,
+            failing_for: Duration::from_millis(failing_ms),
+            state: if failing_ms == 0 {
+                "running".into()
+            } else {
+                "error: destination down".into()
+            },
+        }];
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_failing_past_its_grace_is_lost_and_then_regained() {
+        let d = site_platform();
+        let c = Config::new(Mode::ActivePassive);
+        let start = Instant::now();
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let now = Instant::now();
+        let mut known = BTreeMap::new();
+        let mut o = observed(&d, now, &[]);
+        link_health(&mut o, &d, 0);
+        assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
+        // A retry or two is not a loss.
+        link_health(&mut o, &d, 1_000);
+        assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
+        link_health(&mut o, &d, 10_000);
+        let lost = link_changes(&view(&d, &o, &c, start, now), &mut known);
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].name, "storage-a -> storage-b");
+        assert!(!lost[0].up);
+        assert!(lost[0].detail.contains("error: destination down"), "{lost:?}");
+        assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
+        link_health(&mut o, &d, 0);
+        let back = link_changes(&view(&d, &o, &c, start, now), &mut known);
+        assert_eq!((back.len(), back[0].up), (1, true), "{back:?}");
     }
 }
