@@ -128,6 +128,15 @@ fn sigkill_of_the_storage_primary_moves_backups_to_the_replica() {
         metrics.contains("duplex_operations_finished_total{kind=\"failover\",state=\"done\"} 1"),
         "{metrics}"
     );
+    // Started and finished only grow; what runs now is a gauge that fell back.
+    assert!(
+        metrics.contains("duplex_operations_started_total{kind=\"failover\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("duplex_operations_running{kind=\"failover\"} 0"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("duplex_heartbeat_age_seconds{server=\"storage-b\"}"),
         "{metrics}"

@@ -48,7 +48,7 @@ async fn list_snapshots(cluster: &Cluster, ticket: &[u8]) -> Result<(), Status> 
 /// `duplex_account_limited_total{limit=LIMIT}` from the storage server's `/metrics`.
 fn limited(cluster: &Cluster, limit: &str) -> u64 {
     let metrics = scrape(&cluster.storage.addr);
-    let series = format!("duplex_account_limited_total{{server=\"storage-a\",limit=\"{limit}\"}} ");
+    let series = format!("duplex_account_limited_total{{limit=\"{limit}\",server=\"storage-a\"}} ");
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(&series))

@@ -230,7 +230,14 @@ fn a_lost_standby_and_link_are_alerted_in_history_over_https_and_by_email_and_so
         sites
             .events(kind)
             .into_iter()
-            .filter(|e| e["detail"].as_str().unwrap().contains("storage-b"))
+            .filter(|e| {
+                let about = if kind.starts_with("link") {
+                    "storage-a -> storage-b"
+                } else {
+                    "storage-b (site b)"
+                };
+                e["detail"].as_str().unwrap().contains(about)
+            })
             .collect::<Vec<_>>()
     };
     let lost = about_b(&sites, "standby-lost");
@@ -259,4 +266,6 @@ fn a_lost_standby_and_link_are_alerted_in_history_over_https_and_by_email_and_so
         "{:?}",
         sites.history()
     );
+    assert_eq!(about_b(&sites, "link-lost").len(), 1, "{:?}", sites.history());
+    assert_eq!(about_b(&sites, "link-regained").len(), 1, "{:?}", sites.history());
 }

@@ -328,9 +328,9 @@ struct Owner {
     refusals: BTreeSet<String>,
     refused_any: bool,
     /// Each standby's health as last reported in history.
-    standbys: BTreeMap<String, bool>,
+    standbys: crate::decide::standbys::Known,
     /// Each assigned link's health as last reported in history.
-    links: BTreeMap<String, bool>,
+    links: crate::decide::standbys::Known,
     /// The group being enabled again, if a call is out.
     enabling: Option<String>,
     /// Operator actions other servers reported, so a resent one is recorded once.

@@ -49,8 +49,9 @@ struct Cli {
     /// Trust this CA (PEM) for an https webhook instead of the system's roots.
     #[arg(long, env = "DUPLEX_WEBHOOK_CA", global = true)]
     webhook_ca: Option<std::path::PathBuf>,
-    /// Mail each event through this server: smtp://HOST[:PORT] (STARTTLS
-    /// when offered) or smtps://HOST[:PORT], optionally with USER:PASSWORD@.
+    /// Mail each event through this server: smtp://HOST[:PORT] (plain, for
+    /// a local relay), smtp://HOST[:PORT]?tls=required (STARTTLS) or
+    /// smtps://HOST[:PORT] (TLS); USER:PASSWORD@ only with TLS.
     #[arg(long, env = "DUPLEX_SMTP_URL", global = true)]
     smtp_url: Option<String>,
     /// Who gets the alert emails (repeat, or separate with commas).

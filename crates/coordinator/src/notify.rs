@@ -20,8 +20,9 @@ pub struct AlertSettings {
     pub webhook: Option<String>,
     /// Trust this CA for an https webhook instead of the system's roots.
     pub webhook_ca: Option<PathBuf>,
-    /// `smtp://HOST[:PORT]` (STARTTLS when offered), `smtps://` (TLS), with
-    /// optional `USER:PASSWORD@`.
+    /// `smtp://HOST[:PORT]` (plain: a relay on the same host or network),
+    /// `smtp://HOST[:PORT]?tls=required` (STARTTLS), `smtps://HOST[:PORT]`
+    /// (TLS), with optional `USER:PASSWORD@` (never over plain smtp).
     pub smtp_url: Option<String>,
     pub alert_email: Vec<String>,
     pub alert_from: Option<String>,
@@ -48,15 +49,59 @@ pub enum NotifyError {
 /// Where alerts go, checked and ready. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Alerts {
-    webhook: Option<Arc<Webhook>>,
-    email: Option<Arc<Email>>,
+    webhook: Option<Arc<Outbox<Webhook>>>,
+    email: Option<Arc<Outbox<Email>>>,
+}
+
+/// Events waiting for one destination, delivered one at a time in the
+/// order they happened (a `regained` never overtakes its `lost`), by a
+/// worker started on first use. Bounded: when a destination is down for
+/// long, events beyond [`QUEUE`] waiting are dropped (and logged); history
+/// keeps them all.
+struct Outbox<D> {
+    destination: Arc<D>,
+    queue: std::sync::OnceLock<tokio::sync::mpsc::Sender<Operation>>,
+}
+
+const QUEUE: usize = 1024;
+
+trait Deliver: Send + Sync + 'static {
+    fn deliver(&self, op: Operation) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl<D: Deliver> Outbox<D> {
+    fn new(destination: D) -> Self {
+        Self {
+            destination: Arc::new(destination),
+            queue: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn push(&self, op: &Operation) {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Operation>(QUEUE);
+            let destination = self.destination.clone();
+            tokio::spawn(async move {
+                while let Some(op) = rx.recv().await {
+                    destination.deliver(op).await;
+                }
+            });
+            tx
+        });
+        if queue.try_send(op.clone()).is_err() {
+            tracing::error!(kind = %op.kind, "alert queue full; this event is only in history");
+        }
+    }
 }
 
 impl std::fmt::Debug for Alerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Alerts")
-            .field("webhook", &self.webhook.as_ref().map(|w| w.url.as_str()))
-            .field("email", &self.email.as_ref().map(|e| &e.to))
+            .field(
+                "webhook",
+                &self.webhook.as_ref().map(|w| w.destination.url.as_str()),
+            )
+            .field("email", &self.email.as_ref().map(|e| &e.destination.to))
             .finish()
     }
 }
@@ -89,10 +134,10 @@ impl Alerts {
             .as_deref()
             .map(|url| webhook(url, settings.webhook_ca.as_deref()))
             .transpose()?
-            .map(Arc::new);
+            .map(|w| Arc::new(Outbox::new(w)));
         let email = match (&settings.smtp_url, settings.alert_email.is_empty()) {
             (None, true) => None,
-            (Some(url), false) => Some(Arc::new(email(url, settings)?)),
+            (Some(url), false) => Some(Arc::new(Outbox::new(email(url, settings)?))),
             _ => return Err(NotifyError::Incomplete),
         };
         Ok(Alerts { webhook, email })
@@ -100,18 +145,16 @@ impl Alerts {
 
     /// Sends `op` everywhere configured, in the background.
     pub fn send(&self, op: &Operation) {
-        if let Some(webhook) = self.webhook.clone() {
-            let body = crate::events::operation_json(op).to_string();
-            tokio::spawn(async move { webhook.post(body).await });
+        if let Some(webhook) = &self.webhook {
+            webhook.push(op);
         }
         // Operator actions are audit trail, not alarms: not mailed.
         if let Some(email) = self
             .email
-            .clone()
+            .as_ref()
             .filter(|_| op.kind != OperationKind::Audit.as_str())
         {
-            let op = op.clone();
-            tokio::spawn(async move { email.send(&op).await });
+            email.push(op);
         }
     }
 }
@@ -139,8 +182,9 @@ fn webhook(url: &str, ca: Option<&std::path::Path>) -> Result<Webhook, NotifyErr
     Ok(Webhook { url: parsed, client })
 }
 
-impl Webhook {
-    async fn post(&self, body: String) {
+impl Deliver for Webhook {
+    async fn deliver(&self, op: Operation) {
+        let body = crate::events::operation_json(&op).to_string();
         let attempt = || async {
             let response = self
                 .client
@@ -164,6 +208,17 @@ impl Webhook {
 }
 
 fn email(url: &str, settings: &AlertSettings) -> Result<Email, NotifyError> {
+    let smtp_error = |reason: &str| NotifyError::Smtp {
+        url: url.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| smtp_error(&e.to_string()))?;
+    let tls = parsed.scheme() == "smtps" || parsed.query_pairs().any(|(k, v)| k == "tls" && v == "required");
+    if !tls && (!parsed.username().is_empty() || parsed.password().is_some()) {
+        return Err(smtp_error(
+            "would send the password in clear: use smtps:// or add ?tls=required",
+        ));
+    }
     let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
         .map_err(|e| NotifyError::Smtp {
             url: url.to_owned(),
@@ -190,8 +245,9 @@ fn email(url: &str, settings: &AlertSettings) -> Result<Email, NotifyError> {
     Ok(Email { transport, from, to })
 }
 
-impl Email {
-    async fn send(&self, op: &Operation) {
+impl Deliver for Email {
+    async fn deliver(&self, op: Operation) {
+        let op = &op;
         let mut builder = lettre::Message::builder()
             .from(self.from.clone())
             .subject(subject(op));
@@ -262,6 +318,12 @@ mod tests {
             ..Default::default()
         };
         assert!(bad(smtp).contains("--smtp-url"));
+        let clear = AlertSettings {
+            smtp_url: Some("smtp://ops:secret@mail.example.com:25".into()),
+            alert_email: vec!["ops@example.com".into()],
+            ..Default::default()
+        };
+        assert!(bad(clear).contains("password in clear"));
     }
 
     #[test]

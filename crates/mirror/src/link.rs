@@ -46,6 +46,8 @@ pub enum LinkError {
     FeedEnded,
     #[error("data loss: {0}")]
     Corrupt(String),
+    #[error("the idle destination did not answer within {0:?}")]
+    Stalled(Duration),
 }
 
 fn rpc(what: &'static str) -> impl FnOnce(tonic::Status) -> LinkError {
@@ -97,6 +99,11 @@ pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: Cancellat
     }
 }
 
+/// The link did its work: a batch landed, or the idle destination answered.
+fn copied(s: &mut LinkStatus) {
+    s.failing_since_unix_ms = 0;
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -139,9 +146,10 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
     })
     .await
     .map_err(rpc("reporting progress"))?;
+    // Connected is not yet copying: the link counts as failing until a
+    // batch lands or the idle destination answers (see `copied`).
     update(status, |s| {
         s.state = "running".into();
-        s.failing_since_unix_ms = 0;
         s.checkpoint = checkpoint;
     });
     tracing::info!(source = %spec.source, destination = %spec.destination, checkpoint, "link running");
@@ -173,11 +181,14 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
                 Ok(Some(batch)) => batch,
                 Ok(None) => return Ok(()),
                 Err(_) => {
-                    dst.get_checkpoint(GetCheckpointRequest {
+                    let probe = dst.get_checkpoint(GetCheckpointRequest {
                         source_id: source_id.clone(),
-                    })
-                    .await
-                    .map_err(rpc("checking the idle destination"))?;
+                    });
+                    tokio::time::timeout(IDLE_PROBE * 5, probe)
+                        .await
+                        .map_err(|_| LinkError::Stalled(IDLE_PROBE * 5))?
+                        .map_err(rpc("checking the idle destination"))?;
+                    update(status, copied);
                     continue;
                 }
             };
@@ -192,6 +203,7 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
             .await
             .map_err(rpc("reporting progress"))?;
             update(status, |s| {
+                copied(s);
                 s.checkpoint = batch.last;
                 s.chunks_sent += batch.sent.chunks;
                 s.bytes_sent += batch.sent.bytes;

@@ -116,6 +116,9 @@ fn file_args(
             }
             continue;
         }
+        if values.len() > 1 && !matches!(arg.get_action(), ArgAction::Append) {
+            return Err(value_error("takes one value, not a list".into()));
+        }
         if set_above {
             continue;
         }
@@ -264,5 +267,7 @@ mod tests {
             .expect_err("inline table")
             .to_string();
         assert!(e.contains("key \"name\": must be a string"), "{e}");
+        let e = run("name = [\"a\", \"b\"]\n", &[]).expect_err("list").to_string();
+        assert!(e.contains("key \"name\": takes one value, not a list"), "{e}");
     }
 }

@@ -5,8 +5,11 @@
 //! copying while its mirror still heartbeats. Each change is reported once.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use duplex_types::{Role, ServerKind};
+
+use tokio::time::Instant;
 
 use super::View;
 
@@ -18,14 +21,36 @@ pub struct Change {
     pub detail: String,
 }
 
-/// Notes `up` (None: not known yet) for `key`; whether it is news: a
-/// loss, or a return after a reported loss. A first sighting up is not.
-fn changed(known: &mut BTreeMap<String, bool>, key: &str, up: Option<bool>) -> bool {
+/// What was last told of each standby or link: up or not, and when it was
+/// told (None: noted silently, on first sight).
+pub type Known = BTreeMap<String, (bool, Option<Instant>)>;
+
+/// How soon after one report about a standby or link the next may follow:
+/// one that flaps is told about at this pace, and its state in the end is
+/// always told.
+pub fn quiet_period(view: &View<'_>) -> Duration {
+    (view.config.failover_timeout * 6).max(Duration::from_secs(10))
+}
+
+/// Notes `up` (None: not known yet) for `key`; whether it is news: a loss,
+/// or a return after a reported loss, no sooner than [`quiet_period`]
+/// after the last news about it. A first sighting up is not news.
+fn changed(view: &View<'_>, known: &mut Known, key: &str, up: Option<bool>) -> bool {
     let Some(up) = up else {
         return false;
     };
-    let before = known.insert(key.to_owned(), up);
-    !(before == Some(up) || (before.is_none() && up))
+    match known.get(key) {
+        Some((was, _)) if *was == up => false,
+        Some((_, Some(told))) if view.now.saturating_duration_since(*told) < quiet_period(view) => false,
+        None if up => {
+            known.insert(key.to_owned(), (true, None));
+            false
+        }
+        _ => {
+            known.insert(key.to_owned(), (up, Some(view.now)));
+            true
+        }
+    }
 }
 
 /// Whether `name` is a standby now: a replica, a slave, or a mirror.
@@ -41,7 +66,7 @@ fn is_standby(view: &View<'_>, name: &str) -> bool {
 /// updated in place) and returns the changes to record. A standby first
 /// seen healthy is just noted; one never heard from is reported lost only
 /// once the coordinator has waited long enough to know.
-pub fn changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Change> {
+pub fn changes(view: &View<'_>, known: &mut Known) -> Vec<Change> {
     known.retain(|name, _| is_standby(view, name));
     let mut out = Vec::new();
     for (name, member) in &view.desired.servers {
@@ -50,7 +75,7 @@ pub fn changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Chang
         }
         // Silent, but not yet for the failover timeout, is a blip: unknown.
         let up = (view.healthy(name) || view.lost(name)).then(|| view.healthy(name));
-        if !changed(known, name, up) {
+        if !changed(view, known, name, up) {
             continue;
         }
         let up = view.healthy(name);
@@ -77,15 +102,15 @@ pub fn changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Chang
 
 /// How long a link may fail before it is reported lost: a destination
 /// restarting, a failover re-pointing links, pass within it.
-pub fn link_grace(view: &View<'_>) -> std::time::Duration {
-    (view.config.failover_timeout * 2).max(std::time::Duration::from_secs(3))
+pub fn link_grace(view: &View<'_>) -> Duration {
+    (view.config.failover_timeout * 2).max(Duration::from_secs(3))
 }
 
 /// Like [`changes`], for the links the coordinator assigned: one failing
 /// for [`link_grace`] is lost, one running again is regained. A link whose
 /// mirror is not heartbeating is left as it was: the mirror's own loss is
 /// what is reported then.
-pub fn link_changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<Change> {
+pub fn link_changes(view: &View<'_>, known: &mut Known) -> Vec<Change> {
     let name_of = |addr: &str| {
         view.desired
             .servers
@@ -117,7 +142,7 @@ pub fn link_changes(view: &View<'_>, known: &mut BTreeMap<String, bool>) -> Vec<
         // A retry or two within the grace is unknown, not lost.
         let up = (health.failing_for.is_zero() || health.failing_for >= link_grace(view))
             .then(|| health.failing_for.is_zero());
-        if !changed(known, &key, up) {
+        if !changed(view, known, &key, up) {
             continue;
         }
         let up = health.failing_for.is_zero();
@@ -156,7 +181,7 @@ mod tests {
         let c = Config::new(Mode::ActivePassive);
         let start = Instant::now();
         tokio::time::advance(Duration::from_secs(10)).await;
-        let mut known = BTreeMap::new();
+        let mut known = Known::new();
         let now = Instant::now();
         let all_up = observed(&d, now, &[]);
         assert!(changes(&view(&d, &all_up, &c, start, now), &mut known).is_empty());
@@ -181,7 +206,13 @@ mod tests {
             "{found:?}"
         );
         assert!(changes(&view(&d, &lost, &c, start, now), &mut known).is_empty());
-        let back = changes(&view(&d, &all_up, &c, start, now), &mut known);
+        // Back at once is a flap: told no sooner than the quiet period
+        // after the loss, and then told.
+        assert!(changes(&view(&d, &all_up, &c, start, now), &mut known).is_empty());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let later = Instant::now();
+        let all_up = observed(&d, later, &[]);
+        let back = changes(&view(&d, &all_up, &c, start, later), &mut known);
         let names: Vec<(&str, bool)> = back.iter().map(|c| (c.name.as_str(), c.up)).collect();
         assert_eq!(names, [("mirror-a", true), ("storage-b", true)]);
     }
@@ -191,7 +222,7 @@ mod tests {
         let d = site_platform();
         let c = Config::new(Mode::ActivePassive);
         let start = Instant::now();
-        let mut known = BTreeMap::new();
+        let mut known = Known::new();
         // A primary's loss is the failover's business, not this report's.
         let now = Instant::now();
         let primary_down = observed(&d, now, &[("storage-a", now - Duration::from_secs(60))]);
@@ -231,7 +262,7 @@ mod tests {
         let start = Instant::now();
         tokio::time::advance(Duration::from_secs(10)).await;
         let now = Instant::now();
-        let mut known = BTreeMap::new();
+        let mut known = Known::new();
         let mut o = observed(&d, now, &[]);
         link_health(&mut o, &d, 0);
         assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
@@ -246,7 +277,12 @@ mod tests {
         assert!(lost[0].detail.contains("error: destination down"), "{lost:?}");
         assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
         link_health(&mut o, &d, 0);
-        let back = link_changes(&view(&d, &o, &c, start, now), &mut known);
+        assert!(link_changes(&view(&d, &o, &c, start, now), &mut known).is_empty());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let later = Instant::now();
+        let mut o = observed(&d, later, &[]);
+        link_health(&mut o, &d, 0);
+        let back = link_changes(&view(&d, &o, &c, start, later), &mut known);
         assert_eq!((back.len(), back[0].up), (1, true), "{back:?}");
     }
 }
