@@ -269,12 +269,7 @@ pub fn unwrap(record: &KeyRecord, passphrase: &[u8]) -> Result<Option<Keys>, Age
     Ok(Some(Keys::from_master(&master)))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use duplex_types::now_ms;
 
 #[cfg(test)]
 mod tests {

@@ -476,26 +476,37 @@ fn operation_metrics(e: &mut duplex_rpc::metrics::Exposition, ops: &[pb::Operati
     use duplex_types::{OperationKind as K, OperationState as S};
     const OPERATIONS: [K; 4] = [K::Failover, K::Switchover, K::Failback, K::Resync];
     const OUTCOMES: [S; 4] = [S::Done, S::Failed, S::Cancelled, S::Refused];
-    let count = |f: &dyn Fn(&pb::Operation) -> bool| ops.iter().filter(|op| f(op)).count() as f64;
+    // One pass over the history, however long it grows.
+    let mut tally: std::collections::BTreeMap<(&str, &str), f64> = Default::default();
+    for op in ops {
+        *tally.entry((op.kind.as_str(), op.state.as_str())).or_default() += 1.0;
+    }
+    let count = |kind: &str, state: Option<&str>| -> f64 {
+        tally
+            .iter()
+            .filter(|((k, s), _)| *k == kind && state.is_none_or(|want| want == *s))
+            .map(|(_, n)| n)
+            .sum()
+    };
     for kind in OPERATIONS {
         let k = kind.as_str();
         e.counter(
             "duplex_operations_started_total",
             "Failovers, switchovers, failbacks and resyncs started.",
             &[("kind", k)],
-            count(&|op| op.kind == k),
+            count(k, None),
         );
         e.gauge(
             "duplex_operations_running",
             "Operations running now.",
             &[("kind", k)],
-            count(&|op| op.kind == k && op.state == S::Running.as_str()),
+            count(k, Some(S::Running.as_str())),
         );
         for state in OUTCOMES {
             // A refused failover is recorded as an event of its own kind.
             let n = match (kind, state) {
-                (K::Failover, S::Refused) => count(&|op| op.kind == K::FailoverRefused.as_str()),
-                _ => count(&|op| op.kind == k && op.state == state.as_str()),
+                (K::Failover, S::Refused) => count(K::FailoverRefused.as_str(), None),
+                _ => count(k, Some(state.as_str())),
             };
             e.counter(
                 "duplex_operations_finished_total",
@@ -513,7 +524,7 @@ fn operation_metrics(e: &mut duplex_rpc::metrics::Exposition, ops: &[pb::Operati
             "duplex_events_total",
             "One-off events recorded in the history, by kind.",
             &[("kind", kind.as_str())],
-            count(&|op| op.kind == kind.as_str()),
+            count(kind.as_str(), None),
         );
     }
 }

@@ -73,7 +73,7 @@ async fn server_id(url: &str) -> Result<String, LinkError> {
 
 pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: CancellationToken) {
     let mut backoff = duplex_rpc::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    update(&status, |s| s.failing_since_unix_ms = now_ms());
+    update(&status, |s| s.failing_since_unix_ms = duplex_types::now_ms());
     loop {
         update(&status, |s| s.state = "connecting".into());
         let result = tokio::select! {
@@ -89,7 +89,7 @@ pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: Cancellat
                 s.retries += 1;
             }
             if s.failing_since_unix_ms == 0 {
-                s.failing_since_unix_ms = now_ms();
+                s.failing_since_unix_ms = duplex_types::now_ms();
             }
         });
         tokio::select! {
@@ -102,12 +102,6 @@ pub async fn run(spec: LinkSpec, status: Arc<Mutex<LinkStatus>>, stop: Cancellat
 /// The link did its work: a batch landed, or the idle destination answered.
 fn copied(s: &mut LinkStatus) {
     s.failing_since_unix_ms = 0;
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn update(status: &Mutex<LinkStatus>, f: impl FnOnce(&mut LinkStatus)) {

@@ -167,7 +167,7 @@ impl MirrorApi {
             .iter()
             .filter_map(|l| l.lag)
             .max_by_key(|l| l.records);
-        let now = crate::link::now_ms();
+        let now = duplex_types::now_ms();
         let link_health = status
             .links
             .iter()

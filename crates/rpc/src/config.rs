@@ -178,25 +178,9 @@ fn hint(command: &clap::Command, key: &str) -> String {
     let close = command
         .get_arguments()
         .filter_map(|a| a.get_long())
-        .filter(|long| strsim_close(long, key))
+        .filter(|long| strsim::levenshtein(long, key) <= 2)
         .min_by_key(|long| long.len().abs_diff(key.len()));
     close.map_or_else(String::new, |long| format!("; did you mean {long:?}?"))
-}
-
-/// Whether `a` and `b` differ by at most two single-character edits.
-fn strsim_close(a: &str, b: &str) -> bool {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.iter().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let here = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(here + 1);
-            prev = here;
-        }
-    }
-    row[b.len()] <= 2
 }
 
 #[cfg(test)]

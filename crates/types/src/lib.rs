@@ -12,6 +12,13 @@ pub use ids::{AccountId, ChunkId, Epoch, Lsn, Seq, ServerId, SnapshotId};
 pub use names::{NameKind, validate_name};
 pub use paths::{PathError, validate_relative_path};
 
+/// The wall clock in unix milliseconds (0 before 1970, a clock nobody runs).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Longest prefix of caller-supplied text an error message repeats.
 pub const SHOWN_CHARS: usize = 64;
 

@@ -489,9 +489,4 @@ pub(crate) fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, AccountErr
     M::decode(bytes).map_err(|e| AccountError::Corrupt(e.to_string()))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use duplex_types::now_ms;

@@ -544,7 +544,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::decide::tests::desired;
+    use crate::decide::tests::site_platform;
     use crate::model::{Desired, PhaseRun};
     use crate::observed::Observed;
 
@@ -579,18 +579,6 @@ mod tests {
         o.record(seen);
     }
 
-    fn platform() -> Desired {
-        desired(
-            Mode::ActivePassive,
-            &[
-                ("account-a", Role::Master),
-                ("account-b", Role::Slave),
-                ("storage-a", Role::Primary),
-                ("storage-b", Role::Replica),
-            ],
-        )
-    }
-
     fn view<'a>(d: &'a Desired, o: &'a Observed, c: &'a Config, started: Instant, now_ms: i64) -> View<'a> {
         View {
             desired: d,
@@ -604,7 +592,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_fence_stops_grants_first_then_waits_out_the_last_one() {
-        let d = platform();
+        let d = site_platform();
         let c = Config::new(Mode::ActivePassive);
         let started = Instant::now();
         tokio::time::advance(Duration::from_secs(5)).await;
@@ -628,7 +616,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_promotion_is_not_waited_for_once_the_chosen_server_is_lost() {
-        let mut d = platform();
+        let mut d = site_platform();
         d.roles.insert("storage-b".into(), Role::Primary);
         d.roles.insert("storage-a".into(), Role::Replica);
         let c = Config::new(Mode::ActivePassive);
@@ -653,7 +641,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_wait_past_its_deadline_takes_its_way_out() {
-        let d = platform();
+        let d = site_platform();
         let c = Config::new(Mode::ActivePassive);
         let started = Instant::now();
         let o = Observed::default();
@@ -679,7 +667,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn undo_enables_disabled_groups_and_a_failback_releases_healthy_held_servers() {
-        let mut d = platform();
+        let mut d = site_platform();
         d.held.insert("storage-a".into());
         let c = Config::new(Mode::ActivePassive);
         let started = Instant::now();

@@ -32,13 +32,10 @@ pub fn quiet_period(view: &View<'_>) -> Duration {
     (view.config.failover_timeout * 6).max(Duration::from_secs(10))
 }
 
-/// Notes `up` (None: not known yet) for `key`; whether it is news: a loss,
-/// or a return after a reported loss, no sooner than [`quiet_period`]
-/// after the last news about it. A first sighting up is not news.
-fn changed(view: &View<'_>, known: &mut Known, key: &str, up: Option<bool>) -> bool {
-    let Some(up) = up else {
-        return false;
-    };
+/// Notes `up` for `key`; whether it is news: a loss, or a return after a
+/// reported loss, no sooner than [`quiet_period`] after the last news
+/// about it. A first sighting up is not news.
+fn changed(view: &View<'_>, known: &mut Known, key: &str, up: bool) -> bool {
     match known.get(key) {
         Some((was, _)) if *was == up => false,
         Some((_, Some(told))) if view.now.saturating_duration_since(*told) < quiet_period(view) => false,
@@ -73,12 +70,17 @@ pub fn changes(view: &View<'_>, known: &mut Known) -> Vec<Change> {
         if !is_standby(view, name) {
             continue;
         }
-        // Silent, but not yet for the failover timeout, is a blip: unknown.
-        let up = (view.healthy(name) || view.lost(name)).then(|| view.healthy(name));
+        let up = if view.healthy(name) {
+            true
+        } else if view.lost(name) {
+            false
+        } else {
+            // Silent, but not yet for the failover timeout: a blip.
+            continue;
+        };
         if !changed(view, known, name, up) {
             continue;
         }
-        let up = view.healthy(name);
         let what = match view.desired.role(name) {
             Some(role) => role.as_str().to_owned(),
             None => "mirror".to_owned(),
@@ -139,13 +141,14 @@ pub fn link_changes(view: &View<'_>, known: &mut Known) -> Vec<Change> {
         }) else {
             continue;
         };
-        // A retry or two within the grace is unknown, not lost.
-        let up = (health.failing_for.is_zero() || health.failing_for >= link_grace(view))
-            .then(|| health.failing_for.is_zero());
+        let up = health.failing_for.is_zero();
+        // A retry or two within the grace is not a loss yet.
+        if !up && health.failing_for < link_grace(view) {
+            continue;
+        }
         if !changed(view, known, &key, up) {
             continue;
         }
-        let up = health.failing_for.is_zero();
         let detail = if up {
             format!("link {key} (run by {mirror}) is copying again")
         } else {

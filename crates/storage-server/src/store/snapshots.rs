@@ -126,9 +126,4 @@ pub(super) fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {
         .map_err(|e| StoreError::Invalid(format!("stored snapshot record does not decode: {e}")))
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use duplex_types::now_ms;
