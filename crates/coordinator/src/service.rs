@@ -477,16 +477,16 @@ fn operation_metrics(e: &mut duplex_rpc::metrics::Exposition, ops: &[pb::Operati
     const OPERATIONS: [K; 4] = [K::Failover, K::Switchover, K::Failback, K::Resync];
     const OUTCOMES: [S; 4] = [S::Done, S::Failed, S::Cancelled, S::Refused];
     // One pass over the history, however long it grows.
-    let mut tally: std::collections::BTreeMap<(&str, &str), f64> = Default::default();
+    let mut tally: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
     for op in ops {
-        *tally.entry((op.kind.as_str(), op.state.as_str())).or_default() += 1.0;
+        *tally.entry((op.kind.as_str(), op.state.as_str())).or_default() += 1;
     }
     let count = |kind: &str, state: Option<&str>| -> f64 {
         tally
             .iter()
             .filter(|((k, s), _)| *k == kind && state.is_none_or(|want| want == *s))
             .map(|(_, n)| n)
-            .sum()
+            .sum::<u64>() as f64
     };
     for kind in OPERATIONS {
         let k = kind.as_str();
