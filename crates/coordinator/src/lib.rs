@@ -15,6 +15,7 @@ pub mod decide;
 pub mod engine;
 pub mod events;
 pub mod heartbeat;
+pub mod leadership;
 pub mod model;
 pub mod notify;
 pub mod observed;

@@ -4,17 +4,20 @@ use std::time::Duration;
 use clap::Parser;
 use duplex_coordinator::clock::Clock;
 use duplex_coordinator::config::Config;
+use duplex_coordinator::leadership::{self, Member, Term};
 use duplex_coordinator::notify::{AlertSettings, Alerts};
 use duplex_coordinator::security::{Security, issue_own};
 use duplex_coordinator::servers::GrpcServers;
 use duplex_coordinator::service::CoordinatorApi;
-use duplex_coordinator::store::Store;
+use duplex_coordinator::store::{EtcdStore, Store};
+use duplex_etcd::Etcd;
 use duplex_proto::v1::ServerInfo;
 use duplex_proto::v1::coordinator_server::CoordinatorServer;
 use duplex_rpc::cli::{ServerArgs, ServerCommand, Start, start};
 use duplex_rpc::pki::Ca;
 use duplex_rpc::security::Secured;
 use duplex_types::{Mode, ServerKind};
+use std::sync::atomic::AtomicI64;
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -74,6 +77,17 @@ struct Cli {
     /// the servers after two thirds of it).
     #[arg(long, env = "DUPLEX_CERT_LIFETIME", value_parser = humantime::parse_duration, default_value = "90d", global = true)]
     cert_lifetime: Duration,
+    /// Where the state lives: embedded (one redb file, one coordinator) or
+    /// etcd (shared by several coordinators, one leading).
+    #[arg(long, env = "DUPLEX_STORE", default_value = "embedded", value_parser = ["embedded", "etcd"], global = true)]
+    store: String,
+    /// etcd endpoints (http://HOST:PORT, comma-separated) for --store etcd.
+    #[arg(long, env = "DUPLEX_ETCD", value_delimiter = ',', global = true)]
+    etcd: Vec<String>,
+    /// How long a leader that stopped renewing keeps leading (its etcd
+    /// lease; at least 2s, etcd's minimum).
+    #[arg(long, env = "DUPLEX_LEADER_LEASE", value_parser = humantime::parse_duration, default_value = "2s", global = true)]
+    leader_lease: Duration,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -99,9 +113,13 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         );
     }
     let data_dir = cli.server.prepared_data_dir()?;
-    let store = Arc::new(Store::open(&data_dir)?);
     let shutdown = duplex_rpc::shutdown_on_signals();
     let name = cli.server.name.clone().unwrap_or_else(|| "coordinator".into());
+    let shared = shared_state(&cli)?;
+    let store = Arc::new(match &shared {
+        Some((etcd, fence)) => Store::Etcd(Box::new(EtcdStore::new(etcd.clone(), fence.clone()))),
+        None => Store::open(&data_dir)?,
+    });
     let (secured, ca) = secure(&cli, &listen, &data_dir, &name)?;
     let security = Security::new(
         store.clone(),
@@ -147,17 +165,48 @@ pub(crate) async fn main() -> anyhow::Result<()> {
         rejoin_timeout: cli.rejoin_timeout,
         phase_timeout: cli.phase_timeout,
     };
-    let engine = duplex_coordinator::engine::start(
-        config,
-        info,
+    let start_engine = {
+        let (info, store) = (info.clone(), store.clone());
+        move |stop| {
+            duplex_coordinator::engine::start(
+                config.clone(),
+                info.clone(),
+                store.clone(),
+                Arc::new(GrpcServers),
+                Clock::system(),
+                stop,
+            )
+        }
+    };
+    let term = match &shared {
+        None => {
+            let engine = start_engine(shutdown.clone()).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            tokio::sync::watch::channel(Term::Leading(engine)).1
+        }
+        Some((etcd, fence)) => {
+            let me = Member {
+                name: info.name.clone(),
+                site: info.site.clone(),
+                addr: info.addr.clone(),
+            };
+            let standing = leadership::spawn(
+                etcd.clone(),
+                me,
+                leadership::Settings::new(cli.leader_lease),
+                fence.clone(),
+                shutdown.clone(),
+            );
+            spawn_security_refresh(security.clone(), shutdown.clone());
+            leadership::terms(standing, start_engine, shutdown.clone())
+        }
+    };
+    let metrics = duplex_coordinator::service::metrics(term.clone());
+    let api = CoordinatorApi {
+        term,
         store,
-        Arc::new(GrpcServers),
-        Clock::system(),
-        shutdown.clone(),
-    )
-    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-    let metrics = duplex_coordinator::service::metrics(engine.clone());
-    let api = CoordinatorApi { engine, security };
+        security,
+        etcd: shared.map(|(etcd, _)| etcd),
+    };
     let names = [<CoordinatorServer<CoordinatorApi> as NamedService>::NAME];
     let routes = Routes::new(CoordinatorServer::new(api));
     let access = duplex_rpc::serve::Access {
@@ -166,6 +215,49 @@ pub(crate) async fn main() -> anyhow::Result<()> {
     };
     duplex_rpc::serve(bound, &names, routes, Some(metrics), access, shutdown).await?;
     Ok(())
+}
+
+/// With --store etcd: the etcd connection and the fence its state writes
+/// carry while this coordinator leads.
+fn shared_state(cli: &Cli) -> anyhow::Result<Option<(Etcd, Arc<AtomicI64>)>> {
+    if cli.store != "etcd" {
+        if !cli.etcd.is_empty() {
+            anyhow::bail!("--etcd is only used with --store etcd");
+        }
+        return Ok(None);
+    }
+    if cli.etcd.is_empty() {
+        anyhow::bail!("--store etcd needs --etcd URL[,URL...] (the etcd cluster's client URLs)");
+    }
+    if cli.leader_lease < Duration::from_secs(2) {
+        anyhow::bail!("--leader-lease must be at least 2s (etcd's shortest lease)");
+    }
+    if !cli.server.insecure_plaintext && cli.ca_dir.is_none() {
+        // Each coordinator would create its own CA, and none would trust
+        // the certificates another issued.
+        anyhow::bail!(
+            "--store etcd needs --ca-dir: every coordinator must sign with the same cluster CA \
+             (create it once with `duplexctl ca init --dir DIR` and give each coordinator a copy)"
+        );
+    }
+    Ok(Some((Etcd::connect(&cli.etcd)?, Arc::new(AtomicI64::new(0)))))
+}
+
+/// Followers learn of operators created and revoked on the leader from
+/// etcd, so a token works (and stops working) on every coordinator.
+fn spawn_security_refresh(security: Arc<Security>, stop: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Err(status) = security.refresh() {
+                tracing::debug!(%status, "security records not refreshed");
+            }
+        }
+    });
 }
 
 /// The coordinator's TLS: it holds the CA, so it issues its own certificate

@@ -20,19 +20,64 @@ use tonic::{Request, Response, Status};
 
 use crate::decide::roles;
 use crate::engine::{Command, Engine, durably, shown_role};
+use crate::leadership::Term;
 use crate::security::Security;
 
 pub struct CoordinatorApi {
-    pub engine: Engine,
+    /// This coordinator's engine while it leads, else where the leader is.
+    pub term: tokio::sync::watch::Receiver<Term>,
+    pub store: Arc<crate::store::Store>,
     pub security: Arc<Security>,
+    /// Set when several coordinators share their state in etcd.
+    pub etcd: Option<duplex_etcd::Etcd>,
 }
 
 impl CoordinatorApi {
+    /// The engine, if this coordinator leads; else a status that names
+    /// the leader (in the `duplex-leader` metadata too).
+    fn engine(&self) -> Result<Engine, Status> {
+        self.term.borrow().engine()
+    }
+
+    /// The cluster status with every coordinator in it, as leader,
+    /// follower or down.
+    async fn status_with_coordinators(&self, engine: &Engine) -> Result<ClusterStatus, Status> {
+        let mut out = status(engine);
+        let Some(etcd) = &self.etcd else {
+            return Ok(out);
+        };
+        let members = crate::leadership::members(etcd)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot list the coordinators: {e}")))?;
+        if let Some(me) = out.servers.first_mut() {
+            me.role = crate::leadership::Seen::Leader.as_str().to_owned();
+        }
+        let others = members
+            .into_iter()
+            .filter(|(m, _)| m.name != engine.info.name)
+            .map(|(m, seen)| ServerState {
+                server: Some(pb::ServerInfo {
+                    name: m.name,
+                    site: m.site,
+                    kind: ServerKind::Coordinator.as_str().to_owned(),
+                    addr: m.addr,
+                    ..Default::default()
+                }),
+                role: seen.as_str().to_owned(),
+                healthy: seen != crate::leadership::Seen::Down,
+                ..Default::default()
+            });
+        let at = 1.min(out.servers.len());
+        out.servers.splice(at..at, others);
+        Ok(out)
+    }
+
     /// Runs an operator command, attributed to its caller, and records the
     /// action in history.
     async fn operate(&self, caller: &Caller, command: Command, what: String) -> Result<Operation, Status> {
-        let op = self.engine.command(command, &caller.name()).await?;
-        self.engine.audit(caller, what);
+        let engine = self.engine()?;
+        let op = engine.command(command, &caller.name()).await?;
+        engine.audit(caller, what);
         Ok(op)
     }
 
@@ -51,7 +96,10 @@ impl CoordinatorApi {
         if accepted.records.is_empty() {
             return accepted.considered;
         }
-        match self.engine.audit_reported(server, stream, accepted.records).await {
+        let Ok(engine) = self.engine() else {
+            return 0;
+        };
+        match engine.audit_reported(server, stream, accepted.records).await {
             Ok(()) => accepted.considered,
             // Not recorded: the server keeps them and sends them again.
             Err(_) => 0,
@@ -162,7 +210,7 @@ impl Coordinator for CoordinatorApi {
         let audit = std::mem::take(&mut request.audit);
         let stream = request.audit_stream;
         let sender = request.server.as_ref().map(|s| (s.name.clone(), s.kind.clone()));
-        let mut response = self.engine.heartbeat(request).await?;
+        let mut response = self.engine()?.heartbeat(request).await?;
         response.security = self.security.state_for(version);
         if let (Some((name, kind)), false) = (sender, audit.is_empty()) {
             response.audit_acknowledged = self.reported(&name, &kind, stream, audit).await;
@@ -174,14 +222,16 @@ impl Coordinator for CoordinatorApi {
         &self,
         _request: Request<GetClusterStatusRequest>,
     ) -> Result<Response<ClusterStatus>, Status> {
-        Ok(Response::new(status(&self.engine)))
+        Ok(Response::new(
+            self.status_with_coordinators(&self.engine()?).await?,
+        ))
     }
 
     async fn get_topology(
         &self,
         _request: Request<GetTopologyRequest>,
     ) -> Result<Response<Topology>, Status> {
-        Ok(Response::new(self.engine.topology()))
+        Ok(Response::new(self.engine()?.topology()))
     }
 
     type WatchTopologyStream = TopologyStream;
@@ -190,7 +240,7 @@ impl Coordinator for CoordinatorApi {
         &self,
         _request: Request<GetTopologyRequest>,
     ) -> Result<Response<TopologyStream>, Status> {
-        let stream = tokio_stream::wrappers::WatchStream::new(self.engine.watch_topology());
+        let stream = tokio_stream::wrappers::WatchStream::new(self.engine()?.watch_topology());
         let stream = futures::StreamExt::map(stream, Ok);
         Ok(Response::new(Box::pin(stream)))
     }
@@ -286,7 +336,7 @@ impl Coordinator for CoordinatorApi {
     ) -> Result<Response<Operation>, Status> {
         let id = request.into_inner().id;
         if id.is_empty() {
-            return status(&self.engine)
+            return status(&self.engine()?)
                 .operation
                 .map(Response::new)
                 .ok_or_else(|| Status::not_found("no operation has run yet"));
@@ -297,13 +347,13 @@ impl Coordinator for CoordinatorApi {
                 duplex_types::shown(&id)
             ))
         })?;
-        durably(|| self.engine.store.operation(id))?
+        durably(|| self.store.operation(id))?
             .map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no operation {id}")))
     }
 
     async fn history(&self, _request: Request<HistoryRequest>) -> Result<Response<HistoryResponse>, Status> {
-        let events = durably(|| self.engine.store.operations())?;
+        let events = durably(|| self.store.operations())?;
         Ok(Response::new(HistoryResponse { events }))
     }
 
@@ -312,8 +362,9 @@ impl Coordinator for CoordinatorApi {
         request: Request<IssueEnrollmentTokenRequest>,
     ) -> Result<Response<EnrollmentToken>, Status> {
         let caller = caller(&request);
+        let engine = self.engine()?;
         let (token, grant) = self.security.issue_token(request.get_ref())?;
-        self.engine.audit(
+        engine.audit(
             &caller,
             format!(
                 "issued an enrollment token for {} {} on site {}",
@@ -328,6 +379,9 @@ impl Coordinator for CoordinatorApi {
 
     async fn enroll(&self, request: Request<EnrollRequest>) -> Result<Response<IssuedCertificate>, Status> {
         let from = caller(&request).addr;
+        // Certificates are issued by the leader only, so its history and
+        // the serials it records stay in one place.
+        self.engine()?;
         let (issued, grant) = self.security.enroll(request.get_ref()).inspect_err(|status| {
             tracing::warn!(%from, reason = status.message(), "enrollment refused");
         })?;
@@ -343,6 +397,7 @@ impl Coordinator for CoordinatorApi {
         let identity = caller
             .server()
             .ok_or_else(|| Status::unauthenticated("renewal needs the server's current certificate"))?;
+        self.engine()?;
         let issued = self.security.renew(identity, &request.get_ref().csr_pem)?;
         tracing::info!(server = %identity.name, serial = %issued.serial, "certificate renewed");
         Ok(Response::new(issued))
@@ -358,9 +413,9 @@ impl Coordinator for CoordinatorApi {
             .role
             .parse()
             .map_err(|e: duplex_types::InvalidInput| Status::invalid_argument(e.to_string()))?;
+        let engine = self.engine()?;
         let token = self.security.create_operator(&req.name, role)?;
-        self.engine
-            .audit(&caller, format!("created operator {} with role {role}", req.name));
+        engine.audit(&caller, format!("created operator {} with role {role}", req.name));
         Ok(Response::new(CreatedOperator {
             name: req.name,
             role: role.as_str().to_owned(),
@@ -391,19 +446,34 @@ impl Coordinator for CoordinatorApi {
     ) -> Result<Response<RevokeOperatorResponse>, Status> {
         let caller = caller(&request);
         let name = request.into_inner().name;
+        let engine = self.engine()?;
         self.security.revoke_operator(&name)?;
-        self.engine.audit(&caller, format!("revoked operator {name}"));
+        engine.audit(&caller, format!("revoked operator {name}"));
         Ok(Response::new(RevokeOperatorResponse {}))
     }
 }
 
 /// `/metrics`: heartbeat age, role, epoch and lag per server; the running
 /// phase; operations by kind and outcome.
-pub fn metrics(engine: Engine) -> duplex_rpc::metrics::MetricsFn {
+pub fn metrics(term: tokio::sync::watch::Receiver<Term>) -> duplex_rpc::metrics::MetricsFn {
     Arc::new(move || {
-        let engine = engine.clone();
+        let leading = match &*term.borrow() {
+            Term::Leading(engine) => Some(engine.clone()),
+            Term::Following(_) => None,
+        };
         Box::pin(async move {
             let mut e = duplex_rpc::metrics::Exposition::default();
+            e.gauge(
+                "duplex_coordinator_leader",
+                "1 while this coordinator leads (the only one that runs operations).",
+                &[],
+                f64::from(u8::from(leading.is_some())),
+            );
+            // A follower's view of the cluster would be stale: the leader
+            // exports it.
+            let Some(engine) = leading else {
+                return e;
+            };
             let status = status(&engine);
             e.gauge(
                 "duplex_up",

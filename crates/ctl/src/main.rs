@@ -144,6 +144,14 @@ enum Command {
         dir: PathBuf,
         #[arg(long, default_value = "active-passive", value_parser = ["active-passive", "active-active"])]
         mode: String,
+        /// Run this many coordinators (coordinator-1 ...), one leading,
+        /// sharing their state in etcd.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+        coordinators: u8,
+        /// The etcd the coordinators share (client URLs); without it the
+        /// playground starts `etcd` from PATH as the service `etcd`.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
     },
     /// Create, list and revoke operator tokens (admin only).
     Operators {
@@ -295,14 +303,24 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(mut cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     match &cli.command {
         Command::Ca {
             command: CaCommand::Init { dir, keep_existing },
         } => return ca_init(dir, *keep_existing),
-        Command::Playground { dir, mode } => {
-            return playground::run(dir, mode, cli.insecure_plaintext).await;
+        Command::Playground {
+            dir,
+            mode,
+            coordinators,
+            etcd,
+        } => {
+            let layout = playground::Layout {
+                mode: mode.clone(),
+                coordinators: *coordinators,
+                etcd: etcd.clone(),
+            };
+            return playground::run(dir, &layout, cli.insecure_plaintext).await;
         }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "duplexctl", &mut std::io::stdout());
@@ -314,6 +332,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     conn::setup(cli.ca.as_deref(), cli.insecure_plaintext)?;
     if let Some(token) = operator_token(&cli)? {
         conn::set_token(&token)?;
+    }
+    // Several coordinators: every call goes to the one that leads.
+    if let Some(list) = cli.coordinator.as_deref().filter(|l| l.contains(',')) {
+        let leader = duplex_rpc::leader::find(list)
+            .await
+            .map_err(|status| anyhow::anyhow!("no coordinator among {list} leads: {}", status.message()))?;
+        cli.coordinator = Some(leader);
     }
     // Failures talking to the coordinator name it.
     let coordinator = cli.coordinator.clone();

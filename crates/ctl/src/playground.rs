@@ -77,7 +77,37 @@ struct Running {
     child: Child,
 }
 
-pub async fn run(dir: &Path, mode: &str, insecure: bool) -> anyhow::Result<()> {
+/// What the playground runs.
+pub struct Layout {
+    pub mode: String,
+    /// How many coordinators; more than one share their state in etcd.
+    pub coordinators: u8,
+    /// An etcd to use; empty: start one from PATH when etcd is needed.
+    pub etcd: Vec<String>,
+}
+
+impl Layout {
+    fn shared_state(&self) -> bool {
+        self.coordinators > 1 || !self.etcd.is_empty()
+    }
+
+    /// `coordinator`, or `coordinator-1` ... when several share etcd.
+    fn coordinator_names(&self) -> Vec<String> {
+        if !self.shared_state() {
+            return vec!["coordinator".into()];
+        }
+        (1..=self.coordinators)
+            .map(|i| format!("coordinator-{i}"))
+            .collect()
+    }
+}
+
+/// One coordinator per site, then witnesses.
+fn coordinator_site(index: usize) -> &'static str {
+    ["a", "b"].get(index).copied().unwrap_or("witness")
+}
+
+pub async fn run(dir: &Path, layout: &Layout, insecure: bool) -> anyhow::Result<()> {
     duplex_rpc::secure_fs::create_private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
     let bin_dir = bin_dir()?;
@@ -94,7 +124,16 @@ pub async fn run(dir: &Path, mode: &str, insecure: bool) -> anyhow::Result<()> {
     };
     let shutdown = duplex_rpc::shutdown_on_signals();
     let mut running: Vec<Running> = Vec::new();
-    let result = start_all(&dir, &bin_dir, mode, &security, previous, &mut running, &shutdown).await;
+    let result = start_all(
+        &dir,
+        &bin_dir,
+        layout,
+        &security,
+        previous,
+        &mut running,
+        &shutdown,
+    )
+    .await;
     if let Err(e) = &result {
         eprintln!("playground failed to start: {e:#}");
     } else {
@@ -108,16 +147,42 @@ pub async fn run(dir: &Path, mode: &str, insecure: bool) -> anyhow::Result<()> {
 async fn start_all(
     dir: &Path,
     bin_dir: &Path,
-    mode: &str,
+    layout: &Layout,
     security: &Security,
     previous: Option<PlaygroundFile>,
     running: &mut Vec<Running>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let mode = layout.mode.as_str();
     let scheme = security.scheme();
     let mut ports = Ports::new(previous.as_ref());
-    let coordinator_port = ports.take("coordinator")?;
-    let coordinator_url = format!("{scheme}://127.0.0.1:{coordinator_port}");
+    let mut specs = Vec::new();
+    let mut etcd = layout.etcd.join(",");
+    if layout.shared_state() && etcd.is_empty() {
+        let (service, url) = etcd_spec(dir, &mut ports, previous.as_ref())?;
+        etcd = url;
+        specs.push(service);
+    }
+    let mut coordinator_urls = Vec::new();
+    for (i, name) in layout.coordinator_names().iter().enumerate() {
+        let port = ports.take(name)?;
+        coordinator_urls.push(format!("{scheme}://127.0.0.1:{port}"));
+        let mut flags = vec!["--mode".to_owned(), mode.to_owned()];
+        if layout.shared_state() {
+            flags.extend(["--store".into(), "etcd".into(), "--etcd".into(), etcd.clone()]);
+        }
+        specs.push(spec(
+            bin_dir,
+            dir,
+            name,
+            "coordinator",
+            coordinator_site(i),
+            port,
+            &flags,
+        ));
+    }
+    // Every client follows whichever of them leads.
+    let coordinator_url = coordinator_urls.join(",");
     let account_port = ports.take("account-a")?;
     let account_url = format!("{scheme}://127.0.0.1:{account_port}");
     let slave_port = ports.take("account-b")?;
@@ -146,16 +211,7 @@ async fn start_all(
     // Mirrors get their links from the coordinator, which derives them
     // from the roles it assigns.
     let (mirror_a_links, mirror_b_links): (Vec<String>, Vec<String>) = (Vec::new(), Vec::new());
-    let specs = vec![
-        spec(
-            bin_dir,
-            dir,
-            "coordinator",
-            "coordinator",
-            "a",
-            coordinator_port,
-            &["--mode".into(), mode.to_owned()],
-        ),
+    specs.extend([
         spec(
             bin_dir,
             dir,
@@ -215,12 +271,13 @@ async fn start_all(
             ports.take("mirror-b")?,
             &mirror_b_links,
         ),
-    ];
+    ]);
     drop(ports);
     let mut operator_token = None;
     for mut info in specs {
         info.addr = info.addr.replacen("http://", &format!("{scheme}://"), 1);
         match (&security.ca_dir, info.kind.as_str()) {
+            (_, "etcd") => {}
             (None, _) => info.cmd.push("--insecure-plaintext".into()),
             (Some(ca_dir), "coordinator") => {
                 info.cmd
@@ -243,16 +300,24 @@ async fn start_all(
                 }
             }
         }
-        if security.ca_dir.is_none() && info.kind != "coordinator" {
+        if security.ca_dir.is_none() && !matches!(info.kind.as_str(), "coordinator" | "etcd") {
             info.cmd
                 .extend(["--coordinator".to_owned(), coordinator_url.clone()]);
         }
         let log = dir.join(format!("{}.log", info.name));
-        let mut child = procs::spawn(&info.cmd, &log)?;
+        let mut child = procs::spawn(&info.cmd, &log).with_context(|| {
+            if info.kind == "etcd" {
+                "the coordinators keep their shared state in etcd: install it (apt-get install etcd-server) \
+                 or pass --etcd URL"
+            } else {
+                "a service of the playground"
+            }
+        })?;
         info.pid = child.id().unwrap_or(0);
         wait_healthy(&info, &mut child, &log).await?;
         eprintln!("{} ({}) is up at {}", info.name, info.kind, info.addr);
-        if info.kind == "coordinator" && security.ca_dir.is_some() {
+        // The first coordinator created the first admin (in etcd, for all).
+        if info.kind == "coordinator" && security.ca_dir.is_some() && operator_token.is_none() {
             let path = info.data_dir.join("admin-token");
             let token =
                 std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -273,7 +338,11 @@ async fn start_all(
         .unwrap_or_else(random_password);
     let file = PlaygroundFile {
         coordinator: Some(coordinator_url.clone()),
-        endpoints: vec![coordinator_url.clone(), account_url.clone(), slave_url.clone()],
+        endpoints: coordinator_urls
+            .iter()
+            .chain([&account_url, &slave_url])
+            .cloned()
+            .collect(),
         account: AccountInfo {
             name: DEMO_ACCOUNT.into(),
             token: token.clone(),
@@ -288,6 +357,59 @@ async fn start_all(
     duplex_rpc::secure_fs::write_private(&dir.join("playground.json"), &serde_json::to_vec_pretty(&file)?)?;
     print_banner(dir, &file);
     Ok(())
+}
+
+/// A one-member etcd from PATH (Debian's `etcd-server`) for the
+/// coordinators' shared state; its peer port is kept across runs with its
+/// data, which records it.
+fn etcd_spec(
+    dir: &Path,
+    ports: &mut Ports<'_>,
+    previous: Option<&PlaygroundFile>,
+) -> anyhow::Result<(ServiceInfo, String)> {
+    let client = ports.take("etcd")?;
+    let old_peer = previous
+        .and_then(|p| p.services.iter().find(|s| s.name == "etcd"))
+        .and_then(|s| {
+            let at = s.cmd.iter().position(|a| a == "--listen-peer-urls")?;
+            s.cmd.get(at + 1)?.rsplit(':').next()?.parse::<u16>().ok()
+        });
+    let peer = match old_peer {
+        Some(port) => port,
+        None => ports.free()?,
+    };
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let data_dir = dir.join("etcd");
+    let cmd = [
+        "etcd",
+        "--name",
+        "etcd",
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        &url,
+        "--advertise-client-urls",
+        &url,
+        "--listen-peer-urls",
+        &peer_url,
+        "--initial-advertise-peer-urls",
+        &peer_url,
+        "--initial-cluster",
+        &format!("etcd={peer_url}"),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let info = ServiceInfo {
+        name: "etcd".into(),
+        kind: "etcd".into(),
+        site: "a".into(),
+        pid: 0,
+        addr: url.clone(),
+        data_dir,
+        cmd,
+    };
+    Ok((info, url))
 }
 
 fn random_password() -> String {
@@ -362,6 +484,14 @@ impl<'a> Ports<'a> {
         self.held.push(listener);
         Ok(port)
     }
+
+    /// A free port no service had before.
+    fn free(&mut self) -> anyhow::Result<u16> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+        let port = listener.local_addr()?.port();
+        self.held.push(listener);
+        Ok(port)
+    }
 }
 
 async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyhow::Result<()> {
@@ -374,7 +504,7 @@ async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyh
                 log.display()
             );
         }
-        if duplex_rpc::health::check(&info.addr, "").await.is_ok() {
+        if answers(info).await {
             return Ok(());
         }
         if start.elapsed() > READY_DEADLINE {
@@ -388,10 +518,26 @@ async fn wait_healthy(info: &ServiceInfo, child: &mut Child, log: &Path) -> anyh
     }
 }
 
+/// A service answers its health check (etcd: a read).
+async fn answers(info: &ServiceInfo) -> bool {
+    if info.kind == "etcd" {
+        let Ok(etcd) = duplex_etcd::Etcd::connect(std::slice::from_ref(&info.addr)) else {
+            return false;
+        };
+        return tokio::time::timeout(Duration::from_secs(1), etcd.get(b"/duplex/v1/leader"))
+            .await
+            .is_ok_and(|r| r.is_ok());
+    }
+    duplex_rpc::health::check(&info.addr, "").await.is_ok()
+}
+
 /// A one-time token bound to this service, in a 0600 file (never in argv,
 /// where `ps` would show it).
 async fn enrollment_token_file(dir: &Path, coordinator: &str, info: &ServiceInfo) -> anyhow::Result<PathBuf> {
-    let mut client = CoordinatorClient::new(crate::conn::conn(coordinator)?);
+    let leader = duplex_rpc::leader::find(coordinator)
+        .await
+        .map_err(|s| anyhow::anyhow!("no coordinator leads: {}", s.message()))?;
+    let mut client = CoordinatorClient::new(crate::conn::conn(&leader)?);
     let binding = crate::ops::Binding {
         name: info.name.clone(),
         site: info.site.clone(),

@@ -21,8 +21,21 @@ pub fn client_addr(server: &ServerInfo) -> String {
     }
 }
 
-/// The topology from `url` if it is a reachable coordinator.
+/// The topology from `url` if it is a reachable coordinator (from the
+/// leader it names, if it follows).
 pub async fn topology(url: &str) -> Result<Topology, tonic::Status> {
+    match ask_topology(url).await {
+        Err(status) => match crate::leader::hint(&status) {
+            // The named leader may be the one that just died: then this
+            // is still a coordinator that follows, not an account server.
+            Some(leader) => ask_topology(&leader).await.map_err(|_| status),
+            None => Err(status),
+        },
+        answer => answer,
+    }
+}
+
+async fn ask_topology(url: &str) -> Result<Topology, tonic::Status> {
     let channel = crate::channel(url).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
     let mut client = CoordinatorClient::new(channel);
     match tokio::time::timeout(ASK_TIMEOUT, client.get_topology(GetTopologyRequest {})).await {
@@ -52,6 +65,9 @@ pub async fn account_servers(endpoints: &[String]) -> Vec<String> {
                         .filter_map(|s| s.server.as_ref().map(client_addr)),
                 );
             }
+            // A coordinator that follows, with no leader to point to:
+            // an election is under way, and it is no account server.
+            Err(status) if crate::leader::from_follower(&status) => {}
             // Not a coordinator (or not reachable now): use it as it is.
             Err(status) if status.code() == Code::Unimplemented => out.push(url.clone()),
             Err(_) => out.push(url.clone()),

@@ -98,7 +98,11 @@ pub async fn run<R, RF, A, AF>(
     A: Fn(Assignment) -> AF + Send,
     AF: Future<Output = ()> + Send,
 {
-    let Ok(channel) = crate::channel(&link.url) else {
+    // Several coordinators: heartbeat to the one that leads, following a
+    // follower's pointer or trying the next after a failure.
+    let urls = crate::leader::urls(&link.url);
+    let mut url = urls.first().cloned().unwrap_or_default();
+    let Ok(channel) = crate::channel(&url) else {
         tracing::error!(coordinator = %link.url, "invalid coordinator address; not sending heartbeats");
         return;
     };
@@ -107,16 +111,32 @@ pub async fn run<R, RF, A, AF>(
     // The last failure logged: each new kind of failure is logged once
     // (a refusal after a timeout must not be hidden behind it).
     let mut failing: Option<String> = None;
+    // Followed a pointer without pausing: the next one waits (two
+    // coordinators pointing at each other mid-election cannot spin).
+    let mut followed = false;
     loop {
         let mut request = report().await;
         request.security_version = link.gate.version();
         request.audit = link.audit.pending();
         request.audit_stream = link.audit.stream();
         let sent = Instant::now();
-        match tokio::time::timeout(interval * 2, client.heartbeat(request)).await {
+        let answer = tokio::time::timeout(interval * 2, client.heartbeat(request)).await;
+        let hinted = matches!(&answer, Ok(Err(status)) if crate::leader::hint(status).is_some());
+        if !hinted {
+            followed = false;
+        }
+        let moved = match &answer {
+            Ok(Ok(_)) => None,
+            Ok(Err(status)) if urls.len() > 1 || crate::leader::hint(status).is_some() => {
+                Some(crate::leader::next(&urls, &url, Some(status)))
+            }
+            Err(_) if urls.len() > 1 => Some(crate::leader::next(&urls, &url, None)),
+            _ => None,
+        };
+        match answer {
             Ok(Ok(response)) => {
                 if failing.take().is_some() {
-                    tracing::info!(coordinator = %link.url, "coordinator reachable again");
+                    tracing::info!(coordinator = %url, "coordinator reachable again");
                 }
                 let response = response.into_inner();
                 // Only what the coordinator says it holds leaves the queue;
@@ -133,18 +153,37 @@ pub async fn run<R, RF, A, AF>(
                     apply(assignment).await;
                 }
             }
+            // A follower pointing elsewhere is no failure worth a warning.
+            Ok(Err(status)) if crate::leader::from_follower(&status) => {
+                tracing::debug!(coordinator = %url, %status, "a following coordinator answered");
+            }
             Ok(Err(status)) => {
                 let failure = format!("{:?}: {}", status.code(), status.message());
                 if failing.as_ref() != Some(&failure) {
-                    tracing::warn!(coordinator = %link.url, %status, "heartbeat refused");
+                    tracing::warn!(coordinator = %url, %status, "heartbeat refused");
                     failing = Some(failure);
                 }
             }
             Err(_) => {
                 if failing.as_deref() != Some("timeout") {
-                    tracing::warn!(coordinator = %link.url, "heartbeat timed out");
+                    tracing::warn!(coordinator = %url, "heartbeat timed out");
                     failing = Some("timeout".into());
                 }
+            }
+        }
+        if let Some(next) = moved.filter(|n| *n != url) {
+            match crate::channel(&next) {
+                Ok(channel) => {
+                    tracing::debug!(coordinator = %next, "heartbeats go to another coordinator");
+                    client = CoordinatorClient::new(channel);
+                    url = next;
+                    // The leader a follower named is asked at once; a
+                    // coordinator that failed is replaced after the pause.
+                    if hinted && !std::mem::replace(&mut followed, true) {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(coordinator = %next, error = %e, "cannot reach the named leader"),
             }
         }
         tokio::select! {

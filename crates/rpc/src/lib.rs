@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod exit;
 pub mod health;
 pub mod heartbeat;
+pub mod leader;
 pub mod metrics;
 pub mod pki;
 pub mod secure_fs;

@@ -243,7 +243,9 @@ async fn enroll(
         url: url.to_owned(),
         status,
     };
-    let channel = crate::channel(url).map_err(|e| failed(tonic::Status::invalid_argument(e.to_string())))?;
+    let leader = leader_or_first(url).await;
+    let channel =
+        crate::channel(&leader).map_err(|e| failed(tonic::Status::invalid_argument(e.to_string())))?;
     let client = CoordinatorClient::new(channel);
     // The coordinator may be starting at the same moment.
     crate::client::retry(Duration::from_secs(60), || {
@@ -268,7 +270,8 @@ async fn renew(
     credentials: &Credentials,
 ) -> Result<(), SecurityError> {
     let (key, csr_pem) = crate::pki::key_and_csr(hosts)?;
-    let channel = crate::channel(url).map_err(|e| SecurityError::Enroll {
+    let leader = leader_or_first(url).await;
+    let channel = crate::channel(&leader).map_err(|e| SecurityError::Enroll {
         url: url.to_owned(),
         status: tonic::Status::invalid_argument(e.to_string()),
     })?;
@@ -285,6 +288,15 @@ async fn renew(
     credentials.replace(&issued.cert_pem, &key_pem)?;
     tracing::info!(serial = %issued.serial, "certificate renewed");
     Ok(())
+}
+
+/// The leading coordinator of a comma-separated list; else its first URL,
+/// whose call then reports what is wrong.
+async fn leader_or_first(list: &str) -> String {
+    match crate::leader::find(list).await {
+        Ok(url) => url,
+        Err(_) => crate::leader::urls(list).into_iter().next().unwrap_or_default(),
+    }
 }
 
 /// The identity a server of `kind` named `name` on `site` must hold.

@@ -14,8 +14,10 @@ use duplex_types::OperationState;
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
+pub mod etcd;
 mod security;
 
+pub use etcd::EtcdStore;
 pub use security::{EnrollOutcome, EnrollmentGrant, OperatorRecord, SecurityRecords};
 
 const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
@@ -29,13 +31,25 @@ pub enum StoreError {
     Db(#[from] redb::Error),
     #[error("coordinator record {0} does not decode")]
     Corrupt(String),
+    #[error("coordinator state in etcd: {0}")]
+    Etcd(#[from] duplex_etcd::EtcdError),
+    /// A write fenced by leadership found another coordinator leading.
+    #[error("this coordinator no longer leads: its write was refused by etcd")]
+    NotLeader,
+    #[error("coordinator state in etcd: {0} kept changing under this coordinator; try again")]
+    Contended(String),
 }
 
 duplex_types::from_redb_errors!(StoreError);
 
 impl From<StoreError> for tonic::Status {
     fn from(e: StoreError) -> Self {
-        tonic::Status::internal(e.to_string())
+        match e {
+            StoreError::NotLeader | StoreError::Etcd(_) | StoreError::Contended(_) => {
+                tonic::Status::unavailable(e.to_string())
+            }
+            _ => tonic::Status::internal(e.to_string()),
+        }
     }
 }
 
@@ -58,15 +72,113 @@ pub struct Loaded {
     pub next_operation_id: u64,
 }
 
-pub struct Store {
+/// Where the coordinator keeps its state: one redb file (one coordinator),
+/// or etcd (several, one leading; docs/COORDINATOR_HA.md).
+pub enum Store {
+    Embedded(Embedded),
+    Etcd(Box<EtcdStore>),
+}
+
+pub struct Embedded {
     pub(crate) db: Database,
+}
+
+/// The same call on whichever backend holds the state.
+macro_rules! on_backend {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Store::Embedded(s) => s.$method($($arg),*),
+            Store::Etcd(s) => s.$method($($arg),*),
+        }
+    };
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Embedded::open(dir).map(Store::Embedded)
+    }
+
+    pub fn in_memory() -> Result<Self, StoreError> {
+        Embedded::in_memory().map(Store::Embedded)
+    }
+
+    pub fn load(&self) -> Result<Loaded, StoreError> {
+        on_backend!(self.load())
+    }
+
+    pub fn commit(&self, commit: &Commit) -> Result<(), StoreError> {
+        on_backend!(self.commit(commit))
+    }
+
+    pub fn operations(&self) -> Result<Vec<Operation>, StoreError> {
+        on_backend!(self.operations())
+    }
+
+    pub fn operation(&self, id: u64) -> Result<Option<Operation>, StoreError> {
+        on_backend!(self.operation(id))
+    }
+
+    pub fn add_grant(&self, token_hash: &str, grant: &EnrollmentGrant) -> Result<(), StoreError> {
+        on_backend!(self.add_grant(token_hash, grant))
+    }
+
+    pub fn is_enrolled(&self, name: &str) -> Result<bool, StoreError> {
+        on_backend!(self.is_enrolled(name))
+    }
+
+    /// Spends a token and, if it is good, issues with `issue` and records
+    /// the new serial: a token is used once, and a name gets a certificate
+    /// only while it has none.
+    pub fn enroll<T>(
+        &self,
+        token_hash: &str,
+        now_unix_ms: i64,
+        issue: impl FnOnce(&EnrollmentGrant) -> Result<(T, String), String>,
+    ) -> Result<EnrollOutcome<T>, StoreError> {
+        on_backend!(self.enroll(token_hash, now_unix_ms, issue))
+    }
+
+    pub fn add_serial(&self, name: &str, serial: &str) -> Result<bool, StoreError> {
+        on_backend!(self.add_serial(name, serial))
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, StoreError> {
+        on_backend!(self.is_revoked(serial))
+    }
+
+    pub fn add_operator(&self, record: &OperatorRecord) -> Result<bool, StoreError> {
+        on_backend!(self.add_operator(record))
+    }
+
+    pub fn remove_operator(&self, name: &str) -> Result<bool, StoreError> {
+        on_backend!(self.remove_operator(name))
+    }
+
+    pub fn security_records(&self) -> Result<SecurityRecords, StoreError> {
+        on_backend!(self.security_records())
+    }
+}
+
+/// Which of the stored operations a starting coordinator resumes: the
+/// running one even when events came after it, else the last with phases.
+fn resumed(newest_first: impl Iterator<Item = Operation>) -> Option<Operation> {
+    let mut last: Option<Operation> = None;
+    for op in newest_first {
+        if op.state == OperationState::Running.as_str() {
+            return Some(op);
+        }
+        if last.is_none() && !op.phases.is_empty() {
+            last = Some(op);
+        }
+    }
+    last
 }
 
 fn decode<M: Message + Default>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|_| StoreError::Corrupt(what.to_owned()))
 }
 
-impl Store {
+impl Embedded {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let path = dir.join("coordinator.redb");
         let db = Database::create(&path)?;
@@ -106,19 +218,12 @@ impl Store {
         }
         let operations = txn.open_table(OPERATIONS)?;
         let next_operation_id = operations.last()?.map_or(0, |(k, _)| k.value()) + 1;
-        // The running operation is resumed even when events came after it.
-        let mut operation: Option<Operation> = None;
+        let mut newest_first = Vec::new();
         for item in operations.iter()?.rev() {
             let (k, v) = item?;
-            let op: Operation = decode(&format!("operation {}", k.value()), v.value())?;
-            if op.state == OperationState::Running.as_str() {
-                operation = Some(op);
-                break;
-            }
-            if operation.is_none() && !op.phases.is_empty() {
-                operation = Some(op);
-            }
+            newest_first.push(decode(&format!("operation {}", k.value()), v.value())?);
         }
+        let operation = resumed(newest_first.into_iter());
         Ok(Loaded {
             cluster,
             servers,

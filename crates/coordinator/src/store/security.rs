@@ -7,7 +7,7 @@ use duplex_types::{OperatorRole, ServerKind};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde_json::{Value, json};
 
-use super::{Store, StoreError};
+use super::{Embedded, StoreError};
 
 /// BLAKE3(token) hex → the grant (JSON).
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("enrollment_grants");
@@ -39,12 +39,12 @@ pub struct EnrollmentGrant {
 }
 
 impl EnrollmentGrant {
-    fn to_json(&self) -> String {
+    pub(super) fn to_json(&self) -> String {
         json!({"name": self.name, "site": self.site, "kind": self.kind.as_str(), "expires": self.expires_unix_ms})
             .to_string()
     }
 
-    fn from_json(text: &str) -> Result<Self, StoreError> {
+    pub(super) fn from_json(text: &str) -> Result<Self, StoreError> {
         let corrupt = || StoreError::Corrupt("enrollment grant".into());
         let v: Value = serde_json::from_str(text).map_err(|_| corrupt())?;
         Ok(Self {
@@ -79,7 +79,7 @@ pub struct OperatorRecord {
 }
 
 impl OperatorRecord {
-    fn to_json(&self) -> String {
+    pub(super) fn to_json(&self) -> String {
         json!({
             "role": self.role.as_str(),
             "hash": hex::encode(self.token_hash),
@@ -88,7 +88,7 @@ impl OperatorRecord {
         .to_string()
     }
 
-    fn from_json(name: &str, text: &str) -> Result<Self, StoreError> {
+    pub(super) fn from_json(name: &str, text: &str) -> Result<Self, StoreError> {
         let corrupt = || StoreError::Corrupt(format!("operator {name}"));
         let v: Value = serde_json::from_str(text).map_err(|_| corrupt())?;
         let hex = v["hash"].as_str().ok_or_else(corrupt)?;
@@ -126,7 +126,7 @@ fn bump(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn serials(text: &str) -> Vec<String> {
+pub(super) fn serials(text: &str) -> Vec<String> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
@@ -150,7 +150,7 @@ pub(super) fn revoke_servers(txn: &WriteTransaction, names: &[String]) -> Result
     bump(txn)
 }
 
-impl Store {
+impl Embedded {
     pub fn add_grant(&self, token_hash: &str, grant: &EnrollmentGrant) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(TOKENS)?
@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn tokens_are_single_use_bound_and_names_enroll_once() {
-        let store = Store::in_memory().expect("store");
+        let store = crate::store::Store::in_memory().expect("store");
         store.add_grant("t1", &grant("storage-a", 1_000)).expect("grant");
         store.add_grant("t2", &grant("storage-a", 1_000)).expect("grant");
         store.add_grant("old", &grant("storage-b", 10)).expect("grant");
@@ -318,9 +318,11 @@ mod tests {
         // Removal revokes every serial the name had, and frees the name.
         let before = store.security_records().expect("records").version;
         assert!(store.add_serial("storage-a", "serial-2").expect("renew"));
-        let txn = store.db.begin_write().expect("txn");
-        revoke_servers(&txn, &["storage-a".to_owned()]).expect("revoke");
-        txn.commit().expect("commit");
+        let removal = crate::store::Commit {
+            remove_servers: vec!["storage-a".to_owned()],
+            ..Default::default()
+        };
+        store.commit(&removal).expect("remove");
         let records = store.security_records().expect("records");
         assert!(records.version > before);
         assert!(store.is_revoked("serial-storage-a").expect("read"));
@@ -331,7 +333,7 @@ mod tests {
 
     #[test]
     fn operators_round_trip() {
-        let store = Store::in_memory().expect("store");
+        let store = crate::store::Store::in_memory().expect("store");
         let alice = OperatorRecord {
             name: "alice".into(),
             role: OperatorRole::Operator,
