@@ -13,6 +13,10 @@ pub enum Fault {
     CorruptOnce(Vec<u8>),
     /// Drop every connection and refuse new ones.
     Partition,
+    /// Keep connections open but deliver nothing either way until the
+    /// fault changes (then everything held is delivered, as TCP would
+    /// after a network heals): calls hang rather than fail.
+    Blackhole,
 }
 
 struct State {
@@ -56,10 +60,10 @@ impl Proxy {
                     conns.push(client.try_clone().unwrap());
                     conns.push(server.try_clone().unwrap());
                 }
-                let up_state = accept_state.clone();
+                let (up, down) = (accept_state.clone(), accept_state.clone());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(client, server, Some(up_state)));
-                std::thread::spawn(move || pump(s2, c2, None));
+                std::thread::spawn(move || pump(client, server, &up, true));
+                std::thread::spawn(move || pump(s2, c2, &down, false));
             }
         });
         Proxy { addr, state }
@@ -81,7 +85,7 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, corrupt: Option<Arc<State>>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, upstream: bool) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut tail: Vec<u8> = Vec::new();
     loop {
@@ -89,7 +93,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, corrupt: Option<Arc<State>>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(state) = &corrupt {
+        while matches!(*state.fault.lock().unwrap(), Fault::Blackhole) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if upstream {
             corrupt_marker(state, &mut tail, &mut buf[..n]);
         }
         if to.write_all(&buf[..n]).is_err() {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use duplex_tests::bench::Playground;
+use duplex_tests::proxy::{Fault, Proxy};
 use duplex_tests::{bin, wait_for};
 use serde_json::Value;
 
@@ -31,17 +32,26 @@ fn etcd_installed() -> bool {
     found
 }
 
+/// One playground at a time: leases and heartbeats run on real time, and
+/// four clusters at once would starve two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 struct Ha {
     pg: Playground,
     dir: PathBuf,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Ha {
     fn start(dir: &Path) -> Ha {
+        let turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let pg = Playground::start(dir, &["--coordinators", "3"]);
         Ha {
             pg,
             dir: dir.to_owned(),
+            _turn: turn,
         }
     }
 
@@ -98,6 +108,42 @@ impl Ha {
         SystemTime::now()
     }
 
+    /// Starts `service` again as the playground did, with `rewrite` applied
+    /// to its argv, logging where it logged before.
+    fn restart(&self, service: &str, rewrite: impl Fn(Vec<String>) -> Vec<String>) -> Child {
+        let cmd: Vec<String> = self.pg.service(service)["cmd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect();
+        let cmd = rewrite(cmd);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(format!("{service}.log")))
+            .unwrap();
+        Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map(|child| Child { child })
+            .unwrap()
+    }
+
+    fn sigkill_child(child: &mut Child) -> SystemTime {
+        let _ = child.child.kill();
+        let _ = child.child.wait();
+        SystemTime::now()
+    }
+
+    fn role_of(&self, name: &str) -> Option<String> {
+        self.coordinators()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| r)
+    }
+
     /// Every coordinator with its role, once exactly one leads.
     fn coordinators(&self) -> Vec<(String, String)> {
         let status = wait_for("a coordinator that leads", Duration::from_secs(30), || {
@@ -141,7 +187,15 @@ impl Ha {
         for i in 1..=3 {
             let name = format!("coordinator-{i}");
             let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap();
-            let death = killed.iter().find(|(n, _)| *n == name).map(|(_, t)| *t);
+            // A term ends at the first kill of its coordinator after it began
+            // (a restarted coordinator appends to the same log).
+            let death = |from: SystemTime| {
+                killed
+                    .iter()
+                    .filter(|(n, t)| *n == name && *t >= from)
+                    .map(|(_, t)| *t)
+                    .min()
+            };
             let mut open: Option<(u64, SystemTime)> = None;
             for line in log.lines() {
                 let Some(at) = line
@@ -157,7 +211,9 @@ impl Ha {
                         .next()
                         .and_then(|f| f.trim().parse().ok())
                         .unwrap();
-                    open = Some((fence, at));
+                    if let Some((fence, from)) = open.replace((fence, at)) {
+                        terms.push((name.clone(), fence, from, death(from).unwrap_or(at)));
+                    }
                 } else if line.contains("stepping down as coordinator leader")
                     && let Some((fence, from)) = open.take()
                 {
@@ -165,12 +221,37 @@ impl Ha {
                 }
             }
             if let Some((fence, from)) = open {
-                terms.push((name.clone(), fence, from, death.unwrap_or_else(SystemTime::now)));
+                terms.push((
+                    name.clone(),
+                    fence,
+                    from,
+                    death(from).unwrap_or_else(SystemTime::now),
+                ));
             }
         }
         terms.sort_by_key(|t| t.2);
         terms
     }
+}
+
+/// A process this test started; killed when dropped.
+struct Child {
+    child: std::process::Child,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `cmd` with the value of `--etcd` replaced.
+fn with_etcd(cmd: Vec<String>, url: &str) -> Vec<String> {
+    let at = cmd.iter().position(|a| a == "--etcd").unwrap() + 1;
+    let mut cmd = cmd;
+    cmd[at] = url.to_owned();
+    cmd
 }
 
 /// No two coordinators led at once, and each new leader fenced its writes
@@ -381,4 +462,121 @@ fn leader_killed_mid_switchover_the_next_leader_finishes_it() {
         .collect::<Vec<_>>();
     assert_all_restore(&ha, &tree, &snapshots);
     assert_one_leader_at_a_time(&ha.terms(&[(old, killed)]));
+}
+
+#[test]
+fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
+    if !etcd_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start(dir.path());
+    let etcd = ha.pg.service("etcd")["addr"].as_str().unwrap().to_owned();
+    let proxy = Proxy::start(&etcd);
+    let mut killed = Vec::new();
+    // coordinator-3 reaches etcd only through the proxy, and is made the
+    // leader: the two others are killed until it leads, then come back.
+    killed.push(("coordinator-3".to_owned(), ha.sigkill("coordinator-3")));
+    let mut c3 = ha.restart("coordinator-3", |cmd| with_etcd(cmd, &proxy.addr));
+    killed.push(("coordinator-1".to_owned(), ha.sigkill("coordinator-1")));
+    killed.push(("coordinator-2".to_owned(), ha.sigkill("coordinator-2")));
+    wait_for("coordinator-3 to lead", Duration::from_secs(30), || {
+        (ha.role_of("coordinator-3").as_deref() == Some("leader")).then_some(())
+    });
+    let mut others = vec![
+        ha.restart("coordinator-1", |c| c),
+        ha.restart("coordinator-2", |c| c),
+    ];
+    wait_for("both to follow", Duration::from_secs(30), || {
+        let all = ha.coordinators();
+        (all.iter().filter(|(_, r)| r == "follower").count() == 2).then_some(())
+    });
+
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
+        wait_for("backups before the cut", Duration::from_secs(60), || {
+            (acked.lock().unwrap().len() >= 2).then_some(())
+        });
+        // Silently: etcd calls hang rather than fail, so only the leader's
+        // own watchdog can make it stop in time.
+        proxy.set(Fault::Blackhole);
+        let cut = Instant::now();
+        let new = wait_for("another coordinator to lead", Duration::from_secs(30), || {
+            let all = ha.coordinators();
+            all.into_iter()
+                .find(|(n, r)| n != "coordinator-3" && r == "leader")
+                .map(|(n, _)| n)
+        });
+        wait_for("backups after the cut", Duration::from_secs(60), || {
+            let n = acked.lock().unwrap().iter().filter(|a| a.done > cut).count();
+            (n >= 2).then_some(())
+        });
+        // Healed, the old leader follows the new one.
+        proxy.set(Fault::Pass);
+        wait_for("coordinator-3 to follow again", Duration::from_secs(30), || {
+            (ha.role_of("coordinator-3").as_deref() == Some("follower")).then_some(())
+        });
+        assert_eq!(ha.role_of(&new).as_deref(), Some("leader"));
+        stop.store(true, Ordering::SeqCst);
+    });
+    let log = std::fs::read_to_string(dir.path().join("coordinator-3.log")).unwrap();
+    assert!(
+        log.contains("stepping down as coordinator leader"),
+        "coordinator-3 stepped down"
+    );
+    let terms = ha.terms(&killed);
+    assert_one_leader_at_a_time(&terms);
+    assert_all_restore(&ha, &tree, &acked.lock().unwrap());
+    Ha::sigkill_child(&mut c3);
+    for c in &mut others {
+        Ha::sigkill_child(c);
+    }
+}
+
+#[test]
+fn etcd_lost_stops_the_leader_and_everything_resumes_when_it_returns() {
+    if !etcd_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start(dir.path());
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::new());
+    let leader = ha.leader();
+    std::thread::scope(|s| {
+        s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
+        wait_for("backups before etcd is lost", Duration::from_secs(60), || {
+            (acked.lock().unwrap().len() >= 2).then_some(())
+        });
+        ha.sigkill("etcd");
+        let lost = Instant::now();
+        // The leader cannot renew its etcd lease: it steps down, and with
+        // nobody granting server leases, writes stop safely.
+        let log = ha.dir.join(format!("{leader}.log"));
+        wait_for("the leader to step down", Duration::from_secs(30), || {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("stepping down as coordinator leader")
+                .then_some(())
+        });
+        let _etcd = ha.restart("etcd", |c| c);
+        wait_for("a leader again", Duration::from_secs(60), || {
+            let all = ha.coordinators();
+            all.iter().any(|(_, r)| r == "leader").then_some(())
+        });
+        wait_for("backups after etcd returned", Duration::from_secs(60), || {
+            let n = acked.lock().unwrap().iter().filter(|a| a.done > lost).count();
+            (n >= 2).then_some(())
+        });
+        stop.store(true, Ordering::SeqCst);
+    });
+    let terms = ha.terms(&[]);
+    assert_one_leader_at_a_time(&terms);
+    assert_all_restore(&ha, &tree, &acked.lock().unwrap());
 }

@@ -53,7 +53,16 @@ impl Etcd {
             .iter()
             .map(|url| {
                 Endpoint::from_shared(url.clone())
-                    .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true))
+                    .map(|e| {
+                        // A connection that stops answering (a silent
+                        // partition) is dropped within seconds and dialled
+                        // again, rather than hanging every later call.
+                        e.connect_timeout(Duration::from_secs(2))
+                            .tcp_nodelay(true)
+                            .http2_keep_alive_interval(Duration::from_secs(1))
+                            .keep_alive_timeout(Duration::from_secs(2))
+                            .keep_alive_while_idle(true)
+                    })
                     .map_err(|e| EtcdError::Url {
                         url: url.clone(),
                         reason: e.to_string(),

@@ -67,7 +67,11 @@ pub async fn find(list: &str) -> Result<String, Status> {
             .ok_or_else(|| Status::invalid_argument("no coordinator URL given"));
     }
     let deadline = tokio::time::Instant::now() + FIND_FOR;
-    let mut current = urls[0].clone();
+    // The last URL of the list asked: a leader a follower named may not be
+    // reachable from here (a container name seen from the host), and then
+    // the list goes on after the follower that named it.
+    let mut listed = urls[0].clone();
+    let mut current = listed.clone();
     loop {
         let failure = match ask(&current).await {
             Ok(()) => return Ok(current),
@@ -76,10 +80,16 @@ pub async fn find(list: &str) -> Result<String, Status> {
         if tokio::time::Instant::now() >= deadline {
             return Err(failure);
         }
-        let next = next(&urls, &current, Some(&failure));
+        let next = match hint(&failure) {
+            Some(leader) if leader != current && urls.contains(&current) => leader,
+            _ => next(&urls, &listed, None),
+        };
         // Around the whole list without an answer: give the election time.
         if hint(&failure).is_none() && next == urls[0] {
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        if urls.contains(&next) {
+            listed = next.clone();
         }
         current = next;
     }
