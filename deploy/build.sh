@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds statically linked Duplex binaries (glibc, `+crt-static`) and the
-# `duplex:latest` image from them, FROM scratch: nothing is pulled.
+# `duplex:latest` image from them, FROM scratch: nothing is pulled. Then
+# `duplex-etcd:latest` (deploy/compose.ha.yaml) from the etcd on PATH.
 #
 #   deploy/build.sh
 set -euo pipefail
@@ -37,3 +38,34 @@ for d in data ca enroll coordinator; do
 done
 docker build --quiet -t duplex:latest deploy
 echo "built duplex:latest"
+
+# The etcd deploy/compose.ha.yaml's coordinators share, as `duplex-etcd:latest`,
+# also FROM scratch and pulled from nowhere: Debian's etcd (`apt-get install
+# etcd-server`, as .ci/run does) with what it links. Without an etcd on
+# PATH only compose.ha.yaml lacks its image: say so and build the rest.
+build_etcd() {
+  local etcd libs lib ctx=deploy/etcd/bin
+  etcd=$(command -v etcd) || {
+    echo "deploy/build.sh: no etcd on PATH (apt-get install etcd-server); duplex-etcd:latest," \
+      "which deploy/compose.ha.yaml runs, is not built" >&2
+    return 0
+  }
+  rm -rf "$ctx"
+  mkdir -p "$ctx/root/bin"
+  cp -L "$etcd" "$ctx/root/bin/etcd"
+  # Debian's etcd links the C library: each path ldd prints (libc, and the
+  # loader, /lib64/ld-linux-x86-64.so.2, which the binary names) is copied
+  # to that same path, symlinks resolved, as the image has no /lib64 ->
+  # usr/lib64. A statically linked etcd has none (ldd fails).
+  libs=$(ldd "$etcd" 2>/dev/null | grep -o '/[^ ]*') || libs=""
+  for lib in $libs; do
+    mkdir -p "$ctx/root$(dirname "$lib")"
+    cp -L "$lib" "$ctx/root$lib"
+  done
+  # The data volume's mount point, as for duplex:latest (see above).
+  mkdir -p "$ctx/.mountpoints/data"
+  chmod 700 "$ctx/.mountpoints/data"
+  docker build --quiet -t duplex-etcd:latest deploy/etcd
+  echo "built duplex-etcd:latest ($("$etcd" --version | head -n 1))"
+}
+build_etcd
