@@ -277,7 +277,9 @@ impl Campaign {
                 Vec::new(),
             )
             .await?;
-        if won.succeeded {
+        // An answer that took so long the lease may have lapsed meanwhile
+        // is no win to act on: the key will expire with the lease.
+        if won.succeeded && self.renewed().elapsed() + self.settings.margin < self.settings.ttl {
             let fence = won.header.map_or(0, |h| h.revision);
             self.fence.store(fence, Ordering::SeqCst);
             tracing::info!(fence, "this coordinator now leads");
@@ -393,35 +395,53 @@ pub fn terms(
 ) -> watch::Receiver<Term> {
     let (tx, rx) = watch::channel(Term::Following(None));
     tokio::spawn(async move {
-        let mut term_stop: Option<CancellationToken> = None;
+        // The running term: its fence and how to stop it.
+        let mut term: Option<(i64, CancellationToken)> = None;
         loop {
+            // Leading without an engine (it could not start): try again soon.
+            let mut retry = false;
             let now = standing.borrow_and_update().clone();
             match now {
-                Standing::Leader { .. } if term_stop.is_none() => {
+                // The same term: nothing to do. Another (a step-down and a
+                // new win seen as one change): stop the old engine first.
+                Standing::Leader { fence } if term.as_ref().is_some_and(|(f, _)| *f == fence) => {}
+                Standing::Leader { fence } => {
+                    if let Some((_, old)) = term.take() {
+                        tx.send_replace(Term::Following(None));
+                        old.cancel();
+                    }
                     let token = stop.child_token();
                     match start(token.clone()) {
                         Ok(engine) => {
-                            term_stop = Some(token);
+                            term = Some((fence, token));
                             tx.send_replace(Term::Leading(engine));
                         }
                         Err(status) => {
-                            tracing::error!(%status, "cannot start leading");
+                            tracing::error!(%status, "cannot start leading; trying again");
                             token.cancel();
+                            retry = true;
                         }
                     }
                 }
-                Standing::Leader { .. } => {}
                 Standing::Follower { leader } => {
                     // Stop answering as leader first, then stop the engine.
                     tx.send_replace(Term::Following(leader));
-                    if let Some(token) = term_stop.take() {
+                    if let Some((_, token)) = term.take() {
                         token.cancel();
                     }
                 }
             }
+            let pause = async {
+                if retry {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
                 changed = standing.changed() => if changed.is_err() { return },
+                () = pause => {}
             }
         }
     });
