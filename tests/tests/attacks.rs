@@ -287,9 +287,14 @@ fn network_attacks_are_refused() {
         duplex_tests::wait_for(
             &format!("{name} to know the new operators"),
             Duration::from_secs(10),
+            // Both: they were created one after the other, and a heartbeat
+            // answer between the two carries only the first.
             || {
-                rt.block_on(call(&sites, addr, &read, &As::Token(viewer.clone())))
-                    .ok()
+                let knows = |token: &str| {
+                    rt.block_on(call(&sites, addr, &read, &As::Token(token.to_owned())))
+                        .is_ok()
+                };
+                (knows(&viewer) && knows(&oper)).then_some(())
             },
         );
     }
