@@ -367,7 +367,6 @@ fn sigkill_of_the_leader_under_backups_loses_nothing_and_two_never_lead() {
             .max()
             .unwrap();
         eprintln!("longest gap between acknowledged backups across the leader change: {pause:?}");
-        ha.ctl(&["status"]);
         assert_one_leader_at_a_time(&ha.terms(&[(old.clone(), killed)]));
     });
     assert_all_restore(&ha, &tree, &acked.lock().unwrap());
