@@ -10,6 +10,8 @@ pub mod accounts;
 pub mod alerts;
 pub mod bench;
 pub mod cluster;
+pub mod etcd;
+pub mod ha;
 pub mod proxy;
 pub mod service;
 pub mod sites;

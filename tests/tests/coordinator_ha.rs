@@ -1,258 +1,25 @@
 //! Several coordinators sharing their state in a real etcd (#11), run as
 //! `duplexctl playground --coordinators 3`: the leader is killed with
-//! SIGKILL under continuous backups and in the middle of a switchover;
-//! another takes over, the operation finishes, backups go on, every
+//! SIGKILL under continuous backups, in the middle of a switchover, at
+//! the start of every phase of a failover and a failback, and together
+//! with its whole site; it is cut off from etcd, and etcd itself is lost.
+//! Another takes over, the operation finishes, backups go on, every
 //! acknowledged backup restores bit for bit, and the coordinators' own
 //! logs show that two never led at once.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use duplex_tests::bench::Playground;
+use duplex_tests::ha::{
+    Acked, Child, Ha, Halt, Restarted, assert_all_restore, back_up_continuously, etcd_installed, with_etcd,
+};
 use duplex_tests::proxy::{Fault, Proxy};
 use duplex_tests::{bin, wait_for};
 use serde_json::Value;
-
-/// Whether etcd is installed; CI installs it and sets DUPLEX_REQUIRE_ETCD
-/// so these tests cannot be skipped there.
-fn etcd_installed() -> bool {
-    let found = Command::new("etcd").arg("--version").output().is_ok();
-    if !found {
-        assert!(
-            std::env::var_os("DUPLEX_REQUIRE_ETCD").is_none(),
-            "etcd is not installed (apt-get install etcd-server)"
-        );
-        eprintln!("skipped: etcd is not installed (apt-get install etcd-server)");
-    }
-    found
-}
-
-/// One playground at a time: leases and heartbeats run on real time, and
-/// four clusters at once would starve two cores.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-struct Ha {
-    pg: Playground,
-    dir: PathBuf,
-    _turn: std::sync::MutexGuard<'static, ()>,
-}
-
-impl Ha {
-    fn start(dir: &Path) -> Ha {
-        let turn = ONE_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let pg = Playground::start(dir, &["--coordinators", "3"]);
-        Ha {
-            pg,
-            dir: dir.to_owned(),
-            _turn: turn,
-        }
-    }
-
-    fn info(&self, key: &str) -> String {
-        self.pg.info[key].as_str().unwrap().to_owned()
-    }
-
-    fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("duplexctl"))
-            .args(args)
-            .env("DUPLEX_COORDINATOR", self.info("coordinator"))
-            .env("DUPLEX_CA", self.info("ca"))
-            .env("DUPLEX_OPERATOR_TOKEN", self.info("operator_token"))
-            .env_remove("DUPLEX_ENDPOINT")
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let out = self.ctl(&["status", "--json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).unwrap())
-    }
-
-    /// `duplex ARGS` as the demo account, through every entry point.
-    fn duplex(&self, args: &[&str]) -> Output {
-        let endpoints: Vec<&str> = self.pg.info["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e.as_str().unwrap())
-            .collect();
-        Command::new(bin("duplex"))
-            .args(args)
-            .env("DUPLEX_ENDPOINT", endpoints.join(","))
-            .env("DUPLEX_TOKEN", self.pg.info["account"]["token"].as_str().unwrap())
-            .env("DUPLEX_PASSWORD", self.info("password"))
-            .env("DUPLEX_CA", self.info("ca"))
-            .output()
-            .unwrap()
-    }
-
-    fn pid(&self, service: &str) -> i32 {
-        self.pg.service(service)["pid"].as_i64().unwrap() as i32
-    }
-
-    fn sigkill(&self, service: &str) -> SystemTime {
-        // SAFETY: SIGKILL to a child of the playground this test started.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::kill(self.pid(service), libc::SIGKILL);
-        }
-        SystemTime::now()
-    }
-
-    /// Starts `service` again as the playground did, with `rewrite` applied
-    /// to its argv, logging where it logged before.
-    fn restart(&self, service: &str, rewrite: impl Fn(Vec<String>) -> Vec<String>) -> Child {
-        let cmd: Vec<String> = self.pg.service(service)["cmd"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|a| a.as_str().unwrap().to_owned())
-            .collect();
-        let cmd = rewrite(cmd);
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(format!("{service}.log")))
-            .unwrap();
-        Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .map(|child| Child { child })
-            .unwrap()
-    }
-
-    fn sigkill_child(child: &mut Child) -> SystemTime {
-        let _ = child.child.kill();
-        let _ = child.child.wait();
-        SystemTime::now()
-    }
-
-    fn role_of(&self, name: &str) -> Option<String> {
-        self.coordinators()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, r)| r)
-    }
-
-    /// Every coordinator with its role, once exactly one leads.
-    fn coordinators(&self) -> Vec<(String, String)> {
-        let status = wait_for("a coordinator that leads", Duration::from_secs(30), || {
-            self.status()
-        });
-        status["servers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|s| s["kind"] == "coordinator")
-            .map(|s| {
-                (
-                    s["name"].as_str().unwrap().to_owned(),
-                    s["role"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect()
-    }
-
-    fn leader(&self) -> String {
-        let all = self.coordinators();
-        let leaders: Vec<_> = all.iter().filter(|(_, r)| r == "leader").collect();
-        assert_eq!(leaders.len(), 1, "exactly one leader: {all:?}");
-        leaders[0].0.clone()
-    }
-
-    /// Waits until a coordinator other than `old` leads and `old` shows down.
-    fn new_leader_after(&self, old: &str) -> String {
-        wait_for("another coordinator to lead", Duration::from_secs(30), || {
-            let all = self.coordinators();
-            let old_down = all.iter().any(|(n, r)| n == old && r == "down");
-            let leader = all.iter().find(|(n, r)| n != old && r == "leader");
-            (old_down && leader.is_some()).then(|| leader.unwrap().0.clone())
-        })
-    }
-
-    /// When each coordinator led, from its own log: (name, fence, from,
-    /// until); a coordinator in `killed` stopped leading when it died.
-    fn terms(&self, killed: &[(String, SystemTime)]) -> Vec<(String, u64, SystemTime, SystemTime)> {
-        let mut terms = Vec::new();
-        for i in 1..=3 {
-            let name = format!("coordinator-{i}");
-            let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap();
-            // A term ends at the first kill of its coordinator after it began
-            // (a restarted coordinator appends to the same log).
-            let death = |from: SystemTime| {
-                killed
-                    .iter()
-                    .filter(|(n, t)| *n == name && *t >= from)
-                    .map(|(_, t)| *t)
-                    .min()
-            };
-            let mut open: Option<(u64, SystemTime)> = None;
-            for line in log.lines() {
-                let Some(at) = line
-                    .split_whitespace()
-                    .next()
-                    .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-                else {
-                    continue;
-                };
-                if line.contains("this coordinator now leads") {
-                    let fence = line
-                        .rsplit("fence=")
-                        .next()
-                        .and_then(|f| f.trim().parse().ok())
-                        .unwrap();
-                    if let Some((fence, from)) = open.replace((fence, at)) {
-                        terms.push((name.clone(), fence, from, death(from).unwrap_or(at)));
-                    }
-                } else if line.contains("stepping down as coordinator leader")
-                    && let Some((fence, from)) = open.take()
-                {
-                    terms.push((name.clone(), fence, from, at));
-                }
-            }
-            if let Some((fence, from)) = open {
-                terms.push((
-                    name.clone(),
-                    fence,
-                    from,
-                    death(from).unwrap_or_else(SystemTime::now),
-                ));
-            }
-        }
-        terms.sort_by_key(|t| t.2);
-        terms
-    }
-}
-
-/// A process this test started; killed when dropped.
-struct Child {
-    child: std::process::Child,
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `cmd` with the value of `--etcd` replaced.
-fn with_etcd(cmd: Vec<String>, url: &str) -> Vec<String> {
-    let at = cmd.iter().position(|a| a == "--etcd").unwrap() + 1;
-    let mut cmd = cmd;
-    cmd[at] = url.to_owned();
-    cmd
-}
 
 /// No two coordinators led at once, and each new leader fenced its writes
 /// on a later etcd revision than the one before.
@@ -269,59 +36,6 @@ fn assert_one_leader_at_a_time(terms: &[(String, u64, SystemTime, SystemTime)]) 
             before.3
         );
         assert!(after.1 > before.1, "fences grow: {terms:?}");
-    }
-}
-
-/// One acknowledged backup: its snapshot and the files it holds.
-struct Acked {
-    snapshot: String,
-    files: usize,
-    done: Instant,
-}
-
-/// Backs up `tree` again and again, adding one file before each, until
-/// `stop`; every acknowledged backup is recorded.
-fn back_up_continuously(ha: &Ha, tree: &Path, stop: &AtomicBool, acked: &Mutex<Vec<Acked>>) {
-    let mut i = 0;
-    while !stop.load(Ordering::SeqCst) {
-        let data: Vec<u8> = (0..64 * 1024).map(|_| rand::random::<u8>()).collect();
-        std::fs::write(tree.join(format!("f{i:04}")), data).unwrap();
-        i += 1;
-        let out = ha.duplex(&["backup", tree.to_str().unwrap(), "--json"]);
-        if out.status.success() {
-            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-            acked.lock().unwrap().push(Acked {
-                snapshot: v["snapshot"].as_str().unwrap().to_owned(),
-                files: i,
-                done: Instant::now(),
-            });
-        }
-    }
-}
-
-/// Every acknowledged snapshot restores its files bit for bit.
-fn assert_all_restore(ha: &Ha, tree: &Path, acked: &[Acked]) {
-    for (n, a) in acked.iter().enumerate() {
-        let into = ha.dir.join(format!("restore-{n}"));
-        let out = ha.duplex(&["restore", &a.snapshot, "--target", into.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "restore {}: {}",
-            a.snapshot,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // A backed-up directory restores under its own name.
-        let target = into.join(tree.file_name().unwrap());
-        for i in 0..a.files {
-            let name = format!("f{i:04}");
-            assert_eq!(
-                std::fs::read(target.join(&name)).unwrap(),
-                std::fs::read(tree.join(&name)).unwrap(),
-                "{name} of snapshot {}",
-                a.snapshot
-            );
-        }
-        assert_eq!(std::fs::read_dir(&target).unwrap().count(), a.files);
     }
 }
 
@@ -342,6 +56,7 @@ fn sigkill_of_the_leader_under_backups_loses_nothing_and_two_never_lead() {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|s| {
+        let _halt = Halt(&stop);
         s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
         wait_for("backups before the kill", Duration::from_secs(60), || {
             (acked.lock().unwrap().len() >= 3).then_some(())
@@ -472,30 +187,19 @@ fn a_leader_cut_off_from_etcd_steps_down_before_another_leads() {
     let ha = Ha::start(dir.path());
     let etcd = ha.pg.service("etcd")["addr"].as_str().unwrap().to_owned();
     let proxy = Proxy::start(&etcd);
-    let mut killed = Vec::new();
-    // coordinator-3 reaches etcd only through the proxy, and is made the
-    // leader: the two others are killed until it leads, then come back.
-    killed.push(("coordinator-3".to_owned(), ha.sigkill("coordinator-3")));
-    let mut c3 = ha.restart("coordinator-3", |cmd| with_etcd(cmd, &proxy.addr));
-    killed.push(("coordinator-1".to_owned(), ha.sigkill("coordinator-1")));
-    killed.push(("coordinator-2".to_owned(), ha.sigkill("coordinator-2")));
-    wait_for("coordinator-3 to lead", Duration::from_secs(30), || {
-        (ha.role_of("coordinator-3").as_deref() == Some("leader")).then_some(())
-    });
-    let mut others = vec![
-        ha.restart("coordinator-1", |c| c),
-        ha.restart("coordinator-2", |c| c),
-    ];
-    wait_for("both to follow", Duration::from_secs(30), || {
-        let all = ha.coordinators();
-        (all.iter().filter(|(_, r)| r == "follower").count() == 2).then_some(())
-    });
+    // coordinator-3 reaches etcd only through the proxy, and leads.
+    let Restarted {
+        leader: mut c3,
+        followers: mut others,
+        killed,
+    } = ha.lead_with("coordinator-3", |cmd| with_etcd(cmd, &proxy.addr));
 
     let tree = dir.path().join("tree");
     std::fs::create_dir(&tree).unwrap();
     let stop = AtomicBool::new(false);
     let acked = Mutex::new(Vec::new());
     std::thread::scope(|s| {
+        let _halt = Halt(&stop);
         s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
         wait_for("backups before the cut", Duration::from_secs(60), || {
             (acked.lock().unwrap().len() >= 2).then_some(())
@@ -549,6 +253,7 @@ fn etcd_lost_stops_the_leader_and_everything_resumes_when_it_returns() {
     let acked = Mutex::new(Vec::new());
     let leader = ha.leader();
     std::thread::scope(|s| {
+        let _halt = Halt(&stop);
         s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
         wait_for("backups before etcd is lost", Duration::from_secs(60), || {
             (acked.lock().unwrap().len() >= 2).then_some(())
@@ -578,4 +283,225 @@ fn etcd_lost_stops_the_leader_and_everything_resumes_when_it_returns() {
     let terms = ha.terms(&[]);
     assert_one_leader_at_a_time(&terms);
     assert_all_restore(&ha, &tree, &acked.lock().unwrap());
+}
+
+const FAILOVER: [&str; 6] = [
+    "fence",
+    "promote-account",
+    "stop-links",
+    "promote-storage",
+    "repoint-homes",
+    "resume",
+];
+const FAILBACK: [&str; 10] = [
+    "rejoin",
+    "reverse-mirroring",
+    "block-backups",
+    "fence",
+    "drain",
+    "switch-roles",
+    "repoint-homes",
+    "restore-mirroring",
+    "unblock-backups",
+    "verify",
+];
+
+/// Coordinators running with fail points armed from one shared file.
+struct Armed<'a> {
+    ha: &'a Ha,
+    file: PathBuf,
+    running: Vec<(String, Child)>,
+    /// Every coordinator death so far, for the terms.
+    killed: Vec<(String, SystemTime)>,
+}
+
+impl<'a> Armed<'a> {
+    /// Replaces each playground coordinator with the fail point build.
+    fn start(ha: &'a Ha) -> Self {
+        let mut armed = Armed {
+            ha,
+            file: ha.dir.join("failpoints"),
+            running: Vec::new(),
+            killed: Vec::new(),
+        };
+        for i in 1..=3 {
+            let name = format!("coordinator-{i}");
+            armed.killed.push((name.clone(), ha.sigkill(&name)));
+            let child = armed.spawn(&name);
+            armed.running.push((name, child));
+        }
+        ha.leader();
+        armed
+    }
+
+    fn spawn(&self, name: &str) -> Child {
+        let failpoints = bin("duplex-coordinator-failpoints");
+        self.ha.restart_with(
+            name,
+            |mut cmd| {
+                cmd[0] = failpoints.display().to_string();
+                cmd
+            },
+            &[("DUPLEX_FAILPOINT_FILE", &self.file)],
+        )
+    }
+
+    /// Runs `duplexctl ARGS` with the leader dying at the start of each of
+    /// `phases` of `kind` in turn; each time another takes over and resumes
+    /// it, and the dead one comes back as a follower. Returns the operation.
+    fn run_through_deaths(&mut self, kind: &str, phases: &[&str], args: &[&str]) -> Value {
+        let lines: Vec<String> = phases.iter().map(|p| format!("{kind}:{p}")).collect();
+        std::fs::write(&self.file, lines.join("\n")).unwrap();
+        let deaths_before = self.killed.len();
+        // The leader may die before it answers: the operation is persisted
+        // before it runs, which is what the next leader relies on.
+        self.ha.ctl(args);
+        let mut polled = Instant::now();
+        let op = wait_for(
+            &format!("the {kind} to end through {} leader deaths", phases.len()),
+            Duration::from_secs(300),
+            || {
+                self.restart_the_dead();
+                if polled.elapsed() < Duration::from_millis(500) {
+                    return None;
+                }
+                polled = Instant::now();
+                self.ha.ended(kind)
+            },
+        );
+        assert_eq!(op["state"], "done", "{kind}: {op}");
+        assert_eq!(
+            std::fs::read_to_string(&self.file).unwrap().trim(),
+            "",
+            "every fail point was reached: {op}"
+        );
+        assert_eq!(
+            self.killed.len() - deaths_before,
+            phases.len(),
+            "one death per phase"
+        );
+        let recorded = op["phases"].as_array().unwrap();
+        for phase in phases {
+            let runs = recorded.iter().filter(|p| p["name"] == *phase).count();
+            assert_eq!(
+                runs, 1,
+                "phase {phase} recorded once, resumed after its leader died: {op}"
+            );
+        }
+        assert!(recorded.iter().all(|p| p["finished"].is_string()), "{op}");
+        op
+    }
+
+    /// Starts again any coordinator that died at a fail point.
+    fn restart_the_dead(&mut self) {
+        for i in 0..self.running.len() {
+            if let Ok(Some(_)) = self.running[i].1.child.try_wait() {
+                let name = self.running[i].0.clone();
+                self.killed.push((name.clone(), SystemTime::now()));
+                self.running[i].1 = self.spawn(&name);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_leader_dies_in_every_phase_of_a_failover_and_a_failback_and_each_finishes() {
+    if !etcd_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start(dir.path());
+    let mut armed = Armed::start(&ha);
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let mut acked = Vec::new();
+    let mut back_up = |files: usize| {
+        std::fs::write(
+            tree.join(format!("f{:04}", files - 1)),
+            rand::random::<[u8; 32]>(),
+        )
+        .unwrap();
+        let out = wait_for("a backup", Duration::from_secs(60), || {
+            let out = ha.duplex(&["backup", tree.to_str().unwrap(), "--json"]);
+            out.status.success().then_some(out)
+        });
+        acked.push(Acked {
+            snapshot: serde_json::from_slice::<Value>(&out.stdout).unwrap()["snapshot"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+            files,
+            done: Instant::now(),
+        });
+    };
+    back_up(1);
+
+    armed.run_through_deaths("failover", &FAILOVER, &["failover", "--site", "a", "--yes"]);
+    ha.wait_roles(&[
+        ("account-b", "master"),
+        ("storage-b", "primary"),
+        ("account-a", "slave"),
+        ("storage-a", "replica"),
+    ]);
+    back_up(2);
+
+    armed.run_through_deaths("failback", &FAILBACK, &["failback", "--verify"]);
+    ha.wait_roles(&[
+        ("account-a", "master"),
+        ("storage-a", "primary"),
+        ("account-b", "slave"),
+        ("storage-b", "replica"),
+    ]);
+    back_up(3);
+
+    assert_all_restore(&ha, &tree, &acked);
+    let terms = ha.terms(&armed.killed);
+    assert!(terms.len() > FAILOVER.len() + FAILBACK.len(), "{terms:?}");
+    assert_one_leader_at_a_time(&terms);
+}
+
+#[test]
+fn the_leader_lost_with_its_whole_site_another_fails_over_and_nothing_is_lost() {
+    if !etcd_installed() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start(dir.path());
+    // coordinator-1 runs on site a: make it the leader, so that losing the
+    // site loses the leader too.
+    let Restarted {
+        leader: mut c1,
+        followers: _followers,
+        mut killed,
+    } = ha.lead_with("coordinator-1", |c| c);
+
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        let _halt = Halt(&stop);
+        s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
+        wait_for("backups before the site is lost", Duration::from_secs(60), || {
+            (acked.lock().unwrap().len() >= 3).then_some(())
+        });
+        let lost = Instant::now();
+        killed.push(("coordinator-1".to_owned(), Ha::sigkill_child(&mut c1)));
+        for service in ["account-a", "storage-a", "mirror-a"] {
+            ha.sigkill(service);
+        }
+        ha.new_leader_after("coordinator-1");
+        ha.wait_roles(&[("account-b", "master"), ("storage-b", "primary")]);
+        wait_for("backups on site b", Duration::from_secs(60), || {
+            let n = acked.lock().unwrap().iter().filter(|a| a.done > lost).count();
+            (n >= 3).then_some(())
+        });
+        stop.store(true, Ordering::SeqCst);
+    });
+    let failover = wait_for("the failover in the history", Duration::from_secs(30), || {
+        ha.ended("failover")
+    });
+    assert_eq!(failover["state"], "done", "{failover}");
+    assert_all_restore(&ha, &tree, &acked.lock().unwrap());
+    assert_one_leader_at_a_time(&ha.terms(&killed));
 }

@@ -33,6 +33,10 @@ use crate::store::{Commit, Store, StoreError};
 /// Who history says started an automatic operation.
 const AUTOMATIC: &str = "coordinator";
 const TICK: Duration = Duration::from_millis(50);
+/// How often each standby's lag is recorded in the store. What a later
+/// coordinator reads from it is aged by the time since, so this bounds how
+/// much older than needed its estimate can be.
+const RECORD_LAG_EVERY: Duration = Duration::from_secs(5);
 /// A failed call that a phase needs is made again after this pause.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 /// Steps one tick may take before it yields (each persists a change).
@@ -174,7 +178,10 @@ pub fn start(
         servers,
         started: clock.now(),
         desired: desired_tx,
-        observed: Mutex::new(Observed::default()),
+        observed: Mutex::new(Observed {
+            recorded_lag: loaded.lag,
+            ..Observed::default()
+        }),
         topology,
         tx,
     });
@@ -190,6 +197,7 @@ pub fn start(
         links: BTreeMap::new(),
         enabling: None,
         reported: crate::audit::Seen::default(),
+        lag_recorded_at: None,
     };
     if first_start {
         let next = owner.desired.clone();
@@ -335,6 +343,8 @@ struct Owner {
     enabling: Option<String>,
     /// Operator actions other servers reported, so a resent one is recorded once.
     reported: crate::audit::Seen,
+    /// When each standby's lag was last recorded in the store.
+    lag_recorded_at: Option<Instant>,
 }
 
 impl Owner {
@@ -390,6 +400,7 @@ impl Owner {
     fn tick(&mut self) {
         self.detect();
         self.watch_standbys();
+        self.record_lag();
         self.advance();
         self.enable_groups();
         self.publish_topology();
@@ -895,6 +906,41 @@ impl Owner {
     }
 
     /// Records each standby and link lost or regained since the last tick.
+    /// Stores what is known of each standby's lag every few seconds, and
+    /// at once when a standby or its source is new; keeps what was recorded
+    /// of a standby whose source is no longer heard.
+    fn record_lag(&mut self) {
+        let (observed, now) = self.view_parts();
+        let view = self.shared.view(&self.desired, &observed, now);
+        let mut lag = observed.recorded_lag.clone();
+        lag.extend(crate::decide::plan::lag_samples(&view));
+        lag.retain(|standby, _| self.desired.servers.contains_key(standby));
+        let sources = |l: &crate::observed::RecordedLag| {
+            l.iter()
+                .map(|(k, s)| (k.clone(), s.source.clone()))
+                .collect::<Vec<_>>()
+        };
+        let due = self
+            .lag_recorded_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= RECORD_LAG_EVERY);
+        if lag == observed.recorded_lag || !(due || sources(&lag) != sources(&observed.recorded_lag)) {
+            return;
+        }
+        self.lag_recorded_at = Some(now);
+        let commit = Commit {
+            lag: Some(lag.clone()),
+            ..Commit::default()
+        };
+        match durably(|| self.shared.store.commit(&commit)) {
+            Ok(()) => {
+                if let Ok(mut o) = self.shared.observed.lock() {
+                    o.recorded_lag = lag;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot record the standbys' lag"),
+        }
+    }
+
     fn watch_standbys(&mut self) {
         let (observed, now) = self.view_parts();
         let view = self.shared.view(&self.desired, &observed, now);
@@ -1374,12 +1420,34 @@ pub fn arm_failpoints() {
 
 /// When armed, aborts the process at the start of the phase named by
 /// `DUPLEX_FAILPOINT` (`KIND:PHASE`), after the phase was recorded as
-/// started: the restarted coordinator must resume it.
+/// started: the restarted coordinator must resume it. With several
+/// coordinators, `DUPLEX_FAILPOINT_FILE` names a file of such lines that
+/// they share: the leader that reaches one removes it and aborts, so the
+/// next leader resumes the phase and dies at the next line, not this one.
 fn failpoint(kind: OperationKind, phase: Phase) {
-    if FAILPOINTS.load(std::sync::atomic::Ordering::SeqCst)
-        && std::env::var("DUPLEX_FAILPOINT").is_ok_and(|f| f == format!("{kind}:{phase}"))
-    {
+    if !FAILPOINTS.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let here = format!("{kind}:{phase}");
+    let armed = std::env::var("DUPLEX_FAILPOINT").is_ok_and(|f| f == here)
+        || std::env::var_os("DUPLEX_FAILPOINT_FILE").is_some_and(|f| take_failpoint(&f, &here));
+    if armed {
         tracing::error!(%kind, %phase, "fail point reached: aborting");
         std::process::abort();
     }
+}
+
+/// Removes `here` from the fail point file; true if it was there.
+fn take_failpoint(file: &std::ffi::OsStr, here: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return false;
+    };
+    let (taken, rest): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| l.trim() == here);
+    if taken.is_empty() {
+        return false;
+    }
+    // Written in place of the old file, so a reader never sees it half
+    // written; the abort follows at once, so nothing is left to fsync for.
+    let tmp = std::path::PathBuf::from(file).with_extension("taking");
+    std::fs::write(&tmp, rest.join("\n")).is_ok() && std::fs::rename(&tmp, file).is_ok()
 }

@@ -1,7 +1,10 @@
 //! What the coordinator has seen: the latest heartbeat of each server and
 //! the leases it granted. Kept in memory only; a restarted coordinator
 //! rebuilds it within a heartbeat interval, and waits out a full lease
-//! before fencing anyone, since it no longer knows what it granted.
+//! before fencing anyone, since it no longer knows what it granted. The
+//! one exception is each standby's last known lag (`RecordedLag`), which
+//! is also stored: a coordinator that takes over after a source died with
+//! the coordinator that heard it can still bound what a failover loses.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -21,6 +24,46 @@ pub struct Seen {
     pub leased: bool,
 }
 
+/// How far a standby was behind its source, as the source (or, for an
+/// account slave, its master's position history) last told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LagSample {
+    pub source: String,
+    /// Wall-clock ms when it was that far behind.
+    pub wall_ms: i64,
+    pub lag_ms: u64,
+}
+
+/// The last known lag of each standby, by standby name.
+pub type RecordedLag = BTreeMap<String, LagSample>;
+
+/// Stored as JSON: `{"storage-b": ["storage-a", wall_ms, lag_ms]}`.
+pub fn encode_lag(lag: &RecordedLag) -> Vec<u8> {
+    let map: serde_json::Map<String, serde_json::Value> = lag
+        .iter()
+        .map(|(k, s)| (k.clone(), serde_json::json!([s.source, s.wall_ms, s.lag_ms])))
+        .collect();
+    serde_json::Value::Object(map).to_string().into_bytes()
+}
+
+/// None when the bytes are not a recorded lag.
+pub fn decode_lag(bytes: &[u8]) -> Option<RecordedLag> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.as_object()?
+        .iter()
+        .map(|(k, s)| {
+            Some((
+                k.clone(),
+                LagSample {
+                    source: s[0].as_str()?.to_owned(),
+                    wall_ms: s[1].as_i64()?,
+                    lag_ms: s[2].as_u64()?,
+                },
+            ))
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Observed {
     pub seen: BTreeMap<String, Seen>,
@@ -28,6 +71,8 @@ pub struct Observed {
     /// so the coordinator can tell how much a lagging slave lacks of a
     /// master that is gone.
     pub positions: BTreeMap<String, VecDeque<(u64, Instant)>>,
+    /// Each standby's last known lag, as last stored (loaded at start).
+    pub recorded_lag: RecordedLag,
 }
 
 /// Position changes kept per account server.

@@ -3,70 +3,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use duplex_etcd::{Etcd, absent, created_at, modified_at, put};
+use duplex_tests::etcd::{EtcdServer, start};
 
-struct Server {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A one-member etcd, or None (and a note) where none is installed; CI
-/// installs it and sets DUPLEX_REQUIRE_ETCD so it cannot be skipped there.
-fn start() -> Option<Server> {
-    let dir = tempfile::tempdir().unwrap();
-    let (client, peer) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let child = Command::new("etcd")
-        .args(["--name", "t", "--data-dir"])
-        .arg(dir.path())
-        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("t={peer_url}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match child {
-        Ok(child) => Some(Server {
-            child,
-            url,
-            _dir: dir,
-        }),
-        Err(_) if std::env::var_os("DUPLEX_REQUIRE_ETCD").is_some() => {
-            panic!("etcd is not installed (apt-get install etcd-server)")
-        }
-        Err(_) => {
-            eprintln!("etcd not installed; skipping");
-            None
-        }
-    }
-}
-
-async fn ready(server: &Server) -> Etcd {
+async fn ready(server: &EtcdServer) -> Etcd {
     let etcd = Etcd::connect(std::slice::from_ref(&server.url)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while etcd.get(b"/ready").await.is_err() {

@@ -3,11 +3,13 @@
 //! homes move. The plan is persisted with the operation.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use duplex_types::{Role, ServerKind};
 
 use super::View;
 use crate::model::{Member, Plan};
+use crate::observed::{LagSample, RecordedLag};
 
 /// Holders of `site` whose roles a failover moves. With `lost_only`, only
 /// holders that are lost, and those silent long enough to be suspect once
@@ -127,6 +129,24 @@ pub fn failback(view: &View<'_>) -> Result<Plan, String> {
             }
         }
     }
+    // A holder is demoted only for a server of its kind that takes the
+    // role back: one whose returning peer was removed keeps writing.
+    let kept: Vec<String> = plan
+        .fenced
+        .iter()
+        .filter(|name| {
+            let kind = desired.servers.get(*name).map(|s| s.kind);
+            !plan
+                .roles
+                .iter()
+                .any(|(n, r)| r.is_holder() && desired.servers.get(n).map(|s| s.kind) == kind)
+        })
+        .cloned()
+        .collect();
+    for name in &kept {
+        plan.fenced.remove(name);
+        plan.roles.remove(name);
+    }
     if plan.roles.is_empty() {
         return Err("nothing to fail back: every server holds the role it joined with".into());
     }
@@ -175,39 +195,29 @@ pub fn active_site(view: &View<'_>) -> Option<String> {
 /// `max_lag_on_failover` of acknowledged writes, if it could: a promoted
 /// replica whose mirror lag was too large or never reported, or a promoted
 /// slave too far behind the lost master. Unknown lag counts as too large.
+/// What this coordinator has not heard itself (it took over after the
+/// source died) comes from the recorded lag, aged by the time since.
 pub fn too_lossy(view: &View<'_>, plan: &Plan) -> Option<String> {
     let max = view.config.max_lag_on_failover;
     for (name, role) in &plan.roles {
         let Some(server) = view.member(name) else {
             return Some(format!("{name} is not a known server"));
         };
-        let behind = match role {
-            Role::Primary => {
-                let holder = plan
-                    .homes
-                    .iter()
-                    .find(|(_, to)| *to == name)
-                    .map(|(from, _)| from)?;
-                view.observed
-                    .outbound_lag(holder, &server.id)
-                    .map(|l| std::time::Duration::from_secs_f64(l.seconds.max(0.0)))
-            }
-            Role::Master => {
-                let old = plan
-                    .fenced
-                    .iter()
-                    .find(|f| view.member(f).is_some_and(|m| m.kind == ServerKind::Account))?;
-                let position = view.observed.get(name).map(|o| o.report.position);
-                let by_history = position.and_then(|p| view.observed.behind_for(old, p));
-                let reported = view
-                    .observed
-                    .get(name)
-                    .and_then(|o| o.report.lag)
-                    .map(|l| std::time::Duration::from_secs_f64(l.seconds.max(0.0)));
-                by_history.or(reported)
-            }
+        let source = match role {
+            Role::Primary => plan
+                .homes
+                .iter()
+                .find(|(_, to)| *to == name)
+                .map(|(from, _)| from)?,
+            Role::Master => plan
+                .fenced
+                .iter()
+                .find(|f| view.member(f).is_some_and(|m| m.kind == ServerKind::Account))?,
             _ => continue,
         };
+        let behind = heard_behind(view, server, source)
+            .map(|(d, _)| d)
+            .or_else(|| recorded_behind(view, name, source));
         match behind {
             None => return Some(format!("how far {name} is behind is unknown")),
             Some(d) if d > max => {
@@ -221,4 +231,175 @@ pub fn too_lossy(view: &View<'_>, plan: &Plan) -> Option<String> {
         }
     }
     None
+}
+
+/// How far `standby` is behind `source` by what this coordinator heard,
+/// and the wall-clock ms it held at: a replica's lag as its source
+/// primary reports it, or how long ago a master passed a slave's position.
+pub fn heard_behind(view: &View<'_>, standby: &Member, source: &str) -> Option<(Duration, i64)> {
+    let seen = |name: &str| view.observed.get(name);
+    let duration = |seconds: f64| Duration::from_secs_f64(seconds.max(0.0));
+    match standby.kind {
+        ServerKind::Storage => {
+            let lag = view.observed.outbound_lag(source, &standby.id)?;
+            Some((duration(lag.seconds), seen(source)?.wall_ms))
+        }
+        ServerKind::Account => {
+            let own = seen(&standby.name)?;
+            let by_history = view
+                .observed
+                .behind_for(source, own.report.position)
+                .zip(seen(source))
+                .map(|(d, master)| (d, master.wall_ms.min(own.wall_ms)));
+            by_history.or_else(|| own.report.lag.map(|l| (duration(l.seconds), own.wall_ms)))
+        }
+        _ => None,
+    }
+}
+
+/// The recorded lag of `standby` behind `source`, plus the time since it
+/// was recorded: the source may have taken writes until it stopped.
+fn recorded_behind(view: &View<'_>, standby: &str, source: &str) -> Option<Duration> {
+    let sample = view.observed.recorded_lag.get(standby)?;
+    (sample.source == source).then(|| {
+        let since = u64::try_from(view.now_ms - sample.wall_ms).unwrap_or(0);
+        Duration::from_millis(sample.lag_ms.saturating_add(since))
+    })
+}
+
+/// What to record of each standby's lag now: for every storage server a
+/// primary mirrors into (a replica, or the other primary in active-active)
+/// and every slave behind a master, what was last heard of it.
+pub fn lag_samples(view: &View<'_>) -> RecordedLag {
+    let desired = view.desired;
+    let mut samples = RecordedLag::new();
+    for (kind, holder) in [
+        (ServerKind::Storage, Role::Primary),
+        (ServerKind::Account, Role::Master),
+    ] {
+        for source in desired.with_role(kind, holder) {
+            let standbys = desired
+                .servers
+                .values()
+                .filter(|s| s.kind == kind && s.name != source.name);
+            for s in standbys {
+                if let Some((lag, wall_ms)) = heard_behind(view, s, &source.name) {
+                    samples.insert(
+                        s.name.clone(),
+                        LagSample {
+                            source: source.name.clone(),
+                            wall_ms,
+                            lag_ms: u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
+                        },
+                    );
+                }
+            }
+        }
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use duplex_types::Mode;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::decide::tests::{observed, site_platform, view};
+    use crate::observed::Observed;
+
+    fn recorded(source: &str, wall_ms: i64, lag_ms: u64) -> LagSample {
+        LagSample {
+            source: source.to_owned(),
+            wall_ms,
+            lag_ms,
+        }
+    }
+
+    #[test]
+    fn lag_recorded_by_an_earlier_coordinator_bounds_a_failover_this_one_never_heard() {
+        let d = site_platform();
+        let c = Config::new(Mode::ActivePassive);
+        let t0 = Instant::now();
+        let mut o = observed(&d, t0, &[]);
+        // Site a died with the coordinator that heard it: this one took over
+        // and has only ever heard site b.
+        o.seen.remove("account-a");
+        o.seen.remove("storage-a");
+        let guard = |o: &Observed| {
+            let v = view(&d, o, &c, t0, t0);
+            let holders = holders_to_move(&v, "a", false, None);
+            let plan = failover(&v, "a", &holders, &BTreeSet::new()).unwrap();
+            too_lossy(&v, &plan)
+        };
+        assert!(guard(&o).unwrap().contains("is unknown"), "{:?}", guard(&o));
+
+        // Recorded 2 s before now (the view's wall clock is 0), 0.1 s behind.
+        o.recorded_lag
+            .insert("account-b".into(), recorded("account-a", -2_000, 0));
+        o.recorded_lag
+            .insert("storage-b".into(), recorded("storage-a", -2_000, 100));
+        assert_eq!(guard(&o), None);
+
+        // Aged past max_lag_on_failover (30 s): the writes since count too.
+        o.recorded_lag
+            .insert("storage-b".into(), recorded("storage-a", -40_000, 100));
+        assert!(
+            guard(&o).unwrap().contains("storage-b is 40.1 s behind"),
+            "{:?}",
+            guard(&o)
+        );
+
+        // A record of lag behind another source says nothing about this one.
+        o.recorded_lag
+            .insert("storage-b".into(), recorded("storage-c", -1_000, 0));
+        assert!(
+            guard(&o).unwrap().contains("storage-b is behind is unknown"),
+            "{:?}",
+            guard(&o)
+        );
+    }
+
+    #[test]
+    fn samples_cover_every_standby_heard_behind_its_source() {
+        let d = site_platform();
+        let c = Config::new(Mode::ActivePassive);
+        let t0 = Instant::now();
+        let o = observed(&d, t0, &[]);
+        let samples = lag_samples(&view(&d, &o, &c, t0, t0));
+        assert_eq!(samples["storage-b"].source, "storage-a");
+        assert_eq!(samples["account-b"].source, "account-a");
+        assert_eq!(samples.len(), 2, "{samples:?}");
+        let encoded = crate::observed::encode_lag(&samples);
+        assert_eq!(crate::observed::decode_lag(&encoded), Some(samples));
+        assert_eq!(crate::observed::decode_lag(b"[1]"), None);
+    }
+
+    #[test]
+    fn failback_never_demotes_a_holder_that_nothing_replaces() {
+        // After a failover, account-a was removed: account-b must stay the
+        // master, while storage-a takes its primary role back.
+        let mut d = crate::decide::tests::desired(
+            Mode::ActivePassive,
+            &[
+                ("account-b", Role::Slave),
+                ("storage-a", Role::Primary),
+                ("storage-b", Role::Replica),
+            ],
+        );
+        d.roles.insert("account-b".into(), Role::Master);
+        d.roles.insert("storage-a".into(), Role::Replica);
+        d.roles.insert("storage-b".into(), Role::Primary);
+        let c = Config::new(Mode::ActivePassive);
+        let t0 = Instant::now();
+        let o = observed(&d, t0, &[]);
+        let plan = failback(&view(&d, &o, &c, t0, t0)).unwrap();
+        assert_eq!(plan.roles.get("account-b"), None, "{plan:?}");
+        assert!(!plan.fenced.contains("account-b"), "{plan:?}");
+        assert_eq!(plan.roles.get("storage-a"), Some(&Role::Primary));
+        assert_eq!(plan.roles.get("storage-b"), Some(&Role::Replica));
+    }
 }

@@ -13,6 +13,8 @@ use duplex_etcd::{Etcd, KeyValue, absent, created_at, delete, modified_at, put};
 use duplex_proto::v1::{ClusterState, Operation, ServerInfo};
 use prost::Message;
 
+use crate::observed::{RecordedLag, decode_lag, encode_lag};
+
 use super::{
     Commit, EnrollOutcome, EnrollmentGrant, Loaded, OperatorRecord, SecurityRecords, StoreError, decode,
     resumed, security::serials,
@@ -26,6 +28,7 @@ pub const MEMBERS: &str = "/duplex/v1/coordinators/";
 /// Each running coordinator, under its etcd lease.
 pub const ALIVE: &str = "/duplex/v1/alive/";
 const CLUSTER: &str = "cluster";
+const LAG: &str = "lag";
 const SERVERS: &str = "servers/";
 const OPERATIONS: &str = "operations/";
 const GRANTS: &str = "security/grants/";
@@ -103,11 +106,16 @@ impl EtcdStore {
             .collect::<Result<Vec<_>, _>>()?;
         let operations = self.operations()?;
         let next_operation_id = operations.last().map_or(0, |op| op.id) + 1;
+        let lag = match self.get(LAG)? {
+            Some(kv) => decode_lag(&kv.value).ok_or_else(|| StoreError::Corrupt(LAG.into()))?,
+            None => RecordedLag::new(),
+        };
         Ok(Loaded {
             cluster,
             servers,
             operation: resumed(operations.into_iter().rev()),
             next_operation_id,
+            lag,
         })
     }
 
@@ -123,6 +131,9 @@ impl EtcdStore {
         }
         for s in &commit.put_servers {
             ops.push(put(&key(&format!("{SERVERS}{}", s.name)), s.encode_to_vec(), 0));
+        }
+        if let Some(lag) = &commit.lag {
+            ops.push(put(&key(LAG), encode_lag(lag), 0));
         }
         let mut compare = vec![created_at(LEADER_KEY.as_bytes(), fence)];
         for name in &commit.remove_servers {

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use crate::observed::{RecordedLag, decode_lag, encode_lag};
 use duplex_proto::v1::{ClusterState, Operation, ServerInfo};
 use duplex_types::OperationState;
 use prost::Message;
@@ -24,6 +25,7 @@ const SERVERS: TableDefinition<&str, &[u8]> = TableDefinition::new("servers");
 const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 const OPERATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("operations");
 const CLUSTER_KEY: &str = "cluster";
+const LAG_KEY: &str = "lag";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,6 +63,8 @@ pub struct Commit {
     pub remove_servers: Vec<String>,
     /// Operations and events, by id (a later write of an id replaces it).
     pub operations: Vec<Operation>,
+    /// Each standby's last known lag, replacing what was recorded.
+    pub lag: Option<RecordedLag>,
 }
 
 /// What a coordinator finds when it starts.
@@ -70,6 +74,8 @@ pub struct Loaded {
     /// The running operation, else the last one.
     pub operation: Option<Operation>,
     pub next_operation_id: u64,
+    /// Each standby's last known lag (empty if none was recorded).
+    pub lag: RecordedLag,
 }
 
 /// Where the coordinator keeps its state: one redb file (one coordinator),
@@ -224,11 +230,16 @@ impl Embedded {
             newest_first.push(decode(&format!("operation {}", k.value()), v.value())?);
         }
         let operation = resumed(newest_first.into_iter());
+        let lag = match txn.open_table(STATE)?.get(LAG_KEY)? {
+            Some(v) => decode_lag(v.value()).ok_or_else(|| StoreError::Corrupt(LAG_KEY.into()))?,
+            None => RecordedLag::new(),
+        };
         Ok(Loaded {
             cluster,
             servers,
             operation,
             next_operation_id,
+            lag,
         })
     }
 
@@ -238,6 +249,10 @@ impl Embedded {
             if let Some(cluster) = &commit.cluster {
                 txn.open_table(STATE)?
                     .insert(CLUSTER_KEY, cluster.encode_to_vec().as_slice())?;
+            }
+            if let Some(lag) = &commit.lag {
+                txn.open_table(STATE)?
+                    .insert(LAG_KEY, encode_lag(lag).as_slice())?;
             }
             let mut servers = txn.open_table(SERVERS)?;
             for s in &commit.put_servers {

@@ -1,0 +1,236 @@
+//! Coordinator high availability figures (#11), written to
+//! docs/BENCHMARKS.md, through `duplexctl playground --coordinators 3`
+//! (Debian's etcd-server from PATH):
+//!
+//! - under continuous backups, the leading coordinator is stopped (SIGKILL,
+//!   and SIGTERM as in an upgrade): time from the stop to the next
+//!   acknowledged backup, and the longest gap between acknowledged backups
+//!   across it; with the default leases, and with a server lease longer
+//!   than the etcd lease, so masters and primaries keep writing through
+//!   the takeover;
+//! - failover RTO (SIGKILL of storage-a to the next acknowledged backup)
+//!   with one coordinator on redb and with three on etcd.
+//!
+//!     cargo build --release --bins && cargo bench -p duplex-tests --bench coordinator_ha
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use duplex_tests::bench::{machine, write_section};
+use duplex_tests::ha::{Acked, Child, Ha, Halt, back_up_continuously};
+use duplex_tests::wait_for;
+
+const RUNS: usize = 5;
+/// A server lease outlasting the 2 s etcd lease (and the failover timeout
+/// it must not exceed).
+const LONG_LEASE: &[&str] = &["--lease", "2500ms", "--failover-timeout", "3s"];
+
+fn median_max(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    (
+        samples[samples.len() / 2].as_secs_f64(),
+        samples.last().unwrap().as_secs_f64(),
+    )
+}
+
+/// The coordinators this bench started again (the playground's own ones
+/// are stopped through their pid).
+struct Coordinators<'a> {
+    ha: &'a Ha,
+    ours: Vec<(String, Child)>,
+    flags: &'a [&'a str],
+}
+
+impl Coordinators<'_> {
+    /// Stops `name` with `signal`.
+    fn stop(&mut self, name: &str, signal: i32) {
+        let pid = match self.ours.iter().find(|(n, _)| n == name) {
+            Some((_, c)) => c.child.id() as i32,
+            None => self.ha.pg.service(name)["pid"].as_i64().unwrap() as i32,
+        };
+        // SAFETY: a signal to a coordinator this bench or its playground started.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(pid, signal);
+        }
+        if let Some((_, c)) = self.ours.iter_mut().find(|(n, _)| n == name) {
+            let _ = c.child.wait();
+        }
+    }
+
+    /// Starts `name` again with the bench's flags.
+    fn start(&mut self, name: &str) {
+        let flags = self.flags;
+        let child = self.ha.restart(name, |mut cmd| {
+            cmd.extend(flags.iter().map(|f| f.to_string()));
+            cmd
+        });
+        self.ours.retain(|(n, _)| n != name);
+        self.ours.push((name.to_owned(), child));
+    }
+}
+
+/// Stops the leader `RUNS` times under continuous backups: (time to the
+/// next acknowledged backup, longest gap between acknowledged backups).
+fn leader_changes(flags: &[&str], signal: i32) -> (Vec<Duration>, Vec<Duration>) {
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start(dir.path());
+    let mut coordinators = Coordinators {
+        ha: &ha,
+        ours: Vec::new(),
+        flags,
+    };
+    if !flags.is_empty() {
+        for i in 1..=3 {
+            let name = format!("coordinator-{i}");
+            coordinators.stop(&name, libc::SIGKILL);
+            coordinators.start(&name);
+        }
+    }
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let stop = AtomicBool::new(false);
+    let acked: Mutex<Vec<Acked>> = Mutex::new(Vec::new());
+    let (mut next, mut gaps) = (Vec::new(), Vec::new());
+    std::thread::scope(|s| {
+        let _halt = Halt(&stop);
+        s.spawn(|| back_up_continuously(&ha, &tree, &stop, &acked));
+        for _ in 0..RUNS {
+            let before = acked.lock().unwrap().len();
+            wait_for("backups before the stop", Duration::from_secs(120), || {
+                (acked.lock().unwrap().len() >= before + 3).then_some(())
+            });
+            let leader = ha.leader();
+            let stopped = Instant::now();
+            coordinators.stop(&leader, signal);
+            let after = wait_for("a backup after the stop", Duration::from_secs(60), || {
+                acked
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|a| a.done > stopped)
+                    .map(|a| a.done)
+            });
+            let last_before = acked
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .find(|a| a.done <= stopped)
+                .map(|a| a.done)
+                .unwrap();
+            next.push(after - stopped);
+            gaps.push(after - last_before);
+            ha.new_leader_after(&leader);
+            coordinators.start(&leader);
+            wait_for("three coordinators again", Duration::from_secs(30), || {
+                let all = ha.coordinators();
+                (all.iter().filter(|(_, r)| r == "follower").count() == 2).then_some(())
+            });
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    (next, gaps)
+}
+
+fn backup(ha: &Ha, tree: &Path) -> bool {
+    ha.duplex(&["backup", tree.to_str().unwrap(), "--json"])
+        .status
+        .success()
+}
+
+/// SIGKILL of storage-a to the next acknowledged backup, `RUNS` times,
+/// failing back between runs.
+fn failover_rto(extra: &[&str]) -> Vec<Duration> {
+    let dir = tempfile::tempdir().unwrap();
+    let ha = Ha::start_with(dir.path(), extra);
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    let mut samples = Vec::new();
+    let mut storage_a: Option<Child> = None;
+    for run in 0..RUNS {
+        std::fs::write(
+            tree.join("f"),
+            duplex_tests::tree::random_bytes(run as u64, 100_000),
+        )
+        .unwrap();
+        wait_for("a backup before the kill", Duration::from_secs(60), || {
+            backup(&ha, &tree).then_some(())
+        });
+        match storage_a.take() {
+            Some(mut c) => {
+                Ha::sigkill_child(&mut c);
+            }
+            None => {
+                ha.sigkill("storage-a");
+            }
+        }
+        let killed = Instant::now();
+        std::fs::write(
+            tree.join("g"),
+            duplex_tests::tree::random_bytes(99 + run as u64, 1000),
+        )
+        .unwrap();
+        wait_for("a backup after the kill", Duration::from_secs(60), || {
+            backup(&ha, &tree).then_some(())
+        });
+        samples.push(killed.elapsed());
+        storage_a = Some(ha.restart("storage-a", |c| c));
+        let out = ha.ctl(&["failback", "--wait"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ha.wait_roles(&[("storage-a", "primary"), ("storage-b", "replica")]);
+    }
+    samples
+}
+
+fn row(what: &str, samples: Vec<Duration>) -> String {
+    let (median, max) = median_max(samples);
+    format!("| {what} | {median:.2} | {max:.2} |\n")
+}
+
+fn main() {
+    let mut table = String::new();
+    for (what, flags, signal) in [
+        ("SIGKILL, default leases", &[][..], libc::SIGKILL),
+        ("SIGTERM (upgrade), default leases", &[][..], libc::SIGTERM),
+        (
+            "SIGKILL, `--lease 2500ms --failover-timeout 3s`",
+            LONG_LEASE,
+            libc::SIGKILL,
+        ),
+    ] {
+        let (next, gaps) = leader_changes(flags, signal);
+        eprintln!("{what}: next {next:?} gaps {gaps:?}");
+        table += &row(&format!("{what}: stop → next acknowledged backup"), next);
+        table += &row(&format!("{what}: longest gap between backups"), gaps);
+    }
+    let embedded = failover_rto(&[]);
+    let etcd = failover_rto(&["--coordinators", "3"]);
+    eprintln!("rto embedded {embedded:?} etcd {etcd:?}");
+    table += &row("failover RTO, one coordinator (redb)", embedded);
+    table += &row("failover RTO, three coordinators (etcd)", etcd);
+    let body = format!(
+        "## Coordinator high availability\n\n\
+         `cargo bench -p duplex-tests --bench coordinator_ha` on {machine}: `duplexctl playground\n\
+         --coordinators 3` (one etcd from Debian's etcd-server, `--leader-lease 2s`), {RUNS} runs\n\
+         each, backups of a growing tree (64 KiB more each time) back to back through every\n\
+         coordinator and account server URL. A stopped leader is started again before the next run.\n\n\
+         | seconds | median | max |\n\
+         | --- | ---: | ---: |\n\
+         {table}\n\
+         A SIGKILLed leader keeps the leader key until its etcd lease expires (up to 2 s, plus\n\
+         etcd's own expiry tick), longer than the 1 s write lease of masters and primaries, so they\n\
+         stop writing until the next leader answers their heartbeat. A leader stopped with SIGTERM\n\
+         revokes its lease and the next one leads at once. A server lease longer than the etcd\n\
+         lease (`--lease 2500ms`, which needs `--failover-timeout` of at least as much) carries\n\
+         writes through a takeover, and costs every failover of a lost holder the same extra\n\
+         time, since it must wait the lease out before another server may take writes.\n",
+        machine = machine(),
+    );
+    let path = write_section("coordinator-ha", &body);
+    eprintln!("wrote {}", path.display());
+}
