@@ -283,7 +283,8 @@ impl Ha {
                     if let Some((fence, from)) = open.replace((fence, at)) {
                         terms.push((name.clone(), fence, from, death(from).unwrap_or(at)));
                     }
-                } else if line.contains("stepping down as coordinator leader")
+                } else if (line.contains("stepping down as coordinator leader")
+                    || line.contains("fail point reached: aborting"))
                     && let Some((fence, from)) = open.take()
                 {
                     terms.push((name.clone(), fence, from, at));

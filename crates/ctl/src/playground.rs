@@ -397,6 +397,12 @@ fn etcd_spec(
         &peer_url,
         "--initial-cluster",
         &format!("etcd={peer_url}"),
+        // The coordinators rewrite a few keys for good (each standby's
+        // last known lag every 5 s): keep an hour of history, not all.
+        "--auto-compaction-mode",
+        "periodic",
+        "--auto-compaction-retention",
+        "1h",
     ]
     .map(str::to_owned)
     .to_vec();
