@@ -3,11 +3,11 @@
 //! (Debian's etcd-server from PATH):
 //!
 //! - under continuous backups, the leading coordinator is stopped (SIGKILL,
-//!   and SIGTERM as in an upgrade): time from the stop to the next
-//!   acknowledged backup, and the longest gap between acknowledged backups
-//!   across it; with the default leases, and with a server lease longer
-//!   than the etcd lease, so masters and primaries keep writing through
-//!   the takeover;
+//!   and SIGTERM as in an upgrade): the longest gap between acknowledged
+//!   backups from the last one before the stop until 8 s after it, and when
+//!   that gap ended (writes flowing again); with the default leases, and
+//!   with a server lease longer than the etcd lease, so masters and
+//!   primaries keep writing through the takeover;
 //! - failover RTO (SIGKILL of storage-a to the next acknowledged backup)
 //!   with one coordinator on redb and with three on etcd.
 //!
@@ -25,6 +25,8 @@ use duplex_tests::ha::{Acked, Child, Ha, Halt, back_up_continuously};
 use duplex_tests::wait_for;
 
 const RUNS: usize = 5;
+/// How long after a leader is stopped its effect on backups is looked for.
+const WINDOW: Duration = Duration::from_secs(8);
 /// A server lease outlasting the 2 s etcd lease (and the failover timeout
 /// it must not exceed).
 const LONG_LEASE: &[&str] = &["--lease", "2500ms", "--failover-timeout", "3s"];
@@ -107,25 +109,25 @@ fn leader_changes(flags: &[&str], signal: i32) -> (Vec<Duration>, Vec<Duration>)
             let leader = ha.leader();
             let stopped = Instant::now();
             coordinators.stop(&leader, signal);
-            let after = wait_for("a backup after the stop", Duration::from_secs(60), || {
-                acked
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|a| a.done > stopped)
-                    .map(|a| a.done)
-            });
-            let last_before = acked
-                .lock()
-                .unwrap()
-                .iter()
-                .rev()
-                .find(|a| a.done <= stopped)
-                .map(|a| a.done)
-                .unwrap();
-            next.push(after - stopped);
-            gaps.push(after - last_before);
             ha.new_leader_after(&leader);
+            // Holders may write on for the rest of their lease before the
+            // pause shows: look at every gap until well after the takeover.
+            let until = stopped + WINDOW;
+            wait_for("backups after the window", WINDOW * 3, || {
+                let acked = acked.lock().unwrap();
+                acked.iter().any(|a| a.done > until).then_some(())
+            });
+            let acked = acked.lock().unwrap();
+            let from = acked.iter().rposition(|a| a.done <= stopped).unwrap();
+            let (gap, end) = acked[from..]
+                .windows(2)
+                .take_while(|w| w[0].done <= until)
+                .map(|w| (w[1].done - w[0].done, w[1].done))
+                .max()
+                .unwrap();
+            drop(acked);
+            gaps.push(gap);
+            next.push(end - stopped);
             coordinators.start(&leader);
             wait_for("three coordinators again", Duration::from_secs(30), || {
                 let all = ha.coordinators();
@@ -205,8 +207,8 @@ fn main() {
     ] {
         let (next, gaps) = leader_changes(flags, signal);
         eprintln!("{what}: next {next:?} gaps {gaps:?}");
-        table += &row(&format!("{what}: stop → next acknowledged backup"), next);
-        table += &row(&format!("{what}: longest gap between backups"), gaps);
+        table += &row(&format!("{what}: longest gap between acknowledged backups"), gaps);
+        table += &row(&format!("{what}: stop → the backup that ends it"), next);
     }
     let embedded = failover_rto(&[]);
     let etcd = failover_rto(&["--coordinators", "3"]);
@@ -222,13 +224,18 @@ fn main() {
          | seconds | median | max |\n\
          | --- | ---: | ---: |\n\
          {table}\n\
-         A SIGKILLed leader keeps the leader key until its etcd lease expires (up to 2 s, plus\n\
-         etcd's own expiry tick), longer than the 1 s write lease of masters and primaries, so they\n\
-         stop writing until the next leader answers their heartbeat. A leader stopped with SIGTERM\n\
-         revokes its lease and the next one leads at once. A server lease longer than the etcd\n\
-         lease (`--lease 2500ms`, which needs `--failover-timeout` of at least as much) carries\n\
-         writes through a takeover, and costs every failover of a lost holder the same extra\n\
-         time, since it must wait the lease out before another server may take writes.\n",
+         A gap of about 0.3–0.5 s is one backup's own duration: no pause. Where there was none,\n\
+         \"the backup that ends it\" is just the slowest ordinary backup in the 8 s window.\n\n\
+         A SIGKILLed leader keeps the leader key until its etcd lease expires (2 s, etcd's\n\
+         shortest with its default election timeout, plus etcd's 500 ms expiry tick), longer than\n\
+         the 1 s write lease of masters and primaries: they write on for up to a second, then\n\
+         pause until the next leader answers their heartbeat, and the agent retries through it.\n\
+         A leader stopped with SIGTERM (an upgrade) revokes its etcd lease and the next one leads\n\
+         at once, within the holders' lease: no pause. A server lease longer than the etcd lease\n\
+         (`--lease 2500ms`, which needs `--failover-timeout` at least as long) carries writes\n\
+         through a SIGKILL too, and costs every failover of a lost holder 1.5 s more (the 3 s\n\
+         timeout instead of 1.5 s). With default leases, writes resume 2.6 s (median) after a\n\
+         leader SIGKILL, above the 2 s target; the failover RTO is the same on etcd as on redb.\n",
         machine = machine(),
     );
     let path = write_section("coordinator-ha", &body);
