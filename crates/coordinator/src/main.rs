@@ -85,8 +85,11 @@ struct Cli {
     #[arg(long, env = "DUPLEX_ETCD", value_delimiter = ',', global = true)]
     etcd: Vec<String>,
     /// How long a leader that stopped renewing keeps leading (its etcd
-    /// lease; at least 2s, etcd's minimum).
-    #[arg(long, env = "DUPLEX_LEADER_LEASE", value_parser = humantime::parse_duration, default_value = "2s", global = true)]
+    /// lease, whole seconds). etcd raises a lease shorter than 1.5 times
+    /// its election timeout, rounded up (2s with etcd's default 1s; run
+    /// etcd with --election-timeout 500 for 1s); a raised lease only makes
+    /// a takeover slower, never two leaders.
+    #[arg(long, env = "DUPLEX_LEADER_LEASE", value_parser = humantime::parse_duration, default_value = "1s", global = true)]
     leader_lease: Duration,
     #[command(subcommand)]
     command: Option<ServerCommand>,
@@ -229,8 +232,8 @@ fn shared_state(cli: &Cli) -> anyhow::Result<Option<(Etcd, Arc<AtomicI64>)>> {
     if cli.etcd.is_empty() {
         anyhow::bail!("--store etcd needs --etcd URL[,URL...] (the etcd cluster's client URLs)");
     }
-    if cli.leader_lease < Duration::from_secs(2) {
-        anyhow::bail!("--leader-lease must be at least 2s (etcd's shortest lease)");
+    if cli.leader_lease < Duration::from_secs(1) || cli.leader_lease.subsec_nanos() != 0 {
+        anyhow::bail!("--leader-lease must be whole seconds, at least 1s (etcd counts leases in seconds)");
     }
     if !cli.server.insecure_plaintext && cli.ca_dir.is_none() {
         // Each coordinator would create its own CA, and none would trust

@@ -397,6 +397,12 @@ fn etcd_spec(
         &peer_url,
         "--initial-cluster",
         &format!("etcd={peer_url}"),
+        // A 1 s leader lease needs an election timeout of at most 666 ms
+        // (etcd's shortest lease is 1.5 times it, rounded up to seconds).
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
         // The coordinators rewrite a few keys for good (each standby's
         // last known lag every 5 s): keep an hour of history, not all.
         "--auto-compaction-mode",
