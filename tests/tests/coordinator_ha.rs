@@ -369,6 +369,9 @@ impl<'a> Armed<'a> {
                 self.ha.ended(kind)
             },
         );
+        // The last leader to die may have done so while a history call
+        // was out, and the operation ended before the loop looked again.
+        self.restart_the_dead();
         assert_eq!(op["state"], "done", "{kind}: {op}");
         assert_eq!(
             std::fs::read_to_string(&self.file).unwrap().trim(),
