@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cluster;
 pub mod etcd;
 pub mod ha;
+pub mod phases;
 pub mod proxy;
 pub mod service;
 pub mod sites;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use duplex_tests::ha::{
     Acked, Child, Ha, Halt, Restarted, assert_all_restore, back_up_continuously, etcd_installed, with_etcd,
 };
+use duplex_tests::phases::{FAILBACK, FAILOVER};
 use duplex_tests::proxy::{Fault, Proxy};
 use duplex_tests::{bin, wait_for};
 use serde_json::Value;
@@ -284,27 +285,6 @@ fn etcd_lost_stops_the_leader_and_everything_resumes_when_it_returns() {
     assert_one_leader_at_a_time(&terms);
     assert_all_restore(&ha, &tree, &acked.lock().unwrap());
 }
-
-const FAILOVER: [&str; 6] = [
-    "fence",
-    "promote-account",
-    "stop-links",
-    "promote-storage",
-    "repoint-homes",
-    "resume",
-];
-const FAILBACK: [&str; 10] = [
-    "rejoin",
-    "reverse-mirroring",
-    "block-backups",
-    "fence",
-    "drain",
-    "switch-roles",
-    "repoint-homes",
-    "restore-mirroring",
-    "unblock-backups",
-    "verify",
-];
 
 /// Coordinators running with fail points armed from one shared file.
 struct Armed<'a> {

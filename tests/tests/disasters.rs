@@ -15,21 +15,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use duplex_tests::phases::FAILOVER;
 use duplex_tests::tree::{assert_same_tree, random_bytes};
 use duplex_tests::twosite::{Options, TwoSites, lag_in, role_in};
 use duplex_tests::wait_for;
 use serde_json::{Value, json};
 
 const LONG: Duration = Duration::from_secs(60);
-
-const FAILOVER: [&str; 6] = [
-    "fence",
-    "promote-account",
-    "stop-links",
-    "promote-storage",
-    "repoint-homes",
-    "resume",
-];
 
 /// The roles a fresh active-passive platform has, and a failback restores.
 const STEADY: [(&str, &str); 4] = [

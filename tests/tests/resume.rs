@@ -7,30 +7,11 @@
 
 use std::time::Duration;
 
+use duplex_tests::phases::{FAILBACK, FAILOVER};
 use duplex_tests::tree::{assert_same_tree, random_bytes};
 use duplex_tests::twosite::{Options, TwoSites};
 use duplex_tests::wait_for;
 
-const FAILOVER: [&str; 6] = [
-    "fence",
-    "promote-account",
-    "stop-links",
-    "promote-storage",
-    "repoint-homes",
-    "resume",
-];
-const FAILBACK: [&str; 10] = [
-    "rejoin",
-    "reverse-mirroring",
-    "block-backups",
-    "fence",
-    "drain",
-    "switch-roles",
-    "repoint-homes",
-    "restore-mirroring",
-    "unblock-backups",
-    "verify",
-];
 const LONG: Duration = Duration::from_secs(60);
 
 /// Waits for the coordinator to abort at its fail point, then starts it
