@@ -1,5 +1,5 @@
 //! A small fault-injecting TCP proxy: passes bytes through, or corrupts
-//! the first occurrence of a marker on its way to the server, or cuts
+//! the first occurrence of a marker in either direction, or cuts
 //! every connection and refuses new ones (a partition).
 
 use std::io::{Read, Write};
@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 #[derive(Clone, Debug)]
 pub enum Fault {
     Pass,
-    /// Flip the last byte of the first occurrence of the marker (client → server).
+    /// Flip the last byte of the first occurrence of the marker, whichever
+    /// way it travels.
     CorruptOnce(Vec<u8>),
     /// Drop every connection and refuse new ones.
     Partition,
@@ -62,8 +63,8 @@ impl Proxy {
                 }
                 let (up, down) = (accept_state.clone(), accept_state.clone());
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                std::thread::spawn(move || pump(client, server, &up, true));
-                std::thread::spawn(move || pump(s2, c2, &down, false));
+                std::thread::spawn(move || pump(client, server, &up));
+                std::thread::spawn(move || pump(s2, c2, &down));
             }
         });
         Proxy { addr, state }
@@ -85,7 +86,7 @@ impl Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, upstream: bool) {
+fn pump(mut from: TcpStream, mut to: TcpStream, state: &State) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut tail: Vec<u8> = Vec::new();
     loop {
@@ -96,9 +97,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, state: &State, upstream: bool) {
         while matches!(*state.fault.lock().unwrap(), Fault::Blackhole) {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        if upstream {
-            corrupt_marker(state, &mut tail, &mut buf[..n]);
-        }
+        corrupt_marker(state, &mut tail, &mut buf[..n]);
         if to.write_all(&buf[..n]).is_err() {
             break;
         }

@@ -425,20 +425,20 @@ fn network_attacks_are_refused() {
         (
             "storage-b",
             "storage-a",
+            "/duplex.v1.StorageReplication/PullBatch",
+            &storage_b,
+        ),
+        (
+            "mirror-a",
+            "storage-a",
             "/duplex.v1.StorageReplication/ReadChunks",
-            &storage_b,
+            &mirror,
         ),
         (
-            "storage-b",
+            "account-b",
             "storage-a",
-            "/duplex.v1.StorageReplication/ApplyBatch",
-            &storage_b,
-        ),
-        (
-            "storage-b",
-            "storage-a",
-            "/duplex.v1.StorageReplication/MissingChunksOf",
-            &storage_b,
+            "/duplex.v1.StorageReplication/ReadChunks",
+            &account_b,
         ),
         (
             "storage-b",

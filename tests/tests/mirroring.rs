@@ -259,7 +259,9 @@ fn a_chunk_corrupted_on_the_wire_is_refused_and_the_link_retries() {
     let cluster = Cluster::start();
     let rt = runtime();
     let b = replica(&cluster);
-    let proxy = Proxy::start(&b.addr);
+    // The destination pulls chunks from the source: the wire to corrupt is
+    // the one into the source, which the link names through the proxy.
+    let proxy = Proxy::start(&cluster.storage.addr);
     let token = cluster.create_account("erin", None);
     let src = cluster.path("data");
     std::fs::create_dir_all(&src).unwrap();
@@ -276,7 +278,7 @@ fn a_chunk_corrupted_on_the_wire_is_refused_and_the_link_retries() {
     let _mirror = sites::mirror(
         cluster.dir.path(),
         "mirror-b",
-        &[link(&cluster.storage, &proxy.addr)],
+        &[format!("{}={}", proxy.addr, b.addr)],
         &[],
     );
     wait_converged(&rt, &cluster.storage.addr, &b.addr);

@@ -1,16 +1,15 @@
 //! One mirroring link: tail the source's change feed from the checkpoint
-//! the destination holds, send only the chunks the destination lacks, then
-//! the snapshot records, and the new checkpoint in the same batch. The
-//! mirror keeps nothing: killed anywhere, it resumes from the destination's
-//! checkpoint and at most re-sends the batches that were not acknowledged.
+//! the destination holds, and hand the destination each batch of records
+//! to pull: it reads the chunks it lacks straight from the source and
+//! commits them with the snapshot records and the new checkpoint, all or
+//! nothing. The mirror keeps nothing and never carries a chunk: killed
+//! anywhere, it resumes from the destination's checkpoint and at most has
+//! a batch pulled again.
 //!
-//! Reading and applying overlap: the next batch is read from the source
-//! while the destination writes and fsyncs the one before, so a link runs
-//! at the pace of the slower side rather than the sum of both. Batches
-//! are still applied one at a time and in order, so the checkpoint only
-//! moves forward; a chunk both batches carry is simply stored once.
+//! Gathering and pulling overlap: the next batch is gathered from the feed
+//! while the destination pulls the one before. Batches are still pulled
+//! one at a time and in order, so the checkpoint only moves forward.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,9 +17,8 @@ use duplex_proto::MAX_MESSAGE_BYTES;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
 use duplex_proto::v1::storage_replication_client::StorageReplicationClient;
 use duplex_proto::v1::{
-    ChangeFeedRequest, ChangeRecord, Checkpoint, GetCheckpointRequest, GetStorageStatusRequest, LinkSpec,
-    LinkStatus, MirrorItem, MissingChunksOfRequest, ReadChunksRequest, ReportProgressRequest, change_record,
-    mirror_item,
+    ChangeFeedRequest, ChangeRecord, GetCheckpointRequest, GetStorageStatusRequest, LinkSpec, LinkStatus,
+    PullBatchRequest, ReportProgressRequest, change_record,
 };
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -44,8 +42,6 @@ pub enum LinkError {
     Address(#[from] duplex_rpc::ClientError),
     #[error("the change feed ended")]
     FeedEnded,
-    #[error("data loss: {0}")]
-    Corrupt(String),
     #[error("the idle destination did not answer within {0:?}")]
     Stalled(Duration),
 }
@@ -147,31 +143,29 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
         s.checkpoint = checkpoint;
     });
     tracing::info!(source = %spec.source, destination = %spec.destination, checkpoint, "link running");
-    // One batch read ahead while one is applied: at most three in memory.
-    let (ready, mut prepared) = tokio::sync::mpsc::channel::<Prepared>(1);
-    let reading = {
-        let (mut src, mut dst) = (src.clone(), dst.clone());
-        let source_id = source_id.clone();
-        async move {
-            let mut limiter = RateLimiter::new(spec.rate);
-            loop {
-                let batch = gather(&mut feed).await?;
-                let Some(last) = batch.last().map(|r| r.seq) else {
-                    continue;
-                };
-                let batch = prepare(&mut src, &mut dst, &source_id, batch, last, &mut limiter).await?;
-                if ready.send(batch).await.is_err() {
-                    return Ok::<(), LinkError>(());
-                }
+    // One batch gathered ahead while the destination pulls the one before.
+    let (ready, mut gathered) = tokio::sync::mpsc::channel::<Vec<ChangeRecord>>(1);
+    let gathering = async move {
+        // A rate-limited link pulls at most a second of its traffic at once.
+        let max_bytes = if spec.rate > 0 {
+            spec.rate.min(MAX_BATCH_BYTES)
+        } else {
+            MAX_BATCH_BYTES
+        };
+        loop {
+            let batch = gather(&mut feed, max_bytes).await?;
+            if ready.send(batch).await.is_err() {
+                return Ok::<(), LinkError>(());
             }
         }
     };
+    let mut limiter = RateLimiter::new(spec.rate);
     let applying = async move {
         loop {
             // An idle link still checks that the destination answers, so a
             // destination that died is a failing link within seconds, not
             // at the next write.
-            let batch = match tokio::time::timeout(IDLE_PROBE, prepared.recv()).await {
+            let records = match tokio::time::timeout(IDLE_PROBE, gathered.recv()).await {
                 Ok(Some(batch)) => batch,
                 Ok(None) => return Ok(()),
                 Err(_) => {
@@ -186,30 +180,44 @@ async fn run_once(spec: &LinkSpec, status: &Mutex<LinkStatus>) -> Result<(), Lin
                     continue;
                 }
             };
-            dst.apply_batch(futures::stream::iter(batch.items))
+            let Some(last) = records.last().map(|r| r.seq) else {
+                continue;
+            };
+            let pulled = dst
+                .pull_batch(PullBatchRequest {
+                    source: spec.source.clone(),
+                    source_id: source_id.clone(),
+                    records,
+                    seq: last,
+                })
                 .await
-                .map_err(rpc("applying the batch on the destination"))?;
+                .map_err(rpc("having the destination pull the batch"))?
+                .into_inner();
+            limiter.take(pulled.bytes).await;
             src.report_progress(ReportProgressRequest {
                 destination_id: destination_id.clone(),
                 destination: spec.destination.clone(),
-                applied_seq: batch.last,
+                applied_seq: last,
             })
             .await
             .map_err(rpc("reporting progress"))?;
             update(status, |s| {
                 copied(s);
-                s.checkpoint = batch.last;
-                s.chunks_sent += batch.sent.chunks;
-                s.bytes_sent += batch.sent.bytes;
-                s.snapshots_sent += batch.sent.snapshots;
+                s.checkpoint = last;
+                s.chunks_sent += pulled.chunks;
+                s.bytes_sent += pulled.bytes;
+                s.snapshots_sent += pulled.snapshots;
             });
         }
     };
-    tokio::try_join!(reading, applying).map(|_| ())
+    tokio::try_join!(gathering, applying).map(|_| ())
 }
 
 /// Waits for one record, then takes whatever else arrives within a moment.
-async fn gather(feed: &mut tonic::Streaming<ChangeRecord>) -> Result<Vec<ChangeRecord>, LinkError> {
+async fn gather(
+    feed: &mut tonic::Streaming<ChangeRecord>,
+    max_bytes: u64,
+) -> Result<Vec<ChangeRecord>, LinkError> {
     let first = feed
         .message()
         .await
@@ -218,7 +226,7 @@ async fn gather(feed: &mut tonic::Streaming<ChangeRecord>) -> Result<Vec<ChangeR
     let mut batch = vec![first];
     let deadline = tokio::time::Instant::now() + GATHER;
     let mut bytes = 0u64;
-    while batch.len() < MAX_RECORDS && bytes < MAX_BATCH_BYTES {
+    while batch.len() < MAX_RECORDS && bytes < max_bytes {
         match tokio::time::timeout_at(deadline, feed.next()).await {
             Ok(Some(Ok(rec))) => {
                 if let Some(change_record::Change::Chunk(c)) = &rec.change {
@@ -232,127 +240,6 @@ async fn gather(feed: &mut tonic::Streaming<ChangeRecord>) -> Result<Vec<ChangeR
         }
     }
     Ok(batch)
-}
-
-#[derive(Default)]
-struct Sent {
-    chunks: u64,
-    bytes: u64,
-    snapshots: u64,
-}
-
-/// The mirror is a hop too: a payload damaged on the source's disk or on
-/// the way is caught here, named, and never forwarded.
-fn check_payload_hash(item: &duplex_proto::v1::AccountChunk) -> Result<(), LinkError> {
-    let Some(chunk) = &item.chunk else {
-        return Err(LinkError::Corrupt(
-            "the source sent a chunk item without a chunk".into(),
-        ));
-    };
-    if duplex_types::sealed::payload_hash(&chunk.data).as_slice() != chunk.data_hash.as_slice() {
-        let id = hex::encode(&chunk.id);
-        return Err(LinkError::Corrupt(format!(
-            "chunk {id} of account {} from the source does not match its data_hash",
-            item.account_id
-        )));
-    }
-    Ok(())
-}
-
-/// One batch read from the source, ready for the destination.
-struct Prepared {
-    items: Vec<MirrorItem>,
-    last: u64,
-    sent: Sent,
-}
-
-/// Reads the chunks of `records` the destination lacks and puts them, the
-/// snapshot records and the checkpoint `last` into one batch.
-async fn prepare(
-    src: &mut Repl,
-    dst: &mut Repl,
-    source_id: &str,
-    records: Vec<ChangeRecord>,
-    last: u64,
-    limiter: &mut RateLimiter,
-) -> Result<Prepared, LinkError> {
-    // account → [(chunk id, origin)]
-    let mut wanted: BTreeMap<u64, Vec<(Vec<u8>, String)>> = BTreeMap::new();
-    let mut items = Vec::new();
-    for rec in records {
-        match &rec.change {
-            Some(change_record::Change::Chunk(c)) => {
-                wanted
-                    .entry(rec.account_id)
-                    .or_default()
-                    .push((c.id.clone(), rec.origin.clone()));
-            }
-            Some(change_record::Change::Snapshot(_)) => items.push(MirrorItem {
-                item: Some(mirror_item::Item::Snapshot(rec)),
-            }),
-            None => {}
-        }
-    }
-    let mut sent = Sent {
-        snapshots: items.len() as u64,
-        ..Sent::default()
-    };
-    let mut chunk_items = Vec::new();
-    for (account, ids) in wanted {
-        let request = MissingChunksOfRequest {
-            account_id: account,
-            ids: ids.iter().map(|(id, _)| id.clone()).collect(),
-        };
-        let missing = dst
-            .missing_chunks_of(request)
-            .await
-            .map_err(rpc("asking what the destination lacks"))?;
-        let missing = missing.into_inner().missing;
-        if missing.is_empty() {
-            continue;
-        }
-        let origins: BTreeMap<Vec<u8>, String> = ids.into_iter().collect();
-        let mut stream = src
-            .read_chunks(ReadChunksRequest {
-                account_id: account,
-                ids: missing,
-            })
-            .await
-            .map_err(rpc("reading chunks from the source"))?
-            .into_inner();
-        while let Some(mut item) = stream
-            .message()
-            .await
-            .map_err(rpc("reading chunks from the source"))?
-        {
-            check_payload_hash(&item)?;
-            let len = item.chunk.as_ref().map_or(0, |c| c.data.len() as u64);
-            item.origin = item
-                .chunk
-                .as_ref()
-                .and_then(|c| origins.get(&c.id).cloned())
-                .unwrap_or_default();
-            limiter.take(len).await;
-            sent.chunks += 1;
-            sent.bytes += len;
-            chunk_items.push(MirrorItem {
-                item: Some(mirror_item::Item::Chunk(item)),
-            });
-        }
-    }
-    // Chunks first, so every snapshot's chunks are in the same commit.
-    chunk_items.extend(items);
-    chunk_items.push(MirrorItem {
-        item: Some(mirror_item::Item::Checkpoint(Checkpoint {
-            source_id: source_id.to_owned(),
-            seq: last,
-        })),
-    });
-    Ok(Prepared {
-        items: chunk_items,
-        last,
-        sent,
-    })
 }
 
 /// Keeps a link's chunk traffic under `rate` bytes per second (0: no limit),

@@ -5,6 +5,7 @@ mod error;
 pub mod limits;
 pub mod mirroring;
 pub mod policy;
+pub mod pull;
 pub mod replication;
 pub mod server;
 pub mod service;

@@ -7,6 +7,7 @@ use duplex_types::{OperatorRole, ServerKind};
 
 const COORDINATOR: &[ServerKind] = &[ServerKind::Coordinator];
 const MIRROR: &[ServerKind] = &[ServerKind::Mirror];
+const STORAGE: &[ServerKind] = &[ServerKind::Storage];
 
 pub fn rule(path: &str) -> Rule {
     let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
@@ -17,12 +18,14 @@ pub fn rule(path: &str) -> Rule {
         ("duplex.v1.StorageAdmin", "GetStatus") => Rule::servers_or(ANY_SERVER, OperatorRole::Viewer),
         ("duplex.v1.StorageAdmin", "SetRole") => Rule::servers(COORDINATOR),
         ("duplex.v1.StorageAdmin", "VerifyAccounts") => Rule::servers_or(COORDINATOR, OperatorRole::Operator),
-        // Only a mirror reads the feed and writes mirrored data.
-        (
-            "duplex.v1.StorageReplication",
-            "ChangeFeed" | "ReadChunks" | "MissingChunksOf" | "ApplyBatch" | "GetCheckpoint"
-            | "ReportProgress",
-        ) => Rule::servers(MIRROR),
+        // Only a mirror reads the feed and has mirrored data written.
+        ("duplex.v1.StorageReplication", "ChangeFeed" | "PullBatch" | "GetCheckpoint" | "ReportProgress") => {
+            Rule::servers(MIRROR)
+        }
+        // A destination pulling a batch reads the chunks itself. Any storage
+        // server may: each already holds any account's sealed chunks that a
+        // link sends it, and no server holds a key that opens them.
+        ("duplex.v1.StorageReplication", "ReadChunks") => Rule::servers(STORAGE),
         _ => Rule::Deny,
     }
 }

@@ -1,25 +1,24 @@
-//! gRPC face of mirroring on a storage server: the change feed, chunk
-//! reads and inventory for a mirror, atomic batch apply with checkpoint,
-//! and progress reports for sync mode and lag.
+//! gRPC face of mirroring on a storage server: the change feed for a
+//! mirror, chunk reads for a destination pulling a batch, the pull itself
+//! (atomic, with the checkpoint), and progress reports for sync mode and lag.
 
 use std::pin::Pin;
 use std::sync::Arc;
 
 use duplex_proto::v1::storage_replication_server::StorageReplication;
 use duplex_proto::v1::{
-    AccountChunk, ApplyBatchResponse, ChangeFeedRequest, ChangeRecord, Checkpoint, GetCheckpointRequest,
-    MirrorItem, MissingChunksOfRequest, MissingChunksResponse, ReadChunksRequest, ReportProgressRequest,
-    ReportProgressResponse, mirror_item,
+    AccountChunk, ChangeFeedRequest, ChangeRecord, Checkpoint, GetCheckpointRequest, PullBatchRequest,
+    PullBatchResponse, ReadChunksRequest, ReportProgressRequest, ReportProgressResponse,
 };
-use duplex_types::{AccountId, ChunkId, Seq};
+use duplex_types::{AccountId, Seq};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
 use crate::mirroring::Outbound;
 use crate::service::{StorageApi, blocking, chunk_ids};
-use crate::store::{PutStats, Store};
+use crate::store::Store;
 
 const FEED_BATCH: usize = 256;
 
@@ -78,53 +77,13 @@ impl StorageReplication for StorageApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn missing_chunks_of(
+    async fn pull_batch(
         &self,
-        request: Request<MissingChunksOfRequest>,
-    ) -> Result<Response<MissingChunksResponse>, Status> {
-        let req = request.into_inner();
-        let account = AccountId(req.account_id);
-        let ids = chunk_ids(&req.ids)?;
-        let missing = blocking(&self.store, move |s| s.missing(account, &ids)).await?;
-        Ok(Response::new(MissingChunksResponse {
-            missing: missing.into_iter().map(ChunkId::to_vec).collect(),
-        }))
-    }
-
-    async fn apply_batch(
-        &self,
-        request: Request<Streaming<MirrorItem>>,
-    ) -> Result<Response<ApplyBatchResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
-        let mut snapshots = Vec::new();
-        while let Some(item) = stream.message().await? {
-            match item.item {
-                Some(mirror_item::Item::Chunk(c)) => {
-                    let chunk = c
-                        .chunk
-                        .ok_or_else(|| Status::invalid_argument("chunk item without a chunk"))?;
-                    crate::service::check_chunk_shape(&chunk)?;
-                    let origin = (!c.origin.is_empty()).then_some(c.origin);
-                    writer =
-                        add_blocking(&self.store, writer, AccountId(c.account_id), chunk, origin).await?;
-                }
-                Some(mirror_item::Item::Snapshot(rec)) => snapshots.push(rec),
-                Some(mirror_item::Item::Checkpoint(cp)) => {
-                    let (stats, added) = blocking(&self.store, move |s| {
-                        let r = s.commit_mirror(&mut writer, &snapshots, &cp);
-                        writer.discard_if_empty();
-                        r
-                    })
-                    .await?;
-                    return Ok(Response::new(applied(stats, added)));
-                }
-                None => return Err(Status::invalid_argument("empty mirror item")),
-            }
-        }
-        Err(Status::invalid_argument(
-            "batch ended without a checkpoint; nothing was applied",
-        ))
+        request: Request<PullBatchRequest>,
+    ) -> Result<Response<PullBatchResponse>, Status> {
+        crate::pull::pull(&self.store, &self.sources, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn get_checkpoint(
@@ -155,32 +114,6 @@ impl StorageReplication for StorageApi {
         );
         Ok(Response::new(ReportProgressResponse {}))
     }
-}
-
-fn applied(stats: PutStats, snapshots: u64) -> ApplyBatchResponse {
-    ApplyBatchResponse {
-        chunks: stats.stored,
-        snapshots,
-        bytes: stats.stored_bytes,
-    }
-}
-
-async fn add_blocking(
-    store: &Arc<Store>,
-    mut writer: crate::store::PackWriter,
-    account: AccountId,
-    chunk: duplex_proto::v1::Chunk,
-    origin: Option<String>,
-) -> Result<crate::store::PackWriter, Status> {
-    let _ = store;
-    let (writer, result) = tokio::task::spawn_blocking(move || {
-        let r = writer.add_from(account, &chunk, origin);
-        (writer, r)
-    })
-    .await
-    .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
-    result?;
-    Ok(writer)
 }
 
 /// Streams the feed after `sent` as it grows, until the reader goes away.

@@ -112,6 +112,7 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         shutdown: shutdown.clone(),
         lease: Arc::new(duplex_rpc::heartbeat::Lease::new(config.coordinator.is_some())),
         registered: std::sync::atomic::AtomicBool::new(false),
+        sources: crate::pull::Sources::default(),
     });
     // Only a primary takes accounts. With a coordinator, it announces
     // itself once the coordinator confirms the role.

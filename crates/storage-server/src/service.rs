@@ -31,7 +31,7 @@ use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
 /// short keeps (and the retry reuses) what was already sent.
 const COMMIT_EVERY_BYTES: u64 = 32 * 1024 * 1024;
 /// Most chunk ids one call may name.
-const MAX_IDS_PER_CALL: usize = 100_000;
+pub const MAX_IDS_PER_CALL: usize = 100_000;
 
 pub struct StorageApi {
     pub store: Arc<Store>,
@@ -45,6 +45,8 @@ pub struct StorageApi {
     pub lease: Arc<duplex_rpc::heartbeat::Lease>,
     /// Announced to the account servers since it last became primary.
     pub registered: std::sync::atomic::AtomicBool,
+    /// Channels to the sources this server pulls mirrored batches from.
+    pub sources: crate::pull::Sources,
 }
 
 /// Metadata key naming the primary on a replica's refusal.
