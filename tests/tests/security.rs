@@ -380,6 +380,12 @@ impl StorageService for RogueStorage {
             ..Default::default()
         }))
     }
+    async fn delete_snapshots(
+        &self,
+        _: Request<duplex_proto::v1::DeleteSnapshotsRequest>,
+    ) -> Result<Response<duplex_proto::v1::DeleteSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("rogue"))
+    }
     async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
         Err(Status::unimplemented("rogue"))
     }

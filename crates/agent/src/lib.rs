@@ -5,6 +5,7 @@ pub mod backup;
 pub mod chunking;
 pub mod crypto;
 mod error;
+pub mod forget;
 pub mod keys;
 pub mod manifest;
 pub mod restore;

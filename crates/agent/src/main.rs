@@ -7,6 +7,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use duplex_agent::crypto::Keys;
+use duplex_agent::forget;
 use duplex_agent::keys::{KeyService, Unlocked, unlock};
 use duplex_agent::secret::{self, Passphrase};
 use duplex_agent::session::{Options, Session, login};
@@ -72,11 +73,57 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Delete snapshots: the ones named (id, unique prefix or "latest"), or
+    /// the ones the --keep-* rules do not keep (restic's rules, in UTC).
+    /// The space they alone held is reclaimed by the servers, on every site.
+    Forget {
+        snapshots: Vec<String>,
+        #[command(flatten)]
+        keep: KeepArgs,
+        /// Say what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Manage the passphrases that unlock the account's encryption key.
     Key {
         #[command(subcommand)]
         action: KeyAction,
     },
+}
+
+#[derive(clap::Args)]
+struct KeepArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_monthly: u32,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    keep_yearly: u32,
+}
+
+impl KeepArgs {
+    fn policy(&self) -> duplex_types::retention::KeepPolicy {
+        duplex_types::retention::KeepPolicy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -192,7 +239,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         storage: cli.storage.clone(),
     };
     let purpose = match cli.command {
-        Command::Backup { .. } => Purpose::Backup,
+        // Forgetting writes too: it needs a write ticket, and a disabled
+        // group (a failback in progress) refuses it like a backup.
+        Command::Backup { .. } | Command::Forget { .. } => Purpose::Backup,
         _ => Purpose::Read,
     };
     // Talking to one storage server directly is for debugging: no retries.
@@ -259,8 +308,37 @@ async fn run_command(
             };
             print_verify(snapshot.clone(), &report, cli.json)
         }
+        Command::Forget {
+            snapshots,
+            keep,
+            dry_run,
+        } => {
+            let selection = forget::Selection::new(snapshots.clone(), keep.policy())?;
+            let report = forget::forget(session, selection, *dry_run).await?;
+            print_forget(&report, cli.json);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Key { action } => run_key(cli, options, secrets, session, action).await,
     }
+}
+
+fn print_forget(report: &forget::ForgetReport, json: bool) {
+    if json {
+        outln!(
+            "{}",
+            json!({"removed": report.removed, "kept": report.kept, "dry_run": report.dry_run})
+        );
+        return;
+    }
+    let verb = if report.dry_run { "would remove" } else { "removed" };
+    for id in &report.removed {
+        outln!("{verb} {id}");
+    }
+    outln!(
+        "{verb} {} snapshot(s), kept {}",
+        report.removed.len(),
+        report.kept.len()
+    );
 }
 
 async fn run_key(

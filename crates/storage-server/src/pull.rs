@@ -53,7 +53,7 @@ impl Sources {
 }
 
 /// A batch's chunk records by account, each chunk with its origin, and its
-/// snapshot records in feed order.
+/// snapshot records (new and deleted) in feed order.
 struct Wanted {
     chunks: BTreeMap<u64, BTreeMap<ChunkId, String>>,
     snapshots: Vec<ChangeRecord>,
@@ -91,7 +91,9 @@ fn sort_records(req: &mut PullBatchRequest) -> Result<Wanted, Status> {
                     .or_default()
                     .insert(id, rec.origin.clone());
             }
-            Some(change_record::Change::Snapshot(_)) => wanted.snapshots.push(rec),
+            Some(change_record::Change::Snapshot(_) | change_record::Change::SnapshotDeleted(_)) => {
+                wanted.snapshots.push(rec);
+            }
             None => {
                 return Err(Status::invalid_argument(format!(
                     "record {} carries no change",

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
-    AccountVerification, Chunk, CommitSnapshotRequest, GetChunksRequest, GetSnapshotRequest,
-    GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse,
-    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
-    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
+    AccountVerification, Chunk, CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse,
+    GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest,
+    ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo,
+    SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse,
+    VerifyRequest, VerifyResponse,
 };
-use duplex_types::{AccountId, ChunkId, Epoch, Seq};
+use duplex_types::{AccountId, ChunkId, Epoch, Seq, SnapshotId};
 use tokio::sync::RwLock;
 use tonic::metadata::MetadataValue;
 
@@ -102,6 +103,28 @@ pub fn chunk_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>, Status> {
     raw.iter()
         .map(|b| ChunkId::from_bytes(b).map_err(|e| Status::invalid_argument(e.to_string())))
         .collect()
+}
+
+/// Snapshots one deletion may name at most.
+const MAX_DELETIONS_PER_CALL: usize = 10_000;
+
+/// Full snapshot ids, each once, in the order given.
+fn snapshot_ids(raw: &[String]) -> Result<Vec<SnapshotId>, Status> {
+    if raw.is_empty() || raw.len() > MAX_DELETIONS_PER_CALL {
+        return Err(Status::invalid_argument(format!(
+            "{} snapshot ids in one deletion; between 1 and {MAX_DELETIONS_PER_CALL}",
+            raw.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut ids = Vec::new();
+    for text in raw {
+        let id = SnapshotId::parse(text).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if seen.insert(id) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }
 
 pub fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
@@ -211,6 +234,31 @@ impl StorageService for StorageApi {
         self.mirroring.wait_mirrored(self.store.last_seq().0).await;
         tracing::info!(account = %caller.name, snapshot = %info.id, manifest_chunks = info.manifest_chunks.len(), "snapshot committed");
         Ok(Response::new(info))
+    }
+
+    async fn delete_snapshots(
+        &self,
+        request: Request<DeleteSnapshotsRequest>,
+    ) -> Result<Response<DeleteSnapshotsResponse>, Status> {
+        let role = self.check_primary().await?;
+        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let ids = snapshot_ids(&request.into_inner().ids)?;
+        let (lease, name) = (self.lease.clone(), self.info.name.clone());
+        let deleted = blocking(&self.store, move |s| {
+            lease
+                .check(&name)
+                .map_err(|status| StoreError::Fenced(status.message().to_owned()))?;
+            s.delete_snapshots(caller.account, &ids)
+        })
+        .await?;
+        self.lease.check(&self.info.name)?;
+        drop(role);
+        // Sync mirroring: the other site has the deletion before the ack.
+        self.mirroring.wait_mirrored(self.store.last_seq().0).await;
+        tracing::info!(account = %caller.name, deleted = deleted.len(), "snapshots deleted");
+        Ok(Response::new(DeleteSnapshotsResponse {
+            deleted: deleted.iter().map(ToString::to_string).collect(),
+        }))
     }
 
     async fn list_snapshots(

@@ -5,6 +5,7 @@ mod cluster;
 mod ids;
 mod names;
 mod paths;
+pub mod retention;
 pub mod sealed;
 
 pub use cluster::{Mode, OperationKind, OperationState, OperatorRole, Phase, Role, ServerKind};

@@ -8,9 +8,11 @@ use std::collections::BTreeSet;
 use duplex_proto::v1::{ChangeRecord, Checkpoint, change_record};
 use duplex_types::{AccountId, Epoch, Seq, SnapshotId};
 use prost::Message;
+use redb::WriteTransaction;
 use redb::{ReadableDatabase, ReadableTable};
 
 use super::packs::PackWriter;
+use super::snapshots::{delete_one, tombstoned};
 use super::tables::{CHECKPOINTS, FEED, META, SNAPSHOTS};
 use super::{PutStats, Store, StoreError, index_chunks, record};
 
@@ -160,7 +162,9 @@ impl Store {
     }
 
     /// Commits a mirrored batch: the chunks written to `writer`, the
-    /// snapshot records, and the link's checkpoint, atomically. Each change
+    /// snapshot records (new snapshots and deletions, in feed order), and
+    /// the link's checkpoint, atomically. A snapshot deleted here before
+    /// (a tombstone) is not added again. Each change
     /// keeps its origin, so it is never mirrored back there. A checkpoint
     /// that does not move forward is refused (a stale or duplicate batch).
     pub fn commit_mirror(
@@ -186,31 +190,48 @@ impl Store {
             checkpoints.insert(checkpoint.source_id.as_str(), checkpoint.seq)?;
             drop(checkpoints);
             stats = index_chunks(txn, seq, &pending, &checkpoint.source_id)?;
-            let mut table = txn.open_table(SNAPSHOTS)?;
-            let mut feed = txn.open_table(FEED)?;
             for rec in snapshots {
-                let Some(change_record::Change::Snapshot(info)) = &rec.change else {
-                    return Err(StoreError::Invalid("a snapshot item carries no snapshot".into()));
-                };
-                let id = SnapshotId::parse(&info.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-                // The same checks an agent's commit passes.
-                super::snapshots::check_record(&info.manifest_chunks, &info.summary)?;
-                let key = (rec.account_id, *id.as_bytes());
-                if table.get(key)?.is_some() {
-                    continue;
-                }
-                table.insert(key, info.encode_to_vec().as_slice())?;
-                *seq = seq.next();
-                let change = change_record::Change::Snapshot(info.clone());
-                let r = record(*seq, &rec.origin, AccountId(rec.account_id), change);
-                feed.insert(seq.0, r.encode_to_vec().as_slice())?;
-                super::usage::note_snapshot(txn, AccountId(rec.account_id), info.time_unix_ms)?;
-                added_snapshots += 1;
+                added_snapshots += u64::from(apply_record(txn, seq, rec)?);
             }
             Ok(())
         })?;
         Ok((stats, added_snapshots))
     }
+}
+
+/// Applies one mirrored snapshot record (a new snapshot or a deletion);
+/// true when it added a snapshot. Each keeps its origin.
+fn apply_record(txn: &WriteTransaction, seq: &mut Seq, rec: &ChangeRecord) -> Result<bool, StoreError> {
+    let account = AccountId(rec.account_id);
+    let info = match &rec.change {
+        Some(change_record::Change::Snapshot(info)) => info,
+        Some(change_record::Change::SnapshotDeleted(gone)) => {
+            let id = SnapshotId::parse(&gone.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            delete_one(txn, seq, &rec.origin, account, id, true)?;
+            return Ok(false);
+        }
+        _ => return Err(StoreError::Invalid("a snapshot item carries no snapshot".into())),
+    };
+    let id = SnapshotId::parse(&info.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+    // The same checks an agent's commit passes.
+    super::snapshots::check_record(&info.manifest_chunks, &info.summary)?;
+    let key = (account.0, *id.as_bytes());
+    if tombstoned(txn, account.0, id)? || txn.open_table(SNAPSHOTS)?.get(key)?.is_some() {
+        return Ok(false);
+    }
+    txn.open_table(SNAPSHOTS)?
+        .insert(key, info.encode_to_vec().as_slice())?;
+    *seq = seq.next();
+    let r = record(
+        *seq,
+        &rec.origin,
+        account,
+        change_record::Change::Snapshot(info.clone()),
+    );
+    txn.open_table(FEED)?
+        .insert(seq.0, r.encode_to_vec().as_slice())?;
+    super::usage::note_snapshot(txn, account, info.time_unix_ms)?;
+    Ok(true)
 }
 
 fn decode_record(bytes: &[u8]) -> Result<ChangeRecord, StoreError> {

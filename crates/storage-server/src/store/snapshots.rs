@@ -3,14 +3,17 @@
 //! every manifest chunk it names is held (from the index alone, never
 //! loading chunk data), so its memory is bounded by the request's size
 //! whatever the request names. Paths are checked by the agent's restore.
+//!
+//! A deleted snapshot leaves a tombstone and a feed record, so the deletion
+//! is mirrored like a backup and a replayed backlog cannot undo it.
 
-use duplex_proto::v1::{SnapshotInfo, change_record};
+use duplex_proto::v1::{SnapshotDeleted, SnapshotInfo, change_record};
 use duplex_types::sealed::{MAX_MANIFEST_CHUNKS, MAX_SUMMARY_BYTES};
-use duplex_types::{AccountId, ChunkId, SnapshotId};
+use duplex_types::{AccountId, ChunkId, Seq, SnapshotId};
 use prost::Message;
-use redb::ReadableDatabase;
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::tables::{FEED, SNAPSHOTS};
+use super::tables::{FEED, SNAPSHOTS, TOMBSTONES};
 use super::{Store, StoreError};
 
 /// What a client asks to commit.
@@ -84,6 +87,30 @@ impl Store {
         Ok(info)
     }
 
+    /// Deletes snapshots of `account` by full id in one transaction, each
+    /// with a tombstone and a feed record from this server. Returns the ids
+    /// this call deleted; an id deleted before is skipped, one never seen
+    /// here fails the whole call.
+    pub fn delete_snapshots(
+        &self,
+        account: AccountId,
+        ids: &[SnapshotId],
+    ) -> Result<Vec<SnapshotId>, StoreError> {
+        let origin = self.server_id().to_string();
+        let mut deleted = Vec::new();
+        self.write(|txn, seq| {
+            for id in ids {
+                match delete_one(txn, seq, &origin, account, *id, false)? {
+                    Deletion::Deleted => deleted.push(*id),
+                    Deletion::AlreadyGone => {}
+                    Deletion::Unknown => return Err(StoreError::NotFound(format!("snapshot {id}"))),
+                }
+            }
+            Ok(())
+        })?;
+        Ok(deleted)
+    }
+
     pub fn list_snapshots(&self, account: AccountId) -> Result<Vec<SnapshotInfo>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(SNAPSHOTS)?;
@@ -119,6 +146,57 @@ impl Store {
             ))),
         }
     }
+}
+
+/// What deleting one snapshot found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Deletion {
+    Deleted,
+    AlreadyGone,
+    /// Neither the snapshot nor its tombstone is here.
+    Unknown,
+}
+
+/// Removes one snapshot, leaves its tombstone and numbers the deletion in
+/// the feed as a change from `origin`. A mirrored deletion (`mirrored`) of
+/// a snapshot this server never had still leaves the tombstone and the
+/// record: the snapshot itself may be on its way by another link.
+pub(super) fn delete_one(
+    txn: &WriteTransaction,
+    seq: &mut Seq,
+    origin: &str,
+    account: AccountId,
+    id: SnapshotId,
+    mirrored: bool,
+) -> Result<Deletion, StoreError> {
+    let key = (account.0, *id.as_bytes());
+    let mut tombstones = txn.open_table(TOMBSTONES)?;
+    if tombstones.get(key)?.is_some() {
+        return Ok(Deletion::AlreadyGone);
+    }
+    let existed = txn.open_table(SNAPSHOTS)?.remove(key)?.is_some();
+    if !existed && !mirrored {
+        return Ok(Deletion::Unknown);
+    }
+    tombstones.insert(key, now_ms())?;
+    *seq = seq.next();
+    let change = change_record::Change::SnapshotDeleted(SnapshotDeleted { id: id.to_string() });
+    let r = super::record(*seq, origin, account, change);
+    txn.open_table(FEED)?
+        .insert(seq.0, r.encode_to_vec().as_slice())?;
+    Ok(if existed {
+        Deletion::Deleted
+    } else {
+        Deletion::Unknown
+    })
+}
+
+/// Whether a snapshot was deleted here: its mirrored record is dropped.
+pub(super) fn tombstoned(txn: &WriteTransaction, account: u64, id: SnapshotId) -> Result<bool, StoreError> {
+    Ok(txn
+        .open_table(TOMBSTONES)?
+        .get((account, *id.as_bytes()))?
+        .is_some())
 }
 
 pub(super) fn decode_info(bytes: &[u8]) -> Result<SnapshotInfo, StoreError> {

@@ -15,6 +15,10 @@ pub type ChunkKey = (u64, [u8; 32]);
 pub type ChunkLocTuple = (u64, u64, u32, [u8; 32]);
 /// (account, snapshot id) → encoded `SnapshotInfo`.
 pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::new("snapshots");
+/// (account, snapshot id) → when the snapshot was deleted (unix ms). A
+/// mirrored record of a tombstoned snapshot is dropped, so a backlog
+/// replayed after failback cannot bring a deleted snapshot back.
+pub const TOMBSTONES: TableDefinition<(u64, [u8; 16]), i64> = TableDefinition::new("tombstones");
 /// source server id → last feed sequence of that source applied here.
 pub const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 /// seq → encoded `ChangeRecord`.
@@ -82,6 +86,7 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         txn.open_table(SNAPSHOTS)?;
         txn.open_table(FEED)?;
         txn.open_table(CHECKPOINTS)?;
+        txn.open_table(TOMBSTONES)?;
         super::usage::backfill(&txn)?;
         let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
         match existing {

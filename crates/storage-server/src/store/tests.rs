@@ -153,3 +153,86 @@ fn usage_is_rebuilt_for_a_data_dir_written_before_it_was_kept() {
     assert_eq!(usage.len(), 1);
     assert_eq!((usage[0].account, usage[0].stored_bytes), (a, 2 * 44));
 }
+
+/// A committed snapshot as a mirror brings it to another server.
+fn mirrored(store: &Store, account: AccountId, manifest: &Chunk) -> duplex_proto::v1::ChangeRecord {
+    put(store, account, std::slice::from_ref(manifest)).expect("put manifest");
+    let id = ChunkId::from_bytes(&manifest.id).expect("id");
+    let info = store
+        .commit_snapshot(
+            account,
+            NewSnapshot {
+                manifest_chunks: vec![id],
+                summary: vec![1],
+            },
+        )
+        .expect("commit");
+    let (records, _) = store.feed_after(duplex_types::Seq(0), "", 1000).expect("feed");
+    records
+        .into_iter()
+        .find(|r| matches!(&r.change, Some(duplex_proto::v1::change_record::Change::Snapshot(s)) if s.id == info.id))
+        .expect("the snapshot's feed record")
+}
+
+fn apply(store: &Store, records: &[duplex_proto::v1::ChangeRecord], seq: u64) {
+    let mut w = store.begin_pack().expect("pack");
+    let checkpoint = duplex_proto::v1::Checkpoint {
+        source_id: "source".into(),
+        seq,
+    };
+    store.commit_mirror(&mut w, records, &checkpoint).expect("apply");
+}
+
+#[test]
+fn a_deleted_snapshot_is_mirrored_and_never_comes_back() {
+    let (dir_a, dir_b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let (a, b) = (
+        Store::open(dir_a.path()).expect("a"),
+        Store::open(dir_b.path()).expect("b"),
+    );
+    let account = AccountId(1);
+    let created = mirrored(&a, account, &chunk(b"manifest"));
+    let Some(duplex_proto::v1::change_record::Change::Snapshot(info)) = &created.change else {
+        unreachable!("found as a snapshot record")
+    };
+    let id = duplex_types::SnapshotId::parse(&info.id).expect("id");
+    put(&b, account, &[chunk(b"manifest")]).expect("put on b");
+    apply(&b, std::slice::from_ref(&created), 1);
+    assert_eq!(b.list_snapshots(account).expect("list").len(), 1);
+
+    assert_eq!(a.delete_snapshots(account, &[id]).expect("delete"), vec![id]);
+    assert!(a.list_snapshots(account).expect("list").is_empty());
+    // Deleting again is not an error and deletes nothing; an unknown id is.
+    assert!(a.delete_snapshots(account, &[id]).expect("again").is_empty());
+    let unknown = duplex_types::SnapshotId::generate();
+    assert!(matches!(
+        a.delete_snapshots(account, &[unknown]),
+        Err(StoreError::NotFound(_))
+    ));
+
+    let (records, _) = a.feed_after(duplex_types::Seq(0), "", 1000).expect("feed");
+    let deletion: Vec<_> = records
+        .into_iter()
+        .filter(|r| {
+            matches!(
+                r.change,
+                Some(duplex_proto::v1::change_record::Change::SnapshotDeleted(_))
+            )
+        })
+        .collect();
+    assert_eq!(deletion.len(), 1, "one deletion record, not one per call");
+    assert_eq!(deletion[0].origin, a.server_id().to_string());
+    apply(&b, &deletion, 2);
+    assert!(b.list_snapshots(account).expect("list").is_empty());
+    // A backlog replaying the creation (a link from an old checkpoint)
+    // does not bring the snapshot back, on either server.
+    apply(&b, std::slice::from_ref(&created), 3);
+    assert!(b.list_snapshots(account).expect("list").is_empty());
+    let before = b.last_seq();
+    apply(&b, &deletion, 4);
+    assert_eq!(
+        b.last_seq(),
+        before,
+        "a deletion seen before is not recorded twice"
+    );
+}
