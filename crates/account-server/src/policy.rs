@@ -19,9 +19,11 @@ pub fn rule(path: &str) -> Rule {
         ("duplex.v1.AccountAdmin", "ListAccounts" | "ListGroups" | "ListStorageServers" | "GetStatus") => {
             Rule::servers_or(ANY_SERVER, OperatorRole::Viewer)
         }
-        ("duplex.v1.AccountAdmin", "CreateAccount" | "CreateAccounts" | "SetGroupEnabled" | "Reapply") => {
-            Rule::servers_or(COORDINATOR, OperatorRole::Operator)
-        }
+        (
+            "duplex.v1.AccountAdmin",
+            "CreateAccount" | "CreateAccounts" | "SetGroupEnabled" | "Reapply" | "SetQuota" | "RotateToken"
+            | "SetGroupPolicy",
+        ) => Rule::servers_or(COORDINATOR, OperatorRole::Operator),
         // A storage server registers itself (the handler checks the name
         // against its certificate); the coordinator re-registers on failback.
         ("duplex.v1.AccountAdmin", "RegisterStorageServer") => {

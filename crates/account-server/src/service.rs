@@ -9,11 +9,12 @@ use duplex_proto::v1::account_service_server::AccountService;
 use duplex_proto::v1::{
     AccountRecord, AccountServerStatus, AccountView, CreateAccountRequest, CreateAccountResponse,
     CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetKeysRequest, GetKeysResponse,
-    GetTicketKeysRequest, GetTicketKeysResponse, GroupView, KeyRecord, ListAccountsRequest,
+    GetTicketKeysRequest, GetTicketKeysResponse, GroupView, KeepPolicy, KeyRecord, ListAccountsRequest,
     ListAccountsResponse, ListGroupsRequest, ListGroupsResponse, ListStorageServersRequest,
     ListStorageServersResponse, LoginRequest, LoginResponse, MoveHomesRequest, MoveHomesResponse, Purpose,
     PutKeyRequest, ReapplyRequest, ReapplyResponse, ReapplyResult, RegisterStorageServerRequest,
-    RegisterStorageServerResponse, RemoveKeyRequest, ServerInfo, SetGroupEnabledRequest, TicketClaims,
+    RegisterStorageServerResponse, RemoveKeyRequest, RotateTokenRequest, ServerInfo, SetGroupEnabledRequest,
+    SetGroupPolicyRequest, SetQuotaRequest, TicketClaims,
 };
 use duplex_rpc::audit::Outbox;
 use duplex_rpc::auth::{Caller, Who, caller};
@@ -215,10 +216,11 @@ impl AccountService for AccountApi {
         let purpose = Purpose::try_from(req.purpose)
             .map_err(|_| Status::invalid_argument(format!("unknown purpose {}", req.purpose)))?;
         let hash = hash_token(&req.token);
-        let (record, enabled, servers) = blocking(self.store(), move |s| {
+        let (record, enabled, servers, keep) = blocking(self.store(), move |s| {
             let record = s.account_by_token(&hash)?;
             let enabled = s.group_enabled(&record.group)?;
-            Ok((record, enabled, servers_by_id(s)?))
+            let keep = s.group_policies()?.remove(&record.group);
+            Ok((record, enabled, servers_by_id(s)?, keep))
         })
         .await?;
         if purpose == Purpose::Backup && !enabled {
@@ -244,6 +246,8 @@ impl AccountService for AccountApi {
             expires_at_unix: expires,
             home: home.name.clone(),
             epoch: self.node.epoch().await.0,
+            quota_bytes: record.quota_bytes,
+            keep,
         });
         Ok(Response::new(LoginResponse {
             ticket,
@@ -386,11 +390,15 @@ impl AccountAdmin for AccountApi {
         &self,
         _request: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        let (groups, records) = blocking(self.store(), |s| Ok((s.groups()?, s.accounts()?))).await?;
+        let (groups, records, mut policies) = blocking(self.store(), |s| {
+            Ok((s.groups()?, s.accounts()?, s.group_policies()?))
+        })
+        .await?;
         let groups = groups
             .into_iter()
             .map(|(name, enabled)| GroupView {
                 accounts: records.iter().filter(|r| r.group == name).count() as u64,
+                keep: policies.remove(&name),
                 name,
                 enabled,
             })
@@ -425,6 +433,80 @@ impl AccountAdmin for AccountApi {
             name: req.name,
             enabled: req.enabled,
             accounts,
+            keep: None,
+        }))
+    }
+
+    async fn set_group_policy(
+        &self,
+        request: Request<SetGroupPolicyRequest>,
+    ) -> Result<Response<GroupView>, Status> {
+        let caller = caller(&request);
+        let req = request.into_inner();
+        validate_name(NameKind::Group, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let keep = req.keep.unwrap_or_default();
+        let name = req.name.clone();
+        let (enabled, accounts) = self
+            .write(move |s, epoch| {
+                s.set_group_policy(epoch, &name, keep)?;
+                let enabled = s.group_enabled(&name)?;
+                Ok((
+                    enabled,
+                    s.accounts()?.iter().filter(|r| r.group == name).count() as u64,
+                ))
+            })
+            .await?;
+        let said = if keep == KeepPolicy::default() {
+            "keeps every snapshot".to_owned()
+        } else {
+            format!(
+                "keeps {}",
+                duplex_types::retention::KeepPolicy::from(keep).describe()
+            )
+        };
+        tracing::info!(group = %req.name, policy = %said, "group policy set");
+        self.audit(&caller, format!("group {} now {said}", req.name));
+        Ok(Response::new(GroupView {
+            name: req.name,
+            enabled,
+            accounts,
+            keep: (keep != KeepPolicy::default()).then_some(keep),
+        }))
+    }
+
+    async fn set_quota(&self, request: Request<SetQuotaRequest>) -> Result<Response<AccountView>, Status> {
+        let caller = caller(&request);
+        let req = request.into_inner();
+        validate_name(NameKind::Account, &req.name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let (record, servers) = self
+            .write(move |s, epoch| Ok((s.set_quota(epoch, &req.name, req.quota_bytes)?, servers_by_id(s)?)))
+            .await?;
+        let quota = match record.quota_bytes {
+            0 => "no quota".to_owned(),
+            n => format!("a quota of {n} bytes"),
+        };
+        tracing::info!(account = %record.name, quota_bytes = record.quota_bytes, "quota set");
+        self.audit(&caller, format!("gave account {} {quota}", record.name));
+        Ok(Response::new(view(&record, &servers)))
+    }
+
+    async fn rotate_token(
+        &self,
+        request: Request<RotateTokenRequest>,
+    ) -> Result<Response<CreateAccountResponse>, Status> {
+        let caller = caller(&request);
+        let name = request.into_inner().name;
+        validate_name(NameKind::Account, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let token = new_token();
+        let hash = hash_token(&token);
+        let (record, servers) = self
+            .write(move |s, epoch| Ok((s.rotate_token(epoch, &name, hash)?, servers_by_id(s)?)))
+            .await?;
+        tracing::info!(account = %record.name, "token rotated");
+        self.audit(&caller, format!("gave account {} a new token", record.name));
+        Ok(Response::new(CreateAccountResponse {
+            account: Some(view(&record, &servers)),
+            token,
         }))
     }
 

@@ -79,7 +79,7 @@ enum Command {
     Forget {
         snapshots: Vec<String>,
         #[command(flatten)]
-        keep: KeepArgs,
+        keep: duplex_rpc::cli::KeepArgs,
         /// Say what would be removed, and remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -89,41 +89,6 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
-}
-
-#[derive(clap::Args)]
-struct KeepArgs {
-    /// Keep the N newest snapshots.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_last: u32,
-    /// Keep the newest snapshot of each of the last N hours that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_hourly: u32,
-    /// Keep the newest snapshot of each of the last N days that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_daily: u32,
-    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_weekly: u32,
-    /// Keep the newest snapshot of each of the last N months that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_monthly: u32,
-    /// Keep the newest snapshot of each of the last N years that have one.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    keep_yearly: u32,
-}
-
-impl KeepArgs {
-    fn policy(&self) -> duplex_types::retention::KeepPolicy {
-        duplex_types::retention::KeepPolicy {
-            last: self.keep_last,
-            hourly: self.keep_hourly,
-            daily: self.keep_daily,
-            weekly: self.keep_weekly,
-            monthly: self.keep_monthly,
-            yearly: self.keep_yearly,
-        }
-    }
 }
 
 #[derive(Subcommand)]
@@ -424,13 +389,9 @@ fn worth_rediscovering(e: &anyhow::Error) -> bool {
         // ResourceExhausted: the account is over a server's per-account
         // limits even after the call's own retries (an upload stream, or
         // other agents of the account busy for long); the delay lets
-        // them finish.
-        Code::Unavailable
-        | Code::Unknown
-        | Code::Cancelled
-        | Code::DeadlineExceeded
-        | Code::Aborted
-        | Code::ResourceExhausted => true,
+        // them finish. A used-up quota is not passing: no retry.
+        Code::ResourceExhausted => !duplex_rpc::client::is_quota(status),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => true,
         Code::FailedPrecondition => [
             "duplex-primary",
             "duplex-master",

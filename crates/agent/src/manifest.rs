@@ -33,19 +33,26 @@ pub async fn fetch_chunks(
     .map_err(AgentError::rpc("fetching chunks"))?
     .into_inner();
     let mut expected = expected.into_iter();
-    Ok(stream.then(move |item| {
-        let want = expected.next();
-        let keys = keys.clone();
-        async move {
-            let chunk = item.map_err(AgentError::rpc("fetching chunks"))?;
-            let want =
-                want.ok_or_else(|| AgentError::Invalid("the server sent more chunks than asked".into()))?;
-            tokio::task::spawn_blocking(move || keys.open_chunk(&chunk, want))
-                .await
-                .map_err(|e| AgentError::Invalid(format!("decryption task failed: {e}")))?
-        }
-    }))
+    // Chunks are opened a few at a time, in order: the next ones decrypt
+    // while the caller writes this one, so a restore keeps both cores busy.
+    Ok(stream
+        .map(move |item| {
+            let want = expected.next();
+            let keys = keys.clone();
+            async move {
+                let chunk = item.map_err(AgentError::rpc("fetching chunks"))?;
+                let want =
+                    want.ok_or_else(|| AgentError::Invalid("the server sent more chunks than asked".into()))?;
+                tokio::task::spawn_blocking(move || keys.open_chunk(&chunk, want))
+                    .await
+                    .map_err(|e| AgentError::Invalid(format!("decryption task failed: {e}")))?
+            }
+        })
+        .buffered(OPEN_AHEAD))
 }
+
+/// Chunks of one stream opened at once.
+const OPEN_AHEAD: usize = 3;
 
 /// Fetches, opens and decodes a snapshot's manifest.
 pub async fn fetch_manifest(

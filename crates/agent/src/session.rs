@@ -71,7 +71,7 @@ where
         Duration::from_secs(2),
         Some(THROTTLED_FOR),
     ))
-    .when(|status| status.code() == Code::ResourceExhausted)
+    .when(|status| status.code() == Code::ResourceExhausted && !duplex_rpc::client::is_quota(status))
     .notify(|status, _| tracing::debug!(message = status.message(), "over the account's limit; waiting"))
     .await
 }

@@ -4,7 +4,8 @@ use anyhow::Context;
 use duplex_proto::v1::GetAccountStatusRequest;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::{
-    CreateAccountRequest, ListAccountsRequest, ListGroupsRequest, SetGroupEnabledRequest,
+    CreateAccountRequest, KeepPolicy, ListAccountsRequest, ListGroupsRequest, RotateTokenRequest,
+    SetGroupEnabledRequest, SetGroupPolicyRequest, SetQuotaRequest,
 };
 use duplex_rpc::exit::call_failed;
 use duplex_rpc::{out, outln};
@@ -73,18 +74,24 @@ where
     }
 }
 
+/// What `accounts create` sets besides the name.
+pub struct NewAccount {
+    pub group: Option<String>,
+    pub home: Option<String>,
+    pub quota: u64,
+}
+
 pub async fn create_account(
     client: &mut AccountAdminClient<crate::conn::Conn>,
     name: &str,
-    group: Option<String>,
-    home: Option<String>,
+    new: NewAccount,
     json: bool,
 ) -> anyhow::Result<()> {
     let request = CreateAccountRequest {
         name: name.to_owned(),
-        group: group.unwrap_or_default(),
-        home: home.unwrap_or_default(),
-        quota_bytes: 0,
+        group: new.group.unwrap_or_default(),
+        home: new.home.unwrap_or_default(),
+        quota_bytes: new.quota,
     };
     let response = while_fenced(|| {
         let mut client = client.clone();
@@ -106,6 +113,70 @@ pub async fn create_account(
             account.name,
             account.group,
             account.home
+        );
+        outln!("token (shown only once): {}", response.token);
+    }
+    Ok(())
+}
+
+pub async fn set_quota(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+    name: &str,
+    bytes: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let request = SetQuotaRequest {
+        name: name.to_owned(),
+        quota_bytes: bytes,
+    };
+    let account = while_fenced(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.set_quota(request).await }
+    })
+    .await
+    .map_err(call_failed(format!("setting the quota of account {name:?}")))?
+    .into_inner();
+    if json {
+        outln!(
+            "{}",
+            json!({"name": account.name, "quota_bytes": account.quota_bytes})
+        );
+    } else if account.quota_bytes == 0 {
+        outln!("account {} has no quota", account.name);
+    } else {
+        outln!(
+            "account {} has a quota of {} bytes",
+            account.name,
+            account.quota_bytes
+        );
+    }
+    Ok(())
+}
+
+pub async fn rotate_token(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+    name: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let request = RotateTokenRequest {
+        name: name.to_owned(),
+    };
+    let response = while_fenced(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.rotate_token(request).await }
+    })
+    .await
+    .map_err(call_failed(format!("rotating the token of account {name:?}")))?
+    .into_inner();
+    let account = response.account.context("server returned no account")?;
+    if json {
+        outln!("{}", json!({"name": account.name, "token": response.token}));
+    } else {
+        outln!(
+            "account {} has a new token; the old one no longer works",
+            account.name
         );
         outln!("token (shown only once): {}", response.token);
     }
@@ -148,17 +219,69 @@ pub async fn list_groups(
     if json {
         let list: Vec<_> = groups
             .iter()
-            .map(|g| json!({"name": g.name, "enabled": g.enabled, "accounts": g.accounts}))
+            .map(|g| json!({"name": g.name, "enabled": g.enabled, "accounts": g.accounts, "keep": keep_json(g.keep)}))
             .collect();
         outln!("{}", json!({ "groups": list }));
     } else {
-        let rows = groups
-            .iter()
-            .map(|g| vec![g.name.clone(), g.enabled.to_string(), g.accounts.to_string()]);
+        let rows = groups.iter().map(|g| {
+            vec![
+                g.name.clone(),
+                g.enabled.to_string(),
+                g.accounts.to_string(),
+                keep_words(g.keep),
+            ]
+        });
         out!(
             "{}",
-            duplex_rpc::table::render(&["name", "enabled", "accounts"], rows)
+            duplex_rpc::table::render(&["name", "enabled", "accounts", "keeps"], rows)
         );
+    }
+    Ok(())
+}
+
+/// A group's policy as JSON: null (keep everything) or its non-zero rules.
+fn keep_json(keep: Option<KeepPolicy>) -> serde_json::Value {
+    match keep {
+        None => serde_json::Value::Null,
+        Some(k) => duplex_types::retention::KeepPolicy::from(k)
+            .rules()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(rule, n)| ((*rule).to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>()
+            .into(),
+    }
+}
+
+fn keep_words(keep: Option<KeepPolicy>) -> String {
+    match keep.map(|k| duplex_types::retention::KeepPolicy::from(k).describe()) {
+        Some(words) if !words.is_empty() => words,
+        _ => "everything".to_owned(),
+    }
+}
+
+pub async fn set_group_policy(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+    name: &str,
+    keep: duplex_types::retention::KeepPolicy,
+    json: bool,
+) -> anyhow::Result<()> {
+    let request = SetGroupPolicyRequest {
+        name: name.to_owned(),
+        keep: Some(keep.into()),
+    };
+    let group = while_fenced(|| {
+        let mut client = client.clone();
+        let request = request.clone();
+        async move { client.set_group_policy(request).await }
+    })
+    .await
+    .map_err(call_failed(format!("setting the keep policy of group {name:?}")))?
+    .into_inner();
+    if json {
+        outln!("{}", json!({"name": group.name, "keep": keep_json(group.keep)}));
+    } else {
+        outln!("group {} keeps {}", group.name, keep_words(group.keep));
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ mod procs;
 mod reapply;
 mod servers;
 mod status;
+mod usage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -211,8 +212,24 @@ enum AccountsCommand {
         /// Home storage server name (default: the least loaded).
         #[arg(long)]
         home: Option<String>,
+        /// Most bytes of deduplicated stored data the account may hold (0: no quota).
+        #[arg(long, value_name = "BYTES", default_value_t = 0)]
+        quota: u64,
     },
     List,
+    /// Set an account's quota in bytes of deduplicated stored data (0: none);
+    /// storage servers enforce it from the account's next login.
+    Quota {
+        name: String,
+        bytes: u64,
+    },
+    /// Give an account a new token; the old one stops working at once.
+    RotateToken {
+        name: String,
+    },
+    /// Snapshots, stored bytes and last backup of every account, from its
+    /// home storage server; accounts with no backup in 2 days are marked.
+    Usage,
     /// Re-apply the entries of a divergence report (divergence-*.jsonl) on
     /// the master, each only if it still makes sense.
     Reapply {
@@ -286,8 +303,20 @@ enum ServersCommand {
 #[derive(Subcommand)]
 enum GroupsCommand {
     List,
-    Disable { name: String },
-    Enable { name: String },
+    Disable {
+        name: String,
+    },
+    Enable {
+        name: String,
+    },
+    /// Set which snapshots the group's accounts keep (restic's rules, in
+    /// UTC); the storage servers delete the rest after each backup. No
+    /// rule: keep every snapshot.
+    Policy {
+        name: String,
+        #[command(flatten)]
+        keep: duplex_rpc::cli::KeepArgs,
+    },
 }
 
 #[tokio::main]
@@ -454,10 +483,23 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Accounts { command } => {
             let endpoints = entry_points(&cli.endpoint, cli.coordinator.as_deref());
             match command {
-                AccountsCommand::Create { name, group, home } => {
+                AccountsCommand::Create {
+                    name,
+                    group,
+                    home,
+                    quota,
+                } => {
                     let mut client = admin::connect(&endpoints).await?;
-                    admin::create_account(&mut client, &name, group, home, json).await
+                    let new = admin::NewAccount { group, home, quota };
+                    admin::create_account(&mut client, &name, new, json).await
                 }
+                AccountsCommand::Quota { name, bytes } => {
+                    admin::set_quota(&mut admin::connect(&endpoints).await?, &name, bytes, json).await
+                }
+                AccountsCommand::RotateToken { name } => {
+                    admin::rotate_token(&mut admin::connect(&endpoints).await?, &name, json).await
+                }
+                AccountsCommand::Usage => usage::run(&mut admin::connect(&endpoints).await?, json).await,
                 AccountsCommand::List => {
                     admin::list_accounts(&mut admin::connect(&endpoints).await?, json).await
                 }
@@ -473,6 +515,9 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 GroupsCommand::List => admin::list_groups(&mut client, json).await,
                 GroupsCommand::Disable { name } => admin::set_group(&mut client, &name, false, json).await,
                 GroupsCommand::Enable { name } => admin::set_group(&mut client, &name, true, json).await,
+                GroupsCommand::Policy { name, keep } => {
+                    admin::set_group_policy(&mut client, &name, keep.policy(), json).await
+                }
             }
         }
     }

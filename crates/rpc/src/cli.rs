@@ -219,3 +219,39 @@ impl ServerArgs {
         Ok(dir)
     }
 }
+
+/// The keep rules of `duplex forget` and `duplexctl groups policy`.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct KeepArgs {
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// Keep the newest snapshot of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u32,
+}
+
+impl KeepArgs {
+    pub fn policy(&self) -> duplex_types::retention::KeepPolicy {
+        duplex_types::retention::KeepPolicy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+        }
+    }
+}

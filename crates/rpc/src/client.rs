@@ -71,6 +71,15 @@ fn tls_channel(endpoint: Endpoint, config: std::sync::Arc<rustls::ClientConfig>)
     })
 }
 
+/// Metadata on a RESOURCE_EXHAUSTED that is an account's quota, not a
+/// passing limit: waiting does not help, so nothing retries it.
+pub const QUOTA_METADATA_KEY: &str = "duplex-quota";
+
+/// Whether a refusal is an account's used-up quota.
+pub fn is_quota(status: &tonic::Status) -> bool {
+    status.metadata().get(QUOTA_METADATA_KEY).is_some()
+}
+
 /// Codes worth retrying: the call did not happen or may succeed elsewhere
 /// or later. Never `Internal`, `InvalidArgument`, `DataLoss` or auth
 /// failures, which would fail the same way again.

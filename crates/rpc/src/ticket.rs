@@ -136,6 +136,7 @@ mod tests {
             expires_at_unix: expires,
             home: "storage-a".into(),
             epoch: 1,
+            ..TicketClaims::default()
         }
     }
 

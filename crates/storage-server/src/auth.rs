@@ -26,6 +26,10 @@ pub enum Access {
 pub struct Caller {
     pub account: AccountId,
     pub name: String,
+    /// The account's quota in stored bytes, as the ticket carries it.
+    pub quota: Option<u64>,
+    /// Its group's keep policy, applied after each snapshot (empty: keep all).
+    pub keep: duplex_types::retention::KeepPolicy,
 }
 
 pub struct Auth {
@@ -158,6 +162,8 @@ fn authorize(claims: TicketClaims, access: Access) -> Result<Caller, Status> {
     Ok(Caller {
         account: AccountId(claims.account_id),
         name: claims.account_name,
+        quota: (claims.quota_bytes > 0).then_some(claims.quota_bytes),
+        keep: claims.keep.map(Into::into).unwrap_or_default(),
     })
 }
 

@@ -15,6 +15,14 @@ impl From<StoreError> for Status {
             StoreError::MissingChunks { .. } => Status::failed_precondition(e.to_string()),
             StoreError::NotFound(_) => Status::not_found(e.to_string()),
             StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
+            StoreError::QuotaExceeded { .. } => {
+                let mut status = Status::resource_exhausted(e.to_string());
+                status.metadata_mut().insert(
+                    duplex_rpc::client::QUOTA_METADATA_KEY,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                status
+            }
             StoreError::Fenced(_) => {
                 let mut status = Status::unavailable(e.to_string());
                 status.metadata_mut().insert(

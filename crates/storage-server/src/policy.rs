@@ -15,7 +15,9 @@ pub fn rule(path: &str) -> Rule {
     };
     match (service, method) {
         ("duplex.v1.StorageService", _) => Rule::Open,
-        ("duplex.v1.StorageAdmin", "GetStatus") => Rule::servers_or(ANY_SERVER, OperatorRole::Viewer),
+        ("duplex.v1.StorageAdmin", "GetStatus" | "ListUsage") => {
+            Rule::servers_or(ANY_SERVER, OperatorRole::Viewer)
+        }
         ("duplex.v1.StorageAdmin", "SetRole") => Rule::servers(COORDINATOR),
         ("duplex.v1.StorageAdmin", "VerifyAccounts") => Rule::servers_or(COORDINATOR, OperatorRole::Operator),
         // Only a mirror reads the feed and has mirrored data written.

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
-    AccountVerification, Chunk, CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse,
-    GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest,
-    ListSnapshotsResponse, MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo,
-    SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse,
-    VerifyRequest, VerifyResponse,
+    AccountUsage, AccountVerification, Chunk, CommitSnapshotRequest, DeleteSnapshotsRequest,
+    DeleteSnapshotsResponse, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
+    LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, ListUsageRequest, ListUsageResponse,
+    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
+    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
 };
 use duplex_types::{AccountId, ChunkId, Epoch, Seq, SnapshotId};
 use tokio::sync::RwLock;
@@ -167,11 +167,11 @@ impl StorageService for StorageApi {
         let mut stats = PutStats::default();
         while let Some(chunk) = stream.message().await? {
             check_chunk_shape(&chunk)?;
-            let (w, added) = blocking_add(&self.store, writer, account, chunk).await?;
+            let (w, added) = blocking_add(&self.store, writer, account, caller.quota, chunk).await?;
             writer = w;
             stats += added;
         }
-        let (writer, committed) = blocking_commit(&self.store, writer).await?;
+        let (writer, committed) = blocking_commit(&self.store, writer, account, caller.quota).await?;
         stats += committed;
         writer.discard_if_empty();
         Ok(Response::new(PutChunksResponse {
@@ -217,15 +217,20 @@ impl StorageService for StorageApi {
             summary: req.summary,
         };
         let (lease, name) = (self.lease.clone(), self.info.name.clone());
-        let info = blocking(&self.store, move |s| {
+        let (account, keep) = (caller.account, caller.keep);
+        let (info, expired) = blocking(&self.store, move |s| {
             // Checked again at the last moment: the blocking pool may have
             // kept this commit waiting while the lease ran out.
             lease
                 .check(&name)
                 .map_err(|status| StoreError::Fenced(status.message().to_owned()))?;
-            s.commit_snapshot(caller.account, new)
+            let info = s.commit_snapshot(account, new)?;
+            Ok((info, s.apply_keep_policy(account, &keep)?))
         })
         .await?;
+        if !expired.is_empty() {
+            tracing::info!(account = %caller.name, deleted = expired.len(), "group keep policy applied");
+        }
         // A commit that outlived the lease is not acknowledged: the role may
         // already be moving, and the client retries at the new primary.
         self.lease.check(&self.info.name)?;
@@ -310,13 +315,14 @@ pub async fn blocking_add(
     store: &Arc<Store>,
     mut writer: PackWriter,
     account: AccountId,
+    quota: Option<u64>,
     chunk: Chunk,
 ) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
         let result = writer.add(account, &chunk).and_then(|()| {
             if writer.pending_bytes() >= COMMIT_EVERY_BYTES {
-                store.commit_pack(&mut writer)
+                store.commit_pack(&mut writer, account, quota)
             } else {
                 Ok(PutStats::default())
             }
@@ -331,10 +337,12 @@ pub async fn blocking_add(
 async fn blocking_commit(
     store: &Arc<Store>,
     mut writer: PackWriter,
+    account: AccountId,
+    quota: Option<u64>,
 ) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
-        let result = store.commit_pack(&mut writer);
+        let result = store.commit_pack(&mut writer, account, quota);
         (writer, result)
     })
     .await
@@ -365,6 +373,23 @@ impl StorageAdmin for StorageApi {
         let epoch = Epoch::granted(req.epoch).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.apply_role(role, epoch, req.primary).await?;
         Ok(Response::new(self.status().await?))
+    }
+
+    async fn list_usage(
+        &self,
+        _request: Request<ListUsageRequest>,
+    ) -> Result<Response<ListUsageResponse>, Status> {
+        let (usage, counts) = blocking(&self.store, |s| Ok((s.usage()?, s.snapshot_counts()?))).await?;
+        let accounts = usage
+            .into_iter()
+            .map(|u| AccountUsage {
+                account_id: u.account.0,
+                snapshots: counts.get(&u.account.0).copied().unwrap_or(0),
+                stored_bytes: u.stored_bytes,
+                last_backup_unix_ms: u.last_backup_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(ListUsageResponse { accounts }))
     }
 
     async fn verify_accounts(

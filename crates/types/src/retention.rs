@@ -26,6 +26,28 @@ impl KeepPolicy {
     pub fn is_empty(&self) -> bool {
         *self == KeepPolicy::default()
     }
+
+    /// Each rule's name (as its flag says it) and count.
+    pub fn rules(&self) -> [(&'static str, u32); 6] {
+        [
+            ("last", self.last),
+            ("hourly", self.hourly),
+            ("daily", self.daily),
+            ("weekly", self.weekly),
+            ("monthly", self.monthly),
+            ("yearly", self.yearly),
+        ]
+    }
+
+    /// The rules that are set, in words: "last 7, daily 14" ("" for none).
+    pub fn describe(&self) -> String {
+        self.rules()
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(rule, n)| format!("{rule} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The period a rule groups snapshots by.

@@ -3,12 +3,12 @@
 //! reach the same state.
 
 use duplex_proto::v1::log_entry::Mutation;
-use duplex_proto::v1::{AccountRecord, LogEntry, MoveHomes, ServerInfo, StateSnapshot};
+use duplex_proto::v1::{AccountRecord, KeepPolicy, LogEntry, MoveHomes, ServerInfo, StateSnapshot};
 use duplex_types::{NameKind, ServerId, validate_name};
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
 
-use super::tables::{ACCOUNT_NAMES, ACCOUNTS, GROUPS, HOMES, KEYS, RETIRED, STORAGE, TOKENS};
+use super::tables::{ACCOUNT_NAMES, ACCOUNTS, GROUP_POLICIES, GROUPS, HOMES, KEYS, RETIRED, STORAGE, TOKENS};
 use crate::error::AccountError;
 
 /// Applies one log entry's effect. Used by the master when it writes and
@@ -50,6 +50,17 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
         Some(Mutation::SetGroup(g)) => {
             txn.open_table(GROUPS)?.insert(g.name.as_str(), g.enabled)?;
         }
+        Some(Mutation::SetGroupPolicy(p)) => {
+            let mut policies = txn.open_table(GROUP_POLICIES)?;
+            match p.keep.filter(|k| *k != KeepPolicy::default()) {
+                Some(keep) => {
+                    policies.insert(p.group.as_str(), keep.encode_to_vec().as_slice())?;
+                }
+                None => {
+                    policies.remove(p.group.as_str())?;
+                }
+            }
+        }
         Some(Mutation::PutStorageServer(p)) => {
             let server = p
                 .server
@@ -60,6 +71,28 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
             txn.open_table(RETIRED)?.remove(server.id.as_str())?;
         }
         Some(Mutation::MoveHomes(m)) => move_homes(txn, m)?,
+        Some(Mutation::SetQuota(q)) => {
+            let mut record = account(txn, q.id)?;
+            record.quota_bytes = q.quota_bytes;
+            txn.open_table(ACCOUNTS)?
+                .insert(q.id, record.encode_to_vec().as_slice())?;
+        }
+        Some(Mutation::SetAccountToken(t)) => {
+            let mut record = account(txn, t.id)?;
+            let new: [u8; 32] = t
+                .token_hash
+                .as_slice()
+                .try_into()
+                .map_err(|_| AccountError::Corrupt("token hash is not 32 bytes".into()))?;
+            let mut tokens = txn.open_table(TOKENS)?;
+            if let Ok(old) = <[u8; 32]>::try_from(record.token_hash.as_slice()) {
+                tokens.remove(old)?;
+            }
+            tokens.insert(new, t.id)?;
+            record.token_hash = t.token_hash.clone();
+            txn.open_table(ACCOUNTS)?
+                .insert(t.id, record.encode_to_vec().as_slice())?;
+        }
         Some(Mutation::PutAccountKey(p)) => super::keys::apply_put(txn, p)?,
         Some(Mutation::RemoveAccountKey(r)) => super::keys::apply_remove(txn, r)?,
         Some(Mutation::SetTicketKey(k)) => {
@@ -76,6 +109,19 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
     Ok(())
 }
 
+/// The account `id`, which an entry changing it must name.
+fn account(txn: &WriteTransaction, id: u64) -> Result<AccountRecord, AccountError> {
+    let bytes = txn
+        .open_table(ACCOUNTS)?
+        .get(id)?
+        .map(|v| v.value().to_vec())
+        .ok_or_else(|| {
+            AccountError::Corrupt(format!("log entry names account {id}, which does not exist"))
+        })?;
+    AccountRecord::decode(bytes.as_slice())
+        .map_err(|e| AccountError::Corrupt(format!("account {id} does not decode: {e}")))
+}
+
 /// The domain checks of one entry, as the master's handlers apply them to
 /// the request the entry came from. Key records are checked where they
 /// are applied (`keys::apply_put`).
@@ -83,6 +129,9 @@ fn check(entry: &LogEntry) -> Result<(), String> {
     match &entry.mutation {
         Some(Mutation::CreateAccount(c)) => check_account(&c.name, &c.group, &c.home_id, &c.token_hash)?,
         Some(Mutation::SetGroup(g)) => validate_name(NameKind::Group, &g.name).map_err(|e| e.to_string())?,
+        Some(Mutation::SetGroupPolicy(p)) => {
+            validate_name(NameKind::Group, &p.group).map_err(|e| e.to_string())?
+        }
         Some(Mutation::PutStorageServer(p)) => {
             let server = p.server.as_ref().ok_or("no server record")?;
             check_server(server)?;
@@ -95,6 +144,10 @@ fn check(entry: &LogEntry) -> Result<(), String> {
             }
         }
         Some(Mutation::SetTicketKey(k)) => check_ticket_secret(&k.secret)?,
+        Some(Mutation::SetAccountToken(t)) if t.token_hash.len() != 32 => {
+            return Err(format!("token hash is {} bytes, not 32", t.token_hash.len()));
+        }
+        Some(Mutation::SetQuota(_) | Mutation::SetAccountToken(_)) => {}
         Some(Mutation::PutAccountKey(_)) | Some(Mutation::RemoveAccountKey(_)) | None => {}
     }
     Ok(())

@@ -18,6 +18,7 @@ use crate::error::AccountError;
 
 mod apply;
 pub mod keys;
+mod lifecycle;
 pub mod log;
 pub mod meta;
 pub mod reapply;
@@ -29,7 +30,8 @@ mod tests;
 use apply::apply;
 pub use meta::RoleState;
 use tables::{
-    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
+    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUP_POLICIES, GROUPS, HOMES, KEYS, LOG, META, RETIRED,
+    STORAGE, TOKENS,
 };
 
 /// A validated request to create an account.
@@ -61,6 +63,7 @@ impl AccountStore {
             txn.open_table(ACCOUNT_NAMES)?;
             txn.open_table(TOKENS)?;
             txn.open_table(GROUPS)?;
+            txn.open_table(GROUP_POLICIES)?;
             txn.open_table(STORAGE)?;
             txn.open_table(KEYS)?;
             txn.open_table(EPOCHS)?;
@@ -373,6 +376,9 @@ impl AccountStore {
             h.update(b"G")
                 .update(k.value().as_bytes())
                 .update(&[u8::from(v.value())]);
+        }
+        for (k, v) in txn.open_table(GROUP_POLICIES)?.iter()?.flatten() {
+            h.update(b"P").update(k.value().as_bytes()).update(v.value());
         }
         for (k, v) in txn.open_table(STORAGE)?.iter()?.flatten() {
             h.update(b"S").update(k.value().as_bytes()).update(v.value());

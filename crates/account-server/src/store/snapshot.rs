@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 
 use duplex_proto::v1::{
-    AccountKeys, AccountRecord, EpochStart, KeyRecord, LogEntry, ServerInfo, SetGroup, StateSnapshot,
+    AccountKeys, AccountRecord, EpochStart, KeepPolicy, KeyRecord, LogEntry, ServerInfo, SetGroup,
+    SetGroupPolicy, StateSnapshot,
 };
 use duplex_types::Lsn;
 use prost::Message;
@@ -14,7 +15,8 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::meta::{self, BASE_LSN, BOOTSTRAPS, LOG_BYTES, SNAPSHOT_LSN};
 use super::tables::{
-    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUPS, HOMES, KEYS, LOG, META, RETIRED, STORAGE, TOKENS,
+    ACCOUNT_KEYS, ACCOUNT_NAMES, ACCOUNTS, EPOCHS, GROUP_POLICIES, GROUPS, HOMES, KEYS, LOG, META, RETIRED,
+    STORAGE, TOKENS,
 };
 use super::{AccountStore, decode};
 use crate::error::AccountError;
@@ -50,6 +52,13 @@ impl AccountStore {
             snapshot.groups.push(SetGroup {
                 name: k.value().to_owned(),
                 enabled: v.value(),
+            });
+        }
+        for item in txn.open_table(GROUP_POLICIES)?.iter()? {
+            let (k, v) = item?;
+            snapshot.group_policies.push(SetGroupPolicy {
+                group: k.value().to_owned(),
+                keep: Some(decode::<KeepPolicy>(v.value())?),
             });
         }
         for item in txn.open_table(STORAGE)?.iter()? {
@@ -103,6 +112,7 @@ impl AccountStore {
         txn.delete_table(ACCOUNT_NAMES)?;
         txn.delete_table(TOKENS)?;
         txn.delete_table(GROUPS)?;
+        txn.delete_table(GROUP_POLICIES)?;
         txn.delete_table(EPOCHS)?;
         txn.delete_table(HOMES)?;
         txn.delete_table(LOG)?;
@@ -129,6 +139,11 @@ impl AccountStore {
             let mut groups = txn.open_table(GROUPS)?;
             for g in &snapshot.groups {
                 groups.insert(g.name.as_str(), g.enabled)?;
+            }
+            let mut policies = txn.open_table(GROUP_POLICIES)?;
+            for p in &snapshot.group_policies {
+                let keep = p.keep.unwrap_or_default();
+                policies.insert(p.group.as_str(), keep.encode_to_vec().as_slice())?;
             }
             let mut storage = txn.open_table(STORAGE)?;
             for s in &snapshot.storage_servers {

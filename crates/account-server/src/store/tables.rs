@@ -13,6 +13,8 @@ pub const ACCOUNT_NAMES: TableDefinition<&str, u64> = TableDefinition::new("acco
 pub const TOKENS: TableDefinition<[u8; 32], u64> = TableDefinition::new("tokens");
 /// group name → enabled.
 pub const GROUPS: TableDefinition<&str, bool> = TableDefinition::new("groups");
+/// group name → encoded `KeepPolicy`, for groups that have one.
+pub const GROUP_POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("group_policies");
 /// storage server id → encoded `ServerInfo`.
 pub const STORAGE: TableDefinition<&str, &[u8]> = TableDefinition::new("storage_servers");
 /// storage server id → encoded `ServerInfo` of servers retired from

@@ -383,3 +383,50 @@ fn a_snapshot_round_trips_through_compression_and_garbage_is_refused() {
         Err(AccountError::Invalid(_))
     ));
 }
+
+#[test]
+fn quota_token_and_group_policy_changes_replicate_and_survive_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = with_account(&dir, "master.redb", "demo");
+    let old = *blake3::hash(b"demo").as_bytes();
+    let new = *blake3::hash(b"new token").as_bytes();
+    assert_eq!(master.set_quota(E, "demo", 5_000).unwrap().quota_bytes, 5_000);
+    master.rotate_token(E, "demo", new).unwrap();
+    assert!(
+        master.account_by_token(&old).is_err(),
+        "the old token still finds the account"
+    );
+    assert_eq!(master.account_by_token(&new).unwrap().name, "demo");
+    let keep = duplex_proto::v1::KeepPolicy {
+        daily: 7,
+        ..Default::default()
+    };
+    master.set_group_policy(E, "default", keep).unwrap();
+    assert!(matches!(
+        master.set_group_policy(E, "nope", keep),
+        Err(AccountError::NotFound(_))
+    ));
+    assert!(matches!(
+        master.set_quota(E, "nobody", 1),
+        Err(AccountError::NotFound(_))
+    ));
+
+    let slave = open(&dir, "slave.redb");
+    slave
+        .append_entries(&master.entries_after(duplex_types::Lsn(0), 1000).unwrap())
+        .unwrap();
+    let fresh = open(&dir, "fresh.redb");
+    fresh.install_snapshot(&master.state_snapshot().unwrap()).unwrap();
+    for other in [&slave, &fresh] {
+        assert_eq!(other.state_hash().unwrap(), master.state_hash().unwrap());
+        assert_eq!(other.account_by_token(&new).unwrap().quota_bytes, 5_000);
+        assert!(other.account_by_token(&old).is_err());
+        assert_eq!(other.group_policies().unwrap()["default"], keep);
+    }
+
+    // An all-zero policy removes the group's policy.
+    master
+        .set_group_policy(E, "default", duplex_proto::v1::KeepPolicy::default())
+        .unwrap();
+    assert!(master.group_policies().unwrap().is_empty());
+}

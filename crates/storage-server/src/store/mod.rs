@@ -115,18 +115,34 @@ impl Store {
         PackWriter::create(&self.packs_dir)
     }
 
-    /// Makes the chunks written to `writer` durable and visible. Chunks the
-    /// account already holds are skipped (their bytes stay unreferenced).
-    pub fn commit_pack(&self, writer: &mut PackWriter) -> Result<PutStats, StoreError> {
+    /// Makes the chunks `account` wrote to `writer` durable and visible.
+    /// Chunks the account already holds are skipped (their bytes stay
+    /// unreferenced). With a quota, a commit that would take the account's
+    /// stored bytes past it is refused and indexes nothing.
+    pub fn commit_pack(
+        &self,
+        writer: &mut PackWriter,
+        account: AccountId,
+        quota: Option<u64>,
+    ) -> Result<PutStats, StoreError> {
         let pending = writer.sync()?;
         if pending.is_empty() {
             return Ok(PutStats::default());
+        }
+        if let Some(other) = pending.iter().find(|p| p.account != account) {
+            return Err(StoreError::Invalid(format!(
+                "a pack of account {} holds a chunk of account {}",
+                account.0, other.account.0
+            )));
         }
         let origin = self.server_id.to_string();
         let mut stats = PutStats::default();
         self.write(|txn, seq| {
             stats = index_chunks(txn, seq, &pending, &origin)?;
-            Ok(())
+            match quota {
+                Some(quota) => usage::check_quota(txn, account, stats.stored_bytes, quota),
+                None => Ok(()),
+            }
         })?;
         Ok(stats)
     }

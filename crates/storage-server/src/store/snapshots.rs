@@ -8,6 +8,7 @@
 //! is mirrored like a backup and a replayed backlog cannot undo it.
 
 use duplex_proto::v1::{SnapshotDeleted, SnapshotInfo, change_record};
+use duplex_types::retention::{self, KeepPolicy};
 use duplex_types::sealed::{MAX_MANIFEST_CHUNKS, MAX_SUMMARY_BYTES};
 use duplex_types::{AccountId, ChunkId, Seq, SnapshotId};
 use prost::Message;
@@ -109,6 +110,33 @@ impl Store {
             Ok(())
         })?;
         Ok(deleted)
+    }
+
+    /// Deletes the account's snapshots that `keep` does not keep (its
+    /// group's policy, applied after each commit); an empty policy keeps
+    /// everything. Returns what it deleted.
+    pub fn apply_keep_policy(
+        &self,
+        account: AccountId,
+        keep: &KeepPolicy,
+    ) -> Result<Vec<SnapshotId>, StoreError> {
+        if keep.is_empty() {
+            return Ok(Vec::new());
+        }
+        let all: Vec<(String, i64)> = self
+            .list_snapshots(account)?
+            .into_iter()
+            .map(|s| (s.id, s.time_unix_ms))
+            .collect();
+        let (_, expired) = retention::apply(keep, &all);
+        let ids = expired
+            .iter()
+            .map(|id| SnapshotId::parse(id).map_err(|e| StoreError::Invalid(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        self.delete_snapshots(account, &ids)
     }
 
     pub fn list_snapshots(&self, account: AccountId) -> Result<Vec<SnapshotInfo>, StoreError> {

@@ -23,7 +23,7 @@ fn put(store: &Store, account: AccountId, chunks: &[Chunk]) -> Result<super::Put
     for c in chunks {
         w.add(account, c)?;
     }
-    store.commit_pack(&mut w)
+    store.commit_pack(&mut w, account, None)
 }
 
 #[test]

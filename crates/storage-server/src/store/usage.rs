@@ -33,6 +33,28 @@ pub(super) fn add_bytes(txn: &WriteTransaction, added: &BTreeMap<u64, u64>) -> R
     Ok(())
 }
 
+/// Refuses a commit that took `account` past `quota` (its usage row
+/// already counts the `adding` bytes of this commit).
+pub(super) fn check_quota(
+    txn: &WriteTransaction,
+    account: AccountId,
+    adding: u64,
+    quota: u64,
+) -> Result<(), StoreError> {
+    let (stored, _) = txn
+        .open_table(ACCOUNTS)?
+        .get(account.0)?
+        .map_or((0, 0), |v| v.value());
+    if stored <= quota {
+        return Ok(());
+    }
+    Err(StoreError::QuotaExceeded {
+        quota,
+        stored: stored - adding,
+        adding,
+    })
+}
+
 /// Records a snapshot's time if it is the account's newest.
 pub(super) fn note_snapshot(
     txn: &WriteTransaction,
@@ -85,5 +107,16 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// How many snapshots each account has here.
+    pub fn snapshot_counts(&self) -> Result<BTreeMap<u64, u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut counts = BTreeMap::new();
+        for entry in txn.open_table(SNAPSHOTS)?.iter()? {
+            let (k, _) = entry?;
+            *counts.entry(k.value().0).or_default() += 1;
+        }
+        Ok(counts)
     }
 }
