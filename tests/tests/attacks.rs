@@ -178,6 +178,7 @@ fn beyond_viewer(path: &str) -> bool {
         "/ListAccounts",
         "/ListGroups",
         "/ListStorageServers",
+        "/ListUsage",
         "/GetTopology",
         "/WatchTopology",
     ];
@@ -197,6 +198,9 @@ fn beyond_operator(path: &str) -> bool {
         "/SetGroupEnabled",
         "/Reapply",
         "/VerifyAccounts",
+        "/SetQuota",
+        "/RotateToken",
+        "/SetGroupPolicy",
     ];
     beyond_viewer(path) && !operator_may.iter().any(|m| path.ends_with(m))
 }
