@@ -216,25 +216,21 @@ impl AccountService for AccountApi {
         let purpose = Purpose::try_from(req.purpose)
             .map_err(|_| Status::invalid_argument(format!("unknown purpose {}", req.purpose)))?;
         let hash = hash_token(&req.token);
-        let (record, enabled, servers, keep) = blocking(self.store(), move |s| {
-            let record = s.account_by_token(&hash)?;
-            let enabled = s.group_enabled(&record.group)?;
-            let keep = s.group_policies()?.remove(&record.group);
-            Ok((record, enabled, servers_by_id(s)?, keep))
-        })
-        .await?;
+        let login = blocking(self.store(), move |s| s.login_view(&hash)).await?;
+        let (record, enabled, keep) = (login.account, login.enabled, login.keep);
         if purpose == Purpose::Backup && !enabled {
             return Err(Status::failed_precondition(format!(
                 "backups are disabled for group {:?} (account {:?})",
                 record.group, record.name
             )));
         }
-        let home = servers.get(&record.home_id).cloned().ok_or_else(|| {
+        let home = login.home.ok_or_else(|| {
             Status::failed_precondition(format!(
                 "account {:?} has home {} which is not a known storage server",
                 record.name, record.home_id
             ))
         })?;
+        let servers = HashMap::from([(home.id.clone(), home.clone())]);
         let now = now_unix();
         let expires = now + TICKET_TTL.as_secs() as i64;
         let ticket = self.signer().await?.sign(&TicketClaims {

@@ -299,6 +299,38 @@ impl AccountStore {
             .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))
     }
 
+    /// What a login needs, read in one transaction so it is one state: a
+    /// failover's move of homes committing between two reads once showed
+    /// an account homed on a server the second read had retired.
+    pub fn login_view(&self, token_hash: &[u8; 32]) -> Result<LoginView, AccountError> {
+        let txn = self.read()?;
+        let id = txn
+            .open_table(TOKENS)?
+            .get(token_hash)?
+            .map(|v| v.value())
+            .ok_or(AccountError::BadToken)?;
+        let account = account_in(&txn.open_table(ACCOUNTS)?, id)?
+            .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))?;
+        let enabled = txn
+            .open_table(GROUPS)?
+            .get(account.group.as_str())?
+            .is_none_or(|v| v.value());
+        let home = storage_servers(&txn.open_table(STORAGE)?)?
+            .into_iter()
+            .find(|s| s.id == account.home_id);
+        let keep = txn
+            .open_table(GROUP_POLICIES)?
+            .get(account.group.as_str())?
+            .map(|v| decode::<duplex_proto::v1::KeepPolicy>(v.value()))
+            .transpose()?;
+        Ok(LoginView {
+            account,
+            enabled,
+            home,
+            keep,
+        })
+    }
+
     pub fn accounts(&self) -> Result<Vec<AccountRecord>, AccountError> {
         let txn = self.read()?;
         let table = txn.open_table(ACCOUNTS)?;
@@ -398,6 +430,17 @@ impl AccountStore {
         }
         Ok(h.finalize().to_hex().to_string())
     }
+}
+
+/// An account as a login sees it, from one consistent state.
+pub struct LoginView {
+    pub account: AccountRecord,
+    /// Whether its group takes backups.
+    pub enabled: bool,
+    /// Its home storage server, if that is a registered one.
+    pub home: Option<ServerInfo>,
+    /// Its group's keep policy, if it has one.
+    pub keep: Option<duplex_proto::v1::KeepPolicy>,
 }
 
 /// Appends entries inside one write transaction.
