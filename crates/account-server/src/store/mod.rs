@@ -289,14 +289,7 @@ impl AccountStore {
     }
 
     pub fn account_by_token(&self, token_hash: &[u8; 32]) -> Result<AccountRecord, AccountError> {
-        let txn = self.read()?;
-        let id = txn
-            .open_table(TOKENS)?
-            .get(token_hash)?
-            .map(|v| v.value())
-            .ok_or(AccountError::BadToken)?;
-        account_in(&txn.open_table(ACCOUNTS)?, id)?
-            .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))
+        account_of_token(&self.read()?, token_hash)
     }
 
     /// What a login needs, read in one transaction so it is one state: a
@@ -304,13 +297,7 @@ impl AccountStore {
     /// an account homed on a server the second read had retired.
     pub fn login_view(&self, token_hash: &[u8; 32]) -> Result<LoginView, AccountError> {
         let txn = self.read()?;
-        let id = txn
-            .open_table(TOKENS)?
-            .get(token_hash)?
-            .map(|v| v.value())
-            .ok_or(AccountError::BadToken)?;
-        let account = account_in(&txn.open_table(ACCOUNTS)?, id)?
-            .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))?;
+        let account = account_of_token(&txn, token_hash)?;
         let enabled = txn
             .open_table(GROUPS)?
             .get(account.group.as_str())?
@@ -430,6 +417,19 @@ impl AccountStore {
         }
         Ok(h.finalize().to_hex().to_string())
     }
+}
+
+fn account_of_token(
+    txn: &redb::ReadTransaction,
+    token_hash: &[u8; 32],
+) -> Result<AccountRecord, AccountError> {
+    let id = txn
+        .open_table(TOKENS)?
+        .get(token_hash)?
+        .map(|v| v.value())
+        .ok_or(AccountError::BadToken)?;
+    account_in(&txn.open_table(ACCOUNTS)?, id)?
+        .ok_or_else(|| AccountError::Corrupt(format!("token points at missing account {id}")))
 }
 
 /// An account as a login sees it, from one consistent state.
