@@ -104,8 +104,10 @@ fn forgotten_snapshots_stay_gone_through_failover_and_failback_and_the_kept_ones
     sites.storage_a.signal(libc::SIGKILL);
     sites.account_a.signal(libc::SIGKILL);
     sites.wait_roles(&[("account-b", "master"), ("storage-b", "primary")]);
-    // Forgotten on site b while site a is down, by id prefix.
-    let gone = forget(&sites, &[&s[2][..10]]);
+    // Forgotten on site b while site a is down, by id prefix. Ids are uuid
+    // v7, so the first 12 digits are the millisecond: a prefix has to reach
+    // into the random part to name one of two backups taken together.
+    let gone = forget(&sites, &[&s[2][..20]]);
     assert_eq!(ids(&gone["removed"]), [s[2].clone()]);
     let during = sites.backup(&sites.token, &source_tree(&trees, 4));
 
