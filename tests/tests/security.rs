@@ -219,7 +219,7 @@ fn a_chunk_that_does_not_match_its_hash_is_refused_and_not_stored() {
 }
 
 #[test]
-fn a_commit_checks_presence_only_and_stays_bounded() {
+fn a_commit_checks_every_reference_and_stays_bounded() {
     let cluster = Cluster::start();
     let token = cluster.create_account("erin", None);
     runtime().block_on(async {
@@ -236,6 +236,8 @@ fn a_commit_checks_presence_only_and_stays_bounded() {
             .commit_snapshot(CommitSnapshotRequest {
                 manifest_chunks: vec![id.clone(); 100_000],
                 summary: vec![9; 100],
+                references_listed: true,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -253,16 +255,53 @@ fn a_commit_checks_presence_only_and_stays_bounded() {
             .commit_snapshot(CommitSnapshotRequest {
                 manifest_chunks: vec![id.clone(), absent.to_vec()],
                 summary: vec![],
+                references_listed: true,
+                ..Default::default()
             })
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
         assert!(err.message().contains(&absent.to_string()), "{err}");
+        // So is one whose reference blob lists a chunk it does not hold:
+        // the server reads the blob and checks every id in it.
+        let (blob_id, blob) = duplex_types::refs::encode(&[absent]).remove(0);
+        storage
+            .put_chunks(futures::stream::iter(vec![Chunk {
+                id: blob_id.to_vec(),
+                data_hash: payload_hash(&blob).to_vec(),
+                data: blob.into(),
+            }]))
+            .await
+            .unwrap();
+        let err = storage
+            .commit_snapshot(CommitSnapshotRequest {
+                manifest_chunks: vec![id.clone()],
+                reference_blobs: vec![blob_id.to_vec()],
+                references_listed: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains(&absent.to_string()), "{err}");
+        assert!(duplex_rpc::client::is_missing_chunks(&err), "{err:?}");
+        // An agent that lists no references could not have its chunks
+        // kept by garbage collection: refused, saying why.
+        let err = storage
+            .commit_snapshot(CommitSnapshotRequest {
+                manifest_chunks: vec![id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.message().contains("upgrade the agent"), "{err}");
         // An oversized summary is refused, naming the limit.
         let err = storage
             .commit_snapshot(CommitSnapshotRequest {
                 manifest_chunks: vec![id],
                 summary: vec![0; 2 * 1024 * 1024],
+                references_listed: true,
+                ..Default::default()
             })
             .await
             .unwrap_err();

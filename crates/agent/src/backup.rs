@@ -33,6 +33,11 @@ pub struct BackupReport {
     pub uploaded_bytes: u64,
 }
 
+/// Whole attempts when the commit finds chunks gone: garbage collection
+/// swept a chunk the server had answered present (past its grace period),
+/// and the next attempt uploads it again.
+const ATTEMPTS: usize = 3;
+
 pub async fn backup(
     session: &Session,
     keys: Arc<Keys>,
@@ -45,6 +50,46 @@ pub async fn backup(
             "nothing to back up: give at least one PATH".into(),
         ));
     }
+    let mut attempt = 1;
+    loop {
+        match backup_once(session, keys.clone(), roots, progress.clone(), warn.clone()).await {
+            Err(Attempt::ChunksGone(status)) if attempt < ATTEMPTS => {
+                warn(format!(
+                    "the server no longer holds chunks it had (collected as garbage meanwhile): {}; backing up again",
+                    status.message()
+                ));
+                progress.set_position(0);
+                attempt += 1;
+            }
+            Err(Attempt::ChunksGone(status)) => {
+                return Err(AgentError::rpc("committing the snapshot")(status));
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Ok(report) => return Ok(report),
+        }
+    }
+}
+
+/// How one attempt ended short of a snapshot.
+enum Attempt {
+    /// The commit named chunks the server no longer holds.
+    ChunksGone(tonic::Status),
+    Failed(AgentError),
+}
+
+impl From<AgentError> for Attempt {
+    fn from(e: AgentError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+async fn backup_once(
+    session: &Session,
+    keys: Arc<Keys>,
+    roots: &[PathBuf],
+    progress: ProgressBar,
+    warn: Arc<dyn Fn(String) + Send + Sync>,
+) -> Result<BackupReport, Attempt> {
     let scan_roots = roots.to_vec();
     let scan_warn = warn.clone();
     let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &*scan_warn))
@@ -92,7 +137,7 @@ pub async fn backup(
     let entries = match chunked {
         Ok(entries) => entries,
         // A closed upload stream means the upload failed: report why.
-        Err(e) => return Err(upload_error(upload, e).await),
+        Err(e) => return Err(upload_error(upload, e).await.into()),
     };
     let manifest_chunks = {
         let uploader = uploader.clone();
@@ -100,9 +145,14 @@ pub async fn backup(
             .await
             .map_err(|e| AgentError::Invalid(format!("manifest upload failed: {e}")))?
     };
-    let (manifest_chunks, files, bytes) = match manifest_chunks {
+    let Uploaded {
+        manifest_chunks,
+        reference_blobs,
+        files,
+        bytes,
+    } = match manifest_chunks {
         Ok(v) => v,
-        Err(e) => return Err(upload_error(upload, e).await),
+        Err(e) => return Err(upload_error(upload, e).await.into()),
     };
     let uploaded_bytes = uploader.uploaded_bytes.load(Ordering::Relaxed);
     drop(uploader);
@@ -117,6 +167,8 @@ pub async fn backup(
     let request = CommitSnapshotRequest {
         manifest_chunks: manifest_chunks.iter().map(|c| c.to_vec()).collect(),
         summary,
+        reference_blobs: reference_blobs.iter().map(|c| c.to_vec()).collect(),
+        references_listed: true,
     };
     let info = throttled(|| {
         let mut storage = session.storage.clone();
@@ -124,7 +176,10 @@ pub async fn backup(
         async move { storage.commit_snapshot(request).await }
     })
     .await
-    .map_err(AgentError::rpc("committing the snapshot"))?
+    .map_err(|status| match duplex_rpc::client::is_missing_chunks(&status) {
+        true => Attempt::ChunksGone(status),
+        false => Attempt::Failed(AgentError::rpc("committing the snapshot")(status)),
+    })?
     .into_inner();
     progress.finish_and_clear();
     Ok(BackupReport {
@@ -220,12 +275,26 @@ fn chunk_file(
     Ok(entry)
 }
 
-/// Encodes the manifest, stores it as chunks like any file, and returns
-/// its chunk ids with the file count and total size.
-fn upload_manifest(
-    entries: Vec<FileEntry>,
-    uploader: &Uploader,
-) -> Result<(Vec<ChunkId>, u64, u64), AgentError> {
+/// What a snapshot's commit names.
+struct Uploaded {
+    manifest_chunks: Vec<ChunkId>,
+    reference_blobs: Vec<ChunkId>,
+    files: u64,
+    bytes: u64,
+}
+
+/// Stores the reference blobs listing every data chunk, then the encoded
+/// manifest as chunks like any file.
+fn upload_manifest(entries: Vec<FileEntry>, uploader: &Uploader) -> Result<Uploaded, AgentError> {
+    let data_chunks = entries
+        .iter()
+        .flat_map(|e| e.chunks.iter())
+        .map(|c| ChunkId::from_bytes(c).map_err(|e| AgentError::Invalid(format!("chunk id: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let blobs = duplex_types::refs::encode(&data_chunks);
+    drop(data_chunks);
+    let reference_blobs = blobs.iter().map(|b| b.0).collect();
+    uploader.send_references(blobs)?;
     let files = entries.iter().filter(|e| e.kind() == EntryKind::File).count() as u64;
     let bytes = entries
         .iter()
@@ -248,7 +317,12 @@ fn upload_manifest(
         },
     )?;
     uploader.flush(&mut batch)?;
-    Ok((ids, files, bytes))
+    Ok(Uploaded {
+        manifest_chunks: ids,
+        reference_blobs,
+        files,
+        bytes,
+    })
 }
 
 fn hostname() -> String {

@@ -70,8 +70,36 @@ impl Uploader {
         if fresh.is_empty() {
             return Ok(());
         }
+        let missing = self.missing(&fresh)?;
+        for (id, data) in fresh {
+            if missing.contains(id.as_bytes().as_slice()) {
+                self.send(self.keys.seal_chunk(id, &data)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends whichever reference blobs the server lacks, as they are: the
+    /// server reads them (see `duplex_types::refs`).
+    pub fn send_references(&self, blobs: Vec<(ChunkId, Vec<u8>)>) -> Result<(), AgentError> {
+        let missing = self.missing(&blobs)?;
+        for (id, data) in blobs {
+            if missing.contains(id.as_bytes().as_slice()) {
+                let data_hash = blake3::hash(&data).as_bytes().to_vec();
+                self.send(Chunk {
+                    id: id.to_vec(),
+                    data: data.into(),
+                    data_hash,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which of `chunks` the server lacks.
+    fn missing(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<HashSet<Vec<u8>>, AgentError> {
         let request = MissingChunksRequest {
-            ids: fresh.iter().map(|(id, _)| id.to_vec()).collect(),
+            ids: chunks.iter().map(|(id, _)| id.to_vec()).collect(),
         };
         let missing = self
             .handle
@@ -83,21 +111,18 @@ impl Uploader {
             .map_err(AgentError::rpc("asking which chunks the server lacks"))?
             .into_inner()
             .missing;
-        let missing: HashSet<&[u8]> = missing.iter().map(Vec::as_slice).collect();
-        for (id, data) in fresh {
-            if !missing.contains(id.as_bytes().as_slice()) {
-                continue;
-            }
-            let chunk = self.keys.seal_chunk(id, &data)?;
-            self.uploaded_bytes
-                .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-            let i = self.next_tx.fetch_add(1, Ordering::Relaxed) % self.txs.len().max(1);
-            let Some(tx) = self.txs.get(i) else {
-                return Err(AgentError::Invalid("no upload stream".into()));
-            };
-            if tx.blocking_send(chunk).is_err() {
-                return Err(AgentError::Invalid("upload stream closed".into()));
-            }
+        Ok(missing.into_iter().collect())
+    }
+
+    fn send(&self, chunk: Chunk) -> Result<(), AgentError> {
+        self.uploaded_bytes
+            .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+        let i = self.next_tx.fetch_add(1, Ordering::Relaxed) % self.txs.len().max(1);
+        let Some(tx) = self.txs.get(i) else {
+            return Err(AgentError::Invalid("no upload stream".into()));
+        };
+        if tx.blocking_send(chunk).is_err() {
+            return Err(AgentError::Invalid("upload stream closed".into()));
         }
         Ok(())
     }

@@ -138,6 +138,14 @@ enum Command {
     Watch,
     /// Check every snapshot on every storage server, chunk by chunk.
     Verify,
+    /// Run garbage collection on every storage server now (it also runs by
+    /// itself every --gc-interval): chunks no snapshot names are swept and
+    /// packs with dead space compacted, on each site from its own copy.
+    Prune {
+        /// Return when every server has finished, with what each reclaimed.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Run a whole cluster on this machine until Ctrl-C.
     Playground {
         /// Where the services keep their data and logs, and playground.json.
@@ -445,6 +453,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
             .await
             .map_err(at_coordinator),
         Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
+        Command::Prune { wait } => ops::prune(cli.coordinator.as_deref(), wait, json).await,
         Command::Servers { command } => match command {
             ServersCommand::Token {
                 name,

@@ -506,6 +506,89 @@ pub async fn watch(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> 
 
 /// Checks every snapshot on every reachable storage server: manifests and
 /// chunks present and hashing to their ids. Fails when anything is wrong.
+/// `duplexctl prune`: every healthy storage server collects garbage, at
+/// once (each from its own copy: a replica collects what the deletions
+/// mirrored to it let go). A server that is down collects on its own
+/// schedule once back.
+pub async fn prune(coordinator: Option<&str>, wait: bool, json: bool) -> anyhow::Result<()> {
+    use duplex_proto::v1::CollectGarbageRequest;
+    use duplex_proto::v1::storage_admin_client::StorageAdminClient;
+    let servers = healthy_storage(coordinator).await?;
+    let rounds = servers.iter().map(|server| async move {
+        let mut admin =
+            StorageAdminClient::new(crate::conn::conn(&duplex_rpc::discovery::client_addr(server))?);
+        let r = admin
+            .collect_garbage(CollectGarbageRequest { wait })
+            .await
+            .map_err(call_failed(format!("collecting garbage on {}", server.name)))?
+            .into_inner();
+        anyhow::Ok((server.name.clone(), r))
+    });
+    let mut reports = Vec::new();
+    for result in futures::future::join_all(rounds).await {
+        let (name, r) = result?;
+        let g = r.report.unwrap_or_default();
+        reports.push(serde_json::json!({
+            "name": name,
+            "started": r.started,
+            "finished": wait,
+            "live_chunks": g.live_chunks,
+            "swept_chunks": g.swept_chunks,
+            "swept_bytes": g.swept_bytes,
+            "packs_rewritten": g.packs_rewritten,
+            "packs_deleted": g.packs_deleted,
+            "reclaimed_bytes": g.reclaimed_bytes,
+            "sweep_deferred": g.sweep_deferred,
+            "duration_ms": g.duration_ms,
+        }));
+    }
+    if json {
+        outln!("{}", serde_json::json!({ "servers": reports }));
+        return Ok(());
+    }
+    for r in &reports {
+        let name = r["name"].as_str().unwrap_or("");
+        if !wait {
+            let what = if r["started"] == true {
+                "started"
+            } else {
+                "already running"
+            };
+            outln!("{name:<12} garbage collection {what}");
+        } else if r["sweep_deferred"] == true {
+            outln!(
+                "{name:<12} swept nothing (started less than a grace period ago); reclaimed {} bytes by compaction",
+                r["reclaimed_bytes"]
+            );
+        } else {
+            outln!(
+                "{name:<12} swept {} chunks ({} bytes), rewrote {} packs, reclaimed {} bytes on disk",
+                r["swept_chunks"],
+                r["swept_bytes"],
+                r["packs_rewritten"],
+                r["reclaimed_bytes"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The storage servers the coordinator sees healthy.
+async fn healthy_storage(coordinator: Option<&str>) -> anyhow::Result<Vec<duplex_proto::v1::ServerInfo>> {
+    use duplex_proto::v1::GetClusterStatusRequest;
+    let status = client(coordinator)?
+        .get_status(GetClusterStatusRequest {})
+        .await
+        .map_err(rpc_error("status"))?
+        .into_inner();
+    Ok(status
+        .servers
+        .into_iter()
+        .filter(|s| s.healthy)
+        .filter_map(|s| s.server.filter(|i| i.kind == "storage"))
+        .collect())
+}
+
 pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
     use duplex_proto::v1::storage_admin_client::StorageAdminClient;
     use duplex_proto::v1::{GetClusterStatusRequest, VerifyAccountsRequest};

@@ -62,6 +62,7 @@ pub async fn run(client: &mut AccountAdminClient<crate::conn::Conn>, json: bool)
                     "home": a.home,
                     "snapshots": known.then_some(u.snapshots),
                     "stored_bytes": known.then_some(u.stored_bytes),
+                    "reclaimed_bytes": known.then_some(u.reclaimed_bytes),
                     "last_backup": (u.last_backup_unix_ms > 0).then(|| rfc3339(u.last_backup_unix_ms)),
                     "quota_bytes": (a.quota_bytes > 0).then_some(a.quota_bytes),
                     "overdue": overdue,

@@ -80,6 +80,16 @@ pub fn is_quota(status: &tonic::Status) -> bool {
     status.metadata().get(QUOTA_METADATA_KEY).is_some()
 }
 
+/// Metadata on the FAILED_PRECONDITION of a snapshot commit that names
+/// chunks the server does not hold (never uploaded, or collected since a
+/// `MissingChunks` answered them present): uploading them again helps.
+pub const MISSING_METADATA_KEY: &str = "duplex-missing-chunks";
+
+/// Whether a refused commit lacked chunks.
+pub fn is_missing_chunks(status: &tonic::Status) -> bool {
+    status.code() == Code::FailedPrecondition && status.metadata().get(MISSING_METADATA_KEY).is_some()
+}
+
 /// Codes worth retrying: the call did not happen or may succeed elsewhere
 /// or later. Never `Internal`, `InvalidArgument`, `DataLoss` or auth
 /// failures, which would fail the same way again.

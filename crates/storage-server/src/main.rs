@@ -5,6 +5,7 @@ use std::num::NonZeroU32;
 use duplex_storage_server::limits::{self, Limits};
 use duplex_storage_server::mirroring::Mode;
 use duplex_storage_server::server::{Config, run};
+use duplex_storage_server::store::gc::GcSettings;
 use duplex_storage_server::store::mirror::Role;
 
 /// Duplex storage server: backup data as deduplicated, compressed chunks.
@@ -51,8 +52,41 @@ struct Cli {
     /// RESOURCE_EXHAUSTED, which agents retry. At least 1.
     #[arg(long, env = "DUPLEX_MAX_REQUESTS_PER_ACCOUNT", value_name = "PER_SECOND", value_parser = at_least_one, default_value_t = DEFAULT_RATE, global = true)]
     max_requests_per_account: NonZeroU32,
+    #[command(flatten)]
+    gc: GcArgs,
     #[command(subcommand)]
     command: Option<ServerCommand>,
+}
+
+/// Garbage collection (see docs/LIFECYCLE.md).
+#[derive(clap::Args)]
+struct GcArgs {
+    /// How often garbage collection runs by itself; 0s: only on demand
+    /// (`duplexctl prune`).
+    #[arg(long, env = "DUPLEX_GC_INTERVAL", value_parser = humantime::parse_duration, default_value = "1h", global = true)]
+    gc_interval: std::time::Duration,
+    /// Chunks written, or answered present to a backup, more recently than
+    /// this are never collected: longer than any backup takes.
+    #[arg(long, env = "DUPLEX_GC_GRACE", value_parser = humantime::parse_duration, default_value = "6h", global = true)]
+    gc_grace: std::time::Duration,
+    /// A pack whose dead fraction is above this (0 to 1) is rewritten.
+    #[arg(long, env = "DUPLEX_GC_MAX_UNUSED", value_parser = fraction, default_value = "0.1", global = true)]
+    gc_max_unused: f64,
+    /// How long a pack replaced by a compaction stays on disk for reads in flight.
+    #[arg(long, env = "DUPLEX_GC_RETIRE_DELAY", value_parser = humantime::parse_duration, default_value = "5m", global = true)]
+    gc_retire_delay: std::time::Duration,
+    /// Pack bytes a compaction copies per second at most (0: unlimited).
+    #[arg(long, env = "DUPLEX_GC_RATE", value_name = "BYTES_PER_S", default_value_t = 64 << 20, global = true)]
+    gc_rate: u64,
+}
+
+fn fraction(s: &str) -> Result<f64, String> {
+    let f: f64 = s.parse().map_err(|e| format!("{s:?} is not a number: {e}"))?;
+    if (0.0..=1.0).contains(&f) {
+        Ok(f)
+    } else {
+        Err(format!("{f} is not between 0 and 1"))
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -129,6 +163,13 @@ async fn main() -> anyhow::Result<()> {
             streams: cli.max_streams_per_account,
             rate: cli.max_requests_per_account,
         },
+        gc: GcSettings {
+            grace: cli.gc.gc_grace,
+            max_unused: cli.gc.gc_max_unused,
+            retire_delay: cli.gc.gc_retire_delay,
+            rate_bytes_per_s: cli.gc.gc_rate,
+        },
+        gc_interval: cli.gc.gc_interval,
     };
     run(config, bound, shutdown).await?;
     Ok(())

@@ -159,6 +159,9 @@ async fn copy_chunks(
     let request = ReadChunksRequest {
         account_id: account,
         ids: ids.iter().map(|id| id.to_vec()).collect(),
+        // A chunk the source has collected since its record was written is
+        // dead there; the destination's copy would be too.
+        skip_missing: true,
     };
     let mut stream = src.read_chunks(request).await.map_err(from_source)?.into_inner();
     while let Some(item) = stream.message().await.map_err(from_source)? {

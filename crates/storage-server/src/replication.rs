@@ -52,6 +52,7 @@ impl StorageReplication for StorageApi {
         let req = request.into_inner();
         let account = AccountId(req.account_id);
         let ids = chunk_ids(&req.ids)?;
+        let skip_missing = req.skip_missing;
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
@@ -62,6 +63,7 @@ impl StorageReplication for StorageApi {
                         chunk: Some(c.into_proto()),
                         origin: String::new(),
                     }),
+                    Ok(None) if skip_missing => continue,
                     Ok(None) => Err(Status::not_found(format!(
                         "chunk {id} of account {} not found",
                         account.0

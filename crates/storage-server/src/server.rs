@@ -20,9 +20,11 @@ use duplex_proto::v1::storage_replication_server::StorageReplicationServer;
 use duplex_types::{AccountId, Epoch};
 
 use crate::auth::Auth;
+use crate::collector::Collector;
 use crate::limits::{KeyFn, Limit, Limiter, Limits, PerKey};
 use crate::mirroring::{Mirroring, Mode};
 use crate::service::StorageApi;
+use crate::store::gc::GcSettings;
 use crate::store::mirror::{Role, RoleState};
 use crate::store::{Store, StoreError};
 
@@ -45,6 +47,9 @@ pub struct Config {
     pub secured: duplex_rpc::security::Secured,
     /// What one account may do at once on the data API.
     pub limits: Limits,
+    /// Garbage collection: how, and how often (zero: on demand only).
+    pub gc: GcSettings,
+    pub gc_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +108,12 @@ pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> R
         config.coordinator.is_some().then(|| config.name.clone()),
         config.account_servers,
     ));
+    let store = Arc::new(store);
+    let collector = Arc::new(Collector::new(store.clone(), config.gc.clone()));
+    tokio::spawn(collector.clone().background(config.gc_interval, shutdown.clone()));
     let api = Arc::new(StorageApi {
-        store: Arc::new(store),
+        collector,
+        store,
         auth: auth.clone(),
         info,
         role: tokio::sync::RwLock::new(role),
@@ -277,6 +286,20 @@ fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn 
                 &l,
                 s.accounts_behind.len() as f64,
             );
+            if let Ok((swept, reclaimed)) = crate::service::blocking(&api.store, Store::gc_totals).await {
+                e.counter(
+                    "duplex_gc_swept_bytes_total",
+                    "Chunk bytes garbage collection removed from the index.",
+                    &l,
+                    swept as f64,
+                );
+                e.counter(
+                    "duplex_gc_reclaimed_bytes_total",
+                    "Pack bytes garbage collection freed on disk.",
+                    &l,
+                    reclaimed as f64,
+                );
+            }
             if let Ok(usage) = crate::service::blocking(&api.store, Store::usage).await {
                 account_metrics(&mut e, &name, usage);
             }

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
-    AccountUsage, AccountVerification, Chunk, CommitSnapshotRequest, DeleteSnapshotsRequest,
-    DeleteSnapshotsResponse, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
-    LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, ListUsageRequest, ListUsageResponse,
-    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
-    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
+    AccountUsage, AccountVerification, Chunk, CollectGarbageRequest, CollectGarbageResponse,
+    CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse, GetChunksRequest,
+    GetSnapshotRequest, GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest,
+    ListSnapshotsResponse, ListUsageRequest, ListUsageResponse, MissingChunksRequest, MissingChunksResponse,
+    PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyAccountsRequest,
+    VerifyAccountsResponse, VerifyRequest, VerifyResponse,
 };
 use duplex_types::{AccountId, ChunkId, Epoch, Seq, SnapshotId};
 use tokio::sync::RwLock;
@@ -25,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Access, Auth};
+use crate::store::references::blob_ids;
 use crate::store::snapshots::{NewSnapshot, check_record};
 use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
 
@@ -48,6 +50,7 @@ pub struct StorageApi {
     pub registered: std::sync::atomic::AtomicBool,
     /// Channels to the sources this server pulls mirrored batches from.
     pub sources: crate::pull::Sources,
+    pub collector: Arc<crate::collector::Collector>,
 }
 
 /// Metadata key naming the primary on a replica's refusal.
@@ -147,7 +150,16 @@ impl StorageService for StorageApi {
     ) -> Result<Response<MissingChunksResponse>, Status> {
         let caller = self.auth.check(request.metadata(), Access::Read).await?;
         let ids = chunk_ids(&request.get_ref().ids)?;
-        let missing = blocking(&self.store, move |s| s.missing(caller.account, &ids)).await?;
+        let missing = blocking(&self.store, move |s| {
+            let missing = s.missing(caller.account, &ids)?;
+            // The caller will rely on the others: garbage collection
+            // spares them for its grace period.
+            let absent: std::collections::HashSet<&ChunkId> = missing.iter().collect();
+            let present: Vec<ChunkId> = ids.iter().filter(|id| !absent.contains(id)).copied().collect();
+            s.touch(caller.account, &present)?;
+            Ok(missing)
+        })
+        .await?;
         Ok(Response::new(MissingChunksResponse {
             missing: missing.into_iter().map(ChunkId::to_vec).collect(),
         }))
@@ -212,9 +224,16 @@ impl StorageService for StorageApi {
         let caller = self.auth.check(request.metadata(), Access::Write).await?;
         let req = request.into_inner();
         let manifest_chunks = check_record(&req.manifest_chunks, &req.summary).map_err(Status::from)?;
+        if !req.references_listed {
+            return Err(Status::failed_precondition(
+                "this agent does not list the chunks its snapshots reference, so garbage \
+                 collection could not keep them: upgrade the agent",
+            ));
+        }
         let new = NewSnapshot {
             manifest_chunks,
             summary: req.summary,
+            reference_blobs: blob_ids(&req.reference_blobs).map_err(Status::from)?,
         };
         let (lease, name) = (self.lease.clone(), self.info.name.clone());
         let (account, keep) = (caller.account, caller.keep);
@@ -379,7 +398,10 @@ impl StorageAdmin for StorageApi {
         &self,
         _request: Request<ListUsageRequest>,
     ) -> Result<Response<ListUsageResponse>, Status> {
-        let (usage, counts) = blocking(&self.store, |s| Ok((s.usage()?, s.snapshot_counts()?))).await?;
+        let (usage, counts, reclaimed) = blocking(&self.store, |s| {
+            Ok((s.usage()?, s.snapshot_counts()?, s.reclaimed_by_account()?))
+        })
+        .await?;
         let accounts = usage
             .into_iter()
             .map(|u| AccountUsage {
@@ -387,9 +409,27 @@ impl StorageAdmin for StorageApi {
                 snapshots: counts.get(&u.account.0).copied().unwrap_or(0),
                 stored_bytes: u.stored_bytes,
                 last_backup_unix_ms: u.last_backup_unix_ms,
+                reclaimed_bytes: reclaimed.get(&u.account.0).copied().unwrap_or(0),
             })
             .collect();
         Ok(Response::new(ListUsageResponse { accounts }))
+    }
+
+    async fn collect_garbage(
+        &self,
+        request: Request<CollectGarbageRequest>,
+    ) -> Result<Response<CollectGarbageResponse>, Status> {
+        if request.into_inner().wait {
+            let report = self.collector.run().await?;
+            return Ok(Response::new(CollectGarbageResponse {
+                started: true,
+                report: Some(crate::collector::to_proto(&report)),
+            }));
+        }
+        Ok(Response::new(CollectGarbageResponse {
+            started: self.collector.start(),
+            report: None,
+        }))
     }
 
     async fn verify_accounts(

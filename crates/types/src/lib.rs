@@ -5,6 +5,7 @@ mod cluster;
 mod ids;
 mod names;
 mod paths;
+pub mod refs;
 pub mod retention;
 pub mod sealed;
 

@@ -8,8 +8,10 @@ use crate::InvalidInput;
 
 /// Format byte of a payload sealed with XChaCha20-Poly1305 over zstd.
 pub const PAYLOAD_FORMAT_V1: u8 = 1;
+/// Format byte of a reference blob: plaintext chunk ids (see `refs`).
+pub const PAYLOAD_FORMAT_REFS: u8 = 2;
 /// Payload formats this build knows.
-pub const KNOWN_PAYLOAD_FORMATS: &[u8] = &[PAYLOAD_FORMAT_V1];
+pub const KNOWN_PAYLOAD_FORMATS: &[u8] = &[PAYLOAD_FORMAT_V1, PAYLOAD_FORMAT_REFS];
 /// Format byte + nonce + tag: the smallest payload there is.
 pub const PAYLOAD_OVERHEAD: usize = 1 + 24 + 16;
 /// Largest plaintext chunk the platform handles.
@@ -29,7 +31,9 @@ pub const MAX_KEYS_PER_ACCOUNT: usize = 32;
 /// Why a sealed payload is refused before anything is stored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PayloadError {
-    #[error("payload is {0} bytes, shorter than the {PAYLOAD_OVERHEAD}-byte seal")]
+    #[error(
+        "payload is {0} bytes, too short for its format (a sealed payload has a {PAYLOAD_OVERHEAD}-byte seal)"
+    )]
     TooShort(usize),
     #[error("payload is {0} bytes, over the {MAX_PAYLOAD}-byte limit")]
     TooLong(usize),
@@ -41,7 +45,12 @@ pub enum PayloadError {
 
 /// Checks what a server can check of a payload: its size and format byte.
 pub fn check_payload(data: &[u8]) -> Result<(), PayloadError> {
-    if data.len() < PAYLOAD_OVERHEAD {
+    // A reference blob is plaintext: a format byte and at least one id.
+    let smallest = match data.first() {
+        Some(&PAYLOAD_FORMAT_REFS) => 1 + 32,
+        _ => PAYLOAD_OVERHEAD,
+    };
+    if data.len() < smallest {
         return Err(PayloadError::TooShort(data.len()));
     }
     if data.len() > MAX_PAYLOAD {
@@ -121,6 +130,8 @@ mod tests {
         assert_eq!(check_payload(&[1; 10]), Err(PayloadError::TooShort(10)));
         assert_eq!(check_payload(&[9; 64]), Err(PayloadError::UnknownFormat(9)));
         assert_eq!(check_payload(&[1; 64]), Ok(()));
+        assert_eq!(check_payload(&[2; 33]), Ok(()));
+        assert_eq!(check_payload(&[2; 20]), Err(PayloadError::TooShort(20)));
     }
 
     #[test]

@@ -23,6 +23,9 @@ pub enum StoreError {
         bytes(*quota), bytes(*stored), bytes(*adding)
     )]
     QuotaExceeded { quota: u64, stored: u64, adding: u64 },
+    /// A bug, not the input's fault.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The server lost its right to write before the write reached the disk.
     #[error("{0}")]
     Fenced(String),

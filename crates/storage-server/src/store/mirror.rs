@@ -215,6 +215,7 @@ fn apply_record(txn: &WriteTransaction, seq: &mut Seq, rec: &ChangeRecord) -> Re
     let id = SnapshotId::parse(&info.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
     // The same checks an agent's commit passes.
     super::snapshots::check_record(&info.manifest_chunks, &info.summary)?;
+    super::references::blob_ids(&info.reference_blobs)?;
     let key = (account.0, *id.as_bytes());
     if tombstoned(txn, account.0, id)? || txn.open_table(SNAPSHOTS)?.get(key)?.is_some() {
         return Ok(false);
@@ -234,7 +235,7 @@ fn apply_record(txn: &WriteTransaction, seq: &mut Seq, rec: &ChangeRecord) -> Re
     Ok(true)
 }
 
-fn decode_record(bytes: &[u8]) -> Result<ChangeRecord, StoreError> {
+pub(super) fn decode_record(bytes: &[u8]) -> Result<ChangeRecord, StoreError> {
     ChangeRecord::decode(bytes)
         .map_err(|e| StoreError::Invalid(format!("stored feed record does not decode: {e}")))
 }

@@ -9,8 +9,10 @@
 
 mod codec;
 mod error;
+pub mod gc;
 pub mod mirror;
 mod packs;
+pub mod references;
 pub mod snapshots;
 mod tables;
 mod usage;
@@ -58,6 +60,15 @@ pub struct Store {
     seq: AtomicU64,
     /// Wakes change-feed streams when `seq` moves.
     feed_notify: tokio::sync::watch::Sender<u64>,
+    /// Packs being written, which garbage collection leaves alone.
+    active: packs::ActivePacks,
+    /// Chunks `MissingChunks` answered present, for the grace rule.
+    touched: std::sync::Mutex<gc::Touched>,
+    /// When this process opened the store (unix ms): the touched set
+    /// covers nothing before it.
+    opened_ms: i64,
+    /// Held by the garbage collection round running.
+    gc_round: std::sync::Mutex<()>,
 }
 
 impl Store {
@@ -77,13 +88,25 @@ impl Store {
         }
         let server_id = tables::init(&db)?;
         let seq = tables::last_seq(&db)?;
-        Ok(Store {
+        let store = Store {
             db,
             packs_dir,
             server_id,
             seq: AtomicU64::new(seq.0),
             feed_notify: tokio::sync::watch::Sender::new(seq.0),
-        })
+            active: Default::default(),
+            touched: Default::default(),
+            opened_ms: snapshots::now_ms(),
+            gc_round: Default::default(),
+        };
+        let removed = store.recover_packs()?;
+        if removed > 0 {
+            tracing::info!(
+                packs = removed,
+                "deleted packs left by an interrupted upload or compaction"
+            );
+        }
+        Ok(store)
     }
 
     pub fn server_id(&self) -> ServerId {
@@ -112,7 +135,7 @@ impl Store {
     }
 
     pub fn begin_pack(&self) -> Result<PackWriter, StoreError> {
-        PackWriter::create(&self.packs_dir)
+        PackWriter::create(&self.packs_dir, &self.active)
     }
 
     /// Makes the chunks `account` wrote to `writer` durable and visible.
@@ -276,5 +299,7 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(StoreError::io(format!("fsync of directory {}", dir.display())))
 }
 
+#[cfg(test)]
+mod gc_tests;
 #[cfg(test)]
 mod tests;

@@ -2,10 +2,12 @@
 //! that points into them commits. One writer per upload stream, so packs
 //! never need locking.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use duplex_proto::v1::Chunk;
 use duplex_types::{AccountId, ChunkId};
@@ -39,8 +41,13 @@ pub struct PendingChunk {
     pub loc: ChunkLoc,
 }
 
+/// Packs a writer still appends to: garbage collection leaves them alone,
+/// since their index entries are not all committed yet.
+pub type ActivePacks = Arc<Mutex<HashSet<u64>>>;
+
 pub struct PackWriter {
     pack: u64,
+    active: ActivePacks,
     path: PathBuf,
     dir: PathBuf,
     file: File,
@@ -55,14 +62,18 @@ pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
 }
 
 impl PackWriter {
-    pub fn create(dir: &Path) -> Result<PackWriter, StoreError> {
+    pub(super) fn create(dir: &Path, active: &ActivePacks) -> Result<PackWriter, StoreError> {
         loop {
             let pack: u64 = rand::random();
             let path = pack_path(dir, pack);
+            // Registered before the file exists, so a collector that lists
+            // the directory next cannot see it unregistered.
+            lock(active)?.insert(pack);
             match OpenOptions::new().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     return Ok(PackWriter {
                         pack,
+                        active: active.clone(),
                         path,
                         dir: dir.to_path_buf(),
                         file,
@@ -73,9 +84,21 @@ impl PackWriter {
                     });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(StoreError::io(format!("creating {}", path.display()))(e)),
+                Err(e) => {
+                    lock(active)?.remove(&pack);
+                    return Err(StoreError::io(format!("creating {}", path.display()))(e));
+                }
             }
         }
+    }
+
+    pub fn pack(&self) -> u64 {
+        self.pack
+    }
+
+    /// Bytes appended so far.
+    pub fn written(&self) -> u64 {
+        self.offset
     }
 
     /// Bytes appended since the last commit.
@@ -142,6 +165,19 @@ impl PackWriter {
             let _ = std::fs::remove_file(&self.path);
         }
     }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.active.lock() {
+            active.remove(&self.pack);
+        }
+    }
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StoreError> {
+    m.lock()
+        .map_err(|_| StoreError::Internal("a storage lock was poisoned by a panic".into()))
 }
 
 pub fn read(dir: &Path, loc: &ChunkLoc) -> std::io::Result<Vec<u8>> {

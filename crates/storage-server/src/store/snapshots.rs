@@ -14,7 +14,8 @@ use duplex_types::{AccountId, ChunkId, Seq, SnapshotId};
 use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
-use super::tables::{FEED, SNAPSHOTS, TOMBSTONES};
+use super::references;
+use super::tables::{CHUNKS, FEED, SNAPSHOTS, TOMBSTONES};
 use super::{Store, StoreError};
 
 /// What a client asks to commit.
@@ -23,6 +24,8 @@ pub struct NewSnapshot {
     pub manifest_chunks: Vec<ChunkId>,
     /// The encrypted summary, stored opaque.
     pub summary: Vec<u8>,
+    /// The blobs listing the data chunks the manifest names.
+    pub reference_blobs: Vec<ChunkId>,
 }
 
 /// The checks every snapshot record passes before it is stored, whether an
@@ -54,17 +57,12 @@ impl Store {
     pub fn commit_snapshot(&self, account: AccountId, new: NewSnapshot) -> Result<SnapshotInfo, StoreError> {
         let raw: Vec<Vec<u8>> = new.manifest_chunks.iter().map(|c| c.to_vec()).collect();
         check_record(&raw, &new.summary)?;
+        let blobs: Vec<Vec<u8>> = new.reference_blobs.iter().map(|c| c.to_vec()).collect();
+        references::blob_ids(&blobs)?;
         // Each distinct id is looked up once, however often it is named.
         let mut distinct = new.manifest_chunks.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let missing = self.missing(account, &distinct)?;
-        if let Some(first) = missing.first() {
-            return Err(StoreError::MissingChunks {
-                count: missing.len(),
-                first: *first,
-            });
-        }
         let id = SnapshotId::generate();
         let info = SnapshotInfo {
             id: id.to_string(),
@@ -72,10 +70,19 @@ impl Store {
             manifest_chunks: raw,
             origin: self.server_id().to_string(),
             summary: new.summary,
+            reference_blobs: blobs,
+            references_listed: true,
         };
         self.write(|txn, seq| {
-            // The chunks were checked above; they cannot vanish since chunks
-            // are never deleted while a write is in flight.
+            // In the committing transaction: a sweep cannot run between the
+            // check and the insert.
+            references::check_held(
+                &txn.open_table(CHUNKS)?,
+                &self.packs_dir,
+                account,
+                &distinct,
+                &new.reference_blobs,
+            )?;
             let mut snapshots = txn.open_table(SNAPSHOTS)?;
             snapshots.insert((account.0, *id.as_bytes()), info.encode_to_vec().as_slice())?;
             *seq = seq.next();

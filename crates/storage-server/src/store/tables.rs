@@ -87,6 +87,8 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         txn.open_table(FEED)?;
         txn.open_table(CHECKPOINTS)?;
         txn.open_table(TOMBSTONES)?;
+        txn.open_table(super::gc::RETIRED)?;
+        txn.open_table(super::gc::RECLAIMED)?;
         super::usage::backfill(&txn)?;
         let existing = meta.get("server_id")?.map(|v| v.value().to_vec());
         match existing {

@@ -7,7 +7,7 @@ use super::{Store, StoreError};
 
 /// A chunk whose payload has the sealed shape (the server cannot tell
 /// real ciphertext from any other bytes, and need not).
-fn chunk(name: &[u8]) -> Chunk {
+pub(super) fn chunk(name: &[u8]) -> Chunk {
     let mut data = vec![PAYLOAD_FORMAT_V1];
     data.extend_from_slice(&[7; 40]);
     data.extend_from_slice(name);
@@ -18,7 +18,11 @@ fn chunk(name: &[u8]) -> Chunk {
     }
 }
 
-fn put(store: &Store, account: AccountId, chunks: &[Chunk]) -> Result<super::PutStats, StoreError> {
+pub(super) fn put(
+    store: &Store,
+    account: AccountId,
+    chunks: &[Chunk],
+) -> Result<super::PutStats, StoreError> {
     let mut w = store.begin_pack()?;
     for c in chunks {
         w.add(account, c)?;
@@ -68,6 +72,7 @@ fn snapshot_commits_only_when_its_manifest_is_held() {
     let new = |ids: Vec<ChunkId>| NewSnapshot {
         manifest_chunks: ids,
         summary: vec![1, 2, 3],
+        reference_blobs: vec![],
     };
     assert!(matches!(
         store.commit_snapshot(a, new(vec![id])),
@@ -123,6 +128,7 @@ fn usage_counts_each_accounts_new_bytes_and_newest_snapshot() {
                 NewSnapshot {
                     manifest_chunks: vec![m],
                     summary: vec![],
+                    reference_blobs: vec![],
                 },
             )
             .expect("commit")
@@ -164,6 +170,7 @@ fn mirrored(store: &Store, account: AccountId, manifest: &Chunk) -> duplex_proto
             NewSnapshot {
                 manifest_chunks: vec![id],
                 summary: vec![1],
+                reference_blobs: vec![],
             },
         )
         .expect("commit");

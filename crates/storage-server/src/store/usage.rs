@@ -33,6 +33,17 @@ pub(super) fn add_bytes(txn: &WriteTransaction, added: &BTreeMap<u64, u64>) -> R
     Ok(())
 }
 
+/// Takes swept chunk bytes off an account's usage.
+pub(super) fn sub_bytes(txn: &WriteTransaction, account: AccountId, freed: u64) -> Result<(), StoreError> {
+    if freed == 0 {
+        return Ok(());
+    }
+    let mut table = txn.open_table(ACCOUNTS)?;
+    let (stored, last) = table.get(account.0)?.map_or((0, 0), |v| v.value());
+    table.insert(account.0, (stored.saturating_sub(freed), last))?;
+    Ok(())
+}
+
 /// Refuses a commit that took `account` past `quota` (its usage row
 /// already counts the `adding` bytes of this commit).
 pub(super) fn check_quota(
