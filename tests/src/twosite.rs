@@ -21,6 +21,8 @@ pub struct Options<'a> {
     pub proxy_storage_a: bool,
     /// `DUPLEX_FAILPOINT` for the coordinator.
     pub failpoint: Option<&'a str>,
+    /// Extra flags for both storage servers.
+    pub storage: &'a [&'a str],
 }
 
 impl Default for Options<'_> {
@@ -31,6 +33,7 @@ impl Default for Options<'_> {
             coordinator_bin: "duplex-coordinator",
             proxy_storage_a: false,
             failpoint: None,
+            storage: &[],
         }
     }
 }
@@ -146,14 +149,16 @@ impl TwoSites {
         );
         let accounts = format!("{},{}", account_a.addr, account_b.addr);
         let storage = |role: &str| {
-            strings(&[
+            let mut flags = strings(&[
                 "--account-servers",
                 &accounts,
                 "--role",
                 role,
                 "--mirroring",
                 "sync",
-            ])
+            ]);
+            flags.extend(strings(options.storage));
+            flags
         };
         let proxy = options.proxy_storage_a.then(|| Proxy::start(&c));
         let via_a = proxy.as_ref().map_or(c.clone(), |p| p.addr.clone());

@@ -116,8 +116,9 @@ impl Touched {
         }
     }
 
+    /// Answered after `cutoff`: with no grace period, nothing is recent.
     fn recent(&self, key: &ChunkKey, cutoff: i64) -> bool {
-        self.at.get(key).is_some_and(|&t| t >= cutoff)
+        self.at.get(key).is_some_and(|&t| t > cutoff)
     }
 }
 
@@ -148,13 +149,15 @@ impl Store {
         let mut report = GcReport::default();
         {
             let mut touched = lock(&self.touched)?;
-            touched.at.retain(|_, t| *t >= cutoff);
+            touched.at.retain(|_, t| *t > cutoff);
             report.sweep_deferred = self.opened_ms > cutoff || touched.overflow_at >= cutoff;
         }
         if !report.sweep_deferred {
             self.sweep(cutoff, &mut report, raced)?;
         }
         self.compact(settings, &mut report)?;
+        // Packs this round retired count from when they were retired.
+        let now = now.max(super::snapshots::now_ms());
         self.delete_retired(now - millis(settings.retire_delay), &mut report)?;
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let txn = self.db.begin_write()?;
@@ -559,7 +562,7 @@ fn catch_up(
     Ok(())
 }
 
-/// Chunk keys the feed recorded at or after `cutoff`, read back from its end.
+/// Chunk keys the feed recorded after `cutoff`, read back from its end.
 fn young_chunks(
     feed: &impl ReadableTable<u64, &'static [u8]>,
     cutoff: i64,
@@ -568,7 +571,7 @@ fn young_chunks(
     for entry in feed.iter()?.rev() {
         let (_, v) = entry?;
         let rec = super::mirror::decode_record(v.value())?;
-        if rec.time_unix_ms < cutoff {
+        if rec.time_unix_ms <= cutoff {
             break;
         }
         if let Some(change_record::Change::Chunk(c)) = rec.change

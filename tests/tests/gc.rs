@@ -1,0 +1,318 @@
+//! Garbage collection with the real binaries: forget and prune reclaim
+//! space on both sites while the kept snapshots restore bit for bit; a
+//! commit racing a collection never names a collected chunk; a server
+//! killed in the middle of a compaction recovers.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use duplex_proto::v1::storage_admin_client::StorageAdminClient;
+use duplex_proto::v1::storage_service_client::StorageServiceClient;
+use duplex_proto::v1::{
+    Chunk, CollectGarbageRequest, CommitSnapshotRequest, DeleteSnapshotsRequest, GcReport,
+    MissingChunksRequest, Purpose, VerifyRequest,
+};
+use duplex_tests::tree::{assert_same_tree, random_bytes};
+use duplex_tests::twosite::{Options, TwoSites};
+use duplex_tests::{Cluster, WithTicket, runtime, wait_for};
+use duplex_types::ChunkId;
+use duplex_types::sealed::payload_hash;
+
+const LONG: Duration = Duration::from_secs(60);
+/// Collect whatever is dead at once, and only when asked.
+const EAGER: &[&str] = &[
+    "--gc-grace",
+    "0s",
+    "--gc-retire-delay",
+    "0s",
+    "--gc-interval",
+    "0s",
+];
+
+/// Bytes of pack files under a storage server's data dir.
+fn pack_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+fn write_tree(root: &Path, files: &[(&str, u64, usize)]) -> PathBuf {
+    std::fs::create_dir_all(root).unwrap();
+    for (name, seed, len) in files {
+        std::fs::write(root.join(name), random_bytes(*seed, *len)).unwrap();
+    }
+    root.to_path_buf()
+}
+
+#[test]
+fn forget_and_prune_reclaim_space_on_both_sites_and_the_kept_snapshot_restores() {
+    let sites = TwoSites::start(Options {
+        storage: EAGER,
+        ..Options::default()
+    });
+    let root = sites.path("trees");
+    // Three generations of one directory: each rewrites "changing" and
+    // keeps "stable", so the kept snapshot shares packs with the forgotten.
+    let mut last = (String::new(), PathBuf::new());
+    for generation in 0..3u64 {
+        let tree = write_tree(
+            &root.join(format!("gen-{generation}")),
+            &[
+                ("stable", 1, 1_500_000),
+                ("changing", 100 + generation, 1_500_000),
+            ],
+        );
+        last = (sites.backup(&sites.token, &tree), tree);
+    }
+    let (kept, kept_tree) = last;
+    let live_bytes = 3_000_000.0;
+    let out = sites.duplex(&sites.token, &["forget", "--keep-last", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for storage in ["storage-a", "storage-b"] {
+        let dir = sites.path(storage);
+        let addr = if storage == "storage-a" {
+            sites.storage_a.addr.clone()
+        } else {
+            sites.storage_b.addr.clone()
+        };
+        wait_for(&format!("{storage} to hold one snapshot"), LONG, || {
+            let out = sites.duplex(&sites.token, &["--storage", &addr, "snapshots", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["snapshots"].as_array()?.len() == 1).then_some(())
+        });
+        assert!(
+            pack_bytes(&dir) as f64 > 1.8 * live_bytes,
+            "nothing to reclaim on {storage}"
+        );
+    }
+
+    let pruned = sites.ctl_json(&["prune", "--wait"]);
+    let servers = pruned["servers"].as_array().unwrap();
+    assert_eq!(servers.len(), 2, "{pruned}");
+    for server in servers {
+        assert!(server["swept_bytes"].as_u64().unwrap() > 2_000_000, "{pruned}");
+        assert!(
+            server["reclaimed_bytes"].as_u64().unwrap() > 2_000_000,
+            "{pruned}"
+        );
+    }
+    for storage in ["storage-a", "storage-b"] {
+        let on_disk = pack_bytes(&sites.path(storage)) as f64;
+        assert!(
+            on_disk <= 1.3 * live_bytes,
+            "{storage} keeps {on_disk} bytes for {live_bytes} live"
+        );
+    }
+    let usage = sites.ctl_json(&["accounts", "usage"]);
+    let demo = usage["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "demo")
+        .unwrap();
+    assert!(demo["reclaimed_bytes"].as_u64().unwrap() > 2_000_000, "{usage}");
+    let metrics = sites.scrape(&sites.storage_b.addr);
+    assert!(metrics.contains("duplex_gc_reclaimed_bytes_total"), "{metrics}");
+
+    let name = kept_tree.file_name().unwrap();
+    let target = sites.restore(&sites.token, &kept, "restored-a");
+    assert_same_tree(&kept_tree, &target.join(name));
+    // The replica collected from the deletions mirrored to it: it restores
+    // the kept snapshot too once it has taken over.
+    sites.storage_a.signal(libc::SIGKILL);
+    sites.wait_roles(&[("storage-b", "primary")]);
+    let target = sites.restore(&sites.token, &kept, "restored-b");
+    assert_same_tree(&kept_tree, &target.join(name));
+}
+
+type Storage = StorageServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithTicket>,
+>;
+
+async fn storage_client(cluster: &Cluster, token: &str) -> Storage {
+    let ticket = duplex_tests::login(&cluster.account.addr, token, Purpose::Backup)
+        .await
+        .ticket;
+    StorageServiceClient::with_interceptor(
+        duplex_rpc::channel(&cluster.storage.addr).unwrap(),
+        WithTicket::new(&ticket),
+    )
+}
+
+async fn collect(cluster: &Cluster) -> GcReport {
+    StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap())
+        .collect_garbage(CollectGarbageRequest { wait: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap()
+}
+
+/// A chunk with the sealed shape and made-up content.
+fn opaque(name: &[u8]) -> Chunk {
+    let mut data = vec![duplex_types::sealed::PAYLOAD_FORMAT_V1];
+    data.extend_from_slice(&[0; 40]);
+    data.extend_from_slice(name);
+    Chunk {
+        id: ChunkId::of(name).to_vec(),
+        data_hash: payload_hash(&data).to_vec(),
+        data: data.into(),
+    }
+}
+
+/// Everything a snapshot naming `data` needs: the chunk, its reference
+/// blob and a manifest chunk; and the commit naming them.
+fn snapshot_of(data: &[u8]) -> (Vec<Chunk>, CommitSnapshotRequest) {
+    let (blob_id, blob) = duplex_types::refs::encode(&[ChunkId::of(data)]).remove(0);
+    let blob_chunk = Chunk {
+        id: blob_id.to_vec(),
+        data_hash: payload_hash(&blob).to_vec(),
+        data: blob.into(),
+    };
+    let manifest = opaque(b"the manifest");
+    let commit = CommitSnapshotRequest {
+        manifest_chunks: vec![manifest.id.clone()],
+        reference_blobs: vec![blob_id.to_vec()],
+        references_listed: true,
+        ..Default::default()
+    };
+    (vec![opaque(data), blob_chunk, manifest], commit)
+}
+
+#[test]
+fn a_commit_after_a_collection_took_its_chunks_is_refused_and_succeeds_once_they_are_sent_again() {
+    let cluster = Cluster::start_with(EAGER);
+    let token = cluster.create_account("racer", None);
+    runtime().block_on(async {
+        let mut storage = storage_client(&cluster, &token).await;
+        let (chunks, commit) = snapshot_of(b"a chunk two snapshots share");
+        storage
+            .put_chunks(futures::stream::iter(chunks.clone()))
+            .await
+            .unwrap();
+        let first = storage
+            .commit_snapshot(commit.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        storage
+            .delete_snapshots(DeleteSnapshotsRequest { ids: vec![first.id] })
+            .await
+            .unwrap();
+        // The race, injected: a second backup is told every chunk is
+        // present (deduplicated against the forgotten snapshot), then a
+        // collection runs before it commits. With no grace period, the
+        // collection takes them.
+        let ids: Vec<Vec<u8>> = chunks.iter().map(|c| c.id.clone()).collect();
+        let missing = storage
+            .missing_chunks(MissingChunksRequest { ids: ids.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing;
+        assert!(missing.is_empty(), "the chunks were not deduplicated");
+        assert_eq!(collect(&cluster).await.swept_chunks, 3);
+        // The commit does not go through naming chunks that are gone...
+        let err = storage.commit_snapshot(commit.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(duplex_rpc::client::is_missing_chunks(&err), "{err:?}");
+        // ...and does once the backup has sent what the server now lacks.
+        let missing = storage
+            .missing_chunks(MissingChunksRequest { ids })
+            .await
+            .unwrap()
+            .into_inner()
+            .missing;
+        assert_eq!(missing.len(), 3);
+        storage.put_chunks(futures::stream::iter(chunks)).await.unwrap();
+        let second = storage.commit_snapshot(commit).await.unwrap().into_inner();
+        assert_eq!(collect(&cluster).await.swept_chunks, 0);
+        let verified = storage
+            .verify(VerifyRequest {
+                snapshot_id: second.id,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            verified.missing.is_empty() && verified.corrupt.is_empty(),
+            "{verified:?}"
+        );
+    });
+}
+
+#[test]
+fn a_storage_server_killed_mid_compaction_recovers_and_the_kept_backup_restores() {
+    // Compaction copies at 256 KiB/s, so it is still copying when killed.
+    let mut flags = EAGER.to_vec();
+    flags.extend(["--gc-rate", "262144"]);
+    let mut cluster = Cluster::start_with(&flags);
+    let token = cluster.create_account("crashy", None);
+    let dir = cluster.path("tree");
+    // One backup of two files, then one of the first alone: forgetting the
+    // first leaves its packs half dead, so they are rewritten.
+    write_tree(&dir, &[("kept", 1, 2_000_000), ("dropped", 2, 2_000_000)]);
+    let first = cluster.backup(&token, &dir)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_file(dir.join("dropped")).unwrap();
+    let second = cluster.backup(&token, &dir)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let forgot = cluster.duplex(&token, &["forget", &first]);
+    assert!(
+        forgot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forgot.stderr)
+    );
+
+    let data_dir = cluster.path("storage-a");
+    let packs_before: Vec<_> = std::fs::read_dir(data_dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let started = runtime().block_on(async {
+        StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap())
+            .collect_garbage(CollectGarbageRequest { wait: false })
+            .await
+            .unwrap()
+            .into_inner()
+            .started
+    });
+    assert!(started);
+    // The compaction's new pack appears when it starts copying.
+    wait_for("the compaction to start writing", LONG, || {
+        std::fs::read_dir(data_dir.join("packs"))
+            .unwrap()
+            .any(|e| !packs_before.contains(&e.unwrap().file_name()))
+            .then_some(())
+    });
+    cluster.storage.signal(libc::SIGKILL);
+    cluster.storage.restart();
+
+    let target = cluster.restore(&token, &second, "restored");
+    assert_same_tree(&dir, &target.join(dir.file_name().unwrap()));
+    // The rerun finishes the job: the dropped file's bytes are gone.
+    runtime().block_on(async {
+        let report = collect(&cluster).await;
+        assert!(report.reclaimed_bytes > 1_500_000, "{report:?}");
+    });
+    let on_disk = pack_bytes(&data_dir) as f64;
+    assert!(
+        on_disk <= 1.3 * 2_000_000.0,
+        "{on_disk} bytes on disk for 2 MB live"
+    );
+    let verify = cluster.duplex(&token, &["verify", &second]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
