@@ -199,6 +199,7 @@ fn beyond_operator(path: &str) -> bool {
         "/Reapply",
         "/VerifyAccounts",
         "/CollectGarbage",
+        "/DeleteAccount",
         "/SetQuota",
         "/RotateToken",
         "/SetGroupPolicy",

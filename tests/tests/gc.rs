@@ -117,6 +117,26 @@ fn forget_and_prune_reclaim_space_on_both_sites_and_the_kept_snapshot_restores()
     let metrics = sites.scrape(&sites.storage_b.addr);
     assert!(metrics.contains("duplex_gc_reclaimed_bytes_total"), "{metrics}");
 
+    // A deleted account's data goes on both sites: the deletion is a feed
+    // record, mirrored like a backup.
+    let leaving = sites.create_account("leaving", None, None);
+    let tree = write_tree(&root.join("leaving"), &[("data", 7, 1_000_000)]);
+    sites.backup(&leaving, &tree);
+    let deleted = sites.ctl_json(&["accounts", "delete", "leaving"]);
+    assert_eq!(deleted["snapshots_deleted"], 1, "{deleted}");
+    let mut swept_on_b = 0;
+    wait_for("storage-b to collect the deleted account's chunks", LONG, || {
+        let pruned = sites.ctl_json(&["prune", "--wait"]);
+        let b = pruned["servers"]
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == "storage-b")?;
+        swept_on_b += b["swept_bytes"].as_u64()?;
+        (swept_on_b > 1_000_000).then_some(())
+    });
+    let out = sites.duplex(&leaving, &["snapshots"]);
+    assert!(!out.status.success(), "the deleted account's token still works");
+
     let name = kept_tree.file_name().unwrap();
     let target = sites.restore(&sites.token, &kept, "restored-a");
     assert_same_tree(&kept_tree, &target.join(name));
@@ -315,4 +335,42 @@ fn a_storage_server_killed_mid_compaction_recovers_and_the_kept_backup_restores(
         "{}",
         String::from_utf8_lossy(&verify.stderr)
     );
+}
+
+#[test]
+fn a_deleted_accounts_tickets_are_refused_at_once_and_its_name_is_free_again() {
+    let cluster = Cluster::start_with(EAGER);
+    let token = cluster.create_account("leaving", None);
+    let tree = write_tree(&cluster.path("tree"), &[("data", 5, 1_000_000)]);
+    cluster.backup(&token, &tree);
+    let deleted = runtime().block_on(async {
+        // A ticket issued before the deletion.
+        let mut storage = storage_client(&cluster, &token).await;
+        let out = cluster.ctl(&["accounts", "delete", "leaving", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let deleted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(deleted["snapshots_deleted"], 1, "{deleted}");
+        let err = storage
+            .list_snapshots(duplex_proto::v1::ListSnapshotsRequest {})
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        assert!(err.message().contains("deleted"), "{err}");
+        // Its chunks go with the next collection.
+        let report = collect(&cluster).await;
+        assert!(report.swept_bytes > 1_000_000, "{report:?}");
+        deleted
+    });
+    let out = cluster.duplex(&token, &["snapshots"]);
+    assert!(!out.status.success(), "the deleted account's token still works");
+    // Deleting it again names the problem; the name can be given again,
+    // to a new account with a new id and nothing of the old one.
+    let out = cluster.ctl(&["accounts", "delete", "leaving"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    let again = cluster.create_account("leaving", None);
+    let listed = cluster.duplex_json(&again, &["snapshots"]);
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 0, "{listed}");
+    let out = cluster.ctl(&["accounts", "delete", "leaving", "--json"]);
+    let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(second["id"], deleted["id"], "an id was reused");
 }

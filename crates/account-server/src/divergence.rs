@@ -37,6 +37,7 @@ pub fn kind(entry: &LogEntry) -> &'static str {
         Some(Mutation::SetQuota(_)) => "set-quota",
         Some(Mutation::SetAccountToken(_)) => "rotate-token",
         Some(Mutation::SetGroupPolicy(_)) => "set-group-policy",
+        Some(Mutation::DeleteAccount(_)) => "delete-account",
         None => "empty",
     }
 }
@@ -69,6 +70,9 @@ pub fn never_reapplied(entry: &LogEntry) -> Option<&'static str> {
             "token rotations are never re-applied: the account's current token stays; rotate again \
              to give the account a new one",
         ),
+        Some(Mutation::DeleteAccount(_)) => {
+            Some("account deletions are never re-applied: a new account may have the name now; delete again")
+        }
         None => Some("the entry holds no mutation"),
     }
 }
@@ -121,6 +125,7 @@ pub fn summary(entry: &LogEntry, names: &ServerNames) -> String {
         Some(Mutation::SetGroupPolicy(p)) => {
             format!("set the keep policy of group {:?} to {:?}", p.group, p.keep)
         }
+        Some(Mutation::DeleteAccount(d)) => format!("delete account {}", d.id),
         Some(Mutation::MoveHomes(m)) => format!(
             "move the accounts homed on {} to {}{}{}",
             server(&m.from_id),

@@ -22,7 +22,7 @@ pub fn rule(path: &str) -> Rule {
         (
             "duplex.v1.AccountAdmin",
             "CreateAccount" | "CreateAccounts" | "SetGroupEnabled" | "Reapply" | "SetQuota" | "RotateToken"
-            | "SetGroupPolicy",
+            | "DeleteAccount" | "SetGroupPolicy",
         ) => Rule::servers_or(COORDINATOR, OperatorRole::Operator),
         // A storage server registers itself (the handler checks the name
         // against its certificate); the coordinator re-registers on failback.

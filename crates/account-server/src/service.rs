@@ -8,13 +8,14 @@ use duplex_proto::v1::account_admin_server::AccountAdmin;
 use duplex_proto::v1::account_service_server::AccountService;
 use duplex_proto::v1::{
     AccountRecord, AccountServerStatus, AccountView, CreateAccountRequest, CreateAccountResponse,
-    CreateAccountsRequest, CreateAccountsResponse, GetAccountStatusRequest, GetKeysRequest, GetKeysResponse,
-    GetTicketKeysRequest, GetTicketKeysResponse, GroupView, KeepPolicy, KeyRecord, ListAccountsRequest,
-    ListAccountsResponse, ListGroupsRequest, ListGroupsResponse, ListStorageServersRequest,
-    ListStorageServersResponse, LoginRequest, LoginResponse, MoveHomesRequest, MoveHomesResponse, Purpose,
-    PutKeyRequest, ReapplyRequest, ReapplyResponse, ReapplyResult, RegisterStorageServerRequest,
-    RegisterStorageServerResponse, RemoveKeyRequest, RotateTokenRequest, ServerInfo, SetGroupEnabledRequest,
-    SetGroupPolicyRequest, SetQuotaRequest, TicketClaims,
+    CreateAccountsRequest, CreateAccountsResponse, DeleteAccountRequest, DeleteAccountResponse,
+    GetAccountStatusRequest, GetKeysRequest, GetKeysResponse, GetTicketKeysRequest, GetTicketKeysResponse,
+    GroupView, KeepPolicy, KeyRecord, ListAccountsRequest, ListAccountsResponse, ListGroupsRequest,
+    ListGroupsResponse, ListStorageServersRequest, ListStorageServersResponse, LoginRequest, LoginResponse,
+    MoveHomesRequest, MoveHomesResponse, Purpose, PutKeyRequest, ReapplyRequest, ReapplyResponse,
+    ReapplyResult, RegisterStorageServerRequest, RegisterStorageServerResponse, RemoveKeyRequest,
+    RotateTokenRequest, ServerInfo, SetGroupEnabledRequest, SetGroupPolicyRequest, SetQuotaRequest,
+    TicketClaims,
 };
 use duplex_rpc::audit::Outbox;
 use duplex_rpc::auth::{Caller, Who, caller};
@@ -484,6 +485,22 @@ impl AccountAdmin for AccountApi {
         tracing::info!(account = %record.name, quota_bytes = record.quota_bytes, "quota set");
         self.audit(&caller, format!("gave account {} {quota}", record.name));
         Ok(Response::new(view(&record, &servers)))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<DeleteAccountRequest>,
+    ) -> Result<Response<DeleteAccountResponse>, Status> {
+        let caller = caller(&request);
+        let name = request.into_inner().name;
+        validate_name(NameKind::Account, &name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let record = self.write(move |s, epoch| s.delete_account(epoch, &name)).await?;
+        tracing::info!(account = %record.name, id = record.id, "account deleted");
+        self.audit(
+            &caller,
+            format!("deleted account {} (id {})", record.name, record.id),
+        );
+        Ok(Response::new(DeleteAccountResponse { id: record.id }))
     }
 
     async fn rotate_token(

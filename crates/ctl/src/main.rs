@@ -1,5 +1,6 @@
 mod admin;
 mod conn;
+mod lifecycle;
 mod mirror;
 mod ops;
 mod plan;
@@ -233,6 +234,11 @@ enum AccountsCommand {
     },
     /// Give an account a new token; the old one stops working at once.
     RotateToken {
+        name: String,
+    },
+    /// Delete an account: its snapshots on every site and its token, at
+    /// once; its chunks go with the next garbage collection.
+    Delete {
         name: String,
     },
     /// Snapshots, stored bytes and last backup of every account, from its
@@ -504,6 +510,10 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
                 }
                 AccountsCommand::Quota { name, bytes } => {
                     admin::set_quota(&mut admin::connect(&endpoints).await?, &name, bytes, json).await
+                }
+                AccountsCommand::Delete { name } => {
+                    crate::lifecycle::delete_account(&mut admin::connect(&endpoints).await?, &name, json)
+                        .await
                 }
                 AccountsCommand::RotateToken { name } => {
                     admin::rotate_token(&mut admin::connect(&endpoints).await?, &name, json).await

@@ -200,6 +200,11 @@ async fn start_all(
             role.into(),
             "--mirroring".into(),
             "sync".into(),
+            // A demo: `duplexctl prune` reclaims what `forget` let go a
+            // minute after the last backup, not six hours (the default,
+            // longer than any real backup takes).
+            "--gc-grace".into(),
+            "1m".into(),
         ];
         if !primary.is_empty() {
             flags.extend(["--primary".to_owned(), primary.to_owned()]);

@@ -91,7 +91,11 @@ fn sort_records(req: &mut PullBatchRequest) -> Result<Wanted, Status> {
                     .or_default()
                     .insert(id, rec.origin.clone());
             }
-            Some(change_record::Change::Snapshot(_) | change_record::Change::SnapshotDeleted(_)) => {
+            Some(
+                change_record::Change::Snapshot(_)
+                | change_record::Change::SnapshotDeleted(_)
+                | change_record::Change::AccountDeleted(_),
+            ) => {
                 wanted.snapshots.push(rec);
             }
             None => {

@@ -8,11 +8,11 @@ use duplex_proto::v1::storage_admin_server::StorageAdmin;
 use duplex_proto::v1::storage_service_server::StorageService;
 use duplex_proto::v1::{
     AccountUsage, AccountVerification, Chunk, CollectGarbageRequest, CollectGarbageResponse,
-    CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse, GetChunksRequest,
-    GetSnapshotRequest, GetStorageStatusRequest, Lag, LinkProgress, ListSnapshotsRequest,
-    ListSnapshotsResponse, ListUsageRequest, ListUsageResponse, MissingChunksRequest, MissingChunksResponse,
-    PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus, VerifyAccountsRequest,
-    VerifyAccountsResponse, VerifyRequest, VerifyResponse,
+    CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse, DeleteStoredAccountRequest,
+    DeleteStoredAccountResponse, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
+    LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, ListUsageRequest, ListUsageResponse,
+    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
+    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
 };
 use duplex_types::{AccountId, ChunkId, Epoch, Seq, SnapshotId};
 use tokio::sync::RwLock;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{Access, Auth};
+use crate::auth::{Access, Auth, Caller};
 use crate::store::references::blob_ids;
 use crate::store::snapshots::{NewSnapshot, check_record};
 use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
@@ -57,6 +57,24 @@ pub struct StorageApi {
 pub const PRIMARY_METADATA_KEY: &str = "duplex-primary";
 
 impl StorageApi {
+    /// The caller a ticket names, unless its account was deleted: a ticket
+    /// issued before is refused at once, not when it expires.
+    async fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        access: Access,
+    ) -> Result<Caller, Status> {
+        let caller = self.auth.check(metadata, access).await?;
+        let account = caller.account;
+        if blocking(&self.store, move |s| s.is_deleted(account)).await? {
+            return Err(Status::permission_denied(format!(
+                "account {} was deleted",
+                caller.name
+            )));
+        }
+        Ok(caller)
+    }
+
     /// Agent writes go to the primary only, and only while its lease holds.
     /// The guard keeps the role from changing under the write.
     async fn check_primary(&self) -> Result<tokio::sync::RwLockReadGuard<'_, RoleState>, Status> {
@@ -148,7 +166,7 @@ impl StorageService for StorageApi {
         &self,
         request: Request<MissingChunksRequest>,
     ) -> Result<Response<MissingChunksResponse>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let caller = self.authorize(request.metadata(), Access::Read).await?;
         let ids = chunk_ids(&request.get_ref().ids)?;
         let missing = blocking(&self.store, move |s| {
             let missing = s.missing(caller.account, &ids)?;
@@ -172,7 +190,7 @@ impl StorageService for StorageApi {
         // The role first: a replica or fenced primary names where to go,
         // which an agent follows; then whether the ticket is for this home.
         drop(self.check_primary().await?);
-        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let caller = self.authorize(request.metadata(), Access::Write).await?;
         let mut stream = request.into_inner();
         let account = caller.account;
         let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
@@ -196,7 +214,7 @@ impl StorageService for StorageApi {
     type GetChunksStream = ChunkStream;
 
     async fn get_chunks(&self, request: Request<GetChunksRequest>) -> Result<Response<ChunkStream>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let caller = self.authorize(request.metadata(), Access::Read).await?;
         let ids = chunk_ids(&request.get_ref().ids)?;
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
@@ -221,7 +239,7 @@ impl StorageService for StorageApi {
         request: Request<CommitSnapshotRequest>,
     ) -> Result<Response<SnapshotInfo>, Status> {
         let role = self.check_primary().await?;
-        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let caller = self.authorize(request.metadata(), Access::Write).await?;
         let req = request.into_inner();
         let manifest_chunks = check_record(&req.manifest_chunks, &req.summary).map_err(Status::from)?;
         if !req.references_listed {
@@ -265,7 +283,7 @@ impl StorageService for StorageApi {
         request: Request<DeleteSnapshotsRequest>,
     ) -> Result<Response<DeleteSnapshotsResponse>, Status> {
         let role = self.check_primary().await?;
-        let caller = self.auth.check(request.metadata(), Access::Write).await?;
+        let caller = self.authorize(request.metadata(), Access::Write).await?;
         let ids = snapshot_ids(&request.into_inner().ids)?;
         let (lease, name) = (self.lease.clone(), self.info.name.clone());
         let deleted = blocking(&self.store, move |s| {
@@ -289,7 +307,7 @@ impl StorageService for StorageApi {
         &self,
         request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let caller = self.authorize(request.metadata(), Access::Read).await?;
         let snapshots = blocking(&self.store, move |s| s.list_snapshots(caller.account)).await?;
         Ok(Response::new(ListSnapshotsResponse { snapshots }))
     }
@@ -298,14 +316,14 @@ impl StorageService for StorageApi {
         &self,
         request: Request<GetSnapshotRequest>,
     ) -> Result<Response<SnapshotInfo>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let caller = self.authorize(request.metadata(), Access::Read).await?;
         let query = request.into_inner().id;
         let info = blocking(&self.store, move |s| s.get_snapshot(caller.account, &query)).await?;
         Ok(Response::new(info))
     }
 
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        let caller = self.auth.check(request.metadata(), Access::Read).await?;
+        let caller = self.authorize(request.metadata(), Access::Read).await?;
         let req = request.into_inner();
         let ids = chunk_ids(&req.chunk_ids)?;
         let snapshot = req.snapshot_id;
@@ -413,6 +431,19 @@ impl StorageAdmin for StorageApi {
             })
             .collect();
         Ok(Response::new(ListUsageResponse { accounts }))
+    }
+
+    async fn delete_account(
+        &self,
+        request: Request<DeleteStoredAccountRequest>,
+    ) -> Result<Response<DeleteStoredAccountResponse>, Status> {
+        let account = AccountId(request.into_inner().account_id);
+        if account.0 == 0 {
+            return Err(Status::invalid_argument("account_id 0 names no account"));
+        }
+        let snapshots_deleted = blocking(&self.store, move |s| s.delete_account(account)).await?;
+        tracing::info!(account = account.0, snapshots_deleted, "account deleted");
+        Ok(Response::new(DeleteStoredAccountResponse { snapshots_deleted }))
     }
 
     async fn collect_garbage(

@@ -29,6 +29,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
                 home_id: c.home_id.clone(),
                 quota_bytes: c.quota_bytes,
                 previous_home_id: String::new(),
+                deleted: false,
             };
             let hash: [u8; 32] = c
                 .token_hash
@@ -93,6 +94,7 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
             txn.open_table(ACCOUNTS)?
                 .insert(t.id, record.encode_to_vec().as_slice())?;
         }
+        Some(Mutation::DeleteAccount(d)) => delete_account(txn, d.id)?,
         Some(Mutation::PutAccountKey(p)) => super::keys::apply_put(txn, p)?,
         Some(Mutation::RemoveAccountKey(r)) => super::keys::apply_remove(txn, r)?,
         Some(Mutation::SetTicketKey(k)) => {
@@ -106,6 +108,28 @@ pub fn apply(txn: &WriteTransaction, entry: &LogEntry) -> Result<(), AccountErro
             )));
         }
     }
+    Ok(())
+}
+
+/// Leaves a deleted record, so the id is never reused, and unlinks the
+/// name, the token, the keys and the home's count.
+fn delete_account(txn: &WriteTransaction, id: u64) -> Result<(), AccountError> {
+    let mut record = account(txn, id)?;
+    if record.deleted {
+        return Ok(());
+    }
+    if let Ok(hash) = <[u8; 32]>::try_from(record.token_hash.as_slice()) {
+        txn.open_table(TOKENS)?.remove(hash)?;
+    }
+    txn.open_table(ACCOUNT_NAMES)?.remove(record.name.as_str())?;
+    super::keys::remove_all(txn, id)?;
+    let mut homes = txn.open_table(HOMES)?;
+    let homed = homes.get(record.home_id.as_str())?.map_or(0, |v| v.value());
+    homes.insert(record.home_id.as_str(), homed.saturating_sub(1))?;
+    record.deleted = true;
+    record.token_hash = vec![0; 32];
+    txn.open_table(ACCOUNTS)?
+        .insert(id, record.encode_to_vec().as_slice())?;
     Ok(())
 }
 
@@ -147,7 +171,7 @@ fn check(entry: &LogEntry) -> Result<(), String> {
         Some(Mutation::SetAccountToken(t)) if t.token_hash.len() != 32 => {
             return Err(format!("token hash is {} bytes, not 32", t.token_hash.len()));
         }
-        Some(Mutation::SetQuota(_) | Mutation::SetAccountToken(_)) => {}
+        Some(Mutation::SetQuota(_) | Mutation::SetAccountToken(_) | Mutation::DeleteAccount(_)) => {}
         Some(Mutation::PutAccountKey(_)) | Some(Mutation::RemoveAccountKey(_)) | None => {}
     }
     Ok(())
@@ -219,7 +243,7 @@ fn check_server(server: &ServerInfo) -> Result<(), String> {
 /// Whether a move takes this account: homed on `from`, and when returning,
 /// previously homed on `to` (or on one of the ids the request named).
 pub fn moves(m: &MoveHomes, record: &AccountRecord) -> bool {
-    if record.home_id != m.from_id {
+    if record.home_id != m.from_id || record.deleted {
         return false;
     }
     if !m.returning {

@@ -65,6 +65,16 @@ pub fn apply_remove(txn: &WriteTransaction, r: &RemoveAccountKey) -> Result<(), 
     Ok(())
 }
 
+/// Removes every key of a deleted account.
+pub fn remove_all(txn: &WriteTransaction, account: u64) -> Result<(), AccountError> {
+    let mut table = txn.open_table(ACCOUNT_KEYS)?;
+    let ids: Vec<String> = keys_in(&table, account)?.into_iter().map(|k| k.id).collect();
+    for id in ids {
+        table.remove((account, id.as_str()))?;
+    }
+    Ok(())
+}
+
 impl AccountStore {
     pub fn keys_of(&self, account: u64) -> Result<Vec<KeyRecord>, AccountError> {
         let txn = self.read()?;

@@ -6,7 +6,7 @@
 use duplex_proto::v1::log_entry::Mutation;
 use std::collections::HashMap;
 
-use duplex_proto::v1::{AccountRecord, KeepPolicy, SetAccountToken, SetGroupPolicy, SetQuota};
+use duplex_proto::v1::{AccountRecord, DeleteAccount, KeepPolicy, SetAccountToken, SetGroupPolicy, SetQuota};
 use duplex_types::Epoch;
 use prost::Message;
 use redb::{ReadableTable, WriteTransaction};
@@ -39,6 +39,12 @@ impl AccountStore {
                 token_hash: token_hash.to_vec(),
             })
         })
+    }
+
+    /// Deletes an account: Login refuses its token from this commit on,
+    /// and its name may be given to a new account (under a new id).
+    pub fn delete_account(&self, epoch: Epoch, name: &str) -> Result<AccountRecord, AccountError> {
+        self.change_account(epoch, name, |id| Mutation::DeleteAccount(DeleteAccount { id }))
     }
 
     /// Sets (or with an all-zero policy, clears) the keep policy of a

@@ -12,7 +12,7 @@ use duplex_proto::v1::{
 };
 use duplex_types::{Epoch, Lsn, ServerId};
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 
 use crate::error::AccountError;
 
@@ -167,6 +167,7 @@ impl AccountStore {
                     home_id: c.home_id,
                     quota_bytes: c.quota_bytes,
                     previous_home_id: String::new(),
+                    deleted: false,
                 }),
                 _ => Err(AccountError::Corrupt(
                     "create_accounts wrote another mutation".into(),
@@ -324,14 +325,16 @@ impl AccountStore {
         let mut out = Vec::new();
         for entry in table.iter()? {
             let (_, v) = entry?;
-            out.push(decode::<AccountRecord>(v.value())?);
+            let record = decode::<AccountRecord>(v.value())?;
+            if !record.deleted {
+                out.push(record);
+            }
         }
         Ok(out)
     }
 
     pub fn account_count(&self) -> Result<u64, AccountError> {
-        let txn = self.read()?;
-        Ok(txn.open_table(ACCOUNTS)?.len()?)
+        Ok(self.accounts()?.len() as u64)
     }
 
     pub fn groups(&self) -> Result<Vec<(String, bool)>, AccountError> {

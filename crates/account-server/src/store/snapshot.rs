@@ -122,6 +122,11 @@ impl AccountStore {
             let mut tokens = txn.open_table(TOKENS)?;
             let mut homes: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
             for a in &snapshot.accounts {
+                if a.deleted {
+                    // Kept for its id only, as `apply` leaves it.
+                    accounts.insert(a.id, a.encode_to_vec().as_slice())?;
+                    continue;
+                }
                 *homes.entry(a.home_id.as_str()).or_default() += 1;
                 let hash: [u8; 32] = a
                     .token_hash

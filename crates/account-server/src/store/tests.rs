@@ -430,3 +430,39 @@ fn quota_token_and_group_policy_changes_replicate_and_survive_a_snapshot() {
         .unwrap();
     assert!(master.group_policies().unwrap().is_empty());
 }
+
+#[test]
+fn a_deleted_account_loses_its_name_token_and_keys_but_never_its_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let master = with_account(&dir, "master.redb", "leaving");
+    let token = *blake3::hash(b"leaving").as_bytes();
+    let first = master.account_by_token(&token).unwrap();
+    let gone = master.delete_account(E, "leaving").unwrap();
+    assert!(gone.deleted && gone.id == first.id);
+    assert!(master.account_by_token(&token).is_err(), "the token still works");
+    assert!(master.accounts().unwrap().is_empty());
+    assert!(matches!(
+        master.delete_account(E, "leaving"),
+        Err(AccountError::NotFound(_))
+    ));
+    // The name is free; the id is not.
+    let again = master
+        .create_account(E, new_account("leaving", "storage-a"))
+        .unwrap();
+    assert!(again.id > first.id, "id {} was given again", again.id);
+
+    let slave = open(&dir, "slave.redb");
+    slave
+        .append_entries(&master.entries_after(duplex_types::Lsn(0), 1000).unwrap())
+        .unwrap();
+    let fresh = open(&dir, "fresh.redb");
+    fresh.install_snapshot(&master.state_snapshot().unwrap()).unwrap();
+    for other in [&slave, &fresh] {
+        assert_eq!(other.state_hash().unwrap(), master.state_hash().unwrap());
+        assert_eq!(other.accounts().unwrap().len(), 1);
+        let next = other
+            .create_account(E, new_account("another", "storage-a"))
+            .unwrap();
+        assert!(next.id > again.id);
+    }
+}

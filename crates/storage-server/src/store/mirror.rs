@@ -13,7 +13,7 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use super::packs::PackWriter;
 use super::snapshots::{delete_one, tombstoned};
-use super::tables::{CHECKPOINTS, FEED, META, SNAPSHOTS};
+use super::tables::{CHECKPOINTS, DELETED_ACCOUNTS, FEED, META, SNAPSHOTS};
 use super::{PutStats, Store, StoreError, index_chunks, record};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,6 +210,10 @@ fn apply_record(txn: &WriteTransaction, seq: &mut Seq, rec: &ChangeRecord) -> Re
             delete_one(txn, seq, &rec.origin, account, id, true)?;
             return Ok(false);
         }
+        Some(change_record::Change::AccountDeleted(_)) => {
+            super::snapshots::delete_account_in(txn, seq, &rec.origin, account)?;
+            return Ok(false);
+        }
         _ => return Err(StoreError::Invalid("a snapshot item carries no snapshot".into())),
     };
     let id = SnapshotId::parse(&info.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -217,7 +221,8 @@ fn apply_record(txn: &WriteTransaction, seq: &mut Seq, rec: &ChangeRecord) -> Re
     super::snapshots::check_record(&info.manifest_chunks, &info.summary)?;
     super::references::blob_ids(&info.reference_blobs)?;
     let key = (account.0, *id.as_bytes());
-    if tombstoned(txn, account.0, id)? || txn.open_table(SNAPSHOTS)?.get(key)?.is_some() {
+    let account_gone = txn.open_table(DELETED_ACCOUNTS)?.get(account.0)?.is_some();
+    if account_gone || tombstoned(txn, account.0, id)? || txn.open_table(SNAPSHOTS)?.get(key)?.is_some() {
         return Ok(false);
     }
     txn.open_table(SNAPSHOTS)?

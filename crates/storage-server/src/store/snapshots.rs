@@ -7,7 +7,7 @@
 //! A deleted snapshot leaves a tombstone and a feed record, so the deletion
 //! is mirrored like a backup and a replayed backlog cannot undo it.
 
-use duplex_proto::v1::{SnapshotDeleted, SnapshotInfo, change_record};
+use duplex_proto::v1::{AccountDeleted, SnapshotDeleted, SnapshotInfo, change_record};
 use duplex_types::retention::{self, KeepPolicy};
 use duplex_types::sealed::{MAX_MANIFEST_CHUNKS, MAX_SUMMARY_BYTES};
 use duplex_types::{AccountId, ChunkId, Seq, SnapshotId};
@@ -15,7 +15,7 @@ use prost::Message;
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
 use super::references;
-use super::tables::{CHUNKS, FEED, SNAPSHOTS, TOMBSTONES};
+use super::tables::{CHUNKS, DELETED_ACCOUNTS, FEED, SNAPSHOTS, TOMBSTONES};
 use super::{Store, StoreError};
 
 /// What a client asks to commit.
@@ -181,6 +181,61 @@ impl Store {
             ))),
         }
     }
+}
+
+impl Store {
+    /// Deletes every snapshot of `account` and marks it deleted, with an
+    /// `AccountDeleted` feed record after the snapshots' own; returns how
+    /// many snapshots it deleted. Deleting it again deletes nothing.
+    pub fn delete_account(&self, account: AccountId) -> Result<u64, StoreError> {
+        let origin = self.server_id().to_string();
+        let mut deleted = 0;
+        self.write(|txn, seq| {
+            deleted = delete_account_in(txn, seq, &origin, account)?;
+            Ok(())
+        })?;
+        Ok(deleted)
+    }
+
+    /// Whether `account` was deleted here (or on a server mirroring here).
+    pub fn is_deleted(&self, account: AccountId) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(DELETED_ACCOUNTS)?.get(account.0)?.is_some())
+    }
+}
+
+/// Deletes an account's snapshots and marks it, numbering the deletion in
+/// the feed as a change from `origin`; nothing when it is marked already.
+pub(super) fn delete_account_in(
+    txn: &WriteTransaction,
+    seq: &mut Seq,
+    origin: &str,
+    account: AccountId,
+) -> Result<u64, StoreError> {
+    if txn.open_table(DELETED_ACCOUNTS)?.get(account.0)?.is_some() {
+        return Ok(0);
+    }
+    let ids: Vec<SnapshotId> = {
+        let snapshots = txn.open_table(SNAPSHOTS)?;
+        let mut ids = Vec::new();
+        for entry in snapshots.range((account.0, [0u8; 16])..=(account.0, [0xffu8; 16]))? {
+            ids.push(SnapshotId::from_bytes(entry?.0.value().1));
+        }
+        ids
+    };
+    let mut deleted = 0;
+    for id in ids {
+        if delete_one(txn, seq, origin, account, id, false)? == Deletion::Deleted {
+            deleted += 1;
+        }
+    }
+    txn.open_table(DELETED_ACCOUNTS)?.insert(account.0, now_ms())?;
+    *seq = seq.next();
+    let change = change_record::Change::AccountDeleted(AccountDeleted {});
+    let r = super::record(*seq, origin, account, change);
+    txn.open_table(FEED)?
+        .insert(seq.0, r.encode_to_vec().as_slice())?;
+    Ok(deleted)
 }
 
 /// What deleting one snapshot found.

@@ -19,6 +19,8 @@ pub const SNAPSHOTS: TableDefinition<(u64, [u8; 16]), &[u8]> = TableDefinition::
 /// mirrored record of a tombstoned snapshot is dropped, so a backlog
 /// replayed after failback cannot bring a deleted snapshot back.
 pub const TOMBSTONES: TableDefinition<(u64, [u8; 16]), i64> = TableDefinition::new("tombstones");
+/// account → when it was deleted (unix ms): its tickets are refused.
+pub const DELETED_ACCOUNTS: TableDefinition<u64, i64> = TableDefinition::new("deleted_accounts");
 /// source server id → last feed sequence of that source applied here.
 pub const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 /// seq → encoded `ChangeRecord`.
@@ -87,6 +89,7 @@ pub fn init(db: &Database) -> Result<ServerId, StoreError> {
         txn.open_table(FEED)?;
         txn.open_table(CHECKPOINTS)?;
         txn.open_table(TOMBSTONES)?;
+        txn.open_table(DELETED_ACCOUNTS)?;
         txn.open_table(super::gc::RETIRED)?;
         txn.open_table(super::gc::RECLAIMED)?;
         super::usage::backfill(&txn)?;
