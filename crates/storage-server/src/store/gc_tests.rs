@@ -247,3 +247,22 @@ fn a_crash_mid_upload_or_mid_compaction_leaves_only_indexed_packs() {
     assert!(store.verify(A, None).expect("verify").is_clean());
     assert!(held(&store, b"kept"));
 }
+
+#[test]
+fn verify_checks_every_chunk_a_snapshot_names_through_its_reference_blobs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let id = backup(&store, b"manifest", &[b"data"]).expect("backup");
+    assert!(store.verify(A, Some(&id.to_string())).expect("verify").is_clean());
+    // Lose the data chunk, which only the reference blob names.
+    let txn = store.db.begin_write().expect("txn");
+    txn.open_table(super::tables::CHUNKS)
+        .expect("chunks")
+        .remove((A.0, *ChunkId::of(b"data").as_bytes()))
+        .expect("remove");
+    txn.commit().expect("commit");
+    let report = store.verify(A, Some(&id.to_string())).expect("verify");
+    assert_eq!(report.missing, vec![ChunkId::of(b"data")]);
+    let (all, snapshots) = store.verify_snapshots(A).expect("verify all");
+    assert_eq!((all.missing.len(), snapshots), (1, 1));
+}

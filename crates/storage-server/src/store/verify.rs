@@ -28,7 +28,7 @@ impl Store {
     /// the account holds.
     pub fn verify(&self, account: AccountId, snapshot: Option<&str>) -> Result<VerifyReport, StoreError> {
         let ids = match snapshot {
-            Some(query) => manifest_ids(&self.get_snapshot(account, query)?)?,
+            Some(query) => self.referenced(account, &self.get_snapshot(account, query)?)?,
             None => self.account_chunks(account)?,
         };
         self.verify_ids(account, ids)
@@ -62,13 +62,14 @@ impl Store {
     }
 
     /// Checks an account for an operator: every chunk it holds must match
-    /// its hash, and every snapshot's manifest chunks must be present.
+    /// its hash, and every chunk a snapshot names (manifest, reference
+    /// blobs and the ids in them) must be present.
     /// Returns the report and how many snapshots were seen.
     pub fn verify_snapshots(&self, account: AccountId) -> Result<(VerifyReport, u64), StoreError> {
         let snapshots = self.list_snapshots(account)?;
         let mut ids = self.account_chunks(account)?;
         for info in &snapshots {
-            ids.extend(manifest_ids(info)?);
+            ids.extend(self.referenced(account, info)?);
         }
         Ok((self.verify_ids(account, ids)?, snapshots.len() as u64))
     }
@@ -100,9 +101,31 @@ impl Store {
     }
 }
 
-fn manifest_ids(info: &duplex_proto::v1::SnapshotInfo) -> Result<Vec<ChunkId>, StoreError> {
-    info.manifest_chunks
-        .iter()
-        .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
-        .collect()
+impl Store {
+    /// Every chunk a snapshot names: its manifest chunks, its reference
+    /// blobs and their ids (a snapshot from before reference blobs names
+    /// only its manifest). A blob that is missing or damaged is itself
+    /// reported by the check; the ids in it cannot be.
+    fn referenced(
+        &self,
+        account: AccountId,
+        info: &duplex_proto::v1::SnapshotInfo,
+    ) -> Result<Vec<ChunkId>, StoreError> {
+        let mut ids: Vec<ChunkId> = info
+            .manifest_chunks
+            .iter()
+            .map(|c| ChunkId::from_bytes(c).map_err(|e| StoreError::Invalid(e.to_string())))
+            .collect::<Result<_, _>>()?;
+        let txn = self.db.begin_read()?;
+        let chunks = txn.open_table(CHUNKS)?;
+        for blob in super::references::blob_ids(&info.reference_blobs)? {
+            ids.push(blob);
+            match super::references::read_blob(&chunks, &self.packs_dir, account, blob) {
+                Ok(Some(named)) => ids.extend(named),
+                Ok(None) | Err(StoreError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ids)
+    }
 }
