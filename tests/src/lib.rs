@@ -176,3 +176,17 @@ pub async fn login(
         .unwrap()
         .into_inner()
 }
+
+/// A chunk with the sealed shape but made-up content, as a test uploads
+/// it over the wire (the server cannot tell, and need not: only the agent
+/// can open a payload).
+pub fn opaque_chunk(name: &[u8]) -> duplex_proto::v1::Chunk {
+    let mut data = vec![duplex_types::sealed::PAYLOAD_FORMAT_V1];
+    data.extend_from_slice(&[0; 40]);
+    data.extend_from_slice(name);
+    duplex_proto::v1::Chunk {
+        id: duplex_types::ChunkId::of(name).to_vec(),
+        data_hash: duplex_types::sealed::payload_hash(&data).to_vec(),
+        data: data.into(),
+    }
+}

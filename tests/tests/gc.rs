@@ -16,7 +16,7 @@ use duplex_proto::v1::{
 };
 use duplex_tests::tree::{assert_same_tree, random_bytes};
 use duplex_tests::twosite::{Options, TwoSites};
-use duplex_tests::{Cluster, WithTicket, runtime, wait_for};
+use duplex_tests::{Cluster, WithTicket, opaque_chunk, runtime, wait_for};
 use duplex_types::ChunkId;
 use duplex_types::sealed::payload_hash;
 
@@ -172,18 +172,6 @@ async fn collect(cluster: &Cluster) -> GcReport {
         .unwrap()
 }
 
-/// A chunk with the sealed shape and made-up content.
-fn opaque(name: &[u8]) -> Chunk {
-    let mut data = vec![duplex_types::sealed::PAYLOAD_FORMAT_V1];
-    data.extend_from_slice(&[0; 40]);
-    data.extend_from_slice(name);
-    Chunk {
-        id: ChunkId::of(name).to_vec(),
-        data_hash: payload_hash(&data).to_vec(),
-        data: data.into(),
-    }
-}
-
 /// Everything a snapshot naming `data` needs: the chunk, its reference
 /// blob and a manifest chunk; and the commit naming them.
 fn snapshot_of(data: &[u8]) -> (Vec<Chunk>, CommitSnapshotRequest) {
@@ -193,14 +181,14 @@ fn snapshot_of(data: &[u8]) -> (Vec<Chunk>, CommitSnapshotRequest) {
         data_hash: payload_hash(&blob).to_vec(),
         data: blob.into(),
     };
-    let manifest = opaque(b"the manifest");
+    let manifest = opaque_chunk(b"the manifest");
     let commit = CommitSnapshotRequest {
         manifest_chunks: vec![manifest.id.clone()],
         reference_blobs: vec![blob_id.to_vec()],
         references_listed: true,
         ..Default::default()
     };
-    (vec![opaque(data), blob_chunk, manifest], commit)
+    (vec![opaque_chunk(data), blob_chunk, manifest], commit)
 }
 
 #[test]

@@ -16,7 +16,7 @@ use duplex_proto::v1::{
 };
 use duplex_tests::cluster::TEST_PASSPHRASE;
 use duplex_tests::tree::random_bytes;
-use duplex_tests::{Cluster, WithTicket, runtime};
+use duplex_tests::{Cluster, WithTicket, opaque_chunk, runtime};
 use duplex_types::ChunkId;
 use duplex_types::sealed::payload_hash;
 use prost::Message;
@@ -157,19 +157,6 @@ async fn login(
         WithTicket::new(&ticket),
     );
     (storage, ticket)
-}
-
-/// A chunk with the sealed shape but made-up content (the server cannot
-/// tell, and need not: only the agent can open a payload).
-fn opaque_chunk(name: &[u8]) -> Chunk {
-    let mut data = vec![1u8];
-    data.extend_from_slice(&[0; 40]);
-    data.extend_from_slice(name);
-    Chunk {
-        id: ChunkId::of(name).to_vec(),
-        data_hash: payload_hash(&data).to_vec(),
-        data: data.into(),
-    }
 }
 
 #[test]

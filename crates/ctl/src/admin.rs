@@ -183,6 +183,29 @@ pub async fn rotate_token(
     Ok(())
 }
 
+/// Every account and every storage server, as the master lists them:
+/// what joins an account to its home.
+pub async fn accounts_and_servers(
+    client: &mut AccountAdminClient<crate::conn::Conn>,
+) -> anyhow::Result<(
+    Vec<duplex_proto::v1::AccountView>,
+    Vec<duplex_proto::v1::ServerInfo>,
+)> {
+    let accounts = client
+        .list_accounts(ListAccountsRequest {})
+        .await
+        .map_err(call_failed("listing accounts"))?
+        .into_inner()
+        .accounts;
+    let servers = client
+        .list_storage_servers(duplex_proto::v1::ListStorageServersRequest {})
+        .await
+        .map_err(call_failed("listing storage servers"))?
+        .into_inner()
+        .servers;
+    Ok((accounts, servers))
+}
+
 pub async fn list_accounts(
     client: &mut AccountAdminClient<crate::conn::Conn>,
     json: bool,

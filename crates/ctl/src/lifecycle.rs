@@ -8,9 +8,7 @@
 use anyhow::Context;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
-use duplex_proto::v1::{
-    DeleteAccountRequest, DeleteStoredAccountRequest, ListAccountsRequest, ListStorageServersRequest,
-};
+use duplex_proto::v1::{DeleteAccountRequest, DeleteStoredAccountRequest};
 use duplex_rpc::exit::call_failed;
 use duplex_rpc::outln;
 use serde_json::json;
@@ -22,22 +20,11 @@ pub async fn delete_account(
     name: &str,
     json: bool,
 ) -> anyhow::Result<()> {
-    let accounts = client
-        .list_accounts(ListAccountsRequest {})
-        .await
-        .map_err(call_failed("listing accounts"))?
-        .into_inner()
-        .accounts;
+    let (accounts, servers) = crate::admin::accounts_and_servers(client).await?;
     let account = accounts
         .iter()
         .find(|a| a.name == name)
         .with_context(|| format!("account {name:?} not found"))?;
-    let servers = client
-        .list_storage_servers(ListStorageServersRequest {})
-        .await
-        .map_err(call_failed("listing storage servers"))?
-        .into_inner()
-        .servers;
     let home = servers
         .iter()
         .find(|s| s.id == account.home_id)

@@ -6,8 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use duplex_coordinator::events::rfc3339;
 use duplex_proto::v1::account_admin_client::AccountAdminClient;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
-use duplex_proto::v1::{AccountUsage, ListAccountsRequest, ListStorageServersRequest, ListUsageRequest};
-use duplex_rpc::exit::call_failed;
+use duplex_proto::v1::{AccountUsage, ListUsageRequest};
 use duplex_rpc::{out, outln};
 use serde_json::json;
 
@@ -15,18 +14,7 @@ use serde_json::json;
 const OVERDUE_AFTER_MS: i64 = 2 * 24 * 3600 * 1000;
 
 pub async fn run(client: &mut AccountAdminClient<crate::conn::Conn>, json: bool) -> anyhow::Result<()> {
-    let accounts = client
-        .list_accounts(ListAccountsRequest {})
-        .await
-        .map_err(call_failed("listing accounts"))?
-        .into_inner()
-        .accounts;
-    let servers = client
-        .list_storage_servers(ListStorageServersRequest {})
-        .await
-        .map_err(call_failed("listing storage servers"))?
-        .into_inner()
-        .servers;
+    let (accounts, servers) = crate::admin::accounts_and_servers(client).await?;
     let mut usage: HashMap<String, BTreeMap<u64, AccountUsage>> = HashMap::new();
     for server in servers
         .iter()

@@ -324,46 +324,59 @@ impl Store {
             }
         }
         self.retire(&empty, report)?;
+        if sparse.is_empty() {
+            return Ok(());
+        }
+        let mut entries = self.entries_in(&sparse)?;
         let mut pacer = Pacer::new(settings.rate_bytes_per_s);
         let mut group = Vec::new();
+        let mut group_entries = Vec::new();
         let mut group_live = 0;
         for (pack, size) in sparse {
             group_live += live_bytes.get(&pack).copied().unwrap_or(0);
             group.push((pack, size));
+            group_entries.extend(entries.remove(&pack).unwrap_or_default());
             if group_live >= MAX_COMPACTED_PACK {
-                self.rewrite(&std::mem::take(&mut group), &mut pacer, report)?;
+                let (packs, moving) = (std::mem::take(&mut group), std::mem::take(&mut group_entries));
+                self.rewrite(&packs, &moving, &mut pacer, report)?;
                 group_live = 0;
             }
         }
         if !group.is_empty() {
-            self.rewrite(&group, &mut pacer, report)?;
+            self.rewrite(&group, &group_entries, &mut pacer, report)?;
         }
         Ok(())
     }
 
-    /// Copies the live chunks of `packs` into one new pack, then re-points
-    /// the index and retires the old packs in one transaction.
+    /// The index entries pointing into `packs`, by pack, in one scan.
+    fn entries_in(
+        &self,
+        packs: &[(u64, u64)],
+    ) -> Result<HashMap<u64, Vec<(ChunkKey, ChunkLocTuple)>>, StoreError> {
+        let mut out: HashMap<u64, Vec<_>> = packs.iter().map(|p| (p.0, Vec::new())).collect();
+        let txn = self.db.begin_read()?;
+        for entry in txn.open_table(CHUNKS)?.iter()? {
+            let (k, v) = entry?;
+            if let Some(list) = out.get_mut(&v.value().0) {
+                list.push((k.value(), v.value()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies the live chunks of `packs` (their index `entries`) into one
+    /// new pack, then re-points the index and retires the old packs in one
+    /// transaction.
     fn rewrite(
         &self,
         packs: &[(u64, u64)],
+        entries: &[(ChunkKey, ChunkLocTuple)],
         pacer: &mut Pacer,
         report: &mut GcReport,
     ) -> Result<(), StoreError> {
-        let wanted: HashSet<u64> = packs.iter().map(|p| p.0).collect();
-        let entries: Vec<(ChunkKey, ChunkLocTuple)> = {
-            let txn = self.db.begin_read()?;
-            let mut out = Vec::new();
-            for entry in txn.open_table(CHUNKS)?.iter()? {
-                let (k, v) = entry?;
-                if wanted.contains(&v.value().0) {
-                    out.push((k.value(), v.value()));
-                }
-            }
-            out
-        };
         let mut writer = self.begin_pack()?;
         let mut keep = HashSet::new();
-        for (key, loc) in &entries {
+        for (key, loc) in entries {
             let id = ChunkId::from(key.1);
             let old = ChunkLoc::from_tuple(*loc);
             let data = packs::read(&self.packs_dir, &old).ok();
