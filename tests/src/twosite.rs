@@ -259,6 +259,19 @@ impl TwoSites {
         v["token"].as_str().unwrap().to_owned()
     }
 
+    /// The home storage server the account server names for `account`.
+    pub fn home_of(&self, account: &str) -> String {
+        let list = self.ctl_json(&["accounts", "list"]);
+        list["accounts"]
+            .as_array()
+            .expect("accounts array")
+            .iter()
+            .find(|a| a["name"] == account)
+            .and_then(|a| a["home"].as_str())
+            .unwrap_or_else(|| panic!("no account {account} in {list}"))
+            .to_owned()
+    }
+
     /// `duplex ARGS` through the coordinator, as the account with `token`.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
         Command::new(bin("duplex"))

@@ -198,6 +198,7 @@ fn beyond_operator(path: &str) -> bool {
         "/SetGroupEnabled",
         "/Reapply",
         "/VerifyAccounts",
+        "/RepairChunks",
         "/CollectGarbage",
         "/DeleteAccount",
         "/SetQuota",

@@ -140,18 +140,6 @@ fn wait_finished(sites: &TwoSites, kind: &str, n: usize) -> Value {
     })
 }
 
-fn home_of(sites: &TwoSites, account: &str) -> String {
-    let list = sites.ctl_json(&["accounts", "list"]);
-    list["accounts"]
-        .as_array()
-        .expect("accounts array")
-        .iter()
-        .find(|a| a["name"] == account)
-        .and_then(|a| a["home"].as_str())
-        .unwrap_or_else(|| panic!("no account {account} in {list}"))
-        .to_owned()
-}
-
 /// Snapshot ids listed by one storage server itself.
 fn listed_on(sites: &TwoSites, token: &str, addr: &str) -> String {
     let out = sites.duplex(token, &["--storage", addr, "snapshots", "--json"]);
@@ -252,7 +240,7 @@ fn losing_site_a_storage_first_is_one_failover_of_both_kinds_active_passive() {
         json!({"storage-a": "storage-b"}),
         "{status}"
     );
-    assert_eq!(home_of(&sites, "demo"), "storage-b");
+    assert_eq!(sites.home_of("demo"), "storage-b");
     assert_one_failover_moved_both(&sites);
     assert_all_restore(&sites, &acked, None, "ap");
 }
@@ -280,8 +268,8 @@ fn losing_site_a_account_first_is_one_failover_of_both_kinds_active_active() {
         json!({"storage-a": "storage-b"}),
         "{status}"
     );
-    assert_eq!(home_of(&sites, "alice"), "storage-b");
-    assert_eq!(home_of(&sites, "bob"), "storage-b");
+    assert_eq!(sites.home_of("alice"), "storage-b");
+    assert_eq!(sites.home_of("bob"), "storage-b");
     assert_one_failover_moved_both(&sites);
     acked.push(backup(&sites, &bob));
     assert_all_restore(&sites, &acked, None, "aa");
@@ -368,7 +356,7 @@ fn a_failover_of_one_kind_moves_only_that_kind() {
         json!({"storage-a": "storage-b"}),
         "{status}"
     );
-    assert_eq!(home_of(&sites, "demo"), "storage-b");
+    assert_eq!(sites.home_of("demo"), "storage-b");
     let failover = wait_finished(&sites, "failover", 1);
     assert_eq!(failover["state"], "done", "{failover}");
     assert_eq!(failover["automatic"], false, "{failover}");
@@ -570,7 +558,7 @@ fn a_lost_site_rebuilt_under_new_names_takes_its_roles_and_accounts_back() {
     ]);
     assert_eq!(status["moved_homes"], json!({}), "{status}");
     assert_eq!(status["held"], json!([]), "{status}");
-    assert_eq!(home_of(&sites, "demo"), "storage-a2");
+    assert_eq!(sites.home_of("demo"), "storage-a2");
     let failback = wait_finished(&sites, "failback", 1);
     assert_eq!(failback["state"], "done", "{failback}");
     acked.push(backup(&sites, &sites.token));

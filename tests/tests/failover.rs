@@ -390,22 +390,10 @@ fn active_active_loss_of_a_site_moves_its_accounts_with_their_data() {
     let bob_before = sites.backup(&bob, &source_tree(&trees, 1));
     sites.storage_a.signal(libc::SIGKILL);
     sites.wait_roles(&[("storage-a", "down"), ("storage-b", "primary")]);
-    let homes = wait_for("alice to move to storage-b", LONG, || {
-        let v = sites.ctl_json(&["accounts", "list"]);
-        let alice = v["accounts"]
-            .as_array()?
-            .iter()
-            .find(|a| a["name"] == "alice")?
-            .clone();
-        (alice["home"] == "storage-b").then_some(v)
+    wait_for("alice to move to storage-b", LONG, || {
+        (sites.home_of("alice") == "storage-b").then_some(())
     });
-    let bob_home = homes["accounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "bob")
-        .unwrap()["home"]
-        .clone();
+    let bob_home = sites.home_of("bob");
     assert_eq!(bob_home, "storage-b");
     let alice_after = sites.backup(&alice, &source_tree(&trees, 2));
     sites.backup(&bob, &source_tree(&trees, 3));

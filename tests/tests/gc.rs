@@ -362,3 +362,125 @@ fn a_deleted_accounts_tickets_are_refused_at_once_and_its_name_is_free_again() {
     let second: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_ne!(second["id"], deleted["id"], "an id was reused");
 }
+
+/// The snapshot ids `token`'s account lists on `storage`, once it answers.
+fn listed(sites: &TwoSites, token: &str, storage: &str) -> Option<Vec<String>> {
+    let out = sites.duplex(token, &["--storage", storage, "snapshots", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let mut ids: Vec<String> = v["snapshots"]
+        .as_array()?
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    Some(ids)
+}
+
+fn wait_listed(sites: &TwoSites, token: &str, storage: &str, want: &[&str]) {
+    let mut want: Vec<String> = want.iter().map(|s| (*s).to_owned()).collect();
+    want.sort();
+    wait_for(&format!("{storage} to list {want:?}"), LONG, || {
+        (listed(sites, token, storage)? == want).then_some(())
+    });
+}
+
+fn forget(sites: &TwoSites, token: &str, snapshot: &str) {
+    let out = sites.duplex(token, &["forget", snapshot]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_compaction_and_a_failback() {
+    // Compaction copies at 256 KiB/s, so site a is lost while it copies.
+    let mut flags = EAGER.to_vec();
+    flags.extend(["--gc-rate", "262144"]);
+    let mut sites = TwoSites::start(Options {
+        mode: "active-active",
+        storage: &flags,
+        ..Options::default()
+    });
+    let alice = sites.create_account("alice", None, Some("storage-a"));
+    let bob = sites.create_account("bob", None, Some("storage-b"));
+    let root = sites.path("trees");
+    // Each account backs up two files, then one of them, and forgets the
+    // first snapshot: its packs are left half dead, to be compacted.
+    let mut kept = Vec::new();
+    for (i, token) in [&alice, &bob].into_iter().enumerate() {
+        let seed = 10 * i as u64;
+        let dir = write_tree(
+            &root.join(format!("account-{i}")),
+            &[("kept", seed + 1, 1_500_000), ("dropped", seed + 2, 1_500_000)],
+        );
+        let first = sites.backup(token, &dir);
+        std::fs::remove_file(dir.join("dropped")).unwrap();
+        let second = sites.backup(token, &dir);
+        forget(&sites, token, &first);
+        kept.push((token.clone(), second, dir));
+    }
+    let (a, b) = (sites.storage_a.addr.clone(), sites.storage_b.addr.clone());
+    // Each deletion reaches the other site, and the reverse link does not
+    // bring the snapshot back.
+    for (token, second, _) in &kept {
+        for storage in [&a, &b] {
+            wait_listed(&sites, token, storage, &[second]);
+        }
+    }
+
+    // Site a is lost while both sites compact.
+    let dir_a = sites.path("storage-a");
+    let packs_before: Vec<_> = std::fs::read_dir(dir_a.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let started = sites.ctl_json(&["prune"]);
+    assert_eq!(started["servers"].as_array().unwrap().len(), 2, "{started}");
+    wait_for("storage-a's compaction to start writing", LONG, || {
+        std::fs::read_dir(dir_a.join("packs"))
+            .unwrap()
+            .any(|e| !packs_before.contains(&e.unwrap().file_name()))
+            .then_some(())
+    });
+    for service in [&sites.storage_a, &sites.account_a, &sites.mirror_a] {
+        service.signal(libc::SIGKILL);
+    }
+    sites.wait_roles(&[("account-b", "master"), ("storage-b", "primary")]);
+    // Alice, moved to site b, writes and deletes there while a is down.
+    let (alice_token, alice_second, alice_dir) = kept.remove(0);
+    wait_for("alice to move to storage-b", LONG, || {
+        (sites.home_of("alice") == "storage-b").then_some(())
+    });
+    std::fs::write(alice_dir.join("after"), random_bytes(99, 500_000)).unwrap();
+    let alice_third = sites.backup(&alice_token, &alice_dir);
+    forget(&sites, &alice_token, &alice_second);
+    kept.insert(0, (alice_token, alice_third, alice_dir));
+
+    for service in [&mut sites.account_a, &mut sites.storage_a, &mut sites.mirror_a] {
+        service.restart();
+    }
+    sites.wait_roles(&[("account-a", "slave"), ("storage-a", "replica")]);
+    sites.ctl_ok(&["failback", "--wait"]);
+    sites.wait_roles(&[("storage-a", "primary"), ("storage-b", "primary")]);
+    // What was deleted on either site, before or during the loss, stays
+    // deleted on both.
+    for (token, snapshot, _) in &kept {
+        for storage in [&a, &b] {
+            wait_listed(&sites, token, storage, &[snapshot]);
+        }
+    }
+    // A prune after the failback finishes the interrupted compaction and
+    // collects what was deleted on b; both sites hold little beyond the live
+    // data (each site holds both accounts' copies).
+    let live = 1_500_000.0 + 500_000.0 + 1_500_000.0;
+    wait_for("both sites to be within 1.3x of the live data", LONG, || {
+        sites.ctl_json(&["prune", "--wait"]);
+        ["storage-a", "storage-b"]
+            .iter()
+            .all(|s| pack_bytes(&sites.path(s)) as f64 <= 1.3 * live)
+            .then_some(())
+    });
+    assert_eq!(sites.ctl_json(&["verify"])["ok"], true);
+    for (i, (token, snapshot, dir)) in kept.iter().enumerate() {
+        let target = sites.restore(token, snapshot, &format!("restored-{i}"));
+        assert_same_tree(dir, &target.join(dir.file_name().unwrap()));
+    }
+}

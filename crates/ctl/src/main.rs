@@ -10,6 +10,7 @@ mod reapply;
 mod servers;
 mod status;
 mod usage;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -138,7 +139,13 @@ enum Command {
     /// Live status, redrawn as it changes (with --json, one JSON line per change).
     Watch,
     /// Check every snapshot on every storage server, chunk by chunk.
-    Verify,
+    Verify {
+        /// Mend each corrupt or missing chunk with an intact copy from
+        /// another storage server (the other site's first); report what
+        /// could not be mended and which snapshots name it.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Run garbage collection on every storage server now (it also runs by
     /// itself every --gc-interval): chunks no snapshot names are swept and
     /// packs with dead space compacted, on each site from its own copy.
@@ -458,7 +465,7 @@ async fn run(mut cli: Cli) -> anyhow::Result<()> {
         Command::Watch => ops::watch(cli.coordinator.as_deref(), json)
             .await
             .map_err(at_coordinator),
-        Command::Verify => ops::verify(cli.coordinator.as_deref(), json).await,
+        Command::Verify { repair } => verify::verify(cli.coordinator.as_deref(), repair, json).await,
         Command::Prune { wait } => ops::prune(cli.coordinator.as_deref(), wait, json).await,
         Command::Servers { command } => match command {
             ServersCommand::Token {

@@ -1,5 +1,5 @@
 //! `duplexctl failover | switchover | failback | resync | cancel | history |
-//! watch | verify` and `servers token | remove`: operations the coordinator
+//! watch` and `servers token | remove`: operations the coordinator
 //! runs, and what it has recorded.
 
 use duplex_rpc::exit::call_failed;
@@ -575,85 +575,6 @@ pub async fn prune(coordinator: Option<&str>, wait: bool, json: bool) -> anyhow:
 
 /// The storage servers the coordinator sees healthy.
 async fn healthy_storage(coordinator: Option<&str>) -> anyhow::Result<Vec<duplex_proto::v1::ServerInfo>> {
-    use duplex_proto::v1::GetClusterStatusRequest;
-    let status = client(coordinator)?
-        .get_status(GetClusterStatusRequest {})
-        .await
-        .map_err(rpc_error("status"))?
-        .into_inner();
-    Ok(status
-        .servers
-        .into_iter()
-        .filter(|s| s.healthy)
-        .filter_map(|s| s.server.filter(|i| i.kind == "storage"))
-        .collect())
-}
-
-pub async fn verify(coordinator: Option<&str>, json: bool) -> anyhow::Result<()> {
-    use duplex_proto::v1::storage_admin_client::StorageAdminClient;
-    use duplex_proto::v1::{GetClusterStatusRequest, VerifyAccountsRequest};
-    let status = client(coordinator)?
-        .get_status(GetClusterStatusRequest {})
-        .await
-        .map_err(rpc_error("status"))?
-        .into_inner();
-    let mut reports = Vec::new();
-    let mut ok = true;
-    for s in status.servers.iter().filter(|s| s.healthy) {
-        let Some(server) = s.server.as_ref().filter(|i| i.kind == "storage") else {
-            continue;
-        };
-        let mut admin =
-            StorageAdminClient::new(crate::conn::conn(&duplex_rpc::discovery::client_addr(server))?);
-        let accounts = admin
-            .verify_accounts(VerifyAccountsRequest {
-                account_ids: Vec::new(),
-            })
-            .await
-            .map_err(call_failed(format!("verifying {}", server.name)))?
-            .into_inner()
-            .accounts;
-        let sum = |f: fn(&duplex_proto::v1::AccountVerification) -> u64| accounts.iter().map(f).sum::<u64>();
-        let (missing, corrupt) = (sum(|a| a.missing), sum(|a| a.corrupt));
-        ok &= missing == 0 && corrupt == 0;
-        let bad: Vec<u64> = accounts
-            .iter()
-            .filter(|a| a.missing + a.corrupt > 0)
-            .map(|a| a.account_id)
-            .collect();
-        reports.push(serde_json::json!({
-            "name": server.name,
-            "role": s.role,
-            "accounts": accounts.len(),
-            "snapshots": sum(|a| a.snapshots),
-            "chunks_checked": sum(|a| a.chunks_checked),
-            "bytes_checked": sum(|a| a.bytes_checked),
-            "missing": missing,
-            "corrupt": corrupt,
-            "accounts_with_problems": bad,
-        }));
-    }
-    if json {
-        outln!("{}", serde_json::json!({"ok": ok, "servers": reports}));
-    } else {
-        for r in &reports {
-            outln!(
-                "{:<12} {:<8} {} accounts, {} snapshots, {} chunks checked: {} missing, {} corrupt",
-                r["name"].as_str().unwrap_or(""),
-                r["role"].as_str().unwrap_or(""),
-                r["accounts"],
-                r["snapshots"],
-                r["chunks_checked"],
-                r["missing"],
-                r["corrupt"]
-            );
-        }
-    }
-    if !ok {
-        return Err(duplex_rpc::exit::Coded::integrity(
-            "verification found missing or corrupt data (see above)",
-        )
-        .into());
-    }
-    Ok(())
+    let servers = crate::verify::storage_servers(coordinator).await?;
+    Ok(servers.into_iter().map(|s| s.info).collect())
 }

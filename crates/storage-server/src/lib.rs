@@ -7,6 +7,7 @@ pub mod limits;
 pub mod mirroring;
 pub mod policy;
 pub mod pull;
+pub mod repair;
 pub mod replication;
 pub mod server;
 pub mod service;

@@ -19,9 +19,10 @@ pub fn rule(path: &str) -> Rule {
             Rule::servers_or(ANY_SERVER, OperatorRole::Viewer)
         }
         ("duplex.v1.StorageAdmin", "SetRole") => Rule::servers(COORDINATOR),
-        ("duplex.v1.StorageAdmin", "VerifyAccounts" | "CollectGarbage" | "DeleteAccount") => {
-            Rule::servers_or(COORDINATOR, OperatorRole::Operator)
-        }
+        (
+            "duplex.v1.StorageAdmin",
+            "VerifyAccounts" | "RepairChunks" | "CollectGarbage" | "DeleteAccount",
+        ) => Rule::servers_or(COORDINATOR, OperatorRole::Operator),
         // Only a mirror reads the feed and has mirrored data written.
         ("duplex.v1.StorageReplication", "ChangeFeed" | "PullBatch" | "GetCheckpoint" | "ReportProgress") => {
             Rule::servers(MIRROR)

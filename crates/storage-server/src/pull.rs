@@ -33,7 +33,7 @@ pub struct Sources {
 }
 
 impl Sources {
-    fn client(&self, url: &str) -> Result<StorageReplicationClient<Channel>, Status> {
+    pub(crate) fn client(&self, url: &str) -> Result<StorageReplicationClient<Channel>, Status> {
         let mut channels = self
             .channels
             .lock()
@@ -146,7 +146,7 @@ pub async fn pull(
 /// checked against its id and payload hash as it is written (`add_from`),
 /// so a payload damaged on the source's disk or on the way is refused,
 /// named, and never committed.
-async fn copy_chunks(
+pub(crate) async fn copy_chunks(
     src: &mut StorageReplicationClient<Channel>,
     source: &str,
     mut writer: PackWriter,

@@ -11,8 +11,9 @@ use duplex_proto::v1::{
     CommitSnapshotRequest, DeleteSnapshotsRequest, DeleteSnapshotsResponse, DeleteStoredAccountRequest,
     DeleteStoredAccountResponse, GetChunksRequest, GetSnapshotRequest, GetStorageStatusRequest, Lag,
     LinkProgress, ListSnapshotsRequest, ListSnapshotsResponse, ListUsageRequest, ListUsageResponse,
-    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo,
-    StorageServerStatus, VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
+    MissingChunksRequest, MissingChunksResponse, PutChunksResponse, RepairChunksRequest,
+    RepairChunksResponse, ServerInfo, SetRoleRequest, SnapshotInfo, StorageServerStatus,
+    VerifyAccountsRequest, VerifyAccountsResponse, VerifyRequest, VerifyResponse,
 };
 use duplex_types::{AccountId, ChunkId, Epoch, Seq, SnapshotId};
 use tokio::sync::RwLock;
@@ -446,6 +447,14 @@ impl StorageAdmin for StorageApi {
         Ok(Response::new(DeleteStoredAccountResponse { snapshots_deleted }))
     }
 
+    async fn repair_chunks(
+        &self,
+        request: Request<RepairChunksRequest>,
+    ) -> Result<Response<RepairChunksResponse>, Status> {
+        let response = crate::repair::repair(&self.store, &self.sources, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
     async fn collect_garbage(
         &self,
         request: Request<CollectGarbageRequest>,
@@ -495,9 +504,18 @@ fn verify_accounts(store: &Store, ids: Vec<u64>) -> Result<VerifyAccountsRespons
             bytes_checked: report.bytes_checked,
             missing: report.missing.len() as u64,
             corrupt: report.corrupt.len() as u64,
+            missing_ids: listed(&report.missing),
+            corrupt_ids: listed(&report.corrupt),
         });
     }
     Ok(VerifyAccountsResponse { accounts })
+}
+
+fn listed(ids: &[ChunkId]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .take(crate::repair::MAX_REPAIR_IDS)
+        .map(|id| id.to_vec())
+        .collect()
 }
 
 impl StorageApi {

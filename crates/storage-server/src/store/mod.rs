@@ -13,6 +13,7 @@ pub mod gc;
 pub mod mirror;
 mod packs;
 pub mod references;
+mod repair;
 pub mod snapshots;
 mod tables;
 mod usage;
@@ -29,6 +30,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Wri
 pub use codec::MAX_CHUNK_BYTES;
 pub use error::StoreError;
 pub use packs::{PackWriter, PutStats};
+pub use repair::Damaged;
 pub use usage::AccountUsage;
 pub use verify::VerifyReport;
 

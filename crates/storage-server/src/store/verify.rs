@@ -3,6 +3,8 @@
 //! ciphertext's integrity; the agent's `verify --read-data` checks the
 //! plaintext.
 
+use std::collections::{BTreeMap, HashSet};
+
 use duplex_types::{AccountId, ChunkId};
 use redb::{ReadableDatabase, ReadableTable};
 
@@ -72,6 +74,24 @@ impl Store {
             ids.extend(self.referenced(account, info)?);
         }
         Ok((self.verify_ids(account, ids)?, snapshots.len() as u64))
+    }
+
+    /// The snapshots of `account` that name each of `ids`, by snapshot id.
+    pub fn snapshots_naming(
+        &self,
+        account: AccountId,
+        ids: &[ChunkId],
+    ) -> Result<BTreeMap<ChunkId, Vec<String>>, StoreError> {
+        let mut out: BTreeMap<ChunkId, Vec<String>> = ids.iter().map(|&id| (id, Vec::new())).collect();
+        for info in self.list_snapshots(account)? {
+            let named: HashSet<ChunkId> = self.referenced(account, &info)?.into_iter().collect();
+            for (id, names) in out.iter_mut() {
+                if named.contains(id) {
+                    names.push(info.id.clone());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Accounts with at least one snapshot here.
