@@ -22,29 +22,16 @@ use std::time::{Duration, Instant};
 use duplex_agent::crypto::Keys;
 use duplex_proto::v1::GetStorageStatusRequest;
 use duplex_proto::v1::storage_admin_client::StorageAdminClient;
-use duplex_tests::bench::{Playground, generate_tree, machine, write_section};
+use duplex_tests::bench::{Playground, env_or, generate_tree, machine, median, write_section};
 use duplex_tests::tree::random_bytes;
 use duplex_tests::{runtime, wait_for};
 use duplex_types::ChunkId;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Default)]
 struct Times {
     backup: Vec<f64>,
     restore: Vec<f64>,
     mirror: Vec<f64>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn main() {

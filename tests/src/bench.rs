@@ -8,6 +8,12 @@ use crate::tree::{random_bytes, text};
 /// A tree of `total_mib` MiB: 60 % incompressible data in large files,
 /// 30 % compressible text, 10 % small files, like a real home directory.
 pub fn generate_tree(root: &Path, total_mib: usize) {
+    generate_tree_seeded(root, total_mib, 0);
+}
+
+/// Like `generate_tree`; trees of different `seed`s share no content.
+pub fn generate_tree_seeded(root: &Path, total_mib: usize, seed: u64) {
+    let seed = seed * 1_000_000;
     const MIB: usize = 1024 * 1024;
     std::fs::create_dir_all(root.join("media")).unwrap();
     std::fs::create_dir_all(root.join("docs")).unwrap();
@@ -16,7 +22,7 @@ pub fn generate_tree(root: &Path, total_mib: usize) {
         let len = 32.min(random_mib - i * 32) * MIB;
         std::fs::write(
             root.join(format!("media/blob{i:03}.bin")),
-            random_bytes(1000 + i as u64, len),
+            random_bytes(seed + 1000 + i as u64, len),
         )
         .unwrap();
     }
@@ -25,7 +31,7 @@ pub fn generate_tree(root: &Path, total_mib: usize) {
         let len = 8.min(text_mib - i * 8) * MIB;
         std::fs::write(
             root.join(format!("docs/log{i:03}.txt")),
-            text(2000 + i as u64, len),
+            text(seed + 2000 + i as u64, len),
         )
         .unwrap();
     }
@@ -37,9 +43,9 @@ pub fn generate_tree(root: &Path, total_mib: usize) {
         std::fs::create_dir_all(&dir).unwrap();
         let len = (i as usize * 7919) % 64_000 + 100;
         let data = if i.is_multiple_of(2) {
-            text(i, len)
+            text(seed + i, len)
         } else {
-            random_bytes(i, len)
+            random_bytes(seed + i, len)
         };
         std::fs::write(dir.join(format!("f{i}")), data).unwrap();
         written += len;
@@ -61,6 +67,20 @@ pub fn write_section(name: &str, body: &str) -> PathBuf {
     };
     std::fs::write(&path, updated).unwrap();
     path
+}
+
+/// `name` from the environment as a number, else `default`.
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 pub fn machine() -> String {

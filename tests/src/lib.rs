@@ -23,6 +23,28 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use cluster::Cluster;
+
+/// One garbage collection round on the storage server at `addr`, waited for.
+pub async fn collect_garbage(addr: &str) -> duplex_proto::v1::GcReport {
+    use duplex_proto::v1::storage_admin_client::StorageAdminClient;
+    StorageAdminClient::new(duplex_rpc::channel(addr).unwrap())
+        .collect_garbage(duplex_proto::v1::CollectGarbageRequest { wait: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap()
+}
+
+/// Storage flags that collect whatever is dead at once, and only when asked.
+pub const GC_EAGER: &[&str] = &[
+    "--gc-grace",
+    "0s",
+    "--gc-retire-delay",
+    "0s",
+    "--gc-interval",
+    "0s",
+];
 pub use service::Service;
 
 /// Path of a workspace binary, built alongside this test.

@@ -75,3 +75,115 @@ fn unchanged_backup_uploads_almost_nothing_and_a_small_change_few_chunks() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(target.join("data/big")).unwrap(), big);
 }
+
+/// Every path under `root`, relative, sorted.
+fn listing(root: &std::path::Path) -> Vec<String> {
+    fn walk(root: &std::path::Path, dir: &std::path::Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            out.push(path.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            if path.is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn excluded_paths_cache_directories_and_other_file_systems_are_left_out() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("selective", None);
+    let src = cluster.path("home");
+    for dir in ["docs", "build", "docs/build", "cache", "fake-cache", "mnt"] {
+        std::fs::create_dir_all(src.join(dir)).unwrap();
+    }
+    for file in [
+        "docs/a.txt",
+        "docs/b.tmp",
+        "docs/keep.tmp",
+        "docs/build/out.o",
+        "build/out.o",
+        "cache/blob",
+        "fake-cache/data",
+        "notes.txt",
+    ] {
+        std::fs::write(src.join(file), random_bytes(file.len() as u64, 1000)).unwrap();
+    }
+    let signature = b"Signature: 8a477f597d28d172789f06886806bc55\n# a cache\n";
+    std::fs::write(src.join("cache/CACHEDIR.TAG"), signature).unwrap();
+    std::fs::write(src.join("fake-cache/CACHEDIR.TAG"), b"Signature: wrong\n").unwrap();
+    // Patterns from a file: comments, a directory-only rule anchored at
+    // the tree, and a rule taking one match back.
+    let patterns = cluster.path("excludes");
+    let anchored = format!("{}/build/", src.display());
+    std::fs::write(&patterns, format!("# build output\n{anchored}\n!keep.tmp\n")).unwrap();
+    // Another file system below the tree, where the machine lets us mount
+    // one (root in CI): --one-file-system leaves it out.
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "duplex-test", src.join("mnt").to_str().unwrap()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if mounted {
+        std::fs::write(src.join("mnt/elsewhere"), b"on another file system").unwrap();
+    } else {
+        eprintln!("cannot mount a tmpfs here: --one-file-system is not exercised");
+    }
+
+    let out = cluster.duplex(
+        &token,
+        &[
+            "backup",
+            src.to_str().unwrap(),
+            "--exclude",
+            "*.tmp",
+            "--exclude-file",
+            patterns.to_str().unwrap(),
+            "--exclude-caches",
+            "--one-file-system",
+            "--json",
+        ],
+    );
+    if mounted {
+        let _ = std::process::Command::new("umount").arg(src.join("mnt")).status();
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["skipped"], 0, "{report}");
+    let restored = cluster.restore(&token, report["snapshot"].as_str().unwrap(), "restored");
+    assert_eq!(
+        listing(&restored.join("home")),
+        [
+            "cache",
+            "cache/CACHEDIR.TAG",
+            "docs",
+            "docs/a.txt",
+            "docs/build",
+            "docs/build/out.o",
+            "docs/keep.tmp",
+            "fake-cache",
+            "fake-cache/CACHEDIR.TAG",
+            "fake-cache/data",
+            "mnt",
+            "notes.txt",
+        ]
+    );
+
+    // An exclude file that is not there stops the backup before anything
+    // is sent: backing up what was meant to be left out is the worse error.
+    let out = cluster.duplex(
+        &token,
+        &[
+            "backup",
+            src.to_str().unwrap(),
+            "--exclude-file",
+            "/nonexistent/excludes",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("/nonexistent/excludes"), "{stderr}");
+}

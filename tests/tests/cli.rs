@@ -175,6 +175,7 @@ fn exit_codes_say_why() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["files"], 1, "{report}");
+    assert_eq!(report["skipped"], 1, "{report}");
     let restored = p.restore(&p.token, report["snapshot"].as_str().unwrap(), "restored");
     assert_eq!(std::fs::read(restored.join("tree/kept.txt")).unwrap(), b"kept");
 }

@@ -21,15 +21,7 @@ use duplex_types::ChunkId;
 use duplex_types::sealed::payload_hash;
 
 const LONG: Duration = Duration::from_secs(60);
-/// Collect whatever is dead at once, and only when asked.
-const EAGER: &[&str] = &[
-    "--gc-grace",
-    "0s",
-    "--gc-retire-delay",
-    "0s",
-    "--gc-interval",
-    "0s",
-];
+const EAGER: &[&str] = duplex_tests::GC_EAGER;
 
 /// Bytes of pack files under a storage server's data dir.
 fn pack_bytes(data_dir: &Path) -> u64 {
@@ -163,13 +155,7 @@ async fn storage_client(cluster: &Cluster, token: &str) -> Storage {
 }
 
 async fn collect(cluster: &Cluster) -> GcReport {
-    StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap())
-        .collect_garbage(CollectGarbageRequest { wait: true })
-        .await
-        .unwrap()
-        .into_inner()
-        .report
-        .unwrap()
+    duplex_tests::collect_garbage(&cluster.storage.addr).await
 }
 
 /// Everything a snapshot naming `data` needs: the chunk, its reference
@@ -482,5 +468,106 @@ fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_c
     for (i, (token, snapshot, dir)) in kept.iter().enumerate() {
         let target = sites.restore(token, snapshot, &format!("restored-{i}"));
         assert_same_tree(dir, &target.join(dir.file_name().unwrap()));
+    }
+}
+
+fn stored_chunks(cluster: &Cluster) -> Option<u64> {
+    runtime().block_on(async {
+        let mut admin = StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).ok()?);
+        let status = admin
+            .get_status(duplex_proto::v1::GetStorageStatusRequest {})
+            .await
+            .ok()?;
+        Some(status.into_inner().chunks)
+    })
+}
+
+fn spawn_backup(cluster: &Cluster, token: &str, tree: &Path) -> std::process::Child {
+    std::process::Command::new(duplex_tests::bin("duplex"))
+        .args(["backup", tree.to_str().unwrap(), "--json"])
+        .env("DUPLEX_ENDPOINT", &cluster.account.addr)
+        .env("DUPLEX_TOKEN", token)
+        .env("DUPLEX_INSECURE_PLAINTEXT", "1")
+        .env("DUPLEX_PASSWORD", duplex_tests::cluster::TEST_PASSPHRASE)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_backup_killed_at_every_step_with_collections_between_and_one_racing_it_loses_nothing() {
+    let cluster = Cluster::start_with(EAGER);
+    let token = cluster.create_account("interrupted", None);
+    let small = write_tree(&cluster.path("small"), &[("kept", 1, 2_000_000)]);
+    let kept = cluster.backup(&token, &small)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let live = stored_chunks(&cluster).unwrap();
+    // About 200 chunks, made durable 32 MiB at a time while uploading:
+    // room for every kill below to land before the upload ends.
+    let big = write_tree(
+        &cluster.path("big"),
+        &[
+            ("a", 2, 40 << 20),
+            ("b", 3, 40 << 20),
+            ("c", 4, 40 << 20),
+            ("d", 5, 40 << 20),
+            ("e", 6, 40 << 20),
+        ],
+    );
+    // Killed once one, two and three periodic commits are durable; each
+    // time a collection then takes every chunk the dead attempt left.
+    for step in 1..=3u64 {
+        let mut agent = spawn_backup(&cluster, &token, &big);
+        wait_for(&format!("commit {step} of the upload"), LONG, || {
+            stored_chunks(&cluster).filter(|n| *n >= live + 25 * step)
+        });
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        // The server still commits what the dead stream had sent when it
+        // notices the stream is gone, so a round may run before that lands.
+        let mut swept = 0;
+        wait_for(&format!("step {step}'s chunks to be collected"), LONG, || {
+            swept += runtime().block_on(collect(&cluster)).swept_chunks;
+            (stored_chunks(&cluster) == Some(live)).then_some(())
+        });
+        assert!(swept >= 25 * step, "step {step}: {swept} chunks swept");
+    }
+    // Killed once more, then resumed with a collection racing it: the
+    // chunks it is told are present, and the ones it has just sent, are
+    // collected before it commits. The commit is refused, naming them,
+    // and the agent backs up again.
+    let mut agent = spawn_backup(&cluster, &token, &big);
+    wait_for("the first commit of the upload", LONG, || {
+        stored_chunks(&cluster).filter(|n| *n >= live + 25)
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    let agent = spawn_backup(&cluster, &token, &big);
+    let orphans = stored_chunks(&cluster).unwrap();
+    wait_for("the resumed upload to commit", LONG, || {
+        stored_chunks(&cluster).filter(|n| *n > orphans)
+    });
+    let report = runtime().block_on(collect(&cluster));
+    assert!(report.swept_chunks > 25, "{report:?}");
+    let out = agent.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("collected as garbage meanwhile"), "{stderr}");
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let snapshot = done["snapshot"].as_str().unwrap();
+
+    runtime().block_on(collect(&cluster));
+    for (id, tree) in [(kept.as_str(), &small), (snapshot, &big)] {
+        let target = cluster.restore(&token, id, &format!("restored-{id}"));
+        assert_same_tree(tree, &target.join(tree.file_name().unwrap()));
+        let verify = cluster.duplex(&token, &["verify", id]);
+        assert!(
+            verify.status.success(),
+            "{}",
+            String::from_utf8_lossy(&verify.stderr)
+        );
     }
 }

@@ -5,7 +5,7 @@
 //! leaves no snapshot, and the next one reuses every chunk already stored.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use duplex_proto::v1::{Chunk, CommitSnapshotRequest, EntryKind, FileEntry, Manifest, SnapshotSummary};
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::AgentError;
 use crate::chunking::{Batch, Uploader, chunk_stream};
 use crate::crypto::Keys;
-use crate::scan::{Item, scan};
+use crate::scan::{Item, Selection, scan};
 use crate::session::{Session, throttled};
 
 /// Parallel upload streams (each its own pack on the server).
@@ -31,6 +31,9 @@ pub struct BackupReport {
     pub files: u64,
     pub bytes: u64,
     pub uploaded_bytes: u64,
+    /// Items that could not be read, each named in a warning, by the
+    /// attempt that made the snapshot.
+    pub skipped: u64,
 }
 
 /// Whole attempts when the commit finds chunks gone: garbage collection
@@ -42,6 +45,7 @@ pub async fn backup(
     session: &Session,
     keys: Arc<Keys>,
     roots: &[PathBuf],
+    selection: Arc<Selection>,
     progress: ProgressBar,
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, AgentError> {
@@ -52,7 +56,25 @@ pub async fn backup(
     }
     let mut attempt = 1;
     loop {
-        match backup_once(session, keys.clone(), roots, progress.clone(), warn.clone()).await {
+        // Counted per attempt: an item skipped by an attempt that was then
+        // redone is not missing from the snapshot the last one made.
+        let skipped = Arc::new(AtomicU64::new(0));
+        let counted = {
+            let (skipped, warn) = (skipped.clone(), warn.clone());
+            Arc::new(move |msg: String| {
+                skipped.fetch_add(1, Ordering::Relaxed);
+                warn(msg)
+            })
+        };
+        let once = backup_once(
+            session,
+            keys.clone(),
+            roots,
+            selection.clone(),
+            progress.clone(),
+            counted,
+        );
+        match once.await {
             Err(Attempt::ChunksGone(status)) if attempt < ATTEMPTS => {
                 warn(format!(
                     "the server no longer holds chunks it had (collected as garbage meanwhile): {}; backing up again",
@@ -65,7 +87,12 @@ pub async fn backup(
                 return Err(AgentError::rpc("committing the snapshot")(status));
             }
             Err(Attempt::Failed(e)) => return Err(e),
-            Ok(report) => return Ok(report),
+            Ok(report) => {
+                return Ok(BackupReport {
+                    skipped: skipped.load(Ordering::Relaxed),
+                    ..report
+                });
+            }
         }
     }
 }
@@ -87,12 +114,13 @@ async fn backup_once(
     session: &Session,
     keys: Arc<Keys>,
     roots: &[PathBuf],
+    selection: Arc<Selection>,
     progress: ProgressBar,
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, Attempt> {
     let scan_roots = roots.to_vec();
     let scan_warn = warn.clone();
-    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &*scan_warn))
+    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &selection, &*scan_warn))
         .await
         .map_err(|e| AgentError::Invalid(format!("scan failed: {e}")))??;
     let total: u64 = items.iter().map(|i| i.entry.size).sum();
@@ -187,6 +215,7 @@ async fn backup_once(
         files,
         bytes,
         uploaded_bytes,
+        skipped: 0,
     })
 }
 

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use duplex_agent::crypto::Keys;
 use duplex_agent::forget;
 use duplex_agent::keys::{KeyService, Unlocked, unlock};
+use duplex_agent::scan::Selection;
 use duplex_agent::secret::{self, Passphrase};
 use duplex_agent::session::{Options, Session, login};
 use duplex_agent::{AgentError, backup, restore, verify};
@@ -56,6 +57,8 @@ enum Command {
     Backup {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        #[command(flatten)]
+        select: SelectArgs,
     },
     /// List the account's snapshots.
     Snapshots,
@@ -89,6 +92,34 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+}
+
+/// What `duplex backup` leaves out.
+#[derive(clap::Args)]
+struct SelectArgs {
+    /// Leave out what matches GLOB (gitignore syntax, rooted at /: `*.tmp`
+    /// anywhere, `/home/u/tmp` only there, `build/` directories only).
+    #[arg(long, value_name = "GLOB")]
+    exclude: Vec<String>,
+    /// Leave out what the patterns in FILE match (one per line, as
+    /// --exclude; `#` comments, `!` takes a match back).
+    #[arg(long, value_name = "FILE")]
+    exclude_file: Vec<PathBuf>,
+    /// Do not cross into other file systems below each PATH.
+    #[arg(long)]
+    one_file_system: bool,
+    /// Leave out the contents of directories tagged with a CACHEDIR.TAG.
+    #[arg(long)]
+    exclude_caches: bool,
+}
+
+impl SelectArgs {
+    fn selection(&self) -> Result<Selection, AgentError> {
+        let mut selection = Selection::excluding(&self.exclude, &self.exclude_file)?;
+        selection.one_file_system = self.one_file_system;
+        selection.exclude_caches = self.exclude_caches;
+        Ok(selection)
+    }
 }
 
 #[derive(Subcommand)]
@@ -252,12 +283,13 @@ async fn run_command(
 ) -> anyhow::Result<ExitCode> {
     let keys = || secrets.keys(cli, options, session);
     match &cli.command {
-        Command::Backup { paths } => {
+        Command::Backup { paths, select } => {
+            let selection = Arc::new(select.selection()?);
             let unlocked = secrets.unlocked(cli, options, session, true).await?;
             let keys = unlocked
                 .map(|u| u.keys.clone())
                 .ok_or_else(|| AgentError::Invalid("no key was created".into()))?;
-            run_backup(session, keys, paths, cli.json).await
+            run_backup(session, keys, paths, selection, cli.json).await
         }
         Command::Snapshots => run_snapshots(session, keys, cli.json).await,
         Command::Restore { snapshot, target } => {
@@ -421,17 +453,13 @@ async fn run_backup(
     session: &Session,
     keys: Arc<Keys>,
     paths: &[PathBuf],
+    selection: Arc<Selection>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "backing up");
     let warn_bar = bar.clone();
-    let skipped = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let counted = skipped.clone();
-    let warn = Arc::new(move |msg: String| {
-        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn_bar.suspend(|| eprintln!("warning: {msg}"))
-    });
-    let report = backup::backup(session, keys, paths, bar, warn).await?;
+    let warn = Arc::new(move |msg: String| warn_bar.suspend(|| eprintln!("warning: {msg}")));
+    let report = backup::backup(session, keys, paths, selection, bar, warn).await?;
     if json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -444,7 +472,7 @@ async fn run_backup(
             human_bytes(report.uploaded_bytes)
         );
     }
-    let skipped = skipped.load(std::sync::atomic::Ordering::Relaxed);
+    let skipped = report.skipped;
     if skipped > 0 {
         // As restic does: the snapshot is saved, but it lacks something.
         eprintln!("warning: the snapshot lacks {skipped} item(s) that could not be read (see above)");

@@ -5,8 +5,79 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use duplex_proto::v1::{EntryKind, FileEntry};
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use crate::AgentError;
+
+/// What a backup leaves out.
+pub struct Selection {
+    /// `--exclude` and `--exclude-file` patterns, in gitignore syntax
+    /// rooted at `/`: `*.tmp` matches at any depth, `/home/u/tmp` only
+    /// there, `build/` only directories, `!keep.tmp` takes one back.
+    excludes: Gitignore,
+    /// Stay on the file system each path to back up is on.
+    pub one_file_system: bool,
+    /// Leave out the contents of directories holding a valid
+    /// `CACHEDIR.TAG` (the tag itself is kept, as tar and restic do).
+    pub exclude_caches: bool,
+}
+
+/// The first bytes of a valid `CACHEDIR.TAG` (bford.info/cachedir).
+const CACHEDIR_SIGNATURE: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55";
+
+impl Selection {
+    /// Everything: no pattern, no file system boundary.
+    pub fn all() -> Selection {
+        Selection {
+            excludes: Gitignore::empty(),
+            one_file_system: false,
+            exclude_caches: false,
+        }
+    }
+
+    /// Patterns from `--exclude` and from each `--exclude-file` (one per
+    /// line; blank lines and `#` comments ignored).
+    pub fn excluding(patterns: &[String], files: &[PathBuf]) -> Result<Selection, AgentError> {
+        let mut builder = GitignoreBuilder::new("/");
+        for pattern in patterns {
+            builder
+                .add_line(None, pattern)
+                .map_err(|e| AgentError::Invalid(format!("--exclude {pattern:?}: {e}")))?;
+        }
+        for file in files {
+            // A file that cannot be read is an error, not an empty list:
+            // backing up what the user meant to leave out is worse.
+            std::fs::metadata(file).map_err(AgentError::io(file))?;
+            if let Some(e) = builder.add(file) {
+                return Err(AgentError::Invalid(format!(
+                    "--exclude-file {}: {e}",
+                    file.display()
+                )));
+            }
+        }
+        let excludes = builder
+            .build()
+            .map_err(|e| AgentError::Invalid(format!("exclude patterns: {e}")))?;
+        Ok(Selection {
+            excludes,
+            ..Selection::all()
+        })
+    }
+
+    fn excluded(&self, path: &Path, is_dir: bool) -> bool {
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        self.excludes.matched(&absolute, is_dir).is_ignore()
+    }
+}
+
+/// Whether `dir` holds a `CACHEDIR.TAG` that starts with the signature.
+fn is_cache_dir(dir: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; CACHEDIR_SIGNATURE.len()];
+    std::fs::File::open(dir.join("CACHEDIR.TAG"))
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == CACHEDIR_SIGNATURE)
+}
 
 /// One thing to back up: where it is on disk and its manifest entry.
 pub struct Item {
@@ -16,7 +87,11 @@ pub struct Item {
 
 /// Each root is stored under its own name: backing up `/home/u/docs`
 /// yields `docs/...`, which `restore --target T` recreates as `T/docs/...`.
-pub fn scan(roots: &[PathBuf], warn: &dyn Fn(String)) -> Result<Vec<Item>, AgentError> {
+pub fn scan(
+    roots: &[PathBuf],
+    selection: &Selection,
+    warn: &dyn Fn(String),
+) -> Result<Vec<Item>, AgentError> {
     let mut names = HashSet::new();
     let mut items = Vec::new();
     for root in roots {
@@ -26,10 +101,31 @@ pub fn scan(roots: &[PathBuf], warn: &dyn Fn(String)) -> Result<Vec<Item>, Agent
                 "two paths to back up share the name {name:?}; back them up separately"
             )));
         }
-        for entry in walkdir::WalkDir::new(root)
+        let mut caches: HashSet<PathBuf> = HashSet::new();
+        let walk = walkdir::WalkDir::new(root)
             .follow_links(false)
+            .same_file_system(selection.one_file_system)
             .sort_by_file_name()
-        {
+            .into_iter()
+            .filter_entry(|e| {
+                // The paths given are backed up whatever the patterns say.
+                let given = e.depth() == 0;
+                let is_dir = e.file_type().is_dir();
+                if !given && selection.excluded(e.path(), is_dir) {
+                    return false;
+                }
+                if !selection.exclude_caches {
+                    return true;
+                }
+                let in_cache = !given
+                    && e.path().parent().is_some_and(|p| caches.contains(p))
+                    && e.file_name() != "CACHEDIR.TAG";
+                if is_dir && !in_cache && is_cache_dir(e.path()) {
+                    caches.insert(e.path().to_path_buf());
+                }
+                !in_cache
+            });
+        for entry in walk {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) if e.depth() == 0 => {

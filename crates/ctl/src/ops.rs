@@ -540,6 +540,8 @@ pub async fn prune(coordinator: Option<&str>, wait: bool, json: bool) -> anyhow:
             "reclaimed_bytes": g.reclaimed_bytes,
             "sweep_deferred": g.sweep_deferred,
             "duration_ms": g.duration_ms,
+            "sweep_ms": g.sweep_ms,
+            "compact_ms": g.compact_ms,
         }));
     }
     if json {

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use duplex_proto::v1::{Chunk, change_record};
+use duplex_proto::v1::change_record;
 use duplex_types::{AccountId, ChunkId, Seq};
 use redb::{ReadableDatabase, ReadableTable, Table, TableDefinition};
 
@@ -52,6 +52,8 @@ pub const RECLAIMED_BYTES: &str = "gc_reclaimed_bytes";
 /// Index entries removed per write transaction, so a sweep never holds
 /// up a commit for long.
 const SWEEP_BATCH: usize = 4096;
+/// A compaction writes its copy to disk every this many bytes.
+const WRITE_BACK_EVERY: u64 = 8 << 20;
 /// Largest pack a compaction writes.
 const MAX_COMPACTED_PACK: u64 = 512 << 20;
 /// Most chunk keys remembered as answered present; past it, sweeping waits
@@ -96,6 +98,9 @@ pub struct GcReport {
     /// present answers, less than a grace period ago.
     pub sweep_deferred: bool,
     pub duration_ms: u64,
+    /// Of which marking and sweeping, and compacting.
+    pub sweep_ms: u64,
+    pub compact_ms: u64,
 }
 
 /// Chunk keys `MissingChunks` answered present, with when.
@@ -155,11 +160,13 @@ impl Store {
         if !report.sweep_deferred {
             self.sweep(cutoff, &mut report, raced)?;
         }
+        report.sweep_ms = elapsed_ms(started);
         self.compact(settings, &mut report)?;
         // Packs this round retired count from when they were retired.
         let now = now.max(super::snapshots::now_ms());
         self.delete_retired(now - millis(settings.retire_delay), &mut report)?;
-        report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        report.duration_ms = elapsed_ms(started);
+        report.compact_ms = report.duration_ms.saturating_sub(report.sweep_ms);
         let txn = self.db.begin_write()?;
         add_counter(
             &mut txn.open_table(META)?,
@@ -375,26 +382,27 @@ impl Store {
         report: &mut GcReport,
     ) -> Result<(), StoreError> {
         let mut writer = self.begin_pack()?;
+        let mut written_back = 0;
         let mut keep = HashSet::new();
+        let mut reader = packs::PackReader::default();
         for (key, loc) in entries {
             let id = ChunkId::from(key.1);
             let old = ChunkLoc::from_tuple(*loc);
-            let data = packs::read(&self.packs_dir, &old).ok();
-            let intact = data.filter(|d| codec::check_stored(id, &old.hash, d).is_ok());
-            let Some(data) = intact else {
+            let intact = reader.read(&self.packs_dir, &old).is_ok()
+                && codec::check_stored(id, &old.hash, &reader.buf).is_ok();
+            if !intact {
                 // Copying a damaged chunk would not mend it: its pack stays
                 // where repair can find it.
                 tracing::warn!(chunk = %id, pack = old.pack, "not compacting a pack holding a damaged chunk");
                 keep.insert(old.pack);
                 continue;
-            };
-            pacer.spend(data.len() as u64);
-            let chunk = Chunk {
-                id: id.to_vec(),
-                data_hash: old.hash.to_vec(),
-                data: data.into(),
-            };
-            writer.add_from(AccountId(key.0), &chunk, None)?;
+            }
+            pacer.spend(reader.buf.len() as u64);
+            writer.add_checked(AccountId(key.0), id, old.hash, &reader.buf)?;
+            if writer.written() - written_back >= WRITE_BACK_EVERY {
+                writer.write_back()?;
+                written_back = writer.written();
+            }
         }
         let moved = writer.sync()?;
         let written = writer.written();
@@ -639,6 +647,10 @@ fn add_counter(
     let total = tables::counter(meta, key)? + n;
     meta.insert(key, total.to_le_bytes().as_slice())?;
     Ok(())
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 fn millis(d: Duration) -> i64 {

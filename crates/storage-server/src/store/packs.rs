@@ -121,10 +121,33 @@ impl PackWriter {
     ) -> Result<(), StoreError> {
         let id = ChunkId::from_bytes(&chunk.id).map_err(|e| StoreError::Invalid(e.to_string()))?;
         let hash = codec::check(id, &chunk.data_hash, &chunk.data)?;
-        let len = u32::try_from(chunk.data.len())
+        self.append(account, id, hash, &chunk.data, origin)
+    }
+
+    /// Appends a payload the caller has just read back and checked against
+    /// `hash` (a compaction's copy): hashing it again would only cost.
+    pub(super) fn add_checked(
+        &mut self,
+        account: AccountId,
+        id: ChunkId,
+        hash: [u8; 32],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        self.append(account, id, hash, data, None)
+    }
+
+    fn append(
+        &mut self,
+        account: AccountId,
+        id: ChunkId,
+        hash: [u8; 32],
+        data: &[u8],
+        origin: Option<String>,
+    ) -> Result<(), StoreError> {
+        let len = u32::try_from(data.len())
             .map_err(|_| StoreError::Invalid("chunk payload larger than 4 GiB".into()))?;
         self.file
-            .write_all(&chunk.data)
+            .write_all(data)
             .map_err(StoreError::io(format!("writing {}", self.path.display())))?;
         self.pending.push(PendingChunk {
             account,
@@ -159,6 +182,16 @@ impl PackWriter {
         Ok(std::mem::take(&mut self.pending))
     }
 
+    /// Writes what was appended so far to disk without handing anything
+    /// back to index: a long background copy calls it as it goes, so its
+    /// bytes reach the disk at its own pace instead of all at once at the
+    /// end, where a backup's next fsync would wait behind them.
+    pub(super) fn write_back(&mut self) -> Result<(), StoreError> {
+        self.file
+            .sync_data()
+            .map_err(StoreError::io(format!("fsync of {}", self.path.display())))
+    }
+
     /// Removes the pack if nothing in it was ever indexed.
     pub fn discard_if_empty(self) {
         if self.offset == 0 {
@@ -178,6 +211,29 @@ impl Drop for PackWriter {
 pub(super) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, StoreError> {
     m.lock()
         .map_err(|_| StoreError::Internal("a storage lock was poisoned by a panic".into()))
+}
+
+/// Reads chunks pack after pack into one buffer, keeping the last pack
+/// open: a compaction reads many chunks of few packs.
+#[derive(Default)]
+pub(super) struct PackReader {
+    open: Option<(u64, File)>,
+    pub buf: Vec<u8>,
+}
+
+impl PackReader {
+    /// Reads `loc`'s bytes into `self.buf`.
+    pub fn read(&mut self, dir: &Path, loc: &ChunkLoc) -> std::io::Result<()> {
+        if self.open.as_ref().is_none_or(|(pack, _)| *pack != loc.pack) {
+            self.open = Some((loc.pack, File::open(pack_path(dir, loc.pack))?));
+        }
+        let Some((_, file)) = &self.open else {
+            return Err(std::io::Error::other("no pack open"));
+        };
+        self.buf.clear();
+        self.buf.resize(loc.len as usize, 0);
+        file.read_exact_at(&mut self.buf, loc.offset)
+    }
 }
 
 pub fn read(dir: &Path, loc: &ChunkLoc) -> std::io::Result<Vec<u8>> {
