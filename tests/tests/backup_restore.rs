@@ -187,3 +187,102 @@ fn excluded_paths_cache_directories_and_other_file_systems_are_left_out() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("/nonexistent/excludes"), "{stderr}");
 }
+
+#[test]
+fn ls_dump_diff_and_a_partial_restore_read_only_what_they_name() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("browser", None);
+    let src = cluster.path("home");
+    std::fs::create_dir_all(src.join("docs/deep")).unwrap();
+    std::fs::create_dir_all(src.join("docs2")).unwrap();
+    let big = random_bytes(7, 3 * MIB);
+    std::fs::write(src.join("docs/big.bin"), &big).unwrap();
+    std::fs::write(src.join("docs/deep/note.txt"), b"deep note").unwrap();
+    std::fs::write(src.join("docs2/other.txt"), b"other").unwrap();
+    std::fs::write(src.join("gone.txt"), b"to be removed").unwrap();
+    let first = cluster.backup(&token, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let listed = cluster.duplex_json(&token, &["ls", &first, "/home/docs/"]);
+    let entries = listed["entries"].as_array().unwrap();
+    let paths: Vec<&str> = entries.iter().map(|e| e["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "home/docs",
+            "home/docs/big.bin",
+            "home/docs/deep",
+            "home/docs/deep/note.txt"
+        ]
+    );
+    let big_entry = &entries[1];
+    assert_eq!(big_entry["kind"], "file");
+    assert_eq!(big_entry["size"], 3 * MIB);
+    assert!(big_entry["mtime"].as_str().unwrap().ends_with('Z'), "{big_entry}");
+    assert_eq!(entries[0]["kind"], "dir");
+
+    let dumped = cluster.duplex(&token, &["dump", "latest", "home/docs/big.bin"]);
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    assert!(dumped.stdout == big, "dump is not the file's bytes");
+    let missing = cluster.duplex(&token, &["dump", &first, "home/nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("home/nope"));
+
+    // One subtree and one file, with the directories above them.
+    let target = cluster.path("partial");
+    let out = cluster.duplex(
+        &token,
+        &[
+            "restore",
+            &first[..20],
+            "--target",
+            target.to_str().unwrap(),
+            "--include",
+            "home/docs/deep",
+            "--include",
+            "home/gone.txt",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        listing(&target),
+        [
+            "home",
+            "home/docs",
+            "home/docs/deep",
+            "home/docs/deep/note.txt",
+            "home/gone.txt"
+        ]
+    );
+    assert_eq!(
+        std::fs::read(target.join("home/docs/deep/note.txt")).unwrap(),
+        b"deep note"
+    );
+
+    std::fs::remove_file(src.join("gone.txt")).unwrap();
+    std::fs::write(src.join("docs2/other.txt"), b"changed").unwrap();
+    std::fs::write(src.join("new.txt"), b"new").unwrap();
+    let second = cluster.backup(&token, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let diff = cluster.duplex_json(&token, &["diff", &first, &second]);
+    assert_eq!(diff["added"], serde_json::json!(["home/new.txt"]), "{diff}");
+    assert_eq!(diff["removed"], serde_json::json!(["home/gone.txt"]), "{diff}");
+    // The directories whose contents changed have new mtimes too.
+    let modified = diff["modified"].as_array().unwrap();
+    assert!(
+        modified.contains(&serde_json::json!("home/docs2/other.txt")),
+        "{diff}"
+    );
+    assert!(
+        !modified.contains(&serde_json::json!("home/docs/big.bin")),
+        "{diff}"
+    );
+}

@@ -2,6 +2,7 @@
 
 pub mod aead;
 pub mod backup;
+pub mod browse;
 pub mod chunking;
 pub mod crypto;
 mod error;

@@ -12,7 +12,7 @@ use duplex_agent::keys::{KeyService, Unlocked, unlock};
 use duplex_agent::scan::Selection;
 use duplex_agent::secret::{self, Passphrase};
 use duplex_agent::session::{Options, Session, login};
-use duplex_agent::{AgentError, backup, restore, verify};
+use duplex_agent::{AgentError, backup, browse, restore, verify};
 use duplex_proto::v1::{ListSnapshotsRequest, Purpose};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -67,6 +67,22 @@ enum Command {
         snapshot: String,
         #[arg(long)]
         target: PathBuf,
+        /// Restore only this path and what is below it (repeatable), as
+        /// `ls` shows it, e.g. `home/docs`.
+        #[arg(long, value_name = "PATH")]
+        include: Vec<String>,
+    },
+    /// List a snapshot's entries, or those at and below PATH.
+    Ls { snapshot: String, path: Option<String> },
+    /// Write one file of a snapshot to standard output.
+    Dump { snapshot: String, path: String },
+    /// What changed from SNAPSHOT_A to SNAPSHOT_B: paths added, removed
+    /// and modified.
+    Diff {
+        #[arg(value_name = "SNAPSHOT_A")]
+        a: String,
+        #[arg(value_name = "SNAPSHOT_B")]
+        b: String,
     },
     /// Check that every chunk of a snapshot (or of the account) is present and intact.
     Verify {
@@ -292,10 +308,35 @@ async fn run_command(
             run_backup(session, keys, paths, selection, cli.json).await
         }
         Command::Snapshots => run_snapshots(session, keys, cli.json).await,
-        Command::Restore { snapshot, target } => {
+        Command::Restore {
+            snapshot,
+            target,
+            include,
+        } => {
             // Found first: a snapshot that is not there is the error to give.
             let info = restore::find(session, snapshot).await?;
-            run_restore(session, keys().await?, info, target, cli.json).await
+            run_restore(session, keys().await?, info, target, include, cli.json).await
+        }
+        Command::Ls { snapshot, path } => {
+            let info = restore::find(session, snapshot).await?;
+            let entries = browse::entries(session, &keys().await?, &info).await?;
+            print_ls(&browse::under(entries, path.as_deref())?, cli.json)
+        }
+        Command::Dump { snapshot, path } => {
+            let info = restore::find(session, snapshot).await?;
+            let keys = keys().await?;
+            let entries = browse::entries(session, &keys, &info).await?;
+            browse::dump(session, &keys, &entries, path, &mut std::io::stdout().lock()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff { a, b } => {
+            let (a, b) = (restore::find(session, a).await?, restore::find(session, b).await?);
+            let keys = keys().await?;
+            let (a, b) = (
+                browse::entries(session, &keys, &a).await?,
+                browse::entries(session, &keys, &b).await?,
+            );
+            print_diff(&browse::diff(a, b), cli.json)
         }
         Command::Verify { snapshot, read_data } => {
             let report = if snapshot.is_none() && !read_data {
@@ -542,10 +583,11 @@ async fn run_restore(
     keys: Arc<Keys>,
     info: duplex_proto::v1::SnapshotInfo,
     target: &std::path::Path,
+    includes: &[String],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "restoring");
-    let report = restore::restore(session, keys, info, target, bar).await?;
+    let report = restore::restore(session, keys, info, target, includes, bar).await?;
     if json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
@@ -558,6 +600,54 @@ async fn run_restore(
             report.symlinks,
             human_bytes(report.bytes)
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_ls(entries: &[duplex_proto::v1::FileEntry], json: bool) -> anyhow::Result<ExitCode> {
+    let mtime = |e: &duplex_proto::v1::FileEntry| rfc3339(e.mtime_ns.div_euclid(1_000_000));
+    if json {
+        let entries: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "path": e.path,
+                    "kind": browse::kind_name(e.kind),
+                    "size": e.size,
+                    "mtime": mtime(e),
+                })
+            })
+            .collect();
+        outln!("{}", json!({ "entries": entries }));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                browse::kind_name(e.kind).to_owned(),
+                human_bytes(e.size),
+                mtime(e),
+                e.path.clone(),
+            ]
+        })
+        .collect();
+    out!(
+        "{}",
+        duplex_rpc::table::render(&["kind", "size", "mtime", "path"], rows)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_diff(diff: &browse::Diff, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        outln!("{}", serde_json::to_string(diff)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (mark, paths) in [("+", &diff.added), ("-", &diff.removed), ("M", &diff.modified)] {
+        for path in paths {
+            outln!("{mark} {path}");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

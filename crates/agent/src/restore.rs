@@ -57,11 +57,17 @@ pub async fn restore(
     keys: Arc<Keys>,
     info: SnapshotInfo,
     target: &Path,
+    includes: &[String],
     progress: ProgressBar,
 ) -> Result<RestoreReport, AgentError> {
     let storage = session.storage.clone();
-    let manifest = fetch_manifest(&storage, &keys, &info.manifest_chunks).await?;
-    let plan = Plan::new(manifest.entries, target)?;
+    let mut entries = fetch_manifest(&storage, &keys, &info.manifest_chunks)
+        .await?
+        .entries;
+    if !includes.is_empty() {
+        entries = crate::browse::included(entries, includes)?;
+    }
+    let plan = Plan::new(entries, target)?;
     progress.set_length(plan.files.iter().map(|(_, e)| e.size).sum());
 
     std::fs::create_dir_all(target).map_err(AgentError::io(target))?;

@@ -1,0 +1,203 @@
+//! Looking into snapshots without restoring them whole: `ls`, `dump`,
+//! `diff`, and the subtrees `restore --include` keeps. Paths are the
+//! manifest's: relative, `/`-separated, starting with the name of the
+//! directory that was backed up.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::sync::Arc;
+
+use duplex_proto::v1::{EntryKind, FileEntry, SnapshotInfo};
+use futures::TryStreamExt;
+use serde::Serialize;
+
+use crate::AgentError;
+use crate::crypto::Keys;
+use crate::manifest::{fetch_chunks, fetch_manifest};
+use crate::session::Session;
+
+/// Every entry of a snapshot, in manifest order.
+pub async fn entries(
+    session: &Session,
+    keys: &Arc<Keys>,
+    info: &SnapshotInfo,
+) -> Result<Vec<FileEntry>, AgentError> {
+    Ok(fetch_manifest(&session.storage, keys, &info.manifest_chunks)
+        .await?
+        .entries)
+}
+
+/// A path as the user typed it, in the manifest's form.
+fn normalized(path: &str) -> &str {
+    path.trim_matches('/')
+}
+
+/// `entry` is `path` or below it.
+fn within(entry: &str, path: &str) -> bool {
+    path.is_empty() || entry == path || entry.strip_prefix(path).is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The entries at or below `path` (all of them for none); an error naming
+/// the path when nothing is there.
+pub fn under(entries: Vec<FileEntry>, path: Option<&str>) -> Result<Vec<FileEntry>, AgentError> {
+    let Some(path) = path.map(normalized) else {
+        return Ok(entries);
+    };
+    let found: Vec<FileEntry> = entries.into_iter().filter(|e| within(&e.path, path)).collect();
+    if found.is_empty() {
+        return Err(AgentError::Invalid(format!("no {path:?} in the snapshot")));
+    }
+    Ok(found)
+}
+
+/// What `restore --include` writes: the subtrees named, and the
+/// directories above them (so they are created with their modes and
+/// times). A path that names nothing is an error, not an empty restore.
+pub fn included(entries: Vec<FileEntry>, includes: &[String]) -> Result<Vec<FileEntry>, AgentError> {
+    let paths: Vec<&str> = includes.iter().map(|p| normalized(p)).collect();
+    if let Some(missing) = paths
+        .iter()
+        .find(|p| p.is_empty() || !entries.iter().any(|e| within(&e.path, p)))
+    {
+        return Err(AgentError::Invalid(format!(
+            "--include {missing:?} names nothing in the snapshot"
+        )));
+    }
+    let above = |e: &FileEntry| {
+        e.kind == EntryKind::Dir as i32
+            && paths.iter().any(|p| {
+                p.strip_prefix(e.path.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+            })
+    };
+    Ok(entries
+        .into_iter()
+        .filter(|e| paths.iter().any(|p| within(&e.path, p)) || above(e))
+        .collect())
+}
+
+/// Writes the file at `path` to `out`, each chunk checked before a byte
+/// of it is written.
+pub async fn dump(
+    session: &Session,
+    keys: &Arc<Keys>,
+    entries: &[FileEntry],
+    path: &str,
+    out: &mut dyn Write,
+) -> Result<u64, AgentError> {
+    let path = normalized(path);
+    let entry = entries
+        .iter()
+        .find(|e| e.path == path)
+        .ok_or_else(|| AgentError::Invalid(format!("no {path:?} in the snapshot")))?;
+    if entry.kind != EntryKind::File as i32 {
+        return Err(AgentError::Invalid(format!("{path:?} is not a file")));
+    }
+    let chunks = fetch_chunks(session.storage.clone(), keys.clone(), entry.chunks.clone()).await?;
+    let mut chunks = std::pin::pin!(chunks);
+    let mut written = 0u64;
+    while let Some(plain) = chunks.try_next().await? {
+        out.write_all(&plain)
+            .map_err(|e| AgentError::Invalid(format!("writing {path}: {e}")))?;
+        written += plain.len() as u64;
+    }
+    out.flush()
+        .map_err(|e| AgentError::Invalid(format!("writing {path}: {e}")))?;
+    if written != entry.size {
+        return Err(AgentError::Integrity(format!(
+            "{path}: {written} bytes read back, the manifest says {}",
+            entry.size
+        )));
+    }
+    Ok(written)
+}
+
+/// Paths only in the second snapshot, only in the first, and in both but
+/// changed (kind, content, size, mode, time or link target).
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub modified: Vec<String>,
+}
+
+pub fn diff(a: Vec<FileEntry>, b: Vec<FileEntry>) -> Diff {
+    let mut before: BTreeMap<String, FileEntry> = a.into_iter().map(|e| (e.path.clone(), e)).collect();
+    let mut out = Diff::default();
+    for entry in b {
+        match before.remove(&entry.path) {
+            None => out.added.push(entry.path),
+            Some(old) if old != entry => out.modified.push(entry.path),
+            Some(_) => {}
+        }
+    }
+    out.removed = before.into_keys().collect();
+    out.added.sort();
+    out.modified.sort();
+    out
+}
+
+pub fn kind_name(kind: i32) -> &'static str {
+    match EntryKind::try_from(kind) {
+        Ok(EntryKind::File) => "file",
+        Ok(EntryKind::Dir) => "dir",
+        Ok(EntryKind::Symlink) => "symlink",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(path: &str, kind: EntryKind, size: u64) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            kind: kind as i32,
+            size,
+            ..Default::default()
+        }
+    }
+
+    fn paths(entries: &[FileEntry]) -> Vec<&str> {
+        entries.iter().map(|e| e.path.as_str()).collect()
+    }
+
+    fn tree() -> Vec<FileEntry> {
+        vec![
+            entry("home", EntryKind::Dir, 0),
+            entry("home/docs", EntryKind::Dir, 0),
+            entry("home/docs/a", EntryKind::File, 1),
+            entry("home/docs2", EntryKind::Dir, 0),
+            entry("home/docs2/b", EntryKind::File, 2),
+            entry("home/top", EntryKind::File, 3),
+        ]
+    }
+
+    #[test]
+    fn a_subtree_is_the_path_and_what_is_below_it_not_its_namesakes() {
+        let found = under(tree(), Some("/home/docs/")).unwrap();
+        assert_eq!(paths(&found), ["home/docs", "home/docs/a"]);
+        assert!(under(tree(), Some("home/doc")).is_err());
+    }
+
+    #[test]
+    fn an_include_keeps_its_subtree_and_the_directories_above_it() {
+        let kept = included(tree(), &["home/docs2/b".into(), "home/top".into()]).unwrap();
+        assert_eq!(paths(&kept), ["home", "home/docs2", "home/docs2/b", "home/top"]);
+        let err = included(tree(), &["home/nope".into()]).unwrap_err();
+        assert!(err.to_string().contains("home/nope"), "{err}");
+    }
+
+    #[test]
+    fn diff_names_added_removed_and_modified_paths() {
+        let mut b = tree();
+        b.retain(|e| e.path != "home/top");
+        b[2].size = 9;
+        b.push(entry("home/new", EntryKind::File, 1));
+        let d = diff(tree(), b);
+        assert_eq!(d.added, ["home/new"]);
+        assert_eq!(d.removed, ["home/top"]);
+        assert_eq!(d.modified, ["home/docs/a"]);
+    }
+}
