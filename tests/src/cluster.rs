@@ -94,8 +94,13 @@ impl Cluster {
     }
 
     /// `duplex ARGS` as the account with `token`.
+    /// `duplex ARGS` as the account with `token`, its file cache in this
+    /// cluster's directory.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
         duplex(&self.account.addr, token, args)
+            .env("DUPLEX_CACHE_DIR", self.path("agent-cache"))
+            .output()
+            .unwrap()
     }
 
     /// `duplex ARGS --json`, asserting success; the parsed output.
@@ -135,15 +140,14 @@ impl Cluster {
 /// The encryption passphrase the harness gives every agent it runs.
 pub const TEST_PASSPHRASE: &str = "duplex test passphrase";
 
-pub fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(bin("duplex"))
-        .args(args)
+fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("duplex"));
+    cmd.args(args)
         .env("DUPLEX_ENDPOINT", endpoint)
         .env("DUPLEX_TOKEN", token)
         .env("DUPLEX_INSECURE_PLAINTEXT", "1")
-        .env("DUPLEX_PASSWORD", TEST_PASSPHRASE)
-        .output()
-        .unwrap()
+        .env("DUPLEX_PASSWORD", TEST_PASSPHRASE);
+    cmd
 }
 
 fn server_cmd(binary: &str, name: &str, dir: &Path) -> Vec<String> {

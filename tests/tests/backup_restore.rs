@@ -286,3 +286,81 @@ fn ls_dump_diff_and_a_partial_restore_read_only_what_they_name() {
         "{diff}"
     );
 }
+
+fn backed_up(cluster: &Cluster, token: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["backup"];
+    all.extend(args);
+    cluster.duplex_json(token, &all)
+}
+
+#[test]
+fn the_file_cache_skips_unchanged_files_and_never_a_changed_one() {
+    let cluster = Cluster::start_with(duplex_tests::GC_EAGER);
+    let token = cluster.create_account("cached", None);
+    let src = cluster.path("data");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), random_bytes(1, MIB)).unwrap();
+    std::fs::write(src.join("b"), random_bytes(2, 2 * MIB)).unwrap();
+    let path = src.to_str().unwrap();
+    // A file changed in the second before a scan is always read again, so
+    // let both settle first.
+    let written = std::time::SystemTime::now();
+    duplex_tests::wait_for(
+        "the files to be over a second old",
+        std::time::Duration::from_secs(10),
+        || (written.elapsed().ok()? > std::time::Duration::from_millis(1100)).then_some(()),
+    );
+    let all = 3 * MIB;
+
+    assert_eq!(backed_up(&cluster, &token, &[path])["read_bytes"], all);
+    let again = backed_up(&cluster, &token, &[path]);
+    assert_eq!(again["read_bytes"], 0, "{again}");
+    assert_eq!(again["files"], 2, "{again}");
+    assert_eq!(again["bytes"], all, "{again}");
+
+    // New bytes, same size, the mtime put back: only the ctime tells.
+    let b = src.join("b");
+    let mtime = std::fs::metadata(&b).unwrap().modified().unwrap();
+    let changed = random_bytes(3, 2 * MIB);
+    std::fs::write(&b, &changed).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let third = backed_up(&cluster, &token, &[path]);
+    assert_eq!(third["read_bytes"], 2 * MIB, "{third}");
+    let restored = cluster.restore(&token, third["snapshot"].as_str().unwrap(), "restored");
+    assert!(std::fs::read(restored.join("data/b")).unwrap() == changed);
+
+    assert_eq!(
+        backed_up(&cluster, &token, &[path, "--force-read"])["read_bytes"],
+        all
+    );
+
+    // Chunks the cache names but the server no longer holds (every
+    // snapshot forgotten and collected): the files are read again.
+    let listed = cluster.duplex_json(&token, &["snapshots"]);
+    for snapshot in listed["snapshots"].as_array().unwrap() {
+        let out = cluster.duplex(&token, &["forget", snapshot["id"].as_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let report = duplex_tests::runtime().block_on(duplex_tests::collect_garbage(&cluster.storage.addr));
+    assert!(report.swept_chunks > 0, "{report:?}");
+    let after_gc = backed_up(&cluster, &token, &[path]);
+    assert_eq!(after_gc["read_bytes"], all, "{after_gc}");
+    let restored = cluster.restore(&token, after_gc["snapshot"].as_str().unwrap(), "after-gc");
+    assert_same_tree(&src, &restored.join("data"));
+
+    // A damaged cache costs only speed.
+    for entry in std::fs::read_dir(cluster.path("agent-cache")).unwrap() {
+        std::fs::write(entry.unwrap().path(), b"not a cache").unwrap();
+    }
+    let out = cluster.duplex(&token, &["backup", path, "--json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("file cache"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["read_bytes"], all, "{report}");
+}

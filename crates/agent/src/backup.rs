@@ -4,6 +4,7 @@
 //! paths and counts in an encrypted summary. Nothing is visible until the commit, so a backup cut short
 //! leaves no snapshot, and the next one reuses every chunk already stored.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
+use crate::cache::{FileCache, missing};
 use crate::chunking::{Batch, Uploader, chunk_stream};
 use crate::crypto::Keys;
 use crate::scan::{Item, Selection, scan};
@@ -34,6 +36,16 @@ pub struct BackupReport {
     /// Items that could not be read, each named in a warning, by the
     /// attempt that made the snapshot.
     pub skipped: u64,
+    /// File bytes read from disk: files the file cache knew unchanged are
+    /// not opened, so an unchanged second backup reads (close to) none.
+    pub read_bytes: u64,
+}
+
+/// How a backup chooses and reads what it backs up.
+pub struct Options {
+    pub selection: Selection,
+    /// Read every file, trusting no file cache.
+    pub force_read: bool,
 }
 
 /// Whole attempts when the commit finds chunks gone: garbage collection
@@ -45,7 +57,7 @@ pub async fn backup(
     session: &Session,
     keys: Arc<Keys>,
     roots: &[PathBuf],
-    selection: Arc<Selection>,
+    options: Arc<Options>,
     progress: ProgressBar,
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, AgentError> {
@@ -70,7 +82,7 @@ pub async fn backup(
             session,
             keys.clone(),
             roots,
-            selection.clone(),
+            options.clone(),
             progress.clone(),
             counted,
         );
@@ -114,17 +126,27 @@ async fn backup_once(
     session: &Session,
     keys: Arc<Keys>,
     roots: &[PathBuf],
-    selection: Arc<Selection>,
+    options: Arc<Options>,
     progress: ProgressBar,
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, Attempt> {
+    let scan_start_ns = now_ns();
     let scan_roots = roots.to_vec();
     let scan_warn = warn.clone();
-    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &selection, &*scan_warn))
+    let scan_options = options.clone();
+    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &scan_options.selection, &*scan_warn))
         .await
         .map_err(|e| AgentError::Invalid(format!("scan failed: {e}")))??;
     let total: u64 = items.iter().map(|i| i.entry.size).sum();
     progress.set_length(total);
+    let (cache, problem) = FileCache::open(&keys, roots);
+    if let Some(problem) = problem {
+        progress.suspend(|| eprintln!("warning: {problem}"));
+    }
+    let reused = match options.force_read {
+        true => HashMap::new(),
+        false => reusable(session, &cache, &items).await?,
+    };
 
     let mut txs = Vec::new();
     let mut uploads = Vec::new();
@@ -158,15 +180,29 @@ async fn backup_once(
     let chunked = {
         let uploader = uploader.clone();
         let progress = progress.clone();
-        tokio::task::spawn_blocking(move || chunk_all(items, &uploader, &progress, &*warn))
-            .await
-            .map_err(|e| AgentError::Invalid(format!("chunking failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let read = chunk_all(&items, &reused, &uploader, &progress, &*warn);
+            (items, read)
+        })
+        .await
+        .map_err(|e| AgentError::Invalid(format!("chunking failed: {e}")))?
     };
-    let entries = match chunked {
-        Ok(entries) => entries,
+    let (items, (results, read_bytes)) = match chunked {
+        (items, Ok(read)) => (items, read),
         // A closed upload stream means the upload failed: report why.
-        Err(e) => return Err(upload_error(upload, e).await.into()),
+        (_, Err(e)) => return Err(upload_error(upload, e).await.into()),
     };
+    // Saved before the commit: a chunk it names that never gets committed
+    // is found missing next time, and its file read again.
+    let cached = items.iter().zip(&results).filter_map(|(item, entry)| {
+        let entry = entry.as_ref().filter(|e| e.kind() == EntryKind::File)?;
+        Some((item.source.as_path(), item.stat, entry.chunks.as_slice()))
+    });
+    if let Err(e) = cache.save(scan_start_ns, cached) {
+        progress.suspend(|| eprintln!("warning: the file cache was not saved: {e}"));
+    }
+    drop(items);
+    let entries: Vec<FileEntry> = results.into_iter().flatten().collect();
     let manifest_chunks = {
         let uploader = uploader.clone();
         tokio::task::spawn_blocking(move || upload_manifest(entries, &uploader))
@@ -216,7 +252,40 @@ async fn backup_once(
         bytes,
         uploaded_bytes,
         skipped: 0,
+        read_bytes,
     })
+}
+
+fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+}
+
+/// The files the cache knows unchanged whose chunks the server still
+/// holds, by item index, with their chunk lists.
+async fn reusable(
+    session: &Session,
+    cache: &FileCache,
+    items: &[Item],
+) -> Result<HashMap<usize, Vec<Vec<u8>>>, AgentError> {
+    let hits: HashMap<usize, Vec<Vec<u8>>> = items
+        .iter()
+        .enumerate()
+        .filter(|(_, item)| item.entry.kind() == EntryKind::File)
+        .filter_map(|(i, item)| Some((i, cache.unchanged(&item.source, &item.stat)?.to_vec())))
+        .collect();
+    if hits.is_empty() {
+        return Ok(hits);
+    }
+    let mut ids: Vec<Vec<u8>> = hits.values().flatten().cloned().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let gone = missing(&session.storage, ids).await?;
+    Ok(hits
+        .into_iter()
+        .filter(|(_, chunks)| chunks.iter().all(|c| !gone.contains(c)))
+        .collect())
 }
 
 /// The upload's own error when it failed, else `fallback`.
@@ -232,13 +301,16 @@ async fn upload_error(
 
 /// Chunks every file on all cores. Files that vanish or cannot be read
 /// are skipped with a warning rather than failing the whole backup.
+/// Returns each item's entry (none for one skipped) and the file bytes read.
 fn chunk_all(
-    items: Vec<Item>,
+    items: &[Item],
+    reused: &HashMap<usize, Vec<Vec<u8>>>,
     uploader: &Uploader,
     progress: &ProgressBar,
     warn: &(dyn Fn(String) + Send + Sync),
-) -> Result<Vec<FileEntry>, AgentError> {
+) -> Result<(Vec<Option<FileEntry>>, u64), AgentError> {
     let next = AtomicUsize::new(0);
+    let read = AtomicU64::new(0);
     let results: Mutex<Vec<Option<FileEntry>>> = Mutex::new((0..items.len()).map(|_| None).collect());
     let workers = std::thread::available_parallelism()
         .map_or(2, |n| n.get())
@@ -251,7 +323,11 @@ fn chunk_all(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(item) = items.get(i) else { break };
-                        match chunk_file(item, uploader, &mut batch, progress) {
+                        let entry = match reused.get(&i) {
+                            Some(chunks) => Ok(unchanged(item, chunks, progress)),
+                            None => chunk_file(item, uploader, &mut batch, progress, &read),
+                        };
+                        match entry {
                             Ok(entry) => lock(&results)?[i] = Some(entry),
                             Err(AgentError::Io { path, source }) => {
                                 warn(format!("skipped {}: {source}", path.display()));
@@ -272,7 +348,17 @@ fn chunk_all(
     let results = results
         .into_inner()
         .map_err(|_| AgentError::Invalid("results poisoned".into()))?;
-    Ok(results.into_iter().flatten().collect())
+    Ok((results, read.into_inner()))
+}
+
+/// The entry of a file the cache knows unchanged: its chunks, unread.
+fn unchanged(item: &Item, chunks: &[Vec<u8>], progress: &ProgressBar) -> FileEntry {
+    progress.inc(item.stat.size);
+    FileEntry {
+        chunks: chunks.to_vec(),
+        size: item.stat.size,
+        ..item.entry.clone()
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, AgentError> {
@@ -285,6 +371,7 @@ fn chunk_file(
     uploader: &Uploader,
     batch: &mut Batch,
     progress: &ProgressBar,
+    read: &AtomicU64,
 ) -> Result<FileEntry, AgentError> {
     let mut entry = item.entry.clone();
     if entry.kind() != EntryKind::File {
@@ -301,6 +388,7 @@ fn chunk_file(
     })?;
     // The file may have changed since the scan; record what was read.
     entry.size = size;
+    read.fetch_add(size, Ordering::Relaxed);
     Ok(entry)
 }
 

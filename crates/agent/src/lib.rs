@@ -3,6 +3,7 @@
 pub mod aead;
 pub mod backup;
 pub mod browse;
+pub mod cache;
 pub mod chunking;
 pub mod crypto;
 mod error;

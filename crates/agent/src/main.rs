@@ -59,6 +59,10 @@ enum Command {
         paths: Vec<PathBuf>,
         #[command(flatten)]
         select: SelectArgs,
+        /// Read every file, even those the file cache knows unchanged
+        /// since the last backup of the same paths.
+        #[arg(long)]
+        force_read: bool,
     },
     /// List the account's snapshots.
     Snapshots,
@@ -299,13 +303,20 @@ async fn run_command(
 ) -> anyhow::Result<ExitCode> {
     let keys = || secrets.keys(cli, options, session);
     match &cli.command {
-        Command::Backup { paths, select } => {
-            let selection = Arc::new(select.selection()?);
+        Command::Backup {
+            paths,
+            select,
+            force_read,
+        } => {
+            let how = Arc::new(backup::Options {
+                selection: select.selection()?,
+                force_read: *force_read,
+            });
             let unlocked = secrets.unlocked(cli, options, session, true).await?;
             let keys = unlocked
                 .map(|u| u.keys.clone())
                 .ok_or_else(|| AgentError::Invalid("no key was created".into()))?;
-            run_backup(session, keys, paths, selection, cli.json).await
+            run_backup(session, keys, paths, how, cli.json).await
         }
         Command::Snapshots => run_snapshots(session, keys, cli.json).await,
         Command::Restore {
@@ -494,13 +505,13 @@ async fn run_backup(
     session: &Session,
     keys: Arc<Keys>,
     paths: &[PathBuf],
-    selection: Arc<Selection>,
+    options: Arc<backup::Options>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "backing up");
     let warn_bar = bar.clone();
     let warn = Arc::new(move |msg: String| warn_bar.suspend(|| eprintln!("warning: {msg}")));
-    let report = backup::backup(session, keys, paths, selection, bar, warn).await?;
+    let report = backup::backup(session, keys, paths, options, bar, warn).await?;
     if json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {

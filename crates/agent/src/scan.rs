@@ -8,6 +8,7 @@ use duplex_proto::v1::{EntryKind, FileEntry};
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use crate::AgentError;
+use crate::cache::Stat;
 
 /// What a backup leaves out.
 pub struct Selection {
@@ -83,6 +84,8 @@ fn is_cache_dir(dir: &Path) -> bool {
 pub struct Item {
     pub source: PathBuf,
     pub entry: FileEntry,
+    /// What the scan saw on disk, to know an unchanged file next time.
+    pub stat: Stat,
 }
 
 /// Each root is stored under its own name: backing up `/home/u/docs`
@@ -150,9 +153,10 @@ pub fn scan(
                 format!("{name}/{rel}")
             };
             match describe(entry.path(), path) {
-                Ok(Some(entry)) => items.push(Item {
+                Ok(Some((entry, stat))) => items.push(Item {
                     source: entry_source(root, rel),
                     entry,
+                    stat,
                 }),
                 Ok(None) => warn(format!(
                     "skipped {}: not a file, directory or symlink",
@@ -182,7 +186,7 @@ fn top_name(root: &Path) -> Result<String, AgentError> {
     Ok(name)
 }
 
-fn describe(source: &Path, path: String) -> Result<Option<FileEntry>, AgentError> {
+fn describe(source: &Path, path: String) -> Result<Option<(FileEntry, Stat)>, AgentError> {
     let meta = std::fs::symlink_metadata(source).map_err(AgentError::io(source))?;
     let ft = meta.file_type();
     let (kind, symlink_target) = if ft.is_file() {
@@ -201,7 +205,7 @@ fn describe(source: &Path, path: String) -> Result<Option<FileEntry>, AgentError
     } else {
         return Ok(None);
     };
-    Ok(Some(FileEntry {
+    let entry = FileEntry {
         path,
         kind: kind as i32,
         mode: meta.permissions().mode() & 0o7777,
@@ -209,5 +213,6 @@ fn describe(source: &Path, path: String) -> Result<Option<FileEntry>, AgentError
         mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
         chunks: Vec::new(),
         symlink_target,
-    }))
+    };
+    Ok(Some((entry, Stat::of(&meta))))
 }
