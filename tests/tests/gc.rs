@@ -1,7 +1,11 @@
 //! Garbage collection with the real binaries: forget and prune reclaim
 //! space on both sites while the kept snapshots restore bit for bit; a
 //! commit racing a collection never names a collected chunk; a server
-//! killed in the middle of a compaction recovers.
+//! killed in the middle of a compaction recovers; a backup killed at
+//! every step, with collections between, loses nothing; and compound
+//! faults: in active-active, site a lost mid-compaction, deletions on
+//! site b meanwhile, then failback; the coordinator killed mid-round,
+//! then a failover.
 
 #![allow(clippy::unwrap_used)]
 
@@ -29,6 +33,38 @@ fn pack_bytes(data_dir: &Path) -> u64 {
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum()
+}
+
+/// Runs `start` (which starts a collection) and returns once the
+/// compaction on the server with `data_dir` has begun writing its new
+/// pack: killing something then lands in the middle of the copy.
+fn start_compaction<T>(data_dir: &Path, start: impl FnOnce() -> T) -> T {
+    let packs = data_dir.join("packs");
+    let before: Vec<_> = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let started = start();
+    wait_for("the compaction to start writing", LONG, || {
+        std::fs::read_dir(&packs)
+            .unwrap()
+            .any(|e| !before.contains(&e.unwrap().file_name()))
+            .then_some(())
+    });
+    started
+}
+
+/// Prunes until both sites hold at most 1.3x `live` bytes in packs, then
+/// checks that every chunk a snapshot names is there and intact.
+fn prune_down_to(sites: &TwoSites, live: f64) {
+    wait_for("both sites to be within 1.3x of the live data", LONG, || {
+        sites.ctl_json(&["prune", "--wait"]);
+        ["storage-a", "storage-b"]
+            .iter()
+            .all(|s| pack_bytes(&sites.path(s)) as f64 <= 1.3 * live)
+            .then_some(())
+    });
+    assert_eq!(sites.ctl_json(&["verify"])["ok"], true);
 }
 
 fn write_tree(root: &Path, files: &[(&str, u64, usize)]) -> PathBuf {
@@ -268,26 +304,17 @@ fn a_storage_server_killed_mid_compaction_recovers_and_the_kept_backup_restores(
     );
 
     let data_dir = cluster.path("storage-a");
-    let packs_before: Vec<_> = std::fs::read_dir(data_dir.join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    let started = runtime().block_on(async {
-        StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap())
-            .collect_garbage(CollectGarbageRequest { wait: false })
-            .await
-            .unwrap()
-            .into_inner()
-            .started
+    let started = start_compaction(&data_dir, || {
+        runtime().block_on(async {
+            StorageAdminClient::new(duplex_rpc::channel(&cluster.storage.addr).unwrap())
+                .collect_garbage(CollectGarbageRequest { wait: false })
+                .await
+                .unwrap()
+                .into_inner()
+                .started
+        })
     });
     assert!(started);
-    // The compaction's new pack appears when it starts copying.
-    wait_for("the compaction to start writing", LONG, || {
-        std::fs::read_dir(data_dir.join("packs"))
-            .unwrap()
-            .any(|e| !packs_before.contains(&e.unwrap().file_name()))
-            .then_some(())
-    });
     cluster.storage.signal(libc::SIGKILL);
     cluster.storage.restart();
 
@@ -413,19 +440,8 @@ fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_c
     }
 
     // Site a is lost while both sites compact.
-    let dir_a = sites.path("storage-a");
-    let packs_before: Vec<_> = std::fs::read_dir(dir_a.join("packs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    let started = sites.ctl_json(&["prune"]);
+    let started = start_compaction(&sites.path("storage-a"), || sites.ctl_json(&["prune"]));
     assert_eq!(started["servers"].as_array().unwrap().len(), 2, "{started}");
-    wait_for("storage-a's compaction to start writing", LONG, || {
-        std::fs::read_dir(dir_a.join("packs"))
-            .unwrap()
-            .any(|e| !packs_before.contains(&e.unwrap().file_name()))
-            .then_some(())
-    });
     for service in [&sites.storage_a, &sites.account_a, &sites.mirror_a] {
         service.signal(libc::SIGKILL);
     }
@@ -457,14 +473,7 @@ fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_c
     // collects what was deleted on b; both sites hold little beyond the live
     // data (each site holds both accounts' copies).
     let live = 1_500_000.0 + 500_000.0 + 1_500_000.0;
-    wait_for("both sites to be within 1.3x of the live data", LONG, || {
-        sites.ctl_json(&["prune", "--wait"]);
-        ["storage-a", "storage-b"]
-            .iter()
-            .all(|s| pack_bytes(&sites.path(s)) as f64 <= 1.3 * live)
-            .then_some(())
-    });
-    assert_eq!(sites.ctl_json(&["verify"])["ok"], true);
+    prune_down_to(&sites, live);
     for (i, (token, snapshot, dir)) in kept.iter().enumerate() {
         let target = sites.restore(token, snapshot, &format!("restored-{i}"));
         assert_same_tree(dir, &target.join(dir.file_name().unwrap()));
@@ -570,4 +579,42 @@ fn a_backup_killed_at_every_step_with_collections_between_and_one_racing_it_lose
             String::from_utf8_lossy(&verify.stderr)
         );
     }
+}
+
+#[test]
+fn a_collection_survives_a_coordinator_killed_in_its_middle_and_the_replica_serves_after_a_failover() {
+    // Compaction copies at 256 KiB/s, so it is still copying when the
+    // coordinator dies.
+    let mut flags = EAGER.to_vec();
+    flags.extend(["--gc-rate", "262144"]);
+    let mut sites = TwoSites::start(Options {
+        storage: &flags,
+        ..Options::default()
+    });
+    let token = sites.token.clone();
+    let dir = write_tree(
+        &sites.path("tree"),
+        &[("kept", 1, 1_500_000), ("dropped", 2, 1_500_000)],
+    );
+    let first = sites.backup(&token, &dir);
+    std::fs::remove_file(dir.join("dropped")).unwrap();
+    let second = sites.backup(&token, &dir);
+    forget(&sites, &token, &first);
+    let (a, b) = (sites.storage_a.addr.clone(), sites.storage_b.addr.clone());
+    for storage in [&a, &b] {
+        wait_listed(&sites, &token, storage, &[&second]);
+    }
+
+    start_compaction(&sites.path("storage-a"), || sites.ctl_json(&["prune"]));
+    // restart_coordinator SIGKILLs it first.
+    sites.restart_coordinator(None);
+    sites.wait_roles(&[("storage-a", "primary"), ("storage-b", "replica")]);
+    // Rounds are each server's own: they finish, and the next prune finds
+    // both sites down to about the live data.
+    let live = 1_500_000.0;
+    prune_down_to(&sites, live);
+    sites.storage_a.signal(libc::SIGKILL);
+    sites.wait_roles(&[("storage-b", "primary")]);
+    let target = sites.restore(&token, &second, "restored");
+    assert_same_tree(&dir, &target.join(dir.file_name().unwrap()));
 }
