@@ -1,95 +1,142 @@
-//! Backs up one generated tree with `duplex` through the playground and
-//! with `restic backup` into a local repository, in one run, and writes
-//! both times, MiB/s and their ratio to docs/BENCHMARKS.md.
+//! Backs up two generated trees with `duplex` through the playground and
+//! with `restic backup` into a local repository, in one run: each tree
+//! first into an empty repository, then again unchanged. Writes the
+//! times and their ratios to docs/BENCHMARKS.md.
 //!
 //!     cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic
 //!
-//! `DUPLEX_BENCH_MIB` sets the tree size (default 512).
+//! `DUPLEX_BENCH_MIB` sets the mixed tree's size (default 512),
+//! `DUPLEX_BENCH_SMALL_FILES` the small-file tree's file count (default
+//! 50,000 files of about 140 bytes).
 
 #![allow(clippy::unwrap_used)]
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use duplex_tests::bench::{Playground, generate_tree, machine, write_section};
+use duplex_tests::bench::{Playground, env_or, generate_tree, machine, write_section};
+use duplex_tests::tree::text;
+
+/// `files` files of about 140 bytes, 500 to a directory.
+fn small_files(root: &Path, files: usize) {
+    for i in 0..files {
+        let dir = root.join(format!("d{}", i / 500));
+        if i % 500 == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        std::fs::write(dir.join(format!("f{i}")), text(i as u64, 100 + i % 80)).unwrap();
+    }
+}
+
+/// First and unchanged second backup, in seconds.
+struct Times {
+    first: f64,
+    again: f64,
+}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let mib: usize = std::env::var("DUPLEX_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(512);
+    let mib = env_or("DUPLEX_BENCH_MIB", 512);
+    let small = env_or("DUPLEX_BENCH_SMALL_FILES", 50_000);
     let work = tempfile::tempdir().unwrap();
-    let tree = work.path().join("tree");
-    eprintln!("generating a {mib} MiB tree");
-    generate_tree(&tree, mib);
+    let mixed = work.path().join("mixed");
+    eprintln!("generating a {mib} MiB tree and {small} small files");
+    generate_tree(&mixed, mib);
+    let tiny = work.path().join("small");
+    small_files(&tiny, small);
     // Both tools read from a warm page cache.
-    Command::new("sh")
-        .arg("-c")
-        .arg(format!("cat $(find {} -type f) > /dev/null", tree.display()))
-        .status()
-        .unwrap();
-
-    let duplex_secs = time_duplex(work.path(), &tree);
-    let restic_secs = time_restic(work.path(), &tree);
-    let rate = |s: f64| mib as f64 / s;
+    for tree in [&mixed, &tiny] {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find {} -type f -exec cat {{}} + > /dev/null",
+                tree.display()
+            ))
+            .status()
+            .unwrap();
+    }
+    let trees = [mixed, tiny];
+    let duplex = time_duplex(work.path(), &trees);
+    let restic = time_restic(work.path(), &trees);
+    let names = [format!("{mib} MiB mixed"), format!("{small} files of ~140 B")];
+    let mut rows = String::new();
+    for ((name, d), r) in names.iter().zip(&duplex).zip(&restic) {
+        rows.push_str(&format!(
+            "| {name}, first backup | {:.2} | {:.2} | **{:.2}×** |\n| {name}, unchanged again | {:.2} | {:.2} | **{:.2}×** |\n",
+            d.first,
+            r.first,
+            d.first / r.first,
+            d.again,
+            r.again,
+            d.again / r.again,
+        ));
+    }
     let body = format!(
         "## Backup: duplex vs restic\n\n\
          `cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic`\n\n\
-         A generated {mib} MiB tree (60 % random data in 32 MiB files, 30 % text, 10 % small files), \
-         first backup into an empty repository, warm page cache. Duplex goes through the playground \
-         (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk fsynced, mirrored synchronously to site b); restic writes a local \
-         repository (compression `auto`). Machine: {}.\n\n\
-         | tool | seconds | MiB/s |\n| --- | ---: | ---: |\n\
-         | duplex | {duplex_secs:.2} | {:.1} |\n| restic {} | {restic_secs:.2} | {:.1} |\n\n\
-         Duplex takes **{:.2}×** restic's time.\n",
-        machine(),
-        rate(duplex_secs),
+         Two generated trees: {mib} MiB (60 % random data in 32 MiB files, 30 % text, 10 % small \
+         files) and {small} files of about 140 bytes, 500 to a directory. Each is backed up into an \
+         empty repository, then again unchanged (duplex skips unchanged files by its file cache, \
+         restic by its parent snapshot); warm page cache. Duplex goes through the playground \
+         (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
+         fsynced, mirrored synchronously to site b); restic {} writes a local repository \
+         (compression `auto`). Machine: {}.\n\n\
+         | backup | duplex s | restic s | duplex / restic |\n| --- | ---: | ---: | ---: |\n{rows}",
         restic_version(),
-        rate(restic_secs),
-        duplex_secs / restic_secs,
+        machine(),
     );
     let path = write_section("backup-vs-restic", &body);
     println!("{body}");
     eprintln!("written to {}", path.display());
 }
 
-fn time_duplex(work: &std::path::Path, tree: &std::path::Path) -> f64 {
+fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     let playground = Playground::start(&work.join("playground"), &[]);
-    let (secs, snapshot) = playground.timed_backup(tree);
-    eprintln!("duplex: {secs:.2} s, snapshot {snapshot}");
-    secs
+    trees
+        .iter()
+        .map(|tree| {
+            let (first, _) = playground.timed_backup(tree);
+            let (again, _) = playground.timed_backup(tree);
+            eprintln!("duplex {}: {first:.2} s, then {again:.2} s", tree.display());
+            Times { first, again }
+        })
+        .collect()
 }
 
-fn time_restic(work: &std::path::Path, tree: &std::path::Path) -> f64 {
+fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     let repo = work.join("restic-repo");
     let restic = |args: &[&str]| {
-        Command::new("restic")
+        let out = Command::new("restic")
             .args(args)
             .env("RESTIC_REPOSITORY", &repo)
             .env("RESTIC_PASSWORD", "bench")
             .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
             .output()
-            .expect("restic is not installed (apt-get install restic)")
+            .expect("restic is not installed (apt-get install restic)");
+        assert!(
+            out.status.success(),
+            "restic {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    let init = restic(&["init", "--repository-version", "2"]);
-    assert!(
-        init.status.success(),
-        "restic init: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let start = Instant::now();
-    let out = restic(&["backup", "--compression", "auto", tree.to_str().unwrap()]);
-    let secs = start.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "restic backup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("restic: {secs:.2} s");
-    secs
+    restic(&["init", "--repository-version", "2"]);
+    let timed = |tree: &Path| {
+        let start = Instant::now();
+        restic(&["backup", "--compression", "auto", tree.to_str().unwrap()]);
+        start.elapsed().as_secs_f64()
+    };
+    trees
+        .iter()
+        .map(|tree| {
+            let first = timed(tree);
+            let again = timed(tree);
+            eprintln!("restic {}: {first:.2} s, then {again:.2} s", tree.display());
+            Times { first, again }
+        })
+        .collect()
 }
 
 fn restic_version() -> String {
