@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
 use crate::cache::{FileCache, missing};
-use crate::chunking::{Batch, Uploader, chunk_stream};
+use crate::chunking::{Batch, Uploader, chunk_stream, cut_file};
 use crate::crypto::Keys;
 use crate::scan::{Item, Selection, scan};
 use crate::session::{Session, throttled};
@@ -378,7 +378,7 @@ fn chunk_file(
         return Ok(entry);
     }
     let file = std::fs::File::open(&item.source).map_err(AgentError::io(&item.source))?;
-    let size = chunk_stream(file, &item.source, &uploader.keys, |id, data| {
+    let size = cut_file(file, &item.source, &uploader.keys, |id, data| {
         entry.chunks.push(id.to_vec());
         progress.inc(data.len() as u64);
         if batch.push(id, data) {
