@@ -18,8 +18,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
-use crate::cache::{FileCache, missing};
-use crate::chunking::{Batch, Uploader, chunk_stream, cut_file};
+use crate::cache::FileCache;
+use crate::chunking::{Batch, Uploader, chunk_stream, cut_file, missing};
 use crate::crypto::Keys;
 use crate::scan::{Item, Selection, scan};
 use crate::session::{Session, throttled};

@@ -7,20 +7,19 @@
 //! scan that wrote the cache: a file changed in the same second as that
 //! scan may not show it in its times, so it is read again (git's "racy"
 //! rule). The cache is only ever a shortcut: every reused chunk is still
-//! asked for with `MissingChunks` (a file with one gone is read again),
+//! asked for with `MissingChunks` (a file with one gone is read again,
+//! `backup::reusable`),
 //! and a cache that is missing, unreadable or from another key is
 //! ignored.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use duplex_proto::v1::MissingChunksRequest;
 use prost::Message;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::session::{StorageClient, throttled};
 
 /// What the scan saw of a file, to compare with the next scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,8 +47,6 @@ impl Stat {
 const FORMAT: u32 = 1;
 /// How long before the scan a change may not show in a file's times.
 const RACY_NS: i64 = 1_000_000_000;
-/// Ids per `MissingChunks` call.
-const IDS_PER_CALL: usize = 10_000;
 
 #[derive(Clone, PartialEq, Message)]
 struct CacheFile {
@@ -188,25 +185,6 @@ impl FileCache {
         std::fs::write(&tmp, compressed).map_err(AgentError::io(&tmp))?;
         std::fs::rename(&tmp, &self.path).map_err(AgentError::io(&self.path))
     }
-}
-
-/// The ids among `ids` that the server lacks (asked in batches).
-pub async fn missing(storage: &StorageClient, ids: Vec<Vec<u8>>) -> Result<HashSet<Vec<u8>>, AgentError> {
-    let mut lacking = HashSet::new();
-    for batch in ids.chunks(IDS_PER_CALL) {
-        let request = MissingChunksRequest { ids: batch.to_vec() };
-        let answer = throttled(|| {
-            let mut storage = storage.clone();
-            let request = request.clone();
-            async move { storage.missing_chunks(request).await }
-        })
-        .await
-        .map_err(AgentError::rpc(
-            "asking which cached chunks the server still holds",
-        ))?;
-        lacking.extend(answer.into_inner().missing);
-    }
-    Ok(lacking)
 }
 
 #[cfg(test)]

@@ -98,20 +98,8 @@ impl Uploader {
 
     /// Which of `chunks` the server lacks.
     fn missing(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<HashSet<Vec<u8>>, AgentError> {
-        let request = MissingChunksRequest {
-            ids: chunks.iter().map(|(id, _)| id.to_vec()).collect(),
-        };
-        let missing = self
-            .handle
-            .block_on(throttled(|| {
-                let mut storage = self.storage.clone();
-                let request = request.clone();
-                async move { storage.missing_chunks(request).await }
-            }))
-            .map_err(AgentError::rpc("asking which chunks the server lacks"))?
-            .into_inner()
-            .missing;
-        Ok(missing.into_iter().collect())
+        let ids = chunks.iter().map(|(id, _)| id.to_vec()).collect();
+        self.handle.block_on(missing(&self.storage, ids))
     }
 
     fn send(&self, chunk: Chunk) -> Result<(), AgentError> {
@@ -142,6 +130,26 @@ impl Batch {
         self.chunks.push((id, data));
         self.bytes >= BATCH_BYTES
     }
+}
+
+/// Ids per `MissingChunks` call.
+const IDS_PER_CALL: usize = 10_000;
+
+/// The ids among `ids` that the server lacks (asked in batches).
+pub async fn missing(storage: &StorageClient, ids: Vec<Vec<u8>>) -> Result<HashSet<Vec<u8>>, AgentError> {
+    let mut lacking = HashSet::new();
+    for batch in ids.chunks(IDS_PER_CALL) {
+        let request = MissingChunksRequest { ids: batch.to_vec() };
+        let answer = throttled(|| {
+            let mut storage = storage.clone();
+            let request = request.clone();
+            async move { storage.missing_chunks(request).await }
+        })
+        .await
+        .map_err(AgentError::rpc("asking which chunks the server lacks"))?;
+        lacking.extend(answer.into_inner().missing);
+    }
+    Ok(lacking)
 }
 
 /// Cuts an open file into chunks as `chunk_stream` does. A file no longer

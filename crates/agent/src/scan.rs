@@ -1,7 +1,7 @@
 //! Walking the paths to back up into manifest entries (without chunks yet).
 
 use std::collections::HashSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use duplex_proto::v1::{EntryKind, FileEntry};
@@ -205,14 +205,15 @@ fn describe(source: &Path, path: String) -> Result<Option<(FileEntry, Stat)>, Ag
     } else {
         return Ok(None);
     };
+    let stat = Stat::of(&meta);
     let entry = FileEntry {
         path,
         kind: kind as i32,
         mode: meta.permissions().mode() & 0o7777,
         size: if kind == EntryKind::File { meta.len() } else { 0 },
-        mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+        mtime_ns: stat.mtime_ns,
         chunks: Vec::new(),
         symlink_target,
     };
-    Ok(Some((entry, Stat::of(&meta))))
+    Ok(Some((entry, stat)))
 }
