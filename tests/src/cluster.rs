@@ -97,6 +97,12 @@ impl Cluster {
     /// `duplex ARGS` as the account with `token`, its file cache in this
     /// cluster's directory.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        self.duplex_os(token, &args)
+    }
+
+    /// `duplex ARGS`, where an argument may be a name that is not UTF-8.
+    pub fn duplex_os(&self, token: &str, args: &[&std::ffi::OsStr]) -> Output {
         duplex(&self.account.addr, token, args)
             .env("DUPLEX_CACHE_DIR", self.path("agent-cache"))
             .output()
@@ -140,7 +146,7 @@ impl Cluster {
 /// The encryption passphrase the harness gives every agent it runs.
 pub const TEST_PASSPHRASE: &str = "duplex test passphrase";
 
-fn duplex(endpoint: &str, token: &str, args: &[&str]) -> Command {
+fn duplex(endpoint: &str, token: &str, args: &[&std::ffi::OsStr]) -> Command {
     let mut cmd = Command::new(bin("duplex"));
     cmd.args(args)
         .env("DUPLEX_ENDPOINT", endpoint)

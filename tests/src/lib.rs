@@ -212,3 +212,28 @@ pub fn opaque_chunk(name: &[u8]) -> duplex_proto::v1::Chunk {
         data: data.into(),
     }
 }
+
+/// `cmd` run so that file permissions bind it: as root (CI), through
+/// `setpriv` without the capabilities that override them, so a file of
+/// mode 000 cannot be read; as anyone else, as it is.
+pub fn bound_by_permissions(cmd: &std::process::Command) -> std::process::Command {
+    use std::os::unix::fs::MetadataExt;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let mut out = if root {
+        let mut wrapped = std::process::Command::new("setpriv");
+        wrapped
+            .args(["--bounding-set", "-dac_override,-dac_read_search"])
+            .arg(cmd.get_program());
+        wrapped
+    } else {
+        std::process::Command::new(cmd.get_program())
+    };
+    out.args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => out.env(key, value),
+            None => out.env_remove(key),
+        };
+    }
+    out
+}

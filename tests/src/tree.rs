@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -92,29 +93,45 @@ enum Node {
         mtime_ns: i64,
     },
     Symlink {
-        target: String,
+        target: Vec<u8>,
+    },
+    /// A FIFO, socket or device: its type bits, mode, mtime and rdev.
+    Special {
+        format: u32,
+        mode: u32,
+        mtime_ns: i64,
+        rdev: u64,
     },
 }
 
-fn describe(root: &Path) -> BTreeMap<String, Node> {
+/// Every entry below `root` by its exact name (bytes, as Unix names are).
+fn describe(root: &Path) -> BTreeMap<Vec<u8>, Node> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
 }
 
-fn walk(root: &Path, at: &Path, out: &mut BTreeMap<String, Node>) {
+fn walk(root: &Path, at: &Path, out: &mut BTreeMap<Vec<u8>, Node>) {
     let meta = fs::symlink_metadata(at).unwrap();
-    let rel = at.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+    let rel = at.strip_prefix(root).unwrap().as_os_str().as_bytes().to_vec();
     let mtime_ns = meta.mtime() * 1_000_000_000 + meta.mtime_nsec();
     let mode = meta.permissions().mode() & 0o7777;
     if meta.file_type().is_symlink() {
-        let target = fs::read_link(at).unwrap().to_string_lossy().into_owned();
+        let target = fs::read_link(at).unwrap().into_os_string().into_vec();
         out.insert(rel, Node::Symlink { target });
     } else if meta.is_dir() {
         out.insert(rel, Node::Dir { mode, mtime_ns });
         for entry in fs::read_dir(at).unwrap() {
             walk(root, &entry.unwrap().path(), out);
         }
+    } else if !meta.is_file() {
+        let node = Node::Special {
+            format: meta.mode() & libc::S_IFMT,
+            mode,
+            mtime_ns,
+            rdev: meta.rdev(),
+        };
+        out.insert(rel, node);
     } else {
         let data = fs::read(at).unwrap();
         let hash = format!("{:x?}", &blake(&data));
@@ -139,12 +156,27 @@ fn blake(data: &[u8]) -> [u8; 32] {
 pub fn assert_same_tree(expected: &Path, actual: &Path) {
     let mut a = describe(expected);
     let mut b = describe(actual);
-    a.remove("");
-    b.remove("");
+    a.remove(b"".as_slice());
+    b.remove(b"".as_slice());
+    let shown = |keys: Vec<&Vec<u8>>| -> Vec<String> {
+        keys.into_iter()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .collect()
+    };
     let a_keys: Vec<_> = a.keys().collect();
     let b_keys: Vec<_> = b.keys().collect();
-    assert_eq!(a_keys, b_keys, "restored tree has different entries");
+    assert!(
+        a_keys == b_keys,
+        "restored tree has different entries: {:?} vs {:?}",
+        shown(a_keys),
+        shown(b_keys)
+    );
     for (path, node) in &a {
-        assert_eq!(Some(node), b.get(path), "{path} differs");
+        assert_eq!(
+            Some(node),
+            b.get(path),
+            "{} differs",
+            String::from_utf8_lossy(path)
+        );
     }
 }

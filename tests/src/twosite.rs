@@ -274,14 +274,18 @@ impl TwoSites {
 
     /// `duplex ARGS` through the coordinator, as the account with `token`.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin("duplex"))
-            .args(args)
-            .env("DUPLEX_ENDPOINT", &self.coordinator.addr)
+        self.duplex_command(token).args(args).output().unwrap()
+    }
+
+    /// The agent with this cluster's endpoint and credentials, to add
+    /// arguments to.
+    pub fn duplex_command(&self, token: &str) -> Command {
+        let mut cmd = Command::new(bin("duplex"));
+        cmd.env("DUPLEX_ENDPOINT", &self.coordinator.addr)
             .env("DUPLEX_TOKEN", token)
             .env("DUPLEX_CA", &self.ca)
-            .env("DUPLEX_PASSWORD", crate::cluster::TEST_PASSPHRASE)
-            .output()
-            .unwrap()
+            .env("DUPLEX_PASSWORD", crate::cluster::TEST_PASSPHRASE);
+        cmd
     }
 
     /// `duplex backup PATH --json`, asserting success; the snapshot id.

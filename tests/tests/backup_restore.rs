@@ -364,3 +364,154 @@ fn the_file_cache_skips_unchanged_files_and_never_a_changed_one() {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["read_bytes"], all, "{report}");
 }
+
+#[test]
+fn special_files_and_names_that_are_not_utf8_come_back_as_they_were() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start();
+    let token = cluster.create_account("odd-names", None);
+    let src = cluster.path("odd");
+    let latin1 = OsStr::from_bytes(b"caf\xe9.txt");
+    let odd_dir = OsStr::from_bytes(b"dir-\xff");
+    std::fs::create_dir_all(src.join(odd_dir)).unwrap();
+    std::fs::write(src.join(latin1), b"latin-1 name").unwrap();
+    std::fs::write(src.join(odd_dir).join("inside"), b"inside").unwrap();
+    // Two names that differ only in bytes that are not UTF-8 show the
+    // same display form: they must still be two files.
+    std::fs::write(src.join(OsStr::from_bytes(b"twin-\xfe")), b"one").unwrap();
+    std::fs::write(src.join(OsStr::from_bytes(b"twin-\xfd")), b"two").unwrap();
+    std::os::unix::fs::symlink(latin1, src.join("link-to-latin1")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(src.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let _socket = std::os::unix::net::UnixListener::bind(src.join("socket")).unwrap();
+    // A device needs CAP_MKNOD, which CI's root has.
+    let root = std::process::Command::new("mknod")
+        .arg(src.join("null-device"))
+        .args(["c", "1", "3"])
+        .status()
+        .unwrap()
+        .success();
+    std::fs::set_permissions(src.join("pipe"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    // An old mtime, set without opening the FIFO (that would block).
+    let touched = std::process::Command::new("touch")
+        .args(["-m", "-d", "@1400000000.5"])
+        .arg(src.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(touched.success());
+
+    let report = cluster.backup(&token, &src);
+    assert_eq!(report["skipped"], 0, "{report}");
+    let snapshot = report["snapshot"].as_str().unwrap().to_owned();
+    let listed = cluster.duplex_json(&token, &["ls", &snapshot]);
+    let kind_of = |name: &str| {
+        listed["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == format!("odd/{name}"))
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(kind_of("pipe").as_deref(), Some("fifo"), "{listed}");
+    assert_eq!(kind_of("socket").as_deref(), Some("socket"), "{listed}");
+    if root {
+        assert_eq!(kind_of("null-device").as_deref(), Some("chardev"), "{listed}");
+    }
+    // The display form replaces what is not UTF-8.
+    assert_eq!(kind_of("caf\u{FFFD}.txt").as_deref(), Some("file"), "{listed}");
+
+    let target = cluster.restore(&token, &snapshot, "restored");
+    assert_same_tree(&src, &target.join("odd"));
+
+    // dump and --include take the exact bytes of a name.
+    let dumped = cluster.duplex_os(
+        &token,
+        &[
+            OsStr::new("dump"),
+            OsStr::new("latest"),
+            OsStr::from_bytes(b"odd/caf\xe9.txt"),
+        ],
+    );
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    assert_eq!(dumped.stdout, b"latin-1 name");
+    let partial = cluster.path("partial");
+    let out = cluster.duplex_os(
+        &token,
+        &[
+            OsStr::new("restore"),
+            OsStr::new("latest"),
+            OsStr::new("--target"),
+            partial.as_os_str(),
+            OsStr::new("--include"),
+            OsStr::from_bytes(b"odd/dir-\xff"),
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        std::fs::read(partial.join("odd").join(odd_dir).join("inside")).unwrap(),
+        b"inside"
+    );
+    assert!(!partial.join("odd").join(latin1).exists());
+
+    // A change to one twin is one modified path, not a confusion of two.
+    std::fs::write(src.join(OsStr::from_bytes(b"twin-\xfd")), b"changed").unwrap();
+    let second = cluster.backup(&token, &src)["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let diff = cluster.duplex_json(&token, &["diff", &snapshot, &second]);
+    assert_eq!(diff["added"], serde_json::json!([]), "{diff}");
+    assert_eq!(diff["removed"], serde_json::json!([]), "{diff}");
+    let modified = diff["modified"].as_array().unwrap();
+    assert!(
+        modified.contains(&serde_json::json!("odd/twin-\u{FFFD}")),
+        "{diff}"
+    );
+}
+
+#[test]
+fn a_limited_upload_never_runs_above_its_rate() {
+    let cluster = Cluster::start();
+    let token = cluster.create_account("slow-link", None);
+    let src = cluster.path("data");
+    std::fs::create_dir_all(&src).unwrap();
+    // Small files, one chunk each, so no single send is large.
+    const SMALL: usize = 64 * 1024;
+    for i in 0..48 {
+        std::fs::write(src.join(format!("f{i:02}")), random_bytes(100 + i, SMALL)).unwrap();
+    }
+    let rate = MIB as u64;
+    let started = std::time::Instant::now();
+    let report = backed_up(
+        &cluster,
+        &token,
+        &["--limit-upload", &rate.to_string(), src.to_str().unwrap()],
+    );
+    let took = started.elapsed().as_secs_f64();
+    let uploaded = report["uploaded_bytes"].as_u64().unwrap();
+    assert!(uploaded >= 48 * SMALL as u64, "{report}");
+    // The limiter sends a chunk once the bytes before it are due, so the
+    // last one leaves no sooner than all but it take at the rate. A lower
+    // bound: no machine is too fast for it.
+    let largest_send = 2 * SMALL as u64;
+    let floor = (uploaded - largest_send) as f64 / rate as f64;
+    assert!(
+        took >= floor,
+        "{uploaded} bytes at {rate} B/s took {took:.2} s, under {floor:.2} s"
+    );
+    let restored = cluster.restore(&token, report["snapshot"].as_str().unwrap(), "restored");
+    assert_same_tree(&src, &restored.join("data"));
+
+    let zero = cluster.duplex(&token, &["backup", "--limit-upload", "0", src.to_str().unwrap()]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--limit-upload"));
+}

@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -164,20 +165,32 @@ fn exit_codes_say_why() {
         String::from_utf8_lossy(&agent.stderr)
     );
 
-    // 3: a backup that had to leave something out is saved, and says so.
+    // 3: a backup that had to leave something out (a file it may not
+    // read) is saved, and says so; a name that is not UTF-8 is kept.
     let tree = p.path("tree");
     std::fs::create_dir_all(&tree).unwrap();
     std::fs::write(tree.join("kept.txt"), b"kept").unwrap();
     let odd = std::ffi::OsStr::from_bytes(b"not-utf8-\xff.txt");
-    std::fs::write(tree.join(odd), b"skipped").unwrap();
-    let out = p.duplex(&p.token, &["backup", tree.to_str().unwrap(), "--json"]);
+    std::fs::write(tree.join(odd), b"odd").unwrap();
+    let secret = tree.join("secret.txt");
+    std::fs::write(&secret, b"unreadable").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut backup = p.duplex_command(&p.token);
+    backup.args(["backup", tree.to_str().unwrap(), "--json"]);
+    let out = duplex_tests::bound_by_permissions(&backup).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("secret.txt"),
+        "the warning names the file: {stderr}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["files"], 1, "{report}");
+    assert_eq!(report["files"], 2, "{report}");
     assert_eq!(report["skipped"], 1, "{report}");
     let restored = p.restore(&p.token, report["snapshot"].as_str().unwrap(), "restored");
     assert_eq!(std::fs::read(restored.join("tree/kept.txt")).unwrap(), b"kept");
+    assert_eq!(std::fs::read(restored.join("tree").join(odd)).unwrap(), b"odd");
+    assert!(!restored.join("tree/secret.txt").exists());
 }
 
 #[test]

@@ -308,7 +308,7 @@ fn file_entry(keys: &Keys, path: &str, data: &[u8]) -> FileEntry {
         size: data.len() as u64,
         mtime_ns: 0,
         chunks: vec![keys.chunk_id(data).to_vec()],
-        symlink_target: String::new(),
+        ..Default::default()
     }
 }
 
@@ -319,8 +319,8 @@ fn symlink_entry(path: &str, target: &str) -> FileEntry {
         mode: 0o777,
         size: 0,
         mtime_ns: 0,
-        chunks: vec![],
         symlink_target: target.into(),
+        ..Default::default()
     }
 }
 

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
 use crate::cache::FileCache;
-use crate::chunking::{Batch, Uploader, chunk_stream, cut_file, missing};
+use crate::chunking::{Batch, UploadLimit, Uploader, chunk_stream, cut_file, missing};
 use crate::crypto::Keys;
 use crate::scan::{Item, Selection, scan};
 use crate::session::{Session, throttled};
@@ -46,6 +46,8 @@ pub struct Options {
     pub selection: Selection,
     /// Read every file, trusting no file cache.
     pub force_read: bool,
+    /// `--limit-upload`: chunk bytes sent per second, at most.
+    pub limit_upload: Option<u64>,
 }
 
 /// Whole attempts when the commit finds chunks gone: garbage collection
@@ -175,6 +177,7 @@ async fn backup_once(
         keys.clone(),
         tokio::runtime::Handle::current(),
         txs,
+        options.limit_upload.map(UploadLimit::new),
     ));
 
     let chunked = {

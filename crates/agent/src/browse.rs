@@ -4,7 +4,9 @@
 //! directory that was backed up.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use duplex_proto::v1::{EntryKind, FileEntry, SnapshotInfo};
@@ -13,7 +15,7 @@ use serde::Serialize;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::manifest::{fetch_chunks, fetch_manifest};
+use crate::manifest::{fetch_chunks, fetch_manifest, path_bytes};
 use crate::session::Session;
 
 /// Every entry of a snapshot, in manifest order.
@@ -27,25 +29,45 @@ pub async fn entries(
         .entries)
 }
 
-/// A path as the user typed it, in the manifest's form.
-fn normalized(path: &str) -> &str {
-    path.trim_matches('/')
+/// A path as the user typed it (bytes, as Unix names are), in the
+/// manifest's form.
+fn normalized(path: &OsStr) -> &[u8] {
+    let mut bytes = path.as_bytes();
+    while let Some(rest) = bytes.strip_prefix(b"/") {
+        bytes = rest;
+    }
+    while let Some(rest) = bytes.strip_suffix(b"/") {
+        bytes = rest;
+    }
+    bytes
+}
+
+fn shown(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
 }
 
 /// `entry` is `path` or below it.
-fn within(entry: &str, path: &str) -> bool {
-    path.is_empty() || entry == path || entry.strip_prefix(path).is_some_and(|rest| rest.starts_with('/'))
+fn within(entry: &FileEntry, path: &[u8]) -> bool {
+    let entry = path_bytes(entry);
+    path.is_empty()
+        || entry == path
+        || entry
+            .strip_prefix(path)
+            .is_some_and(|rest| rest.starts_with(b"/"))
 }
 
 /// The entries at or below `path` (all of them for none); an error naming
 /// the path when nothing is there.
-pub fn under(entries: Vec<FileEntry>, path: Option<&str>) -> Result<Vec<FileEntry>, AgentError> {
+pub fn under(entries: Vec<FileEntry>, path: Option<&OsStr>) -> Result<Vec<FileEntry>, AgentError> {
     let Some(path) = path.map(normalized) else {
         return Ok(entries);
     };
-    let found: Vec<FileEntry> = entries.into_iter().filter(|e| within(&e.path, path)).collect();
+    let found: Vec<FileEntry> = entries.into_iter().filter(|e| within(e, path)).collect();
     if found.is_empty() {
-        return Err(AgentError::Invalid(format!("no {path:?} in the snapshot")));
+        return Err(AgentError::Invalid(format!(
+            "no {:?} in the snapshot",
+            shown(path)
+        )));
     }
     Ok(found)
 }
@@ -53,26 +75,27 @@ pub fn under(entries: Vec<FileEntry>, path: Option<&str>) -> Result<Vec<FileEntr
 /// What `restore --include` writes: the subtrees named, and the
 /// directories above them (so they are created with their modes and
 /// times). A path that names nothing is an error, not an empty restore.
-pub fn included(entries: Vec<FileEntry>, includes: &[String]) -> Result<Vec<FileEntry>, AgentError> {
-    let paths: Vec<&str> = includes.iter().map(|p| normalized(p)).collect();
+pub fn included(entries: Vec<FileEntry>, includes: &[OsString]) -> Result<Vec<FileEntry>, AgentError> {
+    let paths: Vec<&[u8]> = includes.iter().map(|p| normalized(p)).collect();
     if let Some(missing) = paths
         .iter()
-        .find(|p| p.is_empty() || !entries.iter().any(|e| within(&e.path, p)))
+        .find(|p| p.is_empty() || !entries.iter().any(|e| within(e, p)))
     {
         return Err(AgentError::Invalid(format!(
-            "--include {missing:?} names nothing in the snapshot"
+            "--include {:?} names nothing in the snapshot",
+            shown(missing)
         )));
     }
     let above = |e: &FileEntry| {
         e.kind == EntryKind::Dir as i32
             && paths.iter().any(|p| {
-                p.strip_prefix(e.path.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
+                p.strip_prefix(path_bytes(e))
+                    .is_some_and(|rest| rest.starts_with(b"/"))
             })
     };
     Ok(entries
         .into_iter()
-        .filter(|e| paths.iter().any(|p| within(&e.path, p)) || above(e))
+        .filter(|e| paths.iter().any(|p| within(e, p)) || above(e))
         .collect())
 }
 
@@ -82,13 +105,14 @@ pub async fn dump(
     session: &Session,
     keys: &Arc<Keys>,
     entries: &[FileEntry],
-    path: &str,
+    path: &OsStr,
     out: &mut dyn Write,
 ) -> Result<u64, AgentError> {
-    let path = normalized(path);
+    let wanted = normalized(path);
+    let path = shown(wanted);
     let entry = entries
         .iter()
-        .find(|e| e.path == path)
+        .find(|e| path_bytes(e) == wanted)
         .ok_or_else(|| AgentError::Invalid(format!("no {path:?} in the snapshot")))?;
     if entry.kind != EntryKind::File as i32 {
         return Err(AgentError::Invalid(format!("{path:?} is not a file")));
@@ -121,17 +145,20 @@ pub struct Diff {
     pub modified: Vec<String>,
 }
 
+/// Entries are matched by their exact names; the lists show names in
+/// their display form.
 pub fn diff(a: Vec<FileEntry>, b: Vec<FileEntry>) -> Diff {
-    let mut before: BTreeMap<String, FileEntry> = a.into_iter().map(|e| (e.path.clone(), e)).collect();
+    let mut before: BTreeMap<Vec<u8>, FileEntry> =
+        a.into_iter().map(|e| (path_bytes(&e).to_vec(), e)).collect();
     let mut out = Diff::default();
     for entry in b {
-        match before.remove(&entry.path) {
+        match before.remove(path_bytes(&entry)) {
             None => out.added.push(entry.path),
             Some(old) if old != entry => out.modified.push(entry.path),
             Some(_) => {}
         }
     }
-    out.removed = before.into_keys().collect();
+    out.removed = before.into_values().map(|e| e.path).collect();
     out.added.sort();
     out.modified.sort();
     out
@@ -142,6 +169,10 @@ pub fn kind_name(kind: i32) -> &'static str {
         Ok(EntryKind::File) => "file",
         Ok(EntryKind::Dir) => "dir",
         Ok(EntryKind::Symlink) => "symlink",
+        Ok(EntryKind::Fifo) => "fifo",
+        Ok(EntryKind::Socket) => "socket",
+        Ok(EntryKind::CharDevice) => "chardev",
+        Ok(EntryKind::BlockDevice) => "blockdev",
         _ => "unknown",
     }
 }
@@ -176,9 +207,9 @@ mod tests {
 
     #[test]
     fn a_subtree_is_the_path_and_what_is_below_it_not_its_namesakes() {
-        let found = under(tree(), Some("/home/docs/")).unwrap();
+        let found = under(tree(), Some(OsStr::new("/home/docs/"))).unwrap();
         assert_eq!(paths(&found), ["home/docs", "home/docs/a"]);
-        assert!(under(tree(), Some("home/doc")).is_err());
+        assert!(under(tree(), Some(OsStr::new("home/doc"))).is_err());
     }
 
     #[test]

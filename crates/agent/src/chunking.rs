@@ -33,6 +33,34 @@ pub struct Uploader {
     next_tx: std::sync::atomic::AtomicUsize,
     seen: Mutex<HashSet<ChunkId>>,
     pub uploaded_bytes: AtomicU64,
+    limit: Option<UploadLimit>,
+}
+
+/// `--limit-upload`: chunk payload bytes per second, averaged from the
+/// start of the upload. A sender that gets ahead sleeps until its bytes
+/// are due, which holds back the chunking threads behind it.
+pub struct UploadLimit {
+    bytes_per_s: u64,
+    start: std::time::Instant,
+}
+
+impl UploadLimit {
+    pub fn new(bytes_per_s: u64) -> Self {
+        Self {
+            bytes_per_s: bytes_per_s.max(1),
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Waits until `sent_total` bytes are due.
+    fn pace(&self, sent_total: u64) {
+        let due =
+            self.start + std::time::Duration::from_secs_f64(sent_total as f64 / self.bytes_per_s as f64);
+        let now = std::time::Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+    }
 }
 
 impl Uploader {
@@ -41,6 +69,7 @@ impl Uploader {
         keys: std::sync::Arc<Keys>,
         handle: Handle,
         txs: Vec<mpsc::Sender<Chunk>>,
+        limit: Option<UploadLimit>,
     ) -> Self {
         Self {
             storage,
@@ -50,6 +79,7 @@ impl Uploader {
             next_tx: std::sync::atomic::AtomicUsize::new(0),
             seen: Mutex::new(HashSet::new()),
             uploaded_bytes: AtomicU64::new(0),
+            limit,
         }
     }
 
@@ -103,8 +133,13 @@ impl Uploader {
     }
 
     fn send(&self, chunk: Chunk) -> Result<(), AgentError> {
-        self.uploaded_bytes
-            .fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
+        let len = chunk.data.len() as u64;
+        let sent = self.uploaded_bytes.fetch_add(len, Ordering::Relaxed);
+        if let Some(limit) = &self.limit {
+            // Paced by what was sent before this chunk: the first goes at
+            // once, and the average never runs above the limit.
+            limit.pace(sent);
+        }
         let i = self.next_tx.fetch_add(1, Ordering::Relaxed) % self.txs.len().max(1);
         let Some(tx) = self.txs.get(i) else {
             return Err(AgentError::Invalid("no upload stream".into()));

@@ -63,6 +63,10 @@ enum Command {
         /// since the last backup of the same paths.
         #[arg(long)]
         force_read: bool,
+        /// Send at most this many chunk bytes per second (averaged over
+        /// the backup), so a backup leaves room on a shared uplink.
+        #[arg(long, value_name = "BYTES_PER_S", value_parser = clap::value_parser!(u64).range(1..))]
+        limit_upload: Option<u64>,
     },
     /// List the account's snapshots.
     Snapshots,
@@ -74,12 +78,18 @@ enum Command {
         /// Restore only this path and what is below it (repeatable), as
         /// `ls` shows it, e.g. `home/docs`.
         #[arg(long, value_name = "PATH")]
-        include: Vec<String>,
+        include: Vec<std::ffi::OsString>,
     },
     /// List a snapshot's entries, or those at and below PATH.
-    Ls { snapshot: String, path: Option<String> },
+    Ls {
+        snapshot: String,
+        path: Option<std::ffi::OsString>,
+    },
     /// Write one file of a snapshot to standard output.
-    Dump { snapshot: String, path: String },
+    Dump {
+        snapshot: String,
+        path: std::ffi::OsString,
+    },
     /// What changed from SNAPSHOT_A to SNAPSHOT_B: paths added, removed
     /// and modified.
     Diff {
@@ -307,10 +317,12 @@ async fn run_command(
             paths,
             select,
             force_read,
+            limit_upload,
         } => {
             let how = Arc::new(backup::Options {
                 selection: select.selection()?,
                 force_read: *force_read,
+                limit_upload: *limit_upload,
             });
             let unlocked = secrets.unlocked(cli, options, session, true).await?;
             let keys = unlocked
@@ -594,7 +606,7 @@ async fn run_restore(
     keys: Arc<Keys>,
     info: duplex_proto::v1::SnapshotInfo,
     target: &std::path::Path,
-    includes: &[String],
+    includes: &[std::ffi::OsString],
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let bar = progress_bar(json, "restoring");
@@ -603,14 +615,22 @@ async fn run_restore(
         outln!("{}", serde_json::to_string(&report)?);
     } else {
         outln!(
-            "restored snapshot {} into {}: {} files, {} directories, {} symlinks, {}",
+            "restored snapshot {} into {}: {} files, {} directories, {} symlinks, {} special files, {}",
             report.snapshot,
             target.display(),
             report.files,
             report.dirs,
             report.symlinks,
+            report.special,
             human_bytes(report.bytes)
         );
+    }
+    if report.skipped > 0 {
+        eprintln!(
+            "warning: {} item(s) of the snapshot could not be made (see above)",
+            report.skipped
+        );
+        return Ok(ExitCode::from(duplex_rpc::exit::PARTIAL));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use duplex_proto::v1::{GetChunksRequest, Manifest};
+use duplex_proto::v1::{FileEntry, GetChunksRequest, Manifest};
 use duplex_types::ChunkId;
 use futures::{Stream, StreamExt, TryStreamExt};
 use prost::Message;
@@ -67,4 +67,31 @@ pub async fn fetch_manifest(
     }
     Manifest::decode(bytes.as_slice())
         .map_err(|e| AgentError::Integrity(format!("snapshot manifest does not decode: {e}")))
+}
+
+/// An entry's path as the bytes of the name on disk.
+pub fn path_bytes(entry: &FileEntry) -> &[u8] {
+    if entry.path_bytes.is_empty() {
+        entry.path.as_bytes()
+    } else {
+        &entry.path_bytes
+    }
+}
+
+/// A symlink's target as the bytes on disk.
+pub fn link_target_bytes(entry: &FileEntry) -> &[u8] {
+    if entry.symlink_target_bytes.is_empty() {
+        entry.symlink_target.as_bytes()
+    } else {
+        &entry.symlink_target_bytes
+    }
+}
+
+/// A name as the manifest holds it: the string when it is UTF-8, else a
+/// display form beside the exact bytes.
+pub fn name_fields(bytes: Vec<u8>) -> (String, Vec<u8>) {
+    match String::from_utf8(bytes) {
+        Ok(text) => (text, Vec::new()),
+        Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), e.into_bytes()),
+    }
 }

@@ -11,6 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,7 +27,7 @@ use serde::Serialize;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::manifest::{fetch_chunks, fetch_manifest};
+use crate::manifest::{fetch_chunks, fetch_manifest, link_target_bytes, path_bytes};
 use crate::session::{Session, StorageClient};
 
 /// Files restored at once.
@@ -38,7 +39,12 @@ pub struct RestoreReport {
     pub files: u64,
     pub dirs: u64,
     pub symlinks: u64,
+    /// FIFOs, sockets and devices made.
+    pub special: u64,
     pub bytes: u64,
+    /// Entries that could not be made (a device without the privilege to
+    /// make one), each named in a warning.
+    pub skipped: u64,
 }
 
 /// The snapshot `query` names (id, unique prefix or "latest").
@@ -57,7 +63,7 @@ pub async fn restore(
     keys: Arc<Keys>,
     info: SnapshotInfo,
     target: &Path,
-    includes: &[String],
+    includes: &[std::ffi::OsString],
     progress: ProgressBar,
 ) -> Result<RestoreReport, AgentError> {
     let storage = session.storage.clone();
@@ -86,6 +92,13 @@ pub async fn restore(
         bytes += written?;
     }
     drop(writes);
+    let mut skipped = 0;
+    for (path, entry) in &plan.specials {
+        if let Err(e) = make_special(target, path, entry) {
+            progress.suspend(|| eprintln!("warning: skipped {}: {e}", target.join(path).display()));
+            skipped += 1;
+        }
+    }
     for (path, entry) in &plan.symlinks {
         make_symlink(target, path, entry)?;
     }
@@ -102,7 +115,9 @@ pub async fn restore(
         files: plan.files.len() as u64,
         dirs: plan.dirs.len() as u64,
         symlinks: plan.symlinks.len() as u64,
+        special: plan.specials.len() as u64 - skipped,
         bytes,
+        skipped,
     })
 }
 
@@ -111,6 +126,8 @@ pub struct Plan {
     dirs: Vec<(PathBuf, FileEntry)>,
     files: Vec<(PathBuf, FileEntry)>,
     symlinks: Vec<(PathBuf, FileEntry)>,
+    /// FIFOs, sockets and devices.
+    specials: Vec<(PathBuf, FileEntry)>,
 }
 
 impl Plan {
@@ -124,10 +141,11 @@ impl Plan {
             dirs: Vec::new(),
             files: Vec::new(),
             symlinks: Vec::new(),
+            specials: Vec::new(),
         };
         let mut names = HashSet::new();
         for entry in entries {
-            let path = validate_relative_path(&entry.path).map_err(|e| refuse(e.to_string()))?;
+            let path = validate_relative_path(path_bytes(&entry)).map_err(|e| refuse(e.to_string()))?;
             if !names.insert(path.clone()) {
                 return Err(refuse(format!("the snapshot names {} twice", path.display())));
             }
@@ -136,6 +154,9 @@ impl Plan {
                 EntryKind::Dir => plan.dirs.push((path, entry)),
                 EntryKind::File => plan.files.push((path, entry)),
                 EntryKind::Symlink => plan.symlinks.push((path, entry)),
+                EntryKind::Fifo | EntryKind::Socket | EntryKind::CharDevice | EntryKind::BlockDevice => {
+                    plan.specials.push((path, entry))
+                }
                 EntryKind::Unspecified => return Err(refuse(format!("entry {:?} has no kind", entry.path))),
             }
         }
@@ -149,7 +170,12 @@ impl Plan {
     /// through a symlink the snapshot creates.
     fn check_parents_are_dirs(&self) -> Result<(), String> {
         let dirs: HashSet<&Path> = self.dirs.iter().map(|(p, _)| p.as_path()).collect();
-        let all = self.dirs.iter().chain(&self.files).chain(&self.symlinks);
+        let all = self
+            .dirs
+            .iter()
+            .chain(&self.files)
+            .chain(&self.symlinks)
+            .chain(&self.specials);
         for (path, _) in all {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
                 && !dirs.contains(parent)
@@ -171,8 +197,8 @@ fn check_entry(entry: &FileEntry) -> Result<(), String> {
     if kind != EntryKind::File && !entry.chunks.is_empty() {
         return Err(format!("entry {:?} is not a file but names chunks", entry.path));
     }
-    if kind == EntryKind::Symlink && (entry.symlink_target.is_empty() || entry.symlink_target.contains('\0'))
-    {
+    let target = link_target_bytes(entry);
+    if kind == EntryKind::Symlink && (target.is_empty() || target.contains(&0)) {
         return Err(format!("symlink {:?} has an empty or invalid target", entry.path));
     }
     for c in &entry.chunks {
@@ -310,7 +336,51 @@ fn make_symlink(target: &Path, path: &Path, entry: &FileEntry) -> Result<(), Age
     if std::fs::symlink_metadata(&full).is_ok() {
         std::fs::remove_file(&full).map_err(AgentError::io(&full))?;
     }
-    std::os::unix::fs::symlink(&entry.symlink_target, &full).map_err(AgentError::io(&full))
+    let link_target = std::ffi::OsStr::from_bytes(link_target_bytes(entry));
+    std::os::unix::fs::symlink(link_target, &full).map_err(AgentError::io(&full))
+}
+
+/// Makes a FIFO, socket or device node with the entry's mode and mtime.
+/// Anything already at its path is replaced only if it is not a directory.
+fn make_special(target: &Path, path: &Path, entry: &FileEntry) -> Result<(), AgentError> {
+    check_parents(target, path)?;
+    let full = target.join(path);
+    if let Ok(meta) = std::fs::symlink_metadata(&full) {
+        if meta.is_dir() {
+            return Err(AgentError::UnsafePath(format!(
+                "{} exists and is a directory",
+                full.display()
+            )));
+        }
+        std::fs::remove_file(&full).map_err(AgentError::io(&full))?;
+    }
+    use nix::sys::stat::{Mode, SFlag};
+    let kind = match entry.kind() {
+        EntryKind::Fifo => SFlag::S_IFIFO,
+        EntryKind::Socket => SFlag::S_IFSOCK,
+        EntryKind::CharDevice => SFlag::S_IFCHR,
+        _ => SFlag::S_IFBLK,
+    };
+    // mknod(2) makes all four kinds; a device needs CAP_MKNOD.
+    let mode = Mode::from_bits_truncate(entry.mode & 0o7777);
+    nix::sys::stat::mknod(&full, kind, mode, entry.rdev).map_err(|e| AgentError::io(&full)(e.into()))?;
+    // The umask applied to mknod's mode: set the bits exactly.
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(entry.mode))
+        .map_err(AgentError::io(&full))?;
+    // By path, not by a handle: a FIFO would block an open and a socket
+    // cannot be opened at all.
+    let mtime = nix::sys::time::TimeSpec::new(
+        entry.mtime_ns.div_euclid(1_000_000_000),
+        entry.mtime_ns.rem_euclid(1_000_000_000),
+    );
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &full,
+        &nix::sys::time::TimeSpec::UTIME_OMIT,
+        &mtime,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| AgentError::io(&full)(e.into()))
 }
 
 fn set_times(path: &Path, mtime_ns: i64) -> Result<(), AgentError> {
@@ -376,6 +446,10 @@ mod tests {
         refused(vec![entry("../x", File)]);
         refused(vec![entry("/etc/passwd", File)]);
         refused(vec![entry("a/../../x", File)]);
+        // The exact bytes are what is checked, not the display form.
+        let mut hidden = entry("fine", File);
+        hidden.path_bytes = b"../\xffescape".to_vec();
+        refused(vec![hidden]);
         // A directory naming chunks.
         let mut dir = entry("d", Dir);
         dir.chunks.push(vec![0; 32]);

@@ -1,7 +1,8 @@
 //! Walking the paths to back up into manifest entries (without chunks yet).
 
 use std::collections::HashSet;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use duplex_proto::v1::{EntryKind, FileEntry};
@@ -9,6 +10,7 @@ use ignore::gitignore::{Gitignore, GitignoreBuilder};
 
 use crate::AgentError;
 use crate::cache::Stat;
+use crate::manifest::name_fields;
 
 /// What a backup leaves out.
 pub struct Selection {
@@ -101,7 +103,8 @@ pub fn scan(
         let name = top_name(root)?;
         if !names.insert(name.clone()) {
             return Err(AgentError::Invalid(format!(
-                "two paths to back up share the name {name:?}; back them up separately"
+                "two paths to back up share the name {:?}; back them up separately",
+                String::from_utf8_lossy(&name)
             )));
         }
         let mut caches: HashSet<PathBuf> = HashSet::new();
@@ -143,25 +146,17 @@ pub fn scan(
                 }
             };
             let rel = entry.path().strip_prefix(root).unwrap_or(Path::new(""));
-            let Some(rel) = rel.to_str() else {
-                warn(format!("skipped {}: name is not UTF-8", entry.path().display()));
-                continue;
-            };
-            let path = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{name}/{rel}")
-            };
+            let mut path = name.clone();
+            if !rel.as_os_str().is_empty() {
+                path.push(b'/');
+                path.extend_from_slice(rel.as_os_str().as_bytes());
+            }
             match describe(entry.path(), path) {
-                Ok(Some((entry, stat))) => items.push(Item {
-                    source: entry_source(root, rel),
-                    entry,
+                Ok((manifest_entry, stat)) => items.push(Item {
+                    source: entry.into_path(),
+                    entry: manifest_entry,
                     stat,
                 }),
-                Ok(None) => warn(format!(
-                    "skipped {}: not a file, directory or symlink",
-                    entry.path().display()
-                )),
                 Err(e) => warn(format!("skipped: {e}")),
             }
         }
@@ -169,51 +164,57 @@ pub fn scan(
     Ok(items)
 }
 
-fn entry_source(root: &Path, rel: &str) -> PathBuf {
-    if rel.is_empty() {
-        root.to_path_buf()
-    } else {
-        root.join(rel)
-    }
-}
-
-fn top_name(root: &Path) -> Result<String, AgentError> {
+fn top_name(root: &Path) -> Result<Vec<u8>, AgentError> {
     let absolute = std::fs::canonicalize(root).map_err(AgentError::io(root))?;
     let name = absolute
         .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "root".to_owned());
+        .map_or_else(|| b"root".to_vec(), |n| n.as_bytes().to_vec());
     Ok(name)
 }
 
-fn describe(source: &Path, path: String) -> Result<Option<(FileEntry, Stat)>, AgentError> {
+fn describe(source: &Path, path: Vec<u8>) -> Result<(FileEntry, Stat), AgentError> {
     let meta = std::fs::symlink_metadata(source).map_err(AgentError::io(source))?;
     let ft = meta.file_type();
-    let (kind, symlink_target) = if ft.is_file() {
-        (EntryKind::File, String::new())
+    let kind = if ft.is_file() {
+        EntryKind::File
     } else if ft.is_dir() {
-        (EntryKind::Dir, String::new())
+        EntryKind::Dir
     } else if ft.is_symlink() {
-        let target = std::fs::read_link(source).map_err(AgentError::io(source))?;
-        let Some(target) = target.to_str() else {
-            return Err(AgentError::Invalid(format!(
-                "{}: link target is not UTF-8",
-                source.display()
-            )));
-        };
-        (EntryKind::Symlink, target.to_owned())
+        EntryKind::Symlink
+    } else if ft.is_fifo() {
+        EntryKind::Fifo
+    } else if ft.is_socket() {
+        EntryKind::Socket
+    } else if ft.is_char_device() {
+        EntryKind::CharDevice
+    } else if ft.is_block_device() {
+        EntryKind::BlockDevice
     } else {
-        return Ok(None);
+        return Err(AgentError::Invalid(format!(
+            "{}: a kind of file this system does not name",
+            source.display()
+        )));
     };
+    let (symlink_target, symlink_target_bytes) = if kind == EntryKind::Symlink {
+        let target = std::fs::read_link(source).map_err(AgentError::io(source))?;
+        name_fields(target.into_os_string().into_vec())
+    } else {
+        Default::default()
+    };
+    let (path, path_bytes) = name_fields(path);
     let stat = Stat::of(&meta);
+    let device = matches!(kind, EntryKind::CharDevice | EntryKind::BlockDevice);
     let entry = FileEntry {
         path,
+        path_bytes,
         kind: kind as i32,
         mode: meta.permissions().mode() & 0o7777,
         size: if kind == EntryKind::File { meta.len() } else { 0 },
         mtime_ns: stat.mtime_ns,
         chunks: Vec::new(),
         symlink_target,
+        symlink_target_bytes,
+        rdev: if device { meta.rdev() } else { 0 },
     };
-    Ok(Some((entry, stat)))
+    Ok((entry, stat))
 }

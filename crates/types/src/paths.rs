@@ -15,32 +15,32 @@ pub enum PathError {
 
 /// A manifest path must be relative, '/'-separated, and made only of normal
 /// components, so that joining it to a restore target can never leave it.
-pub fn validate_relative_path(path: &str) -> Result<PathBuf, PathError> {
+/// It is bytes, as Unix names are: a name that is not UTF-8 is kept exactly.
+pub fn validate_relative_path(path: &[u8]) -> Result<PathBuf, PathError> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = || String::from_utf8_lossy(path).into_owned();
     if path.is_empty() {
         return Err(PathError::Empty);
     }
-    if path.starts_with('/') {
-        return Err(PathError::Absolute(path.to_owned()));
+    if path.starts_with(b"/") {
+        return Err(PathError::Absolute(shown()));
     }
-    if path.contains('\0') {
-        return Err(PathError::Unclean(path.to_owned()));
+    if path.contains(&0) {
+        return Err(PathError::Unclean(shown()));
     }
-    for part in path.split('/') {
+    for part in path.split(|b| *b == b'/') {
         match part {
-            ".." => return Err(PathError::ParentDir(path.to_owned())),
-            "" | "." => return Err(PathError::Unclean(path.to_owned())),
+            b".." => return Err(PathError::ParentDir(shown())),
+            b"" | b"." => return Err(PathError::Unclean(shown())),
             _ => {}
         }
     }
-    let parsed = PathBuf::from(path);
+    let parsed = Path::new(std::ffi::OsStr::from_bytes(path));
     // Belt and braces: std's own view of the components must agree.
-    if !Path::new(path)
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(PathError::Unclean(path.to_owned()));
+    if !parsed.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(PathError::Unclean(shown()));
     }
-    Ok(parsed)
+    Ok(parsed.to_path_buf())
 }
 
 #[cfg(test)]
@@ -50,37 +50,40 @@ mod tests {
     #[test]
     fn accepts_plain_relative_paths() {
         assert_eq!(
-            validate_relative_path("a/b c/d.txt"),
+            validate_relative_path(b"a/b c/d.txt"),
             Ok(PathBuf::from("a/b c/d.txt"))
         );
+        use std::os::unix::ffi::OsStrExt;
+        let latin1 = validate_relative_path(b"a/caf\xe9").expect("a name that is not UTF-8 is kept");
+        assert_eq!(latin1.as_os_str().as_bytes(), b"a/caf\xe9");
     }
 
     #[test]
     fn refuses_escapes() {
         assert!(matches!(
-            validate_relative_path("../x"),
+            validate_relative_path(b"../x"),
             Err(PathError::ParentDir(_))
         ));
         assert!(matches!(
-            validate_relative_path("a/../../x"),
+            validate_relative_path(b"a/../../x"),
             Err(PathError::ParentDir(_))
         ));
         assert!(matches!(
-            validate_relative_path("/etc/x"),
+            validate_relative_path(b"/etc/x"),
             Err(PathError::Absolute(_))
         ));
         assert!(matches!(
-            validate_relative_path("a//b"),
+            validate_relative_path(b"a//b"),
             Err(PathError::Unclean(_))
         ));
         assert!(matches!(
-            validate_relative_path("./a"),
+            validate_relative_path(b"./a"),
             Err(PathError::Unclean(_))
         ));
         assert!(matches!(
-            validate_relative_path("a\0b"),
+            validate_relative_path(b"a\0b"),
             Err(PathError::Unclean(_))
         ));
-        assert_eq!(validate_relative_path(""), Err(PathError::Empty));
+        assert_eq!(validate_relative_path(b""), Err(PathError::Empty));
     }
 }
