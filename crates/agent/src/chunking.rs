@@ -21,6 +21,10 @@ pub const AVG_CHUNK: u32 = 1024 * 1024;
 pub const MAX_CHUNK: u32 = 4 * 1024 * 1024;
 /// Chunks are checked against the server in batches of about this size.
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
+/// Or this many chunks: small files fill a batch by count long before they
+/// fill it by size, and a smaller batch lets the upload start while the
+/// walk goes on.
+const BATCH_CHUNKS: usize = 1024;
 
 /// Shared by every chunking thread of one backup.
 pub struct Uploader {
@@ -163,7 +167,7 @@ impl Batch {
     pub fn push(&mut self, id: ChunkId, data: Vec<u8>) -> bool {
         self.bytes += data.len();
         self.chunks.push((id, data));
-        self.bytes >= BATCH_BYTES
+        self.bytes >= BATCH_BYTES || self.chunks.len() >= BATCH_CHUNKS
     }
 }
 

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 /// Records gathered into one batch at most, and how long to wait for more.
-const MAX_RECORDS: usize = 256;
+// As many as a destination takes in one pull (`MAX_PULL_RECORDS`): a
+// batch of small chunks costs one fsync and one index transaction there.
+const MAX_RECORDS: usize = 4096;
 const MAX_BATCH_BYTES: u64 = 32 * 1024 * 1024;
 const GATHER: Duration = Duration::from_millis(5);
 /// How long an idle link waits before checking that the destination answers.

@@ -16,13 +16,14 @@ use duplex_proto::v1::{
     ChangeRecord, Checkpoint, PullBatchRequest, PullBatchResponse, ReadChunksRequest, change_record,
 };
 use duplex_types::{AccountId, ChunkId};
+use futures::StreamExt;
 use tonic::Status;
 use tonic::transport::Channel;
 
-use crate::service::{MAX_IDS_PER_CALL, blocking, check_chunk_shape};
+use crate::service::{CHUNKS_PER_CALL, MAX_IDS_PER_CALL, blocking, check_chunk_shape};
 use crate::store::{PackWriter, Store};
 
-/// Records in one pulled batch at most (a mirror gathers 256).
+/// Records in one pulled batch at most (what a mirror gathers).
 pub const MAX_PULL_RECORDS: usize = 4096;
 
 /// One channel per source address, so a link's batches reuse one TLS
@@ -167,36 +168,49 @@ pub(crate) async fn copy_chunks(
         // dead there; the destination's copy would be too.
         skip_missing: true,
     };
-    let mut stream = src.read_chunks(request).await.map_err(from_source)?.into_inner();
-    while let Some(item) = stream.message().await.map_err(from_source)? {
-        let chunk = item.chunk.ok_or_else(|| {
-            Status::data_loss(format!("the source {source} sent a chunk item without a chunk"))
-        })?;
-        check_chunk_shape(&chunk)?;
-        let id = ChunkId::from_bytes(&chunk.id)
-            .map_err(|e| Status::data_loss(format!("the source {source} sent a chunk with a bad id: {e}")))?;
-        let asked = origins.get(&id).filter(|_| item.account_id == account);
-        let Some(origin) = asked else {
-            return Err(Status::data_loss(format!(
-                "the source {source} sent chunk {id} of account {}, which was not asked for",
-                item.account_id
-            )));
-        };
-        // No origin: the source's own write, which the checkpoint names.
-        let origin = (!origin.is_empty()).then(|| origin.clone());
-        writer = add(writer, AccountId(account), chunk, origin).await?;
+    let mut stream = src
+        .read_chunks(request)
+        .await
+        .map_err(from_source)?
+        .into_inner()
+        .ready_chunks(CHUNKS_PER_CALL);
+    while let Some(arrived) = stream.next().await {
+        let mut checked = Vec::with_capacity(arrived.len());
+        for item in arrived {
+            let item = item.map_err(from_source)?;
+            let chunk = item.chunk.ok_or_else(|| {
+                Status::data_loss(format!("the source {source} sent a chunk item without a chunk"))
+            })?;
+            check_chunk_shape(&chunk)?;
+            let id = ChunkId::from_bytes(&chunk.id).map_err(|e| {
+                Status::data_loss(format!("the source {source} sent a chunk with a bad id: {e}"))
+            })?;
+            let asked = origins.get(&id).filter(|_| item.account_id == account);
+            let Some(origin) = asked else {
+                return Err(Status::data_loss(format!(
+                    "the source {source} sent chunk {id} of account {}, which was not asked for",
+                    item.account_id
+                )));
+            };
+            // No origin: the source's own write, which the checkpoint names.
+            let origin = (!origin.is_empty()).then(|| origin.clone());
+            checked.push((chunk, origin));
+        }
+        writer = add(writer, AccountId(account), checked).await?;
     }
     Ok(writer)
 }
 
+/// Appends chunks that have arrived, in one blocking call.
 async fn add(
     mut writer: PackWriter,
     account: AccountId,
-    chunk: duplex_proto::v1::Chunk,
-    origin: Option<String>,
+    chunks: Vec<(duplex_proto::v1::Chunk, Option<String>)>,
 ) -> Result<PackWriter, Status> {
     let (writer, result) = tokio::task::spawn_blocking(move || {
-        let r = writer.add_from(account, &chunk, origin);
+        let r = chunks
+            .into_iter()
+            .try_for_each(|(chunk, origin)| writer.add_from(account, &chunk, origin));
         (writer, r)
     })
     .await

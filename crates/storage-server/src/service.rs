@@ -21,7 +21,7 @@ use tonic::metadata::MetadataValue;
 
 use crate::mirroring::Mirroring;
 use crate::store::mirror::{Role, RoleState};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -34,6 +34,12 @@ use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
 /// A pack is fsynced and indexed every this many bytes, so an upload cut
 /// short keeps (and the retry reuses) what was already sent.
 const COMMIT_EVERY_BYTES: u64 = 32 * 1024 * 1024;
+/// Or this many chunks: many small ones are committed (and so enter the
+/// change feed, for the mirror to copy) as the upload goes, not all at its
+/// end, where the sync commit would wait for all of them.
+const COMMIT_EVERY_CHUNKS: usize = 4096;
+/// Chunks already received that one blocking call stores at most.
+pub(crate) const CHUNKS_PER_CALL: usize = 256;
 /// Most chunk ids one call may name.
 pub const MAX_IDS_PER_CALL: usize = 100_000;
 
@@ -192,13 +198,19 @@ impl StorageService for StorageApi {
         // which an agent follows; then whether the ticket is for this home.
         drop(self.check_primary().await?);
         let caller = self.authorize(request.metadata(), Access::Write).await?;
-        let mut stream = request.into_inner();
+        // Whatever has already arrived is stored in one blocking call:
+        // one hop to the blocking pool per chunk cost more than storing a
+        // small chunk. HTTP/2 flow control bounds what can be waiting.
+        let mut stream = request.into_inner().ready_chunks(CHUNKS_PER_CALL);
         let account = caller.account;
         let mut writer = blocking(&self.store, |s| s.begin_pack()).await?;
         let mut stats = PutStats::default();
-        while let Some(chunk) = stream.message().await? {
-            check_chunk_shape(&chunk)?;
-            let (w, added) = blocking_add(&self.store, writer, account, caller.quota, chunk).await?;
+        while let Some(arrived) = stream.next().await {
+            let chunks = arrived.into_iter().collect::<Result<Vec<Chunk>, Status>>()?;
+            for chunk in &chunks {
+                check_chunk_shape(chunk)?;
+            }
+            let (w, added) = blocking_add(&self.store, writer, account, caller.quota, chunks).await?;
             writer = w;
             stats += added;
         }
@@ -354,17 +366,23 @@ pub async fn blocking_add(
     mut writer: PackWriter,
     account: AccountId,
     quota: Option<u64>,
-    chunk: Chunk,
+    chunks: Vec<Chunk>,
 ) -> Result<(PackWriter, PutStats), Status> {
     let store = store.clone();
     let (writer, result) = tokio::task::spawn_blocking(move || {
-        let result = writer.add(account, &chunk).and_then(|()| {
-            if writer.pending_bytes() >= COMMIT_EVERY_BYTES {
-                store.commit_pack(&mut writer, account, quota)
-            } else {
-                Ok(PutStats::default())
-            }
-        });
+        let mut stats = PutStats::default();
+        let result = chunks
+            .iter()
+            .try_for_each(|chunk| {
+                writer.add(account, chunk)?;
+                if writer.pending_bytes() >= COMMIT_EVERY_BYTES
+                    || writer.pending_chunks() >= COMMIT_EVERY_CHUNKS
+                {
+                    stats += store.commit_pack(&mut writer, account, quota)?;
+                }
+                Ok::<(), StoreError>(())
+            })
+            .map(|()| stats);
         (writer, result)
     })
     .await

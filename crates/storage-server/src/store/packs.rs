@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -50,12 +50,18 @@ pub struct PackWriter {
     active: ActivePacks,
     path: PathBuf,
     dir: PathBuf,
-    file: File,
+    /// Buffered: small chunks are written in large pieces, not one write
+    /// each. Flushed before every fsync, which is before anything indexes
+    /// what was appended, so no reader ever looks past what is on disk.
+    file: BufWriter<File>,
     offset: u64,
     dir_synced: bool,
     pending: Vec<PendingChunk>,
     pending_bytes: u64,
 }
+
+/// How much of a pack is gathered before it is written.
+const WRITE_BUFFER: usize = 1024 * 1024;
 
 pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
     dir.join(format!("{pack:016x}.pack"))
@@ -76,7 +82,7 @@ impl PackWriter {
                         active: active.clone(),
                         path,
                         dir: dir.to_path_buf(),
-                        file,
+                        file: BufWriter::with_capacity(WRITE_BUFFER, file),
                         offset: 0,
                         dir_synced: false,
                         pending: Vec::new(),
@@ -104,6 +110,11 @@ impl PackWriter {
     /// Bytes appended since the last commit.
     pub fn pending_bytes(&self) -> u64 {
         self.pending_bytes
+    }
+
+    /// Chunks appended since the last commit.
+    pub fn pending_chunks(&self) -> usize {
+        self.pending.len()
     }
 
     /// Checks `chunk`'s payload against its hash and appends it. A chunk
@@ -171,9 +182,7 @@ impl PackWriter {
         if self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        self.file
-            .sync_data()
-            .map_err(StoreError::io(format!("fsync of {}", self.path.display())))?;
+        self.sync_file()?;
         if !self.dir_synced {
             fsync_dir(&self.dir)?;
             self.dir_synced = true;
@@ -187,7 +196,15 @@ impl PackWriter {
     /// bytes reach the disk at its own pace instead of all at once at the
     /// end, where a backup's next fsync would wait behind them.
     pub(super) fn write_back(&mut self) -> Result<(), StoreError> {
+        self.sync_file()
+    }
+
+    fn sync_file(&mut self) -> Result<(), StoreError> {
         self.file
+            .flush()
+            .map_err(StoreError::io(format!("writing {}", self.path.display())))?;
+        self.file
+            .get_ref()
             .sync_data()
             .map_err(StoreError::io(format!("fsync of {}", self.path.display())))
     }
