@@ -12,12 +12,14 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use duplex_tests::bench::{generate_tree, machine, write_section};
+use duplex_tests::bench::{generate_tree, machine, median, write_section};
 use duplex_tests::sites::{self, set_role};
 use duplex_tests::tree::random_bytes;
 use duplex_tests::{Cluster, Service, runtime, wait_for};
 
 const MIB: usize = 1024 * 1024;
+/// Backlog rounds, each on a fresh cluster.
+const ROUNDS: usize = 3;
 
 fn replica(cluster: &Cluster) -> Service {
     sites::storage(
@@ -193,7 +195,19 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1024);
-    let (mirror_secs, rsync_secs, stored) = backlog(mib);
+    // Three rounds, each on a fresh cluster: one disk's timing varies
+    // from run to run (rsync's final `sync` most of all).
+    let rounds: Vec<(f64, f64, u64)> = (0..ROUNDS).map(|_| backlog(mib)).collect();
+    let mirror_runs: Vec<f64> = rounds.iter().map(|r| r.0).collect();
+    let rsync_runs: Vec<f64> = rounds.iter().map(|r| r.1).collect();
+    let (mirror_secs, rsync_secs) = (median(&mirror_runs), median(&rsync_runs));
+    let stored = rounds[0].2;
+    let shown = |runs: &[f64]| {
+        runs.iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let (p50s, p99s, p50r, p99r, backups) = lag_under_load();
     let (sent, missing) = delta_resync();
     let stored_mib = stored as f64 / MIB as f64;
@@ -204,9 +218,9 @@ fn main() {
          **Backlog.** A {mib} MiB tree backed up to storage-a ({stored_mib:.0} MiB stored after compression), then \
          a mirror started towards an empty storage-b: every chunk re-hashed and fsynced on arrival, checkpointed \
          per batch. Against `rsync -a` of storage-a's data directory to an empty directory on the same disk \
-         (plus a `sync`).\n\n\
-         | copy | seconds | MiB/s |\n| --- | ---: | ---: |\n\
-         | duplex-mirror | {mirror_secs:.2} | {:.1} |\n| rsync -a | {rsync_secs:.2} | {:.1} |\n\n\
+         (plus a `sync`). Median of {ROUNDS} rounds, each on a fresh cluster.\n\n\
+         | copy | seconds (median) | MiB/s | rounds |\n| --- | ---: | ---: | --- |\n\
+         | duplex-mirror | {mirror_secs:.2} | {:.1} | {} |\n| rsync -a | {rsync_secs:.2} | {:.1} | {} |\n\n\
          duplex-mirror takes **{:.2}×** rsync's time.\n\n\
          **Lag under load.** {backups} backups of a changed 4 MiB file back to back, async mirroring, lag as \
          storage-a reports it every 20 ms: p50 {p50s:.3} s / {p50r:.0} records, p99 {p99s:.3} s / {p99r:.0} records.\n\n\
@@ -214,7 +228,9 @@ fn main() {
          the link reversed: {sent} bytes sent for {missing} bytes missing on storage-a ({:.3}×).\n",
         machine(),
         stored_mib / mirror_secs,
+        shown(&mirror_runs),
         stored_mib / rsync_secs,
+        shown(&rsync_runs),
         mirror_secs / rsync_secs,
         sent as f64 / missing as f64,
     );
