@@ -141,8 +141,8 @@ impl Playground {
         self.info["ca"].is_string()
     }
 
-    /// `duplex ARGS` as the demo account.
-    pub fn duplex(&self, args: &[&str]) -> std::process::Output {
+    /// `duplex ARGS` as the demo account, to run.
+    pub fn agent_command(&self, args: &[&str]) -> std::process::Command {
         let mut cmd = std::process::Command::new(&self.agent);
         cmd.args(args)
             .env("DUPLEX_ENDPOINT", self.info["endpoints"][0].as_str().unwrap())
@@ -152,7 +152,12 @@ impl Playground {
             Some(ca) => cmd.env("DUPLEX_CA", ca),
             None => cmd.env("DUPLEX_INSECURE_PLAINTEXT", "1"),
         };
-        let out = cmd.output().unwrap();
+        cmd
+    }
+
+    /// `duplex ARGS` as the demo account.
+    pub fn duplex(&self, args: &[&str]) -> std::process::Output {
+        let out = self.agent_command(args).output().unwrap();
         assert!(
             out.status.success(),
             "duplex {args:?} failed: {}",
@@ -186,6 +191,52 @@ impl Playground {
             .find(|s| s["name"] == name)
             .unwrap()
     }
+}
+
+/// What one measured run of a command did.
+pub struct Measured {
+    pub stdout: Vec<u8>,
+    pub secs: f64,
+    /// The command's peak resident set (its own, from wait4), in bytes.
+    pub peak_rss: u64,
+}
+
+/// Runs `cmd` to success and measures its wall time and peak RSS.
+// The child is reaped by wait4, which also gives its rusage.
+#[allow(clippy::zombie_processes)]
+pub fn measured(mut cmd: std::process::Command) -> Measured {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stdout = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut stdout).unwrap();
+    let mut status = 0;
+    // SAFETY: wait4 on the child this function spawned and has not
+    // waited for, with valid out-pointers; rusage is plain data.
+    #[allow(unsafe_code)]
+    let (reaped, usage) = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let reaped = libc::wait4(child.id() as i32, &mut status, 0, &mut usage);
+        (reaped, usage)
+    };
+    assert_eq!(reaped, child.id() as i32, "wait4 failed");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed ({status})"
+    );
+    Measured {
+        stdout,
+        secs: start.elapsed().as_secs_f64(),
+        peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+    }
+}
+
+/// A live process's peak resident set so far (VmHWM), in bytes.
+pub fn process_peak_rss(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
 }
 
 impl Drop for Playground {

@@ -1,27 +1,25 @@
-//! `duplex backup`: scan, chunk and hash on every core, upload only what
-//! the server lacks, then commit a snapshot whose manifest names every
-//! chunk, everything sealed with the account's keys (see `crypto`), and the
-//! paths and counts in an encrypted summary. Nothing is visible until the commit, so a backup cut short
+//! `duplex backup`: scan, chunk and hash on every core (`pipeline`), upload
+//! only what the server lacks, then commit a snapshot whose manifest names
+//! every chunk, everything sealed with the account's keys (see `crypto`),
+//! and the paths and counts in an encrypted summary. Nothing is visible until the commit, so a backup cut short
 //! leaves no snapshot, and the next one reuses every chunk already stored.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use duplex_proto::v1::{Chunk, CommitSnapshotRequest, EntryKind, FileEntry, Manifest, SnapshotSummary};
+use duplex_proto::v1::{Chunk, CommitSnapshotRequest, SnapshotSummary};
 use duplex_types::ChunkId;
 use indicatif::ProgressBar;
-use prost::Message;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AgentError;
-use crate::cache::FileCache;
-use crate::chunking::{Batch, UploadLimit, Uploader, chunk_stream, cut_file, missing};
+use crate::chunking::{UploadLimit, Uploader};
 use crate::crypto::Keys;
-use crate::scan::{Item, Selection, scan};
+use crate::pipeline::{self, Streamed};
+use crate::scan::Selection;
 use crate::session::{Session, throttled};
 
 /// Parallel upload streams (each its own pack on the server).
@@ -133,23 +131,7 @@ async fn backup_once(
     warn: Arc<dyn Fn(String) + Send + Sync>,
 ) -> Result<BackupReport, Attempt> {
     let scan_start_ns = now_ns();
-    let scan_roots = roots.to_vec();
-    let scan_warn = warn.clone();
-    let scan_options = options.clone();
-    let items = tokio::task::spawn_blocking(move || scan(&scan_roots, &scan_options.selection, &*scan_warn))
-        .await
-        .map_err(|e| AgentError::Invalid(format!("scan failed: {e}")))??;
-    let total: u64 = items.iter().map(|i| i.entry.size).sum();
-    progress.set_length(total);
-    let (cache, problem) = FileCache::open(&keys, roots);
-    if let Some(problem) = problem {
-        progress.suspend(|| eprintln!("warning: {problem}"));
-    }
-    let reused = match options.force_read {
-        true => HashMap::new(),
-        false => reusable(session, &cache, &items).await?,
-    };
-
+    progress.set_length(0);
     let mut txs = Vec::new();
     let mut uploads = Vec::new();
     for _ in 0..UPLOAD_STREAMS {
@@ -180,47 +162,41 @@ async fn backup_once(
         options.limit_upload.map(UploadLimit::new),
     ));
 
-    let chunked = {
-        let uploader = uploader.clone();
-        let progress = progress.clone();
+    let streamed = {
+        let (uploader, progress, roots) = (uploader.clone(), progress.clone(), roots.to_vec());
+        let cache = crate::cache::location(&keys, &roots);
         tokio::task::spawn_blocking(move || {
-            let read = chunk_all(&items, &reused, &uploader, &progress, &*warn);
-            (items, read)
+            let streamed = pipeline::run(&pipeline::Inputs {
+                roots: &roots,
+                selection: &options.selection,
+                force_read: options.force_read,
+                cache,
+                scan_start_ns,
+                uploader: &uploader,
+                progress: &progress,
+                warn: &*warn,
+            })?;
+            // The reference blobs list every data chunk, for the servers'
+            // garbage collection to keep.
+            let blobs = duplex_types::refs::encode(&streamed.data_chunks);
+            let reference_blobs: Vec<ChunkId> = blobs.iter().map(|b| b.0).collect();
+            uploader.send_references(blobs)?;
+            Ok::<_, AgentError>((streamed, reference_blobs))
         })
         .await
-        .map_err(|e| AgentError::Invalid(format!("chunking failed: {e}")))?
+        .map_err(|e| AgentError::Invalid(format!("backup task failed: {e}")))?
     };
-    let (items, (results, read_bytes)) = match chunked {
-        (items, Ok(read)) => (items, read),
-        // A closed upload stream means the upload failed: report why.
-        (_, Err(e)) => return Err(upload_error(upload, e).await.into()),
-    };
-    // Saved before the commit: a chunk it names that never gets committed
-    // is found missing next time, and its file read again.
-    let cached = items.iter().zip(&results).filter_map(|(item, entry)| {
-        let entry = entry.as_ref().filter(|e| e.kind() == EntryKind::File)?;
-        Some((item.source.as_path(), item.stat, entry.chunks.as_slice()))
-    });
-    if let Err(e) = cache.save(scan_start_ns, cached) {
-        progress.suspend(|| eprintln!("warning: the file cache was not saved: {e}"));
-    }
-    drop(items);
-    let entries: Vec<FileEntry> = results.into_iter().flatten().collect();
-    let manifest_chunks = {
-        let uploader = uploader.clone();
-        tokio::task::spawn_blocking(move || upload_manifest(entries, &uploader))
-            .await
-            .map_err(|e| AgentError::Invalid(format!("manifest upload failed: {e}")))?
-    };
-    let Uploaded {
-        manifest_chunks,
-        reference_blobs,
-        files,
-        bytes,
-    } = match manifest_chunks {
+    let (streamed, reference_blobs) = match streamed {
         Ok(v) => v,
         Err(e) => return Err(upload_error(upload, e).await.into()),
     };
+    let Streamed {
+        manifest_chunks,
+        files,
+        bytes,
+        read_bytes,
+        ..
+    } = streamed;
     let uploaded_bytes = uploader.uploaded_bytes.load(Ordering::Relaxed);
     drop(uploader);
     upload.await.map_err(AgentError::rpc("uploading chunks"))?;
@@ -265,32 +241,6 @@ fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// The files the cache knows unchanged whose chunks the server still
-/// holds, by item index, with their chunk lists.
-async fn reusable(
-    session: &Session,
-    cache: &FileCache,
-    items: &[Item],
-) -> Result<HashMap<usize, Vec<Vec<u8>>>, AgentError> {
-    let hits: HashMap<usize, Vec<Vec<u8>>> = items
-        .iter()
-        .enumerate()
-        .filter(|(_, item)| item.entry.kind() == EntryKind::File)
-        .filter_map(|(i, item)| Some((i, cache.unchanged(&item.source, &item.stat)?.to_vec())))
-        .collect();
-    if hits.is_empty() {
-        return Ok(hits);
-    }
-    let mut ids: Vec<Vec<u8>> = hits.values().flatten().cloned().collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let gone = missing(&session.storage, ids).await?;
-    Ok(hits
-        .into_iter()
-        .filter(|(_, chunks)| chunks.iter().all(|c| !gone.contains(c)))
-        .collect())
-}
-
 /// The upload's own error when it failed, else `fallback`.
 async fn upload_error(
     upload: impl std::future::Future<Output = Result<(), tonic::Status>>,
@@ -300,149 +250,6 @@ async fn upload_error(
         Err(status) => AgentError::rpc("uploading chunks")(status),
         Ok(()) => fallback,
     }
-}
-
-/// Chunks every file on all cores. Files that vanish or cannot be read
-/// are skipped with a warning rather than failing the whole backup.
-/// Returns each item's entry (none for one skipped) and the file bytes read.
-fn chunk_all(
-    items: &[Item],
-    reused: &HashMap<usize, Vec<Vec<u8>>>,
-    uploader: &Uploader,
-    progress: &ProgressBar,
-    warn: &(dyn Fn(String) + Send + Sync),
-) -> Result<(Vec<Option<FileEntry>>, u64), AgentError> {
-    let next = AtomicUsize::new(0);
-    let read = AtomicU64::new(0);
-    let results: Mutex<Vec<Option<FileEntry>>> = Mutex::new((0..items.len()).map(|_| None).collect());
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(2, 8);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| -> Result<(), AgentError> {
-                    let mut batch = Batch::default();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        let entry = match reused.get(&i) {
-                            Some(chunks) => Ok(unchanged(item, chunks, progress)),
-                            None => chunk_file(item, uploader, &mut batch, progress, &read),
-                        };
-                        match entry {
-                            Ok(entry) => lock(&results)?[i] = Some(entry),
-                            Err(AgentError::Io { path, source }) => {
-                                warn(format!("skipped {}: {source}", path.display()));
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    uploader.flush(&mut batch)
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join()
-                .map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))??;
-        }
-        Ok::<(), AgentError>(())
-    })?;
-    let results = results
-        .into_inner()
-        .map_err(|_| AgentError::Invalid("results poisoned".into()))?;
-    Ok((results, read.into_inner()))
-}
-
-/// The entry of a file the cache knows unchanged: its chunks, unread.
-fn unchanged(item: &Item, chunks: &[Vec<u8>], progress: &ProgressBar) -> FileEntry {
-    progress.inc(item.stat.size);
-    FileEntry {
-        chunks: chunks.to_vec(),
-        size: item.stat.size,
-        ..item.entry.clone()
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, AgentError> {
-    m.lock()
-        .map_err(|_| AgentError::Invalid("a chunking thread panicked".into()))
-}
-
-fn chunk_file(
-    item: &Item,
-    uploader: &Uploader,
-    batch: &mut Batch,
-    progress: &ProgressBar,
-    read: &AtomicU64,
-) -> Result<FileEntry, AgentError> {
-    let mut entry = item.entry.clone();
-    if entry.kind() != EntryKind::File {
-        return Ok(entry);
-    }
-    let file = std::fs::File::open(&item.source).map_err(AgentError::io(&item.source))?;
-    let size = cut_file(file, &item.source, &uploader.keys, |id, data| {
-        entry.chunks.push(id.to_vec());
-        progress.inc(data.len() as u64);
-        if batch.push(id, data) {
-            uploader.flush(batch)?;
-        }
-        Ok(())
-    })?;
-    // The file may have changed since the scan; record what was read.
-    entry.size = size;
-    read.fetch_add(size, Ordering::Relaxed);
-    Ok(entry)
-}
-
-/// What a snapshot's commit names.
-struct Uploaded {
-    manifest_chunks: Vec<ChunkId>,
-    reference_blobs: Vec<ChunkId>,
-    files: u64,
-    bytes: u64,
-}
-
-/// Stores the reference blobs listing every data chunk, then the encoded
-/// manifest as chunks like any file.
-fn upload_manifest(entries: Vec<FileEntry>, uploader: &Uploader) -> Result<Uploaded, AgentError> {
-    let data_chunks = entries
-        .iter()
-        .flat_map(|e| e.chunks.iter())
-        .map(|c| ChunkId::from_bytes(c).map_err(|e| AgentError::Invalid(format!("chunk id: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    let blobs = duplex_types::refs::encode(&data_chunks);
-    drop(data_chunks);
-    let reference_blobs = blobs.iter().map(|b| b.0).collect();
-    uploader.send_references(blobs)?;
-    let files = entries.iter().filter(|e| e.kind() == EntryKind::File).count() as u64;
-    let bytes = entries
-        .iter()
-        .filter(|e| e.kind() == EntryKind::File)
-        .map(|e| e.size)
-        .sum();
-    let encoded = Manifest { entries }.encode_to_vec();
-    let mut ids = Vec::new();
-    let mut batch = Batch::default();
-    chunk_stream(
-        encoded.as_slice(),
-        std::path::Path::new("<manifest>"),
-        &uploader.keys,
-        |id, data| {
-            ids.push(id);
-            if batch.push(id, data) {
-                uploader.flush(&mut batch)?;
-            }
-            Ok(())
-        },
-    )?;
-    uploader.flush(&mut batch)?;
-    Ok(Uploaded {
-        manifest_chunks: ids,
-        reference_blobs,
-        files,
-        bytes,
-    })
 }
 
 fn hostname() -> String {

@@ -7,12 +7,16 @@
 //! scan that wrote the cache: a file changed in the same second as that
 //! scan may not show it in its times, so it is read again (git's "racy"
 //! rule). The cache is only ever a shortcut: every reused chunk is still
-//! asked for with `MissingChunks` (a file with one gone is read again,
-//! `backup::reusable`),
+//! asked for with `MissingChunks` (a file with one gone is read again),
 //! and a cache that is missing, unreadable or from another key is
 //! ignored.
+//!
+//! It is a zstd stream of records in walk order, read alongside the walk
+//! and written as the walk's results come in: its size in memory does not
+//! grow with the number of files.
 
-use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -44,23 +48,27 @@ impl Stat {
     }
 }
 
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 /// How long before the scan a change may not show in a file's times.
 const RACY_NS: i64 = 1_000_000_000;
 
+/// The first record of a cache file.
 #[derive(Clone, PartialEq, Message)]
-struct CacheFile {
+struct CacheHeader {
     #[prost(uint32, tag = "1")]
     format: u32,
     /// When the scan that wrote it started (unix ns).
     #[prost(int64, tag = "2")]
     scan_start_ns: i64,
-    #[prost(message, repeated, tag = "3")]
-    files: Vec<CachedFile>,
 }
 
+/// One file, in walk order after the header.
 #[derive(Clone, PartialEq, Message)]
 struct CachedFile {
+    /// Which of the paths backed up it is under (their order on the
+    /// command line), and its path in the manifest.
+    #[prost(uint32, tag = "8")]
+    root: u32,
     #[prost(bytes = "vec", tag = "1")]
     path: Vec<u8>,
     #[prost(uint64, tag = "2")]
@@ -77,11 +85,12 @@ struct CachedFile {
     chunks: Vec<Vec<u8>>,
 }
 
-/// The cache of one account's key and one set of paths.
-pub struct FileCache {
-    path: PathBuf,
-    scan_start_ns: i64,
-    files: HashMap<Vec<u8>, CachedFile>,
+/// Where a file comes in the walk: the walk visits the paths given in
+/// order, each depth first with a directory before what is in it and
+/// siblings sorted by name, which is comparing paths name by name.
+fn walk_order(a: (u32, &[u8]), b: (u32, &[u8])) -> std::cmp::Ordering {
+    a.0.cmp(&b.0)
+        .then_with(|| a.1.split(|c| *c == b'/').cmp(b.1.split(|c| *c == b'/')))
 }
 
 /// Where caches live: `DUPLEX_CACHE_DIR`, else `$XDG_CACHE_HOME/duplex`,
@@ -97,52 +106,97 @@ fn cache_dir() -> Option<PathBuf> {
         .or_else(|| var("HOME").map(|d| d.join(".cache/duplex")))
 }
 
-impl FileCache {
-    /// The cache for `roots` under `keys`, empty when there is none or it
-    /// cannot be read (the reason, for a warning, beside it). Named by a
-    /// keyed hash, so another account's cache is never picked up and the
-    /// name says nothing about the paths.
-    pub fn open(keys: &Keys, roots: &[PathBuf]) -> (FileCache, Option<String>) {
-        let mut named = b"duplex file cache v1".to_vec();
-        for root in roots {
-            let absolute = std::path::absolute(root).unwrap_or_else(|_| root.clone());
-            named.extend_from_slice(absolute.as_os_str().as_bytes());
-            named.push(0);
-        }
-        let name = format!("{}.cache", &keys.chunk_id(&named).to_string()[..32]);
-        let path = cache_dir().map_or_else(|| PathBuf::from(&name), |d| d.join(&name));
-        let mut cache = FileCache {
-            path,
+/// The cache file for `roots` under `keys`. Named by a keyed hash, so
+/// another account's cache is never picked up and the name says nothing
+/// about the paths.
+pub fn location(keys: &Keys, roots: &[PathBuf]) -> PathBuf {
+    let mut named = b"duplex file cache v2".to_vec();
+    for root in roots {
+        let absolute = std::path::absolute(root).unwrap_or_else(|_| root.clone());
+        named.extend_from_slice(absolute.as_os_str().as_bytes());
+        named.push(0);
+    }
+    let name = format!("{}.cache", &keys.chunk_id(&named).to_string()[..32]);
+    cache_dir().map_or_else(|| PathBuf::from(&name), |d| d.join(&name))
+}
+
+type Records = BufReader<zstd::stream::read::Decoder<'static, BufReader<File>>>;
+
+/// The last backup's cache, read as the walk goes: memory does not grow
+/// with the number of files.
+pub struct CacheReader {
+    records: Option<Records>,
+    scan_start_ns: i64,
+    next: Option<CachedFile>,
+}
+
+impl CacheReader {
+    /// The cache at `path`; empty when there is none or it cannot be
+    /// read (the reason, for a warning, beside it).
+    pub fn open(path: &Path) -> (CacheReader, Option<String>) {
+        let empty = CacheReader {
+            records: None,
             scan_start_ns: 0,
-            files: HashMap::new(),
+            next: None,
         };
-        let problem = match cache.read() {
-            Ok(()) => None,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => Some(format!(
-                "file cache {} unusable ({e}): every file is read",
-                cache.path.display()
-            )),
-        };
-        (cache, problem)
+        match Self::try_open(path) {
+            Ok(reader) => (reader, None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (empty, None),
+            Err(e) => (
+                empty,
+                Some(format!(
+                    "file cache {} unusable ({e}): every file is read",
+                    path.display()
+                )),
+            ),
+        }
     }
 
-    fn read(&mut self) -> std::io::Result<()> {
-        let compressed = std::fs::read(&self.path)?;
-        let bytes = zstd::decode_all(compressed.as_slice())?;
-        let file = CacheFile::decode(bytes.as_slice()).map_err(std::io::Error::other)?;
-        if file.format != FORMAT {
-            return Err(std::io::Error::other(format!("format {}", file.format)));
+    fn try_open(path: &Path) -> std::io::Result<CacheReader> {
+        let mut records = BufReader::new(zstd::stream::read::Decoder::new(File::open(path)?)?);
+        let header: CacheHeader =
+            read_record(&mut records)?.ok_or_else(|| std::io::Error::other("no header"))?;
+        if header.format != FORMAT {
+            return Err(std::io::Error::other(format!("format {}", header.format)));
         }
-        self.scan_start_ns = file.scan_start_ns;
-        self.files = file.files.into_iter().map(|f| (f.path.clone(), f)).collect();
+        let mut reader = CacheReader {
+            records: Some(records),
+            scan_start_ns: header.scan_start_ns,
+            next: None,
+        };
+        reader.advance()?;
+        Ok(reader)
+    }
+
+    fn advance(&mut self) -> std::io::Result<()> {
+        self.next = match &mut self.records {
+            Some(records) => read_record(records)?,
+            None => None,
+        };
         Ok(())
     }
 
-    /// The chunk list the last backup read for `source`, if the file has
-    /// not changed since.
-    pub fn unchanged(&self, source: &Path, stat: &Stat) -> Option<&[Vec<u8>]> {
-        let cached = self.files.get(source.as_os_str().as_bytes())?;
+    /// The chunk list the last backup read for the file at `path` under
+    /// root `root`, if it has not changed since. Asked in walk order. A
+    /// cache that turns out damaged part way is dropped: the files after
+    /// the damage are read.
+    pub fn unchanged(&mut self, root: u32, path: &[u8], stat: &Stat) -> Option<Vec<Vec<u8>>> {
+        loop {
+            let next = self.next.as_ref()?;
+            match walk_order((next.root, &next.path), (root, path)) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => break,
+                std::cmp::Ordering::Greater => return None,
+            }
+            if self.advance().is_err() {
+                self.records = None;
+                self.next = None;
+            }
+        }
+        let cached = self.next.take()?;
+        if self.advance().is_err() {
+            self.records = None;
+        }
         let settled = self.scan_start_ns - RACY_NS;
         let same = cached.dev == stat.dev
             && cached.ino == stat.ino
@@ -151,38 +205,92 @@ impl FileCache {
             && cached.ctime_ns == stat.ctime_ns
             && stat.mtime_ns < settled
             && stat.ctime_ns < settled;
-        same.then_some(cached.chunks.as_slice())
+        same.then_some(cached.chunks)
     }
+}
 
-    /// Replaces the cache with what this backup read; written whole to a
-    /// temporary file and renamed over the old one.
-    pub fn save<'a>(
-        &self,
-        scan_start_ns: i64,
-        files: impl Iterator<Item = (&'a Path, Stat, &'a [Vec<u8>])>,
-    ) -> Result<(), AgentError> {
-        let file = CacheFile {
-            format: FORMAT,
-            scan_start_ns,
-            files: files
-                .map(|(path, s, chunks)| CachedFile {
-                    path: path.as_os_str().as_bytes().to_vec(),
-                    dev: s.dev,
-                    ino: s.ino,
-                    size: s.size,
-                    mtime_ns: s.mtime_ns,
-                    ctime_ns: s.ctime_ns,
-                    chunks: chunks.to_vec(),
-                })
-                .collect(),
-        };
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+/// Reads one length-delimited record; `None` at a clean end.
+fn read_record<M: Message + Default>(from: &mut impl Read) -> std::io::Result<Option<M>> {
+    let mut len: u64 = 0;
+    for i in 0..10 {
+        let mut byte = [0u8; 1];
+        if from.read(&mut byte)? == 0 {
+            return match i {
+                0 => Ok(None),
+                _ => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            };
+        }
+        len |= u64::from(byte[0] & 0x7f) << (7 * i);
+        if byte[0] & 0x80 == 0 {
+            let len = usize::try_from(len).map_err(std::io::Error::other)?;
+            if len > MAX_RECORD {
+                return Err(std::io::Error::other(format!("a record of {len} bytes")));
+            }
+            let mut buf = vec![0u8; len];
+            from.read_exact(&mut buf)?;
+            return M::decode(buf.as_slice()).map(Some).map_err(std::io::Error::other);
+        }
+    }
+    Err(std::io::Error::other("a record length that does not end"))
+}
+
+/// A file's record is its path and chunk ids: far below this.
+const MAX_RECORD: usize = 64 * 1024 * 1024;
+
+/// This backup's cache, written as the walk's results come in order, to
+/// a temporary file renamed over the old one once complete.
+pub struct CacheWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    out: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+}
+
+impl CacheWriter {
+    pub fn create(path: &Path, scan_start_ns: i64) -> Result<CacheWriter, AgentError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(AgentError::io(dir))?;
         }
-        let compressed =
-            zstd::encode_all(file.encode_to_vec().as_slice(), 3).map_err(AgentError::io(&self.path))?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, compressed).map_err(AgentError::io(&tmp))?;
+        let tmp = path.with_extension("tmp");
+        let file = File::create(&tmp).map_err(AgentError::io(&tmp))?;
+        let out = zstd::stream::write::Encoder::new(BufWriter::new(file), 3).map_err(AgentError::io(&tmp))?;
+        let mut writer = CacheWriter {
+            path: path.to_path_buf(),
+            tmp,
+            out,
+        };
+        writer.write(&CacheHeader {
+            format: FORMAT,
+            scan_start_ns,
+        })?;
+        Ok(writer)
+    }
+
+    fn write(&mut self, record: &impl Message) -> Result<(), AgentError> {
+        let bytes = record.encode_length_delimited_to_vec();
+        self.out.write_all(&bytes).map_err(AgentError::io(&self.tmp))
+    }
+
+    /// Adds a file, in walk order.
+    pub fn add(&mut self, root: u32, path: &[u8], stat: &Stat, chunks: &[Vec<u8>]) -> Result<(), AgentError> {
+        self.write(&CachedFile {
+            root,
+            path: path.to_vec(),
+            dev: stat.dev,
+            ino: stat.ino,
+            size: stat.size,
+            mtime_ns: stat.mtime_ns,
+            ctime_ns: stat.ctime_ns,
+            chunks: chunks.to_vec(),
+        })
+    }
+
+    /// Completes the file and puts it in place of the old one.
+    pub fn finish(self) -> Result<(), AgentError> {
+        let tmp = self.tmp;
+        let buffered = self.out.finish().map_err(AgentError::io(&tmp))?;
+        buffered
+            .into_inner()
+            .map_err(|e| AgentError::io(&tmp)(e.into_error()))?;
         std::fs::rename(&tmp, &self.path).map_err(AgentError::io(&self.path))
     }
 }
@@ -201,44 +309,68 @@ mod tests {
         }
     }
 
+    fn write(path: &Path, start: i64, files: &[(u32, &[u8], Stat)]) {
+        let mut writer = CacheWriter::create(path, start).unwrap();
+        for (root, name, stat) in files {
+            writer.add(*root, name, stat, &[vec![9u8; 32]]).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+
     #[test]
     fn a_file_matches_only_if_nothing_changed_and_it_settled_before_the_scan() {
         let dir = tempfile::tempdir().unwrap();
         let cache_path = dir.path().join("cache");
-        let mut cache = FileCache {
-            path: cache_path.clone(),
-            scan_start_ns: 0,
-            files: HashMap::new(),
-        };
-        let chunks = vec![vec![9u8; 32]];
-        let (old, racy) = (Path::new("/x/old"), Path::new("/x/racy"));
         let start = 100 * RACY_NS;
-        cache
-            .save(
-                start,
-                [
-                    (old, stat(start - 5 * RACY_NS), chunks.as_slice()),
-                    (racy, stat(start - 1), chunks.as_slice()),
-                ]
-                .into_iter(),
-            )
-            .unwrap();
-        cache.read().unwrap();
-        assert_eq!(
-            cache.unchanged(old, &stat(start - 5 * RACY_NS)),
-            Some(chunks.as_slice())
+        let (old, racy) = (stat(start - 5 * RACY_NS), stat(start - 1));
+        write(
+            &cache_path,
+            start,
+            &[(0, b"x/old", old), (0, b"x/racy", racy), (0, b"x/z", old)],
         );
+        let (mut cache, problem) = CacheReader::open(&cache_path);
+        assert_eq!(problem, None);
+        assert_eq!(cache.unchanged(0, b"x/old", &old), Some(vec![vec![9u8; 32]]));
         // Written in the second before the scan: read again.
-        assert_eq!(cache.unchanged(racy, &stat(start - 1)), None);
+        assert_eq!(cache.unchanged(0, b"x/racy", &racy), None);
         // Any field changed (here the ctime alone: a write that kept the
         // size and put the mtime back).
-        let mut touched = stat(start - 5 * RACY_NS);
+        let mut touched = old;
         touched.ctime_ns += 1;
-        assert_eq!(cache.unchanged(old, &touched), None);
-        assert_eq!(cache.unchanged(Path::new("/x/new"), &touched), None);
+        assert_eq!(cache.unchanged(0, b"x/z", &touched), None);
 
         // A damaged cache is no cache.
         std::fs::write(&cache_path, b"not a cache").unwrap();
-        assert!(cache.read().is_err());
+        let (mut cache, problem) = CacheReader::open(&cache_path);
+        assert!(problem.is_some());
+        assert_eq!(cache.unchanged(0, b"x/old", &old), None);
+    }
+
+    #[test]
+    fn the_cache_is_read_in_walk_order_skipping_what_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache_path = dir.path().join("cache");
+        let start = 100 * RACY_NS;
+        let old = stat(start - 5 * RACY_NS);
+        // Walk order: a directory before what is in it, then its siblings
+        // by name ("a/x" before "a-b", though '-' sorts before '/').
+        let walked: [(u32, &[u8]); 6] = [
+            (0, b"a"),
+            (0, b"a/gone"),
+            (0, b"a/x"),
+            (0, b"a-b"),
+            (1, b"b"),
+            (1, b"b/y"),
+        ];
+        let written: Vec<(u32, &[u8], Stat)> = walked.iter().map(|(r, p)| (*r, *p, old)).collect();
+        write(&cache_path, start, &written);
+        let (mut cache, _) = CacheReader::open(&cache_path);
+        // "a/gone" was deleted since; "a/new" is new: neither stops the rest.
+        assert!(cache.unchanged(0, b"a", &old).is_some());
+        assert!(cache.unchanged(0, b"a/new", &old).is_none());
+        assert!(cache.unchanged(0, b"a/x", &old).is_some());
+        assert!(cache.unchanged(0, b"a-b", &old).is_some());
+        assert!(cache.unchanged(1, b"b/y", &old).is_some());
+        assert!(cache.unchanged(1, b"c", &old).is_none());
     }
 }

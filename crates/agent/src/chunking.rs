@@ -132,7 +132,11 @@ impl Uploader {
 
     /// Which of `chunks` the server lacks.
     fn missing(&self, chunks: &[(ChunkId, Vec<u8>)]) -> Result<HashSet<Vec<u8>>, AgentError> {
-        let ids = chunks.iter().map(|(id, _)| id.to_vec()).collect();
+        self.lacking(chunks.iter().map(|(id, _)| id.to_vec()).collect())
+    }
+
+    /// Which of `ids` the server lacks. Runs on a plain thread.
+    pub fn lacking(&self, ids: Vec<Vec<u8>>) -> Result<HashSet<Vec<u8>>, AgentError> {
         self.handle.block_on(missing(&self.storage, ids))
     }
 

@@ -10,6 +10,7 @@ mod error;
 pub mod forget;
 pub mod keys;
 pub mod manifest;
+pub mod pipeline;
 pub mod restore;
 pub mod scan;
 pub mod secret;

@@ -84,6 +84,8 @@ fn is_cache_dir(dir: &Path) -> bool {
 
 /// One thing to back up: where it is on disk and its manifest entry.
 pub struct Item {
+    /// Which of the paths given it is under, by their order.
+    pub root: u32,
     pub source: PathBuf,
     pub entry: FileEntry,
     /// What the scan saw on disk, to know an unchanged file next time.
@@ -92,13 +94,16 @@ pub struct Item {
 
 /// Each root is stored under its own name: backing up `/home/u/docs`
 /// yields `docs/...`, which `restore --target T` recreates as `T/docs/...`.
+/// Items are handed to `each` as the walk finds them, in walk order (the
+/// roots in turn, each depth first, siblings by name), never all held.
 pub fn scan(
     roots: &[PathBuf],
     selection: &Selection,
     warn: &dyn Fn(String),
-) -> Result<Vec<Item>, AgentError> {
+    each: &mut dyn FnMut(Item) -> Result<(), AgentError>,
+) -> Result<(), AgentError> {
     let mut names = HashSet::new();
-    let mut items = Vec::new();
+    let mut named = Vec::new();
     for root in roots {
         let name = top_name(root)?;
         if !names.insert(name.clone()) {
@@ -107,6 +112,11 @@ pub fn scan(
                 String::from_utf8_lossy(&name)
             )));
         }
+        named.push((root, name));
+    }
+    for (index, (root, name)) in named.into_iter().enumerate() {
+        let index =
+            u32::try_from(index).map_err(|_| AgentError::Invalid("too many paths to back up".into()))?;
         let mut caches: HashSet<PathBuf> = HashSet::new();
         let walk = walkdir::WalkDir::new(root)
             .follow_links(false)
@@ -152,16 +162,17 @@ pub fn scan(
                 path.extend_from_slice(rel.as_os_str().as_bytes());
             }
             match describe(entry.path(), path) {
-                Ok((manifest_entry, stat)) => items.push(Item {
+                Ok((manifest_entry, stat)) => each(Item {
+                    root: index,
                     source: entry.into_path(),
                     entry: manifest_entry,
                     stat,
-                }),
+                })?,
                 Err(e) => warn(format!("skipped: {e}")),
             }
         }
     }
-    Ok(items)
+    Ok(())
 }
 
 fn top_name(root: &Path) -> Result<Vec<u8>, AgentError> {
