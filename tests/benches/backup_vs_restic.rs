@@ -7,7 +7,9 @@
 //!
 //! `DUPLEX_BENCH_MIB` sets the mixed tree's size (default 512),
 //! `DUPLEX_BENCH_SMALL_FILES` the small-file tree's file count (default
-//! 50,000 files of about 140 bytes).
+//! 50,000 files of about 140 bytes), `DUPLEX_BENCH_SYSTEM_TREE` the real
+//! tree backed up as it is (default `/usr/share`; left out if missing).
+//! Each tree is also restored whole by both.
 
 #![allow(clippy::unwrap_used)]
 
@@ -29,10 +31,11 @@ fn small_files(root: &Path, files: usize) {
     }
 }
 
-/// First and unchanged second backup, in seconds.
+/// First and unchanged second backup, and a full restore, in seconds.
 struct Times {
     first: f64,
     again: f64,
+    restore: f64,
 }
 
 fn main() {
@@ -58,33 +61,51 @@ fn main() {
             .status()
             .unwrap();
     }
-    let trees = [mixed, tiny];
+    let mut trees = vec![mixed, tiny];
+    let mut names = vec![format!("{mib} MiB mixed"), format!("{small} files of ~140 B")];
+    // A real system tree of tens of thousands of small files, as it is.
+    let system = std::env::var("DUPLEX_BENCH_SYSTEM_TREE").unwrap_or_else(|_| "/usr/share".into());
+    let system = PathBuf::from(system);
+    if system.is_dir() {
+        let (count, mib) = size_of(&system);
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "find {} -type f -exec cat {{}} + > /dev/null 2>&1",
+                system.display()
+            ))
+            .status()
+            .unwrap();
+        names.push(format!("{} ({count} files, {mib} MiB)", system.display()));
+        trees.push(system);
+    }
     let duplex = time_duplex(work.path(), &trees);
     let restic = time_restic(work.path(), &trees);
-    let names = [format!("{mib} MiB mixed"), format!("{small} files of ~140 B")];
     let mut rows = String::new();
     for ((name, d), r) in names.iter().zip(&duplex).zip(&restic) {
-        rows.push_str(&format!(
-            "| {name}, first backup | {:.2} | {:.2} | **{:.2}×** |\n| {name}, unchanged again | {:.2} | {:.2} | **{:.2}×** |\n",
-            d.first,
-            r.first,
-            d.first / r.first,
-            d.again,
-            r.again,
-            d.again / r.again,
-        ));
+        for (what, d, r) in [
+            ("first backup", d.first, r.first),
+            ("unchanged again", d.again, r.again),
+            ("full restore", d.restore, r.restore),
+        ] {
+            rows.push_str(&format!(
+                "| {name}, {what} | {d:.2} | {r:.2} | **{:.2}×** |\n",
+                d / r
+            ));
+        }
     }
     let body = format!(
         "## Backup: duplex vs restic\n\n\
          `cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic`\n\n\
          Two generated trees: {mib} MiB (60 % random data in 32 MiB files, 30 % text, 10 % small \
-         files) and {small} files of about 140 bytes, 500 to a directory. Each is backed up into an \
-         empty repository, then again unchanged (duplex skips unchanged files by its file cache, \
-         restic by its parent snapshot); warm page cache. Duplex goes through the playground \
+         files) and {small} files of about 140 bytes, 500 to a directory, and a real system tree as \
+         it is. Each is backed up into the repository, then again unchanged (duplex skips unchanged \
+         files by its file cache, restic by its parent snapshot), then restored whole into an empty \
+         directory; warm page cache. Duplex goes through the playground \
          (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
          fsynced, mirrored synchronously to site b); restic {} writes a local repository \
          (compression `auto`). Machine: {}.\n\n\
-         | backup | duplex s | restic s | duplex / restic |\n| --- | ---: | ---: | ---: |\n{rows}",
+         | tree, operation | duplex s | restic s | duplex / restic |\n| --- | ---: | ---: | ---: |\n{rows}",
         restic_version(),
         machine(),
     );
@@ -93,15 +114,38 @@ fn main() {
     eprintln!("written to {}", path.display());
 }
 
+/// Files and MiB under `tree`.
+fn size_of(tree: &Path) -> (usize, u64) {
+    let (mut files, mut bytes) = (0, 0);
+    for entry in walkdir::WalkDir::new(tree).into_iter().flatten() {
+        if entry.file_type().is_file() {
+            files += 1;
+            bytes += entry.metadata().map_or(0, |m| m.len());
+        }
+    }
+    (files, bytes >> 20)
+}
+
 fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     let playground = Playground::start(&work.join("playground"), &[]);
     trees
         .iter()
-        .map(|tree| {
-            let (first, _) = playground.timed_backup(tree);
+        .enumerate()
+        .map(|(i, tree)| {
+            let (first, snapshot) = playground.timed_backup(tree);
             let (again, _) = playground.timed_backup(tree);
-            eprintln!("duplex {}: {first:.2} s, then {again:.2} s", tree.display());
-            Times { first, again }
+            let target = work.join(format!("duplex-restore-{i}"));
+            let restore = playground.timed_restore(&snapshot, &target);
+            std::fs::remove_dir_all(&target).unwrap();
+            eprintln!(
+                "duplex {}: {first:.2} s, then {again:.2} s, restore {restore:.2} s",
+                tree.display()
+            );
+            Times {
+                first,
+                again,
+                restore,
+            }
         })
         .collect()
 }
@@ -130,11 +174,31 @@ fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     };
     trees
         .iter()
-        .map(|tree| {
+        .enumerate()
+        .map(|(i, tree)| {
             let first = timed(tree);
             let again = timed(tree);
-            eprintln!("restic {}: {first:.2} s, then {again:.2} s", tree.display());
-            Times { first, again }
+            let target = work.join(format!("restic-restore-{i}"));
+            let start = Instant::now();
+            restic(&[
+                "restore",
+                "latest",
+                "--path",
+                tree.to_str().unwrap(),
+                "--target",
+                target.to_str().unwrap(),
+            ]);
+            let restore = start.elapsed().as_secs_f64();
+            std::fs::remove_dir_all(&target).unwrap();
+            eprintln!(
+                "restic {}: {first:.2} s, then {again:.2} s, restore {restore:.2} s",
+                tree.display()
+            );
+            Times {
+                first,
+                again,
+                restore,
+            }
         })
         .collect()
 }
