@@ -43,6 +43,11 @@ pub async fn fetch_chunks(
                 let chunk = item.map_err(AgentError::rpc("fetching chunks"))?;
                 let want =
                     want.ok_or_else(|| AgentError::Invalid("the server sent more chunks than asked".into()))?;
+                // A small chunk opens in microseconds: handing it to the
+                // blocking pool would cost more than the work.
+                if chunk.data.len() <= OPEN_INLINE {
+                    return keys.open_chunk(&chunk, want);
+                }
                 tokio::task::spawn_blocking(move || keys.open_chunk(&chunk, want))
                     .await
                     .map_err(|e| AgentError::Invalid(format!("decryption task failed: {e}")))?
@@ -53,6 +58,8 @@ pub async fn fetch_chunks(
 
 /// Chunks of one stream opened at once.
 const OPEN_AHEAD: usize = 3;
+/// Sealed chunks up to this size are opened where they arrive.
+const OPEN_INLINE: usize = 64 * 1024;
 
 /// Fetches, opens and decodes a snapshot's manifest.
 pub async fn fetch_manifest(

@@ -30,8 +30,38 @@ use crate::crypto::Keys;
 use crate::manifest::{fetch_chunks, fetch_manifest, link_target_bytes, path_bytes};
 use crate::session::{Session, StorageClient};
 
-/// Files restored at once.
+/// Files (or groups of small files) restored at once.
 const PARALLEL_FILES: usize = 4;
+/// Small files are restored in groups of up to this many bytes and
+/// files: one `GetChunks` call and one blocking write for the group,
+/// where one each per file cost more than the files.
+const GROUP_BYTES: u64 = 8 * 1024 * 1024;
+const GROUP_FILES: usize = 512;
+
+/// Consecutive files cut into groups; a file over `GROUP_BYTES` alone.
+fn groups(files: &[(PathBuf, FileEntry)]) -> impl Iterator<Item = &[(PathBuf, FileEntry)]> {
+    let mut rest = files;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while let Some((_, entry)) = rest.get(n)
+            && n < GROUP_FILES
+            && (n == 0 || bytes + entry.size <= GROUP_BYTES)
+        {
+            bytes += entry.size;
+            n += 1;
+            if bytes > GROUP_BYTES {
+                break;
+            }
+        }
+        let (group, after) = rest.split_at(n);
+        rest = after;
+        Some(group)
+    })
+}
 
 #[derive(Debug, Serialize)]
 pub struct RestoreReport {
@@ -81,11 +111,18 @@ pub async fn restore(
         make_dir(target, path)?;
     }
     let mut bytes = 0;
-    let mut writes = futures::stream::iter(plan.files.iter().map(|(path, entry)| {
+    let mut writes = futures::stream::iter(groups(&plan.files).map(|group| {
         let storage = storage.clone();
         let progress = progress.clone();
         let keys = keys.clone();
-        async move { restore_file(storage, keys, target, path, entry, &progress).await }
+        async move {
+            match group {
+                [(path, entry)] if entry.size > GROUP_BYTES => {
+                    restore_file(storage, keys, target, path, entry, &progress).await
+                }
+                small => restore_small(storage, keys, target, small, &progress).await,
+            }
+        }
     }))
     .buffer_unordered(PARALLEL_FILES);
     while let Some(written) = writes.next().await {
@@ -217,16 +254,81 @@ async fn restore_file(
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
     check_parents(target, path)?;
-    let file = OpenOptions::new()
+    let file = open_for_restore(&full)?;
+    let mut unfinished = Unfinished(Some(&full));
+    let (file, written) = write_chunks(file, storage, keys, entry, &full, progress).await?;
+    finish_file(&file, &full, entry, written)?;
+    unfinished.0 = None;
+    Ok(written)
+}
+
+/// Restores a group of small files: their chunks fetched in one call (each
+/// checked as it arrives), then the files written in one blocking task.
+async fn restore_small(
+    storage: StorageClient,
+    keys: Arc<Keys>,
+    target: &Path,
+    group: &[(PathBuf, FileEntry)],
+    progress: &ProgressBar,
+) -> Result<u64, AgentError> {
+    let ids: Vec<Vec<u8>> = group.iter().flat_map(|(_, e)| e.chunks.iter().cloned()).collect();
+    let mut chunks = Vec::with_capacity(ids.len());
+    if !ids.is_empty() {
+        let mut stream = std::pin::pin!(fetch_chunks(storage, keys, ids).await?);
+        while let Some(plain) = stream.try_next().await? {
+            chunks.push(plain);
+        }
+    }
+    let (target, group, progress) = (target.to_path_buf(), group.to_vec(), progress.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut chunks = chunks.into_iter();
+        let mut written = 0;
+        for (path, entry) in &group {
+            let data = chunks.by_ref().take(entry.chunks.len());
+            written += write_small(&target, path, entry, data)?;
+        }
+        progress.inc(written);
+        Ok(written)
+    })
+    .await
+    .map_err(|e| AgentError::Invalid(format!("write task failed: {e}")))?
+}
+
+fn write_small(
+    target: &Path,
+    path: &Path,
+    entry: &FileEntry,
+    chunks: impl Iterator<Item = Vec<u8>>,
+) -> Result<u64, AgentError> {
+    let full = target.join(path);
+    check_parents(target, path)?;
+    let mut file = open_for_restore(&full)?;
+    let mut unfinished = Unfinished(Some(&full));
+    let mut written = 0u64;
+    for data in chunks {
+        file.write_all(&data).map_err(AgentError::io(&full))?;
+        written += data.len() as u64;
+    }
+    finish_file(&file, &full, entry, written)?;
+    unfinished.0 = None;
+    Ok(written)
+}
+
+/// Creates (or truncates) a file to restore into, never through a symlink.
+fn open_for_restore(full: &Path) -> Result<File, AgentError> {
+    OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
-        .open(&full)
-        .map_err(AgentError::io(&full))?;
-    let mut unfinished = Unfinished(Some(&full));
-    let (file, written) = write_chunks(file, storage, keys, entry, &full, progress).await?;
+        .open(full)
+        .map_err(AgentError::io(full))
+}
+
+/// Checks what was written against the manifest, then sets the mode and
+/// mtime.
+fn finish_file(file: &File, full: &Path, entry: &FileEntry, written: u64) -> Result<(), AgentError> {
     if written != entry.size {
         return Err(AgentError::Invalid(format!(
             "{}: restored {written} bytes but the manifest says {}",
@@ -235,11 +337,9 @@ async fn restore_file(
         )));
     }
     file.set_permissions(std::fs::Permissions::from_mode(entry.mode))
-        .map_err(AgentError::io(&full))?;
+        .map_err(AgentError::io(full))?;
     file.set_modified(system_time(entry.mtime_ns))
-        .map_err(AgentError::io(&full))?;
-    unfinished.0 = None;
-    Ok(written)
+        .map_err(AgentError::io(full))
 }
 
 /// Removes a file being restored unless it was finished: one that failed a
@@ -425,6 +525,19 @@ mod tests {
         );
         assert!(err.contains("nothing was written"), "{err}");
         err
+    }
+
+    #[test]
+    fn small_files_go_in_groups_and_a_large_one_alone() {
+        let file = |size| (PathBuf::from("f"), FileEntry { size, ..Default::default() });
+        let mut files = vec![file(10), file(GROUP_BYTES + 1), file(10)];
+        files.extend((0..GROUP_FILES + 1).map(|_| file(1)));
+        files.push(file(GROUP_BYTES - 1));
+        files.push(file(2));
+        let sizes: Vec<usize> = groups(&files).map(<[_]>::len).collect();
+        // [10], [large], [10 + 511 small], [2 small], [near the limit], [2].
+        assert_eq!(sizes, [1, 1, GROUP_FILES, 2, 1, 1]);
+        assert_eq!(sizes.iter().sum::<usize>(), files.len());
     }
 
     #[test]
