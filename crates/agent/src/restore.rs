@@ -529,7 +529,15 @@ mod tests {
 
     #[test]
     fn small_files_go_in_groups_and_a_large_one_alone() {
-        let file = |size| (PathBuf::from("f"), FileEntry { size, ..Default::default() });
+        let file = |size| {
+            (
+                PathBuf::from("f"),
+                FileEntry {
+                    size,
+                    ..Default::default()
+                },
+            )
+        };
         let mut files = vec![file(10), file(GROUP_BYTES + 1), file(10)];
         files.extend((0..GROUP_FILES + 1).map(|_| file(1)));
         files.push(file(GROUP_BYTES - 1));
