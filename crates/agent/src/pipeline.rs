@@ -158,6 +158,16 @@ pub fn run(inputs: &Inputs) -> Result<Streamed, AgentError> {
         walked?;
         let manifest_chunks = manifest_chunks?;
         let ordered = ordered?;
+        // Put in place only after a whole walk, and before the commit: a
+        // chunk it names that never gets committed is found missing next
+        // time, and its file read again.
+        if let Some(writer) = ordered.cache
+            && let Err(e) = writer.finish()
+        {
+            inputs
+                .progress
+                .suspend(|| eprintln!("warning: the file cache was not saved: {e}"));
+        }
         Ok(Streamed {
             manifest_chunks,
             data_chunks: ordered.data_chunks,
@@ -190,7 +200,10 @@ fn walk(inputs: &Inputs, mut cache: CacheReader, jobs: SyncSender<Job>) -> Resul
     let mut pending: Vec<Job> = Vec::new();
     let mut pending_ids = 0;
     let mut index = 0;
-    scan(inputs.roots, inputs.selection, inputs.warn, &mut |item| {
+    // Set when the chunkers have stopped: the walk ends, and what stopped
+    // them is the error to report, not this.
+    let mut stopped = false;
+    let walked = scan(inputs.roots, inputs.selection, inputs.warn, &mut |item| {
         inputs.progress.inc_length(item.entry.size);
         let reuse = match inputs.force_read || item.entry.kind() != EntryKind::File {
             true => None,
@@ -200,15 +213,23 @@ fn walk(inputs: &Inputs, mut cache: CacheReader, jobs: SyncSender<Job>) -> Resul
         pending.push(Job { index, item, reuse });
         index += 1;
         if pending.len() >= WALK_BATCH || pending_ids >= IDS_PER_CHECK {
-            release(&mut pending, inputs.uploader, &jobs)?;
             pending_ids = 0;
+            if !release(&mut pending, inputs.uploader, &jobs)? {
+                stopped = true;
+                return Err(AgentError::Invalid("the chunkers stopped".into()));
+            }
         }
         Ok(())
-    })?;
-    release(&mut pending, inputs.uploader, &jobs)
+    });
+    match walked {
+        Err(_) if stopped => Ok(()),
+        Err(e) => Err(e),
+        Ok(()) => release(&mut pending, inputs.uploader, &jobs).map(drop),
+    }
 }
 
-fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) -> Result<(), AgentError> {
+/// Hands the walked files over; false when the chunkers have stopped.
+fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) -> Result<bool, AgentError> {
     let ids: Vec<Vec<u8>> = pending
         .iter()
         .filter_map(|j| j.reuse.as_ref())
@@ -228,11 +249,10 @@ fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) 
             job.reuse = None;
         }
         if jobs.send(job).is_err() {
-            // The chunkers have stopped; what stopped them is reported.
-            return Ok(());
+            return Ok(false);
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// A chunking thread: files are cut, hashed and sealed here, and their
@@ -324,6 +344,8 @@ struct Ordered {
     data_chunks: Vec<ChunkId>,
     files: u64,
     bytes: u64,
+    /// The new file cache, complete but not yet in place.
+    cache: Option<CacheWriter>,
 }
 
 /// Puts the chunkers' results back in walk order and writes each entry
@@ -340,6 +362,7 @@ fn in_order(
         data_chunks: Vec::new(),
         files: 0,
         bytes: 0,
+        cache: None,
     };
     let mut waiting: BTreeMap<usize, Done> = BTreeMap::new();
     let mut next = 0;
@@ -383,14 +406,7 @@ fn in_order(
         ));
     }
     manifest.flush().map_err(manifest_closed)?;
-    drop(manifest);
-    // Saved before the commit: a chunk it names that never gets committed
-    // is found missing next time, and its file read again.
-    if let Some(writer) = cache
-        && let Err(e) = writer.finish()
-    {
-        progress.suspend(|| eprintln!("warning: the file cache was not saved: {e}"));
-    }
+    out.cache = cache;
     Ok(out)
 }
 

@@ -56,14 +56,14 @@ impl StorageReplication for StorageApi {
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            for id in ids {
-                let item = match store.read_chunk(account, id) {
+            let read = store.read_chunks(account, &ids, |id, found| {
+                let item = match found {
                     Ok(Some(c)) => Ok(AccountChunk {
                         account_id: account.0,
                         chunk: Some(c.into_proto()),
                         origin: String::new(),
                     }),
-                    Ok(None) if skip_missing => continue,
+                    Ok(None) if skip_missing => return true,
                     Ok(None) => Err(Status::not_found(format!(
                         "chunk {id} of account {} not found",
                         account.0
@@ -71,9 +71,10 @@ impl StorageReplication for StorageApi {
                     Err(e) => Err(Status::from(e)),
                 };
                 let stop = item.is_err();
-                if tx.blocking_send(item).is_err() || stop {
-                    return;
-                }
+                tx.blocking_send(item).is_ok() && !stop
+            });
+            if let Err(e) = read {
+                let _ = tx.blocking_send(Err(Status::from(e)));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -232,16 +232,17 @@ impl StorageService for StorageApi {
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            for id in ids {
-                let item = match store.read_chunk(caller.account, id) {
+            let read = store.read_chunks(caller.account, &ids, |id, found| {
+                let item = match found {
                     Ok(Some(c)) => Ok(c.into_proto()),
                     Ok(None) => Err(Status::not_found(format!("chunk {id} not found"))),
                     Err(e) => Err(Status::from(e)),
                 };
                 let stop = item.is_err();
-                if tx.blocking_send(item).is_err() || stop {
-                    return;
-                }
+                tx.blocking_send(item).is_ok() && !stop
+            });
+            if let Err(e) = read {
+                let _ = tx.blocking_send(Err(Status::from(e)));
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -28,6 +28,9 @@ use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 pub use codec::MAX_CHUNK_BYTES;
+
+/// Chunk ids looked up in one read transaction by `Store::read_chunks`.
+const READ_RUN: usize = 256;
 pub use error::StoreError;
 pub use packs::{PackWriter, PutStats};
 pub use repair::Damaged;
@@ -188,6 +191,65 @@ impl Store {
             data_hash: loc.hash,
             data,
         }))
+    }
+
+    /// Reads `ids` of `account` in order, checking each like `read_chunk`,
+    /// and hands each to `each` (none for one not here) until it returns
+    /// false. A run of ids shares one index lookup transaction, and the
+    /// pack of the last chunk stays open: per-chunk costs that dominated
+    /// reading many small chunks.
+    pub fn read_chunks(
+        &self,
+        account: AccountId,
+        ids: &[ChunkId],
+        mut each: impl FnMut(ChunkId, Result<Option<StoredChunk>, StoreError>) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut reader = packs::PackReader::default();
+        for run in ids.chunks(READ_RUN) {
+            // Looked up first, then read: the transaction is not held
+            // while `each` waits for a slow reader.
+            let locs: Vec<Option<ChunkLoc>> = {
+                let txn = self.db.begin_read()?;
+                let table = txn.open_table(CHUNKS)?;
+                run.iter()
+                    .map(|id| {
+                        Ok(table
+                            .get((account.0, *id.as_bytes()))?
+                            .map(|v| ChunkLoc::from_tuple(v.value())))
+                    })
+                    .collect::<Result<_, StoreError>>()?
+            };
+            for (&id, loc) in run.iter().zip(locs) {
+                let item = match loc {
+                    None => Ok(None),
+                    Some(loc) => self.read_with(&mut reader, id, &loc).map(Some),
+                };
+                if !each(id, item) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_with(
+        &self,
+        reader: &mut packs::PackReader,
+        id: ChunkId,
+        loc: &ChunkLoc,
+    ) -> Result<StoredChunk, StoreError> {
+        reader
+            .read(&self.packs_dir, loc)
+            .map_err(|e| StoreError::Corrupt {
+                id,
+                reason: e.to_string(),
+            })?;
+        codec::check_stored(id, &loc.hash, &reader.buf)?;
+        Ok(StoredChunk {
+            id,
+            data_hash: loc.hash,
+            data: std::mem::take(&mut reader.buf),
+        })
     }
 
     fn chunk_loc(&self, account: AccountId, id: ChunkId) -> Result<Option<ChunkLoc>, StoreError> {

@@ -63,6 +63,41 @@ fn chunks_are_durable_scoped_and_verified() {
 }
 
 #[test]
+fn a_run_of_chunks_reads_in_order_across_packs_and_stops_when_told() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(dir.path()).expect("open");
+    let a = AccountId(1);
+    // Two packs, so the reader moves from one to the other and back.
+    put(&store, a, &[chunk(b"p1-a"), chunk(b"p1-b")]).expect("put");
+    put(&store, a, &[chunk(b"p2-a")]).expect("put");
+    let names: [&[u8]; 5] = [b"p1-a", b"p2-a", b"absent", b"p1-b", b"p2-a"];
+    let ids: Vec<ChunkId> = names.iter().map(|n| ChunkId::of(n)).collect();
+    let mut seen = Vec::new();
+    store
+        .read_chunks(a, &ids, |id, found| {
+            let found = found.expect("read");
+            if let Some(c) = &found {
+                assert_eq!(c.id, id);
+                assert_eq!(c.data, chunk(names[seen.len()]).data.to_vec());
+            }
+            seen.push(found.is_some());
+            true
+        })
+        .expect("read_chunks");
+    assert_eq!(seen, [true, true, false, true, true]);
+    // Another account reads none of them; `false` stops at once.
+    let mut calls = 0;
+    store
+        .read_chunks(AccountId(2), &ids, |_, found| {
+            assert!(found.expect("read").is_none());
+            calls += 1;
+            false
+        })
+        .expect("read_chunks");
+    assert_eq!(calls, 1);
+}
+
+#[test]
 fn snapshot_commits_only_when_its_manifest_is_held() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path()).expect("open");
