@@ -17,19 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use duplex_tests::bench::{Playground, env_or, generate_tree, machine, write_section};
-use duplex_tests::tree::text;
-
-/// `files` files of about 140 bytes, 500 to a directory.
-fn small_files(root: &Path, files: usize) {
-    for i in 0..files {
-        let dir = root.join(format!("d{}", i / 500));
-        if i % 500 == 0 {
-            std::fs::create_dir_all(&dir).unwrap();
-        }
-        std::fs::write(dir.join(format!("f{i}")), text(i as u64, 100 + i % 80)).unwrap();
-    }
-}
+use duplex_tests::bench::{Playground, env_or, generate_tree, machine, small_files, write_section};
 
 /// First and unchanged second backup, and a full restore, in seconds.
 struct Times {
@@ -49,7 +37,7 @@ fn main() {
     eprintln!("generating a {mib} MiB tree and {small} small files");
     generate_tree(&mixed, mib);
     let tiny = work.path().join("small");
-    small_files(&tiny, small);
+    small_files(&tiny, small, 500, 100);
     // Both tools read from a warm page cache.
     for tree in [&mixed, &tiny] {
         Command::new("sh")

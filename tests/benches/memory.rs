@@ -11,20 +11,11 @@
 
 use std::path::Path;
 
-use duplex_tests::bench::{Measured, Playground, env_or, machine, measured, process_peak_rss, write_section};
-use duplex_tests::tree::text;
+use duplex_tests::bench::{
+    Measured, Playground, env_or, machine, measured, process_peak_rss, small_files, write_section,
+};
 
 const MIB: f64 = 1024.0 * 1024.0;
-
-fn small_files(root: &Path, files: usize) {
-    for i in 0..files {
-        let dir = root.join(format!("d{}", i / 1000));
-        if i % 1000 == 0 {
-            std::fs::create_dir_all(&dir).unwrap();
-        }
-        std::fs::write(dir.join(format!("f{i}")), text(i as u64, 60 + i % 80)).unwrap();
-    }
-}
 
 /// A backup of `tree` with the file cache in `cache`, measured.
 fn backup(pg: &Playground, tree: &Path, cache: &Path) -> (Measured, serde_json::Value) {
@@ -43,7 +34,7 @@ fn main() {
     let work = tempfile::tempdir().unwrap();
     let tree = work.path().join("tree");
     eprintln!("generating {files} files");
-    small_files(&tree, files);
+    small_files(&tree, files, 1000, 60);
     let generated = std::time::Instant::now();
     let pg = Playground::start(&work.path().join("pg"), &[]);
     // A file changed in the second before a scan is read again next time

@@ -193,6 +193,19 @@ impl Playground {
     }
 }
 
+/// `files` small text files, `per_dir` to a directory, file `i` holding
+/// `min_len + i % 80` bytes.
+pub fn small_files(root: &Path, files: usize, per_dir: usize, min_len: usize) {
+    for i in 0..files {
+        let dir = root.join(format!("d{}", i / per_dir));
+        if i % per_dir == 0 {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let data = crate::tree::text(i as u64, min_len + i % 80);
+        std::fs::write(dir.join(format!("f{i}")), data).unwrap();
+    }
+}
+
 /// What one measured run of a command did.
 pub struct Measured {
     pub stdout: Vec<u8>,

@@ -181,16 +181,8 @@ impl Store {
         let Some(loc) = self.chunk_loc(account, id)? else {
             return Ok(None);
         };
-        let data = packs::read(&self.packs_dir, &loc).map_err(|e| StoreError::Corrupt {
-            id,
-            reason: e.to_string(),
-        })?;
-        codec::check_stored(id, &loc.hash, &data)?;
-        Ok(Some(StoredChunk {
-            id,
-            data_hash: loc.hash,
-            data,
-        }))
+        self.read_with(&mut packs::PackReader::default(), id, &loc)
+            .map(Some)
     }
 
     /// Reads `ids` of `account` in order, checking each like `read_chunk`,
