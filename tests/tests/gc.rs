@@ -45,7 +45,9 @@ fn start_compaction<T>(data_dir: &Path, start: impl FnOnce() -> T) -> T {
         .map(|e| e.unwrap().file_name())
         .collect();
     let started = start();
-    wait_for("the compaction to start writing", LONG, || {
+    // A round runs at nice 19: on two cores busy with other tests it gets
+    // a sliver of one, and its marking can take a while before the copy.
+    wait_for("the compaction to start writing", 3 * LONG, || {
         std::fs::read_dir(&packs)
             .unwrap()
             .any(|e| !before.contains(&e.unwrap().file_name()))
@@ -73,6 +75,40 @@ fn write_tree(root: &Path, files: &[(&str, u64, usize)]) -> PathBuf {
         std::fs::write(root.join(name), random_bytes(*seed, *len)).unwrap();
     }
     root.to_path_buf()
+}
+
+/// Bytes of one half of a [`HalfDead`] file.
+const HALF: usize = 4_000_000;
+
+/// A directory whose first backup leaves its packs half dead once it is
+/// forgotten. One file, `data`, holds a half that stays then a half that a
+/// second backup no longer has. Being one file, its chunks are sent in
+/// order by one thread, alternating across the agent's upload streams, so
+/// every pack the first backup writes holds chunks of both halves and is
+/// compacted. (Two files, one dropped, raced for the streams: a pack could
+/// hold one file alone and be left whole or deleted whole.) Each half
+/// spans several chunks, so chunks wholly within the kept half exist.
+struct HalfDead {
+    dir: PathBuf,
+    seed: u64,
+}
+
+impl HalfDead {
+    fn write(dir: &Path, seed: u64) -> HalfDead {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut both = random_bytes(seed, HALF);
+        both.extend(random_bytes(seed + 1, HALF));
+        std::fs::write(dir.join("data"), both).unwrap();
+        HalfDead {
+            dir: dir.to_path_buf(),
+            seed,
+        }
+    }
+
+    /// Cuts `data` down to the half that stays.
+    fn drop_half(&self) {
+        std::fs::write(self.dir.join("data"), random_bytes(self.seed, HALF)).unwrap();
+    }
 }
 
 #[test]
@@ -278,20 +314,18 @@ fn a_commit_after_a_collection_took_its_chunks_is_refused_and_succeeds_once_they
 
 #[test]
 fn a_storage_server_killed_mid_compaction_recovers_and_the_kept_backup_restores() {
-    // Compaction copies at 256 KiB/s, so it is still copying when killed.
+    // Compaction copies at 1 MiB/s, so it is still copying when killed.
     let mut flags = EAGER.to_vec();
-    flags.extend(["--gc-rate", "262144"]);
+    flags.extend(["--gc-rate", "1048576"]);
     let mut cluster = Cluster::start_with(&flags);
     let token = cluster.create_account("crashy", None);
-    let dir = cluster.path("tree");
-    // One backup of two files, then one of the first alone: forgetting the
-    // first leaves its packs half dead, so they are rewritten.
-    write_tree(&dir, &[("kept", 1, 2_000_000), ("dropped", 2, 2_000_000)]);
+    let tree = HalfDead::write(&cluster.path("tree"), 1);
+    let dir = tree.dir.clone();
     let first = cluster.backup(&token, &dir)["snapshot"]
         .as_str()
         .unwrap()
         .to_owned();
-    std::fs::remove_file(dir.join("dropped")).unwrap();
+    tree.drop_half();
     let second = cluster.backup(&token, &dir)["snapshot"]
         .as_str()
         .unwrap()
@@ -323,12 +357,12 @@ fn a_storage_server_killed_mid_compaction_recovers_and_the_kept_backup_restores(
     // The rerun finishes the job: the dropped file's bytes are gone.
     runtime().block_on(async {
         let report = collect(&cluster).await;
-        assert!(report.reclaimed_bytes > 1_500_000, "{report:?}");
+        assert!(report.reclaimed_bytes > 3 * HALF as u64 / 4, "{report:?}");
     });
     let on_disk = pack_bytes(&data_dir) as f64;
     assert!(
-        on_disk <= 1.3 * 2_000_000.0,
-        "{on_disk} bytes on disk for 2 MB live"
+        on_disk <= 1.3 * HALF as f64,
+        "{on_disk} bytes on disk for {HALF} live"
     );
     let verify = cluster.duplex(&token, &["verify", &second]);
     assert!(
@@ -404,9 +438,9 @@ fn forget(sites: &TwoSites, token: &str, snapshot: &str) {
 
 #[test]
 fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_compaction_and_a_failback() {
-    // Compaction copies at 256 KiB/s, so site a is lost while it copies.
+    // Compaction copies at 1 MiB/s, so site a is lost while it copies.
     let mut flags = EAGER.to_vec();
-    flags.extend(["--gc-rate", "262144"]);
+    flags.extend(["--gc-rate", "1048576"]);
     let mut sites = TwoSites::start(Options {
         mode: "active-active",
         storage: &flags,
@@ -415,17 +449,14 @@ fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_c
     let alice = sites.create_account("alice", None, Some("storage-a"));
     let bob = sites.create_account("bob", None, Some("storage-b"));
     let root = sites.path("trees");
-    // Each account backs up two files, then one of them, and forgets the
+    // Each account backs up a file, then half of it, and forgets the
     // first snapshot: its packs are left half dead, to be compacted.
     let mut kept = Vec::new();
     for (i, token) in [&alice, &bob].into_iter().enumerate() {
-        let seed = 10 * i as u64;
-        let dir = write_tree(
-            &root.join(format!("account-{i}")),
-            &[("kept", seed + 1, 1_500_000), ("dropped", seed + 2, 1_500_000)],
-        );
+        let tree = HalfDead::write(&root.join(format!("account-{i}")), 10 * i as u64);
+        let dir = tree.dir.clone();
         let first = sites.backup(token, &dir);
-        std::fs::remove_file(dir.join("dropped")).unwrap();
+        tree.drop_half();
         let second = sites.backup(token, &dir);
         forget(&sites, token, &first);
         kept.push((token.clone(), second, dir));
@@ -472,7 +503,7 @@ fn active_active_deletions_are_collected_on_both_sites_through_a_site_lost_mid_c
     // A prune after the failback finishes the interrupted compaction and
     // collects what was deleted on b; both sites hold little beyond the live
     // data (each site holds both accounts' copies).
-    let live = 1_500_000.0 + 500_000.0 + 1_500_000.0;
+    let live = (HALF + 500_000 + HALF) as f64;
     prune_down_to(&sites, live);
     for (i, (token, snapshot, dir)) in kept.iter().enumerate() {
         let target = sites.restore(token, snapshot, &format!("restored-{i}"));
@@ -489,6 +520,18 @@ fn stored_chunks(cluster: &Cluster) -> Option<u64> {
             .ok()?;
         Some(status.into_inner().chunks)
     })
+}
+
+/// Waits until the storage server has ended every upload stream: a killed
+/// agent's stream ends only when the server reads the broken connection,
+/// and a batch it was storing may still commit chunks until then.
+fn wait_uploads_ended(cluster: &Cluster) {
+    const SERIES: &str = "duplex_rpc_in_flight_calls{method=\"/duplex.v1.StorageService/PutChunks\"} ";
+    wait_for("the storage server to end every upload stream", LONG, || {
+        let metrics = duplex_tests::scrape(&cluster.storage.addr);
+        let count = metrics.lines().find_map(|l| l.strip_prefix(SERIES))?;
+        (count == "0").then_some(())
+    });
 }
 
 fn spawn_backup(cluster: &Cluster, token: &str, tree: &Path) -> std::process::Child {
@@ -554,8 +597,11 @@ fn a_backup_killed_at_every_step_with_collections_between_and_one_racing_it_lose
     });
     agent.kill().unwrap();
     agent.wait().unwrap();
-    let agent = spawn_backup(&cluster, &token, &big);
+    // Counted once the dead stream has stored all it ever will, so that
+    // only the resumed upload can add to the count.
+    wait_uploads_ended(&cluster);
     let orphans = stored_chunks(&cluster).unwrap();
+    let agent = spawn_backup(&cluster, &token, &big);
     wait_for("the resumed upload to commit", LONG, || {
         stored_chunks(&cluster).filter(|n| *n > orphans)
     });
@@ -583,21 +629,19 @@ fn a_backup_killed_at_every_step_with_collections_between_and_one_racing_it_lose
 
 #[test]
 fn a_collection_survives_a_coordinator_killed_in_its_middle_and_the_replica_serves_after_a_failover() {
-    // Compaction copies at 256 KiB/s, so it is still copying when the
+    // Compaction copies at 1 MiB/s, so it is still copying when the
     // coordinator dies.
     let mut flags = EAGER.to_vec();
-    flags.extend(["--gc-rate", "262144"]);
+    flags.extend(["--gc-rate", "1048576"]);
     let mut sites = TwoSites::start(Options {
         storage: &flags,
         ..Options::default()
     });
     let token = sites.token.clone();
-    let dir = write_tree(
-        &sites.path("tree"),
-        &[("kept", 1, 1_500_000), ("dropped", 2, 1_500_000)],
-    );
+    let tree = HalfDead::write(&sites.path("tree"), 1);
+    let dir = tree.dir.clone();
     let first = sites.backup(&token, &dir);
-    std::fs::remove_file(dir.join("dropped")).unwrap();
+    tree.drop_half();
     let second = sites.backup(&token, &dir);
     forget(&sites, &token, &first);
     let (a, b) = (sites.storage_a.addr.clone(), sites.storage_b.addr.clone());
@@ -611,7 +655,7 @@ fn a_collection_survives_a_coordinator_killed_in_its_middle_and_the_replica_serv
     sites.wait_roles(&[("storage-a", "primary"), ("storage-b", "replica")]);
     // Rounds are each server's own: they finish, and the next prune finds
     // both sites down to about the live data.
-    let live = 1_500_000.0;
+    let live = HALF as f64;
     prune_down_to(&sites, live);
     sites.storage_a.signal(libc::SIGKILL);
     sites.wait_roles(&[("storage-b", "primary")]);

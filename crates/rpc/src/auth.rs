@@ -395,9 +395,11 @@ where
                 request.extensions_mut().insert(caller);
                 let call = span.in_scope(|| self.inner.call(request));
                 let started = std::time::Instant::now();
+                let in_flight = crate::metrics::call_in_flight(&path);
                 Box::pin(
                     async move {
                         let answered = call.await;
+                        drop(in_flight);
                         crate::metrics::observe_rpc(&path, started.elapsed());
                         answered.map(|response| undecodable_is_invalid(&path, response))
                     }

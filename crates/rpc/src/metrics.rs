@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Renders the server's own figures on each scrape.
@@ -38,6 +39,7 @@ const MAX_METHODS: usize = 128;
 struct Process {
     registry: Registry,
     rpc_duration: HistogramVec,
+    in_flight: IntGaugeVec,
     methods: Mutex<HashSet<String>>,
     refused_calls: IntCounter,
     refused_handshakes: IntCounter,
@@ -56,6 +58,14 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         &["method"],
     )
     .expect("static histogram options are valid");
+    let in_flight = IntGaugeVec::new(
+        Opts::new(
+            "duplex_rpc_in_flight_calls",
+            "Calls that have arrived and are not yet answered (for a call that streams its request, until it ends), by method.",
+        ),
+        &["method"],
+    )
+    .expect("static gauge options are valid");
     let refused_calls = IntCounter::new(
         "duplex_auth_refused_calls_total",
         "Calls refused for a missing, unknown or insufficient credential.",
@@ -79,6 +89,7 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
         .set(1.0);
     let collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(rpc_duration.clone()),
+        Box::new(in_flight.clone()),
         Box::new(refused_calls.clone()),
         Box::new(refused_handshakes.clone()),
         Box::new(build_info),
@@ -92,6 +103,7 @@ static PROCESS: LazyLock<Process> = LazyLock::new(|| {
     Process {
         registry,
         rpc_duration,
+        in_flight,
         methods: Mutex::new(HashSet::new()),
         refused_calls,
         refused_handshakes,
@@ -107,20 +119,41 @@ fn program() -> String {
         .map_or_else(|| "unknown".to_owned(), |n| n.to_string_lossy().into_owned())
 }
 
+/// The label `method`'s series go under: its own name while fewer than
+/// [`MAX_METHODS`] are known, else `other`.
+fn method_label(method: &str) -> &str {
+    let mut methods = PROCESS
+        .methods
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let known =
+        methods.contains(method) || (methods.len() < MAX_METHODS && methods.insert(method.to_owned()));
+    if known { method } else { "other" }
+}
+
 /// Records how long a call to `method` took.
 pub fn observe_rpc(method: &str, elapsed: Duration) {
-    let p = &*PROCESS;
-    let known = {
-        let mut methods = p
-            .methods
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        methods.contains(method) || (methods.len() < MAX_METHODS && methods.insert(method.to_owned()))
-    };
-    let label = if known { method } else { "other" };
-    p.rpc_duration
-        .with_label_values(&[label])
+    PROCESS
+        .rpc_duration
+        .with_label_values(&[method_label(method)])
         .observe(elapsed.as_secs_f64());
+}
+
+/// Counts a call to `method` as in flight until the returned guard is
+/// dropped, which also covers a call whose future is dropped unanswered.
+pub fn call_in_flight(method: &str) -> InFlight {
+    let gauge = PROCESS.in_flight.with_label_values(&[method_label(method)]);
+    gauge.inc();
+    InFlight(gauge)
+}
+
+/// One call counted in `duplex_rpc_in_flight_calls`.
+pub struct InFlight(IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// Counts a call refused for its credential.
@@ -254,6 +287,23 @@ mod tests {
         );
         assert!(text.contains("duplex_build_info{program="), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn a_call_is_in_flight_until_its_guard_is_dropped() {
+        let count = || {
+            render(&Exposition::default())
+                .lines()
+                .find_map(|l| l.strip_prefix("duplex_rpc_in_flight_calls{method=\"/duplex.v1.Test/Long\"} "))
+                .map(|n| n.to_owned())
+        };
+        let first = call_in_flight("/duplex.v1.Test/Long");
+        let second = call_in_flight("/duplex.v1.Test/Long");
+        assert_eq!(count().as_deref(), Some("2"));
+        drop(first);
+        assert_eq!(count().as_deref(), Some("1"));
+        drop(second);
+        assert_eq!(count().as_deref(), Some("0"));
     }
 
     #[test]
