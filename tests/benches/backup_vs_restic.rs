@@ -15,15 +15,24 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
-use duplex_tests::bench::{Playground, env_or, generate_tree, machine, small_files, write_section};
+use duplex_tests::bench::{
+    Playground, Run, env_or, generate_tree, machine, measured, small_files, write_section,
+};
 
-/// First and unchanged second backup, and a full restore, in seconds.
+/// Wall and CPU seconds of one operation.
+#[derive(Clone, Copy)]
+struct Took {
+    secs: f64,
+    /// On all cores, of every process that took part.
+    cpu: f64,
+}
+
+/// First and unchanged second backup, and a full restore.
 struct Times {
-    first: f64,
-    again: f64,
-    restore: f64,
+    first: Took,
+    again: Took,
+    restore: Took,
 }
 
 fn main() {
@@ -77,8 +86,12 @@ fn main() {
             ("full restore", d.restore, r.restore),
         ] {
             rows.push_str(&format!(
-                "| {name}, {what} | {d:.2} | {r:.2} | **{:.2}×** |\n",
-                d / r
+                "| {name}, {what} | {:.2} | {:.2} | **{:.2}×** | {:.2} | {:.2} |\n",
+                d.secs,
+                r.secs,
+                d.secs / r.secs,
+                d.cpu,
+                r.cpu,
             ));
         }
     }
@@ -92,8 +105,10 @@ fn main() {
          directory; warm page cache. Duplex goes through the playground \
          (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
          fsynced, mirrored synchronously to site b); restic {} writes a local repository \
-         (compression `auto`). Machine: {}.\n\n\
-         | tree, operation | duplex s | restic s | duplex / restic |\n| --- | ---: | ---: | ---: |\n{rows}",
+         (compression `auto`). CPU is user and system seconds on all cores: for duplex the \
+         agent's and every playground server's (both sites), for restic its own. Machine: {}.\n\n\
+         | tree, operation | duplex s | restic s | duplex / restic | duplex CPU s | restic CPU s |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: |\n{rows}",
         restic_version(),
         machine(),
     );
@@ -114,20 +129,37 @@ fn size_of(tree: &Path) -> (usize, u64) {
     (files, bytes >> 20)
 }
 
+fn took(run: &Run) -> Took {
+    Took {
+        secs: run.secs,
+        cpu: run.cpu_secs,
+    }
+}
+
 fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     let playground = Playground::start(&work.join("playground"), &[]);
     trees
         .iter()
         .enumerate()
         .map(|(i, tree)| {
-            let (first, snapshot) = playground.timed_backup(tree);
-            let (again, _) = playground.timed_backup(tree);
+            let backup = || {
+                let run = playground.measured_run(&["backup", tree.to_str().unwrap(), "--json"]);
+                let done: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+                let snapshot = done["snapshot"].as_str().unwrap().to_owned();
+                (took(&run), snapshot)
+            };
+            let (first, snapshot) = backup();
+            let (again, _) = backup();
             let target = work.join(format!("duplex-restore-{i}"));
-            let restore = playground.timed_restore(&snapshot, &target);
+            let restore =
+                took(&playground.measured_run(&["restore", &snapshot, "--target", target.to_str().unwrap()]));
             std::fs::remove_dir_all(&target).unwrap();
             eprintln!(
-                "duplex {}: {first:.2} s, then {again:.2} s, restore {restore:.2} s",
-                tree.display()
+                "duplex {}: {:.2} s, then {:.2} s, restore {:.2} s",
+                tree.display(),
+                first.secs,
+                again.secs,
+                restore.secs
             );
             Times {
                 first,
@@ -140,26 +172,24 @@ fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
 
 fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
     let repo = work.join("restic-repo");
+    assert!(
+        Command::new("restic").arg("version").output().is_ok(),
+        "restic is not installed (apt-get install restic)"
+    );
     let restic = |args: &[&str]| {
-        let out = Command::new("restic")
-            .args(args)
+        let mut cmd = Command::new("restic");
+        cmd.args(args)
             .env("RESTIC_REPOSITORY", &repo)
             .env("RESTIC_PASSWORD", "bench")
-            .env("RESTIC_CACHE_DIR", work.join("restic-cache"))
-            .output()
-            .expect("restic is not installed (apt-get install restic)");
-        assert!(
-            out.status.success(),
-            "restic {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .env("RESTIC_CACHE_DIR", work.join("restic-cache"));
+        let run = measured(cmd);
+        Took {
+            secs: run.secs,
+            cpu: run.cpu_secs,
+        }
     };
     restic(&["init", "--repository-version", "2"]);
-    let timed = |tree: &Path| {
-        let start = Instant::now();
-        restic(&["backup", "--compression", "auto", tree.to_str().unwrap()]);
-        start.elapsed().as_secs_f64()
-    };
+    let timed = |tree: &Path| restic(&["backup", "--compression", "auto", tree.to_str().unwrap()]);
     trees
         .iter()
         .enumerate()
@@ -167,8 +197,7 @@ fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
             let first = timed(tree);
             let again = timed(tree);
             let target = work.join(format!("restic-restore-{i}"));
-            let start = Instant::now();
-            restic(&[
+            let restore = restic(&[
                 "restore",
                 "latest",
                 "--path",
@@ -176,11 +205,13 @@ fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
                 "--target",
                 target.to_str().unwrap(),
             ]);
-            let restore = start.elapsed().as_secs_f64();
             std::fs::remove_dir_all(&target).unwrap();
             eprintln!(
-                "restic {}: {first:.2} s, then {again:.2} s, restore {restore:.2} s",
-                tree.display()
+                "restic {}: {:.2} s, then {:.2} s, restore {:.2} s",
+                tree.display(),
+                first.secs,
+                again.secs,
+                restore.secs
             );
             Times {
                 first,

@@ -182,6 +182,29 @@ impl Playground {
         start.elapsed().as_secs_f64()
     }
 
+    /// CPU seconds every server of the playground has used so far.
+    pub fn servers_cpu_secs(&self) -> f64 {
+        self.info["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["pid"].as_u64())
+            .map(process_cpu_secs)
+            .sum()
+    }
+
+    /// Runs `duplex ARGS` as the demo account to success: its wall time,
+    /// and the CPU time of the agent and of every server meanwhile.
+    pub fn measured_run(&self, args: &[&str]) -> Run {
+        let before = self.servers_cpu_secs();
+        let agent = measured(self.agent_command(args));
+        Run {
+            secs: agent.secs,
+            cpu_secs: agent.cpu_secs + self.servers_cpu_secs() - before,
+            stdout: agent.stdout,
+        }
+    }
+
     /// The playground.json entry of service `name`.
     pub fn service(&self, name: &str) -> &serde_json::Value {
         self.info["services"]
@@ -206,12 +229,23 @@ pub fn small_files(root: &Path, files: usize, per_dir: usize, min_len: usize) {
     }
 }
 
+/// Wall and CPU seconds of one agent run against a playground.
+pub struct Run {
+    pub secs: f64,
+    /// The agent's and every server's, on all cores.
+    pub cpu_secs: f64,
+    pub stdout: Vec<u8>,
+}
+
 /// What one measured run of a command did.
 pub struct Measured {
     pub stdout: Vec<u8>,
     pub secs: f64,
     /// The command's peak resident set (its own, from wait4), in bytes.
     pub peak_rss: u64,
+    /// User and system CPU seconds of the command and the children it
+    /// waited for.
+    pub cpu_secs: f64,
 }
 
 /// Runs `cmd` to success and measures its wall time and peak RSS.
@@ -241,7 +275,26 @@ pub fn measured(mut cmd: std::process::Command) -> Measured {
         stdout,
         secs: start.elapsed().as_secs_f64(),
         peak_rss: u64::try_from(usage.ru_maxrss).unwrap_or(0) * 1024,
+        cpu_secs: seconds(usage.ru_utime) + seconds(usage.ru_stime),
     }
+}
+
+fn seconds(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// User and system CPU seconds a live process has used so far.
+pub fn process_cpu_secs(pid: u64) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields 14 and 15 (utime, stime, in clock ticks), counted after the
+    // command name, which is in parentheses and may hold spaces.
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads its integer argument.
+    #[allow(unsafe_code)]
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / per_second.max(1) as f64
 }
 
 /// A live process's peak resident set so far (VmHWM), in bytes.

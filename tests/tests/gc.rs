@@ -534,6 +534,15 @@ fn wait_uploads_ended(cluster: &Cluster) {
     });
 }
 
+/// Chunks the storage server has told backups it already holds.
+fn dedup_hits(cluster: &Cluster) -> u64 {
+    const SERIES: &str = "duplex_storage_dedup_hits_total{server=\"storage-a\"} ";
+    let metrics = duplex_tests::scrape(&cluster.storage.addr);
+    let line = metrics.lines().find_map(|l| l.strip_prefix(SERIES));
+    line.and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {SERIES} in {metrics}"))
+}
+
 fn spawn_backup(cluster: &Cluster, token: &str, tree: &Path) -> std::process::Child {
     std::process::Command::new(duplex_tests::bin("duplex"))
         .args(["backup", tree.to_str().unwrap(), "--json"])
@@ -600,10 +609,13 @@ fn a_backup_killed_at_every_step_with_collections_between_and_one_racing_it_lose
     // Counted once the dead stream has stored all it ever will, so that
     // only the resumed upload can add to the count.
     wait_uploads_ended(&cluster);
-    let orphans = stored_chunks(&cluster).unwrap();
+    let orphans = stored_chunks(&cluster).unwrap() - live;
+    let hits = dedup_hits(&cluster);
     let agent = spawn_backup(&cluster, &token, &big);
-    wait_for("the resumed upload to commit", LONG, || {
-        stored_chunks(&cluster).filter(|n| *n > orphans)
+    // Collected once the resumed backup has been told every orphan is
+    // there (so it will not send them), and before it commits.
+    wait_for("the resumed backup to be told of every orphan", LONG, || {
+        (dedup_hits(&cluster) >= hits + orphans).then_some(())
     });
     let report = runtime().block_on(collect(&cluster));
     assert!(report.swept_chunks > 25, "{report:?}");

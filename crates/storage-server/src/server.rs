@@ -286,6 +286,14 @@ fn metrics(api: Arc<StorageApi>, limiter: Arc<Limiter<AccountId>>) -> MetricsFn 
                 &l,
                 s.accounts_behind.len() as f64,
             );
+            if let Ok(present) = api.store.answered_present() {
+                e.counter(
+                    "duplex_storage_dedup_hits_total",
+                    "Chunks backups asked about that were already stored, so were not uploaded, since the server started.",
+                    &l,
+                    present as f64,
+                );
+            }
             if let Ok((swept, reclaimed)) = crate::service::blocking(&api.store, Store::gc_totals).await {
                 e.counter(
                     "duplex_gc_swept_bytes_total",

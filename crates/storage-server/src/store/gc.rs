@@ -108,10 +108,14 @@ pub struct GcReport {
 pub(super) struct Touched {
     at: HashMap<ChunkKey, i64>,
     overflow_at: i64,
+    /// Chunks answered present since the server started: uploads that
+    /// deduplication saved.
+    answered: u64,
 }
 
 impl Touched {
     pub(super) fn note(&mut self, account: AccountId, ids: &[ChunkId], now: i64) {
+        self.answered += ids.len() as u64;
         for id in ids {
             if self.at.len() >= MAX_TOUCHED && !self.at.contains_key(&(account.0, *id.as_bytes())) {
                 self.overflow_at = now;
@@ -132,6 +136,12 @@ impl Store {
     pub fn touch(&self, account: AccountId, ids: &[ChunkId]) -> Result<(), StoreError> {
         lock(&self.touched)?.note(account, ids, super::snapshots::now_ms());
         Ok(())
+    }
+
+    /// Chunks `MissingChunks` has answered present since the server
+    /// started.
+    pub fn answered_present(&self) -> Result<u64, StoreError> {
+        Ok(lock(&self.touched)?.answered)
     }
 
     /// One garbage collection round; rounds never overlap.
