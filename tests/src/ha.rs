@@ -188,6 +188,20 @@ impl Ha {
     }
 
     /// The last operation of `kind` in the history, once it has ended.
+    /// How many operations of `kind` the leader's history holds; None
+    /// while no leader answers.
+    pub fn operations_of(&self, kind: &str) -> Option<usize> {
+        let out = self.ctl(&["history", "--json"]);
+        let history: Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(
+            history["events"]
+                .as_array()?
+                .iter()
+                .filter(|e| e["kind"] == kind)
+                .count(),
+        )
+    }
+
     pub fn ended(&self, kind: &str) -> Option<Value> {
         let out = self.ctl(&["history", "--json"]);
         let history: Value = serde_json::from_slice(&out.stdout).ok()?;

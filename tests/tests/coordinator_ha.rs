@@ -334,8 +334,31 @@ impl<'a> Armed<'a> {
         std::fs::write(&self.file, lines.join("\n")).unwrap();
         let deaths_before = self.killed.len();
         // The leader may die before it answers: the operation is persisted
-        // before it runs, which is what the next leader relies on.
-        self.ha.ctl(args);
+        // before it runs, which is what the next leader relies on. Or no
+        // leader took it (one had just died): asked again only once a
+        // leader's history shows it was not persisted.
+        let before = wait_for("a leader's history", Duration::from_secs(60), || {
+            self.restart_the_dead();
+            self.ha.operations_of(kind)
+        });
+        if !self.ha.ctl(args).status.success() {
+            let mut asked = Instant::now();
+            wait_for(
+                &format!("the {kind} to be taken"),
+                Duration::from_secs(120),
+                || {
+                    self.restart_the_dead();
+                    if asked.elapsed() < Duration::from_millis(500) {
+                        return None;
+                    }
+                    asked = Instant::now();
+                    if self.ha.operations_of(kind)? > before {
+                        return Some(());
+                    }
+                    self.ha.ctl(args).status.success().then_some(())
+                },
+            );
+        }
         let mut polled = Instant::now();
         let op = wait_for(
             &format!("the {kind} to end through {} leader deaths", phases.len()),
