@@ -342,35 +342,17 @@ impl<'a> Armed<'a> {
             self.ha.operations_of(kind)
         });
         if !self.ha.ctl(args).status.success() {
-            let mut asked = Instant::now();
-            wait_for(
-                &format!("the {kind} to be taken"),
-                Duration::from_secs(120),
-                || {
-                    self.restart_the_dead();
-                    if asked.elapsed() < Duration::from_millis(500) {
-                        return None;
-                    }
-                    asked = Instant::now();
-                    if self.ha.operations_of(kind)? > before {
-                        return Some(());
-                    }
-                    self.ha.ctl(args).status.success().then_some(())
-                },
-            );
-        }
-        let mut polled = Instant::now();
-        let op = wait_for(
-            &format!("the {kind} to end through {} leader deaths", phases.len()),
-            Duration::from_secs(300),
-            || {
-                self.restart_the_dead();
-                if polled.elapsed() < Duration::from_millis(500) {
-                    return None;
+            self.wait_restarting(&format!("the {kind} to be taken"), 120, |ha| {
+                if ha.operations_of(kind)? > before {
+                    return Some(());
                 }
-                polled = Instant::now();
-                self.ha.ended(kind)
-            },
+                ha.ctl(args).status.success().then_some(())
+            });
+        }
+        let op = self.wait_restarting(
+            &format!("the {kind} to end through {} leader deaths", phases.len()),
+            300,
+            |ha| ha.ended(kind),
         );
         // The last leader to die may have done so while a history call
         // was out, and the operation ended before the loop looked again.
@@ -396,6 +378,20 @@ impl<'a> Armed<'a> {
         }
         assert!(recorded.iter().all(|p| p["finished"].is_string()), "{op}");
         op
+    }
+
+    /// Polls `check` every half second for up to `secs`, starting again
+    /// any coordinator that dies at a fail point meanwhile.
+    fn wait_restarting<T>(&mut self, what: &str, secs: u64, check: impl Fn(&Ha) -> Option<T>) -> T {
+        let mut polled = Instant::now();
+        wait_for(what, Duration::from_secs(secs), || {
+            self.restart_the_dead();
+            if polled.elapsed() < Duration::from_millis(500) {
+                return None;
+            }
+            polled = Instant::now();
+            check(self.ha)
+        })
     }
 
     /// Starts again any coordinator that died at a fail point.
