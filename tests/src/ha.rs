@@ -188,29 +188,23 @@ impl Ha {
     }
 
     /// The last operation of `kind` in the history, once it has ended.
+    /// The operations of `kind` in the leader's history, oldest first;
+    /// None while no leader answers.
+    fn operations(&self, kind: &str) -> Option<Vec<Value>> {
+        let out = self.ctl(&["history", "--json"]);
+        let history: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let events = history["events"].as_array()?;
+        Some(events.iter().filter(|e| e["kind"] == kind).cloned().collect())
+    }
+
     /// How many operations of `kind` the leader's history holds; None
     /// while no leader answers.
     pub fn operations_of(&self, kind: &str) -> Option<usize> {
-        let out = self.ctl(&["history", "--json"]);
-        let history: Value = serde_json::from_slice(&out.stdout).ok()?;
-        Some(
-            history["events"]
-                .as_array()?
-                .iter()
-                .filter(|e| e["kind"] == kind)
-                .count(),
-        )
+        self.operations(kind).map(|ops| ops.len())
     }
 
     pub fn ended(&self, kind: &str) -> Option<Value> {
-        let out = self.ctl(&["history", "--json"]);
-        let history: Value = serde_json::from_slice(&out.stdout).ok()?;
-        let op = history["events"]
-            .as_array()?
-            .iter()
-            .rev()
-            .find(|e| e["kind"] == kind)?
-            .clone();
+        let op = self.operations(kind)?.pop()?;
         (op["state"] != "running").then_some(op)
     }
 

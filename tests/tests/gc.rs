@@ -526,21 +526,28 @@ fn stored_chunks(cluster: &Cluster) -> Option<u64> {
 /// agent's stream ends only when the server reads the broken connection,
 /// and a batch it was storing may still commit chunks until then.
 fn wait_uploads_ended(cluster: &Cluster) {
-    const SERIES: &str = "duplex_rpc_in_flight_calls{method=\"/duplex.v1.StorageService/PutChunks\"} ";
     wait_for("the storage server to end every upload stream", LONG, || {
-        let metrics = duplex_tests::scrape(&cluster.storage.addr);
-        let count = metrics.lines().find_map(|l| l.strip_prefix(SERIES))?;
-        (count == "0").then_some(())
+        let count = series(
+            cluster,
+            "duplex_rpc_in_flight_calls{method=\"/duplex.v1.StorageService/PutChunks\"}",
+        )?;
+        (count == 0).then_some(())
     });
 }
 
 /// Chunks the storage server has told backups it already holds.
 fn dedup_hits(cluster: &Cluster) -> u64 {
-    const SERIES: &str = "duplex_storage_dedup_hits_total{server=\"storage-a\"} ";
+    const SERIES: &str = "duplex_storage_dedup_hits_total{server=\"storage-a\"}";
+    series(cluster, SERIES).unwrap_or_else(|| panic!("no {SERIES} in the storage server's metrics"))
+}
+
+/// The value of one metric series of the storage server, if it has it.
+fn series(cluster: &Cluster, series: &str) -> Option<u64> {
     let metrics = duplex_tests::scrape(&cluster.storage.addr);
-    let line = metrics.lines().find_map(|l| l.strip_prefix(SERIES));
-    line.and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {SERIES} in {metrics}"))
+    let value = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))?;
+    value.parse().ok()
 }
 
 fn spawn_backup(cluster: &Cluster, token: &str, tree: &Path) -> std::process::Child {
