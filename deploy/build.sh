@@ -66,6 +66,6 @@ build_etcd() {
   mkdir -p "$ctx/.mountpoints/data"
   chmod 700 "$ctx/.mountpoints/data"
   docker build --quiet -t duplex-etcd:latest deploy/etcd
-  echo "built duplex-etcd:latest ($("$etcd" --version | head -n 1))"
+  echo "built duplex-etcd:latest ($("$etcd" --version | sed -n 1p))"
 }
 build_etcd
