@@ -117,7 +117,7 @@ pub async fn pull(
 ) -> Result<PullBatchResponse, Status> {
     let wanted = sort_records(&mut req)?;
     let mut src = sources.client(&req.source)?;
-    let mut writer = blocking(store, |s| s.begin_pack()).await?;
+    let mut writer = blocking(store, |s| s.begin_cold_pack()).await?;
     for (account, chunks) in wanted.chunks {
         let ids: Vec<ChunkId> = chunks.keys().copied().collect();
         let missing = blocking(store, move |s| s.missing(AccountId(account), &ids)).await?;

@@ -109,7 +109,7 @@ async fn from_source(
     // server's write, which a link that already copied it skips.
     let origins: BTreeMap<ChunkId, String> = wanted.keys().map(|&id| (id, String::new())).collect();
     let ids: Vec<ChunkId> = wanted.keys().copied().collect();
-    let writer = blocking(store, |s| s.begin_pack()).await?;
+    let writer = blocking(store, |s| s.begin_cold_pack()).await?;
     let mut writer = copy_chunks(&mut client, source, writer, account.0, &ids, &origins).await?;
     let wanted = wanted.clone();
     blocking(store, move |s| {

@@ -391,7 +391,7 @@ impl Store {
         pacer: &mut Pacer,
         report: &mut GcReport,
     ) -> Result<(), StoreError> {
-        let mut writer = self.begin_pack()?;
+        let mut writer = self.begin_cold_pack()?;
         let mut written_back = 0;
         let mut keep = HashSet::new();
         let mut reader = packs::PackReader::default();

@@ -32,7 +32,7 @@ pub use codec::MAX_CHUNK_BYTES;
 /// Chunk ids looked up in one read transaction by `Store::read_chunks`.
 const READ_RUN: usize = 256;
 pub use error::StoreError;
-pub use packs::{PackWriter, PutStats};
+pub use packs::{Caching, PackWriter, PutStats};
 pub use repair::Damaged;
 pub use usage::AccountUsage;
 pub use verify::VerifyReport;
@@ -139,8 +139,16 @@ impl Store {
         Ok(missing)
     }
 
+    /// A pack for an agent's upload, kept in the page cache for the
+    /// mirror's pull that reads it next.
     pub fn begin_pack(&self) -> Result<PackWriter, StoreError> {
-        PackWriter::create(&self.packs_dir, &self.active)
+        PackWriter::create(&self.packs_dir, &self.active, Caching::Keep)
+    }
+
+    /// A pack for a copy nothing reads soon (a mirrored batch, a repair,
+    /// a compaction): dropped from the page cache once on disk.
+    pub fn begin_cold_pack(&self) -> Result<PackWriter, StoreError> {
+        PackWriter::create(&self.packs_dir, &self.active, Caching::DropBehind)
     }
 
     /// Makes the chunks `account` wrote to `writer` durable and visible.
