@@ -187,7 +187,6 @@ impl Ha {
         });
     }
 
-    /// The last operation of `kind` in the history, once it has ended.
     /// The operations of `kind` in the leader's history, oldest first;
     /// None while no leader answers.
     fn operations(&self, kind: &str) -> Option<Vec<Value>> {
@@ -203,6 +202,7 @@ impl Ha {
         self.operations(kind).map(|ops| ops.len())
     }
 
+    /// The last operation of `kind` in the history, once it has ended.
     pub fn ended(&self, kind: &str) -> Option<Value> {
         let op = self.operations(kind)?.pop()?;
         (op["state"] != "running").then_some(op)
