@@ -15,6 +15,7 @@ pub mod restore;
 pub mod scan;
 pub mod secret;
 pub mod session;
+pub mod unbuffered;
 pub mod verify;
 
 pub use error::AgentError;

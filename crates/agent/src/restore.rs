@@ -9,10 +9,9 @@
 //! directories, files are opened with O_NOFOLLOW, and symlinks from the
 //! snapshot are created only after every file and directory is in place.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -29,6 +28,7 @@ use crate::AgentError;
 use crate::crypto::Keys;
 use crate::manifest::{fetch_chunks, fetch_manifest, link_target_bytes, path_bytes};
 use crate::session::{Session, StorageClient};
+use crate::unbuffered::{self, UnbufferedWriter};
 
 /// Files (or groups of small files) restored at once.
 const PARALLEL_FILES: usize = 4;
@@ -254,9 +254,10 @@ async fn restore_file(
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
     check_parents(target, path)?;
-    let file = open_for_restore(&full)?;
+    let out = unbuffered::create(&full, entry.size).map_err(AgentError::io(&full))?;
     let mut unfinished = Unfinished(Some(&full));
-    let (file, written) = write_chunks(file, storage, keys, entry, &full, progress).await?;
+    let (out, written) = write_chunks(out, storage, keys, entry, &full, progress).await?;
+    let file = out.finish().map_err(AgentError::io(&full))?;
     finish_file(&file, &full, entry, written)?;
     unfinished.0 = None;
     Ok(written)
@@ -302,28 +303,17 @@ fn write_small(
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
     check_parents(target, path)?;
-    let mut file = open_for_restore(&full)?;
+    let mut out = unbuffered::create(&full, entry.size).map_err(AgentError::io(&full))?;
     let mut unfinished = Unfinished(Some(&full));
     let mut written = 0u64;
     for data in chunks {
-        file.write_all(&data).map_err(AgentError::io(&full))?;
+        out.write(&data).map_err(AgentError::io(&full))?;
         written += data.len() as u64;
     }
+    let file = out.finish().map_err(AgentError::io(&full))?;
     finish_file(&file, &full, entry, written)?;
     unfinished.0 = None;
     Ok(written)
-}
-
-/// Creates (or truncates) a file to restore into, never through a symlink.
-fn open_for_restore(full: &Path) -> Result<File, AgentError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o600)
-        .open(full)
-        .map_err(AgentError::io(full))
 }
 
 /// Checks what was written against the manifest, then sets the mode and
@@ -358,32 +348,36 @@ impl Drop for Unfinished<'_> {
 /// Writes a file's chunks in order; every chunk is checked before its
 /// bytes are written.
 async fn write_chunks(
-    mut file: File,
+    mut out: UnbufferedWriter,
     storage: StorageClient,
     keys: Arc<Keys>,
     entry: &FileEntry,
     full: &Path,
     progress: &ProgressBar,
-) -> Result<(File, u64), AgentError> {
+) -> Result<(UnbufferedWriter, u64), AgentError> {
     let mut written = 0u64;
     if entry.chunks.is_empty() {
-        return Ok((file, 0));
+        return Ok((out, 0));
     }
     let mut chunks = std::pin::pin!(fetch_chunks(storage, keys, entry.chunks.clone()).await?);
     while let Some(raw) = chunks.try_next().await? {
         let len = raw.len() as u64;
-        file = write_blocking(file, raw, full).await?;
+        out = write_blocking(out, raw, full).await?;
         written += len;
         progress.inc(len);
     }
-    Ok((file, written))
+    Ok((out, written))
 }
 
-async fn write_blocking(mut file: File, data: Vec<u8>, path: &Path) -> Result<File, AgentError> {
+async fn write_blocking(
+    mut out: UnbufferedWriter,
+    data: Vec<u8>,
+    path: &Path,
+) -> Result<UnbufferedWriter, AgentError> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
-        file.write_all(&data).map_err(AgentError::io(&path))?;
-        Ok(file)
+        out.write(&data).map_err(AgentError::io(&path))?;
+        Ok(out)
     })
     .await
     .map_err(|e| AgentError::Invalid(format!("write task failed: {e}")))?
