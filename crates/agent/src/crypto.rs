@@ -99,10 +99,16 @@ impl Keys {
         let mut sealed = chunk.data.to_vec();
         let compressed = open(&self.chunks, expected.as_bytes(), &mut sealed)
             .map_err(|e| e.for_what(&format!("chunk {expected}")))?;
-        // Bounded, so a hostile payload cannot balloon memory.
+        // Bounded, so a hostile payload cannot balloon memory; sized by
+        // the frame's own header when it has one, since a buffer of the
+        // bound for every chunk is megabytes faulted in and freed again.
+        let capacity = match zstd::zstd_safe::get_frame_content_size(compressed) {
+            Ok(Some(n)) if n <= MAX_PLAINTEXT_CHUNK as u64 => n as usize,
+            _ => MAX_PLAINTEXT_CHUNK,
+        };
         let plain = DECOMPRESSOR
             .with_borrow_mut(|d| match d {
-                Some(d) => d.decompress(compressed, MAX_PLAINTEXT_CHUNK),
+                Some(d) => d.decompress(compressed, capacity),
                 None => Err(std::io::Error::other("no zstd context")),
             })
             .map_err(|_| AgentError::Integrity(format!("chunk {expected} does not decompress")))?;
