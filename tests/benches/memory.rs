@@ -1,6 +1,6 @@
 //! Memory at a large file count: the agent's and the storage servers'
 //! peak resident set while backing up a tree of many small files through
-//! the playground, first and unchanged again. Writes docs/BENCHMARKS.md.
+//! the playground, first and unchanged again, and restoring it whole. Writes docs/BENCHMARKS.md.
 //!
 //!     cargo build --release --bins && cargo bench -p duplex-tests --bench memory
 //!
@@ -48,17 +48,30 @@ fn main() {
     eprintln!("unchanged second backup");
     let (again, report) = backup(&pg, &tree, &cache);
     assert_eq!(report["read_bytes"], 0, "{report}");
+    eprintln!("restore");
+    let restored = work.path().join("restored");
+    let snapshot = report["snapshot"].as_str().unwrap().to_owned();
+    let restore = measured(pg.agent_command(&[
+        "restore",
+        &snapshot,
+        "--target",
+        restored.to_str().unwrap(),
+        "--json",
+    ]));
+    let report: serde_json::Value = serde_json::from_slice(&restore.stdout).unwrap();
+    assert_eq!(report["files"], files, "{report}");
     let server = |name: &str| process_peak_rss(pg.service(name)["pid"].as_u64().unwrap()) as f64 / MIB;
     let (storage_a, storage_b) = (server("storage-a"), server("storage-b"));
     let body = format!(
         "## Memory at {files} files\n\n\
          `cargo build --release --bins && cargo bench -p duplex-tests --bench memory`\n\n\
          {files} files of 60 to 140 bytes of text, a thousand to a directory, backed up through the playground \
-         (TLS, encryption, sync mirroring to site b), then again unchanged. Peak resident set: the agent's from \
-         wait4, the servers' VmHWM over both backups. Machine: {}.\n\n\
+         (TLS, encryption, sync mirroring to site b), then again unchanged, then restored whole into an empty \
+         directory. Peak resident set: the agent's from wait4, the servers' VmHWM over all three. Machine: {}.\n\n\
          | | seconds | peak RSS (MiB) |\n| --- | ---: | ---: |\n\
          | agent, first backup | {:.1} | {:.0} |\n\
          | agent, unchanged second backup | {:.1} | {:.0} |\n\
+         | agent, full restore | {:.1} | {:.0} |\n\
          | storage-a (primary) | | {storage_a:.0} |\n\
          | storage-b (mirror destination) | | {storage_b:.0} |\n",
         machine(),
@@ -66,6 +79,8 @@ fn main() {
         first.peak_rss as f64 / MIB,
         again.secs,
         again.peak_rss as f64 / MIB,
+        restore.secs,
+        restore.peak_rss as f64 / MIB,
     );
     let written = write_section("Memory", &body);
     print!("{body}");

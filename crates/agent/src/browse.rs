@@ -76,27 +76,58 @@ pub fn under(entries: Vec<FileEntry>, path: Option<&OsStr>) -> Result<Vec<FileEn
 /// directories above them (so they are created with their modes and
 /// times). A path that names nothing is an error, not an empty restore.
 pub fn included(entries: Vec<FileEntry>, includes: &[OsString]) -> Result<Vec<FileEntry>, AgentError> {
-    let paths: Vec<&[u8]> = includes.iter().map(|p| normalized(p)).collect();
-    if let Some(missing) = paths
-        .iter()
-        .find(|p| p.is_empty() || !entries.iter().any(|e| within(e, p)))
-    {
-        return Err(AgentError::Invalid(format!(
-            "--include {:?} names nothing in the snapshot",
-            shown(missing)
-        )));
+    let mut filter = Includes::new(includes);
+    let kept = entries.into_iter().filter(|e| filter.keeps(e)).collect();
+    filter.check_all_named()?;
+    Ok(kept)
+}
+
+/// The `--include` filter applied one entry at a time, so a restore can
+/// read its manifest as a stream.
+pub struct Includes {
+    paths: Vec<Vec<u8>>,
+    named: Vec<bool>,
+}
+
+impl Includes {
+    /// No paths keep everything.
+    pub fn new(includes: &[OsString]) -> Includes {
+        let paths: Vec<Vec<u8>> = includes.iter().map(|p| normalized(p).to_vec()).collect();
+        let named = vec![false; paths.len()];
+        Includes { paths, named }
     }
-    let above = |e: &FileEntry| {
-        e.kind == EntryKind::Dir as i32
-            && paths.iter().any(|p| {
-                p.strip_prefix(path_bytes(e))
+
+    /// Whether `entry` is written: within a path named, or a directory
+    /// above one.
+    pub fn keeps(&mut self, entry: &FileEntry) -> bool {
+        if self.paths.is_empty() {
+            return true;
+        }
+        let mut keep = false;
+        for (p, named) in self.paths.iter().zip(&mut self.named) {
+            if !p.is_empty() && within(entry, p) {
+                *named = true;
+                keep = true;
+            }
+        }
+        keep || (entry.kind == EntryKind::Dir as i32
+            && self.paths.iter().any(|p| {
+                p.strip_prefix(path_bytes(entry))
                     .is_some_and(|rest| rest.starts_with(b"/"))
-            })
-    };
-    Ok(entries
-        .into_iter()
-        .filter(|e| paths.iter().any(|p| within(e, p)) || above(e))
-        .collect())
+            }))
+    }
+
+    /// After every entry went through [`Includes::keeps`]: an error for a
+    /// path that named nothing.
+    pub fn check_all_named(&self) -> Result<(), AgentError> {
+        match self.paths.iter().zip(&self.named).find(|(_, named)| !**named) {
+            Some((missing, _)) => Err(AgentError::Invalid(format!(
+                "--include {:?} names nothing in the snapshot",
+                shown(missing)
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Writes the file at `path` to `out`, each chunk checked before a byte

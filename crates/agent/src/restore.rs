@@ -10,23 +10,27 @@
 //! snapshot are created only after every file and directory is in place.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use duplex_proto::v1::{EntryKind, FileEntry, GetSnapshotRequest, SnapshotInfo};
 use duplex_types::{ChunkId, validate_relative_path};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::ProgressBar;
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
 use serde::Serialize;
 
 use crate::AgentError;
+use crate::browse::Includes;
 use crate::crypto::Keys;
-use crate::manifest::{fetch_chunks, fetch_manifest, link_target_bytes, path_bytes};
+use crate::manifest::{entries_of, fetch_chunks, fetch_manifest_bytes, link_target_bytes, path_bytes};
 use crate::session::{Session, StorageClient};
 use crate::unbuffered::{self, UnbufferedWriter};
 
@@ -39,27 +43,30 @@ const GROUP_BYTES: u64 = 8 * 1024 * 1024;
 const GROUP_FILES: usize = 512;
 
 /// Consecutive files cut into groups; a file over `GROUP_BYTES` alone.
-fn groups(files: &[(PathBuf, FileEntry)]) -> impl Iterator<Item = &[(PathBuf, FileEntry)]> {
-    let mut rest = files;
+/// Lazy, so only the groups being restored are in memory.
+fn groups<I>(files: I) -> impl Iterator<Item = Result<Vec<(PathBuf, FileEntry)>, AgentError>>
+where
+    I: Iterator<Item = Result<(PathBuf, FileEntry), AgentError>>,
+{
+    let mut files = files.peekable();
     std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let mut bytes = 0;
-        let mut n = 0;
-        while let Some((_, entry)) = rest.get(n)
-            && n < GROUP_FILES
-            && (n == 0 || bytes + entry.size <= GROUP_BYTES)
-        {
-            bytes += entry.size;
-            n += 1;
-            if bytes > GROUP_BYTES {
-                break;
+        let first = match files.next()? {
+            Ok(file) => file,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut bytes = first.1.size;
+        let mut group = vec![first];
+        while group.len() < GROUP_FILES && bytes <= GROUP_BYTES {
+            match files.peek() {
+                Some(Ok((_, next))) if bytes + next.size <= GROUP_BYTES => {}
+                _ => break,
+            }
+            if let Some(Ok(file)) = files.next() {
+                bytes += file.1.size;
+                group.push(file);
             }
         }
-        let (group, after) = rest.split_at(n);
-        rest = after;
-        Some(group)
+        Some(Ok(group))
     })
 }
 
@@ -97,30 +104,43 @@ pub async fn restore(
     progress: ProgressBar,
 ) -> Result<RestoreReport, AgentError> {
     let storage = session.storage.clone();
-    let mut entries = fetch_manifest(&storage, &keys, &info.manifest_chunks)
-        .await?
-        .entries;
-    if !includes.is_empty() {
-        entries = crate::browse::included(entries, includes)?;
-    }
-    let plan = Plan::new(entries, target)?;
-    progress.set_length(plan.files.iter().map(|(_, e)| e.size).sum());
+    // Kept encoded and read twice, checked whole and then restored, since
+    // a million decoded entries would take gigabytes.
+    let manifest = fetch_manifest_bytes(&storage, &keys, &info.manifest_chunks).await?;
+    let mut filter = Includes::new(includes);
+    let plan = Plan::new(
+        entries_of(&manifest).filter(|e| e.as_ref().map_or(true, |e| filter.keeps(e))),
+        target,
+    )?;
+    filter.check_all_named()?;
+    progress.set_length(plan.file_bytes);
 
     std::fs::create_dir_all(target).map_err(AgentError::io(target))?;
     for (path, _) in &plan.dirs {
         make_dir(target, path)?;
     }
+    let mut filter = Includes::new(includes);
+    let files = entries_of(&manifest).filter_map(|e| match e {
+        Ok(e) if e.kind == EntryKind::File as i32 && filter.keeps(&e) => Some(
+            validate_relative_path(path_bytes(&e))
+                .map(|path| (path, e))
+                .map_err(|e| AgentError::UnsafePath(e.to_string())),
+        ),
+        Ok(_) => None,
+        Err(e) => Some(Err(e)),
+    });
     let mut bytes = 0;
-    let mut writes = futures::stream::iter(groups(&plan.files).map(|group| {
+    let mut writes = futures::stream::iter(groups(files).map(|group| {
         let storage = storage.clone();
         let progress = progress.clone();
         let keys = keys.clone();
         async move {
-            match group {
+            let group = group?;
+            match group.as_slice() {
                 [(path, entry)] if entry.size > GROUP_BYTES => {
                     restore_file(storage, keys, target, path, entry, &progress).await
                 }
-                small => restore_small(storage, keys, target, small, &progress).await,
+                _ => restore_small(storage, keys, target, group, &progress).await,
             }
         }
     }))
@@ -149,7 +169,7 @@ pub async fn restore(
     progress.finish_and_clear();
     Ok(RestoreReport {
         snapshot: info.id,
-        files: plan.files.len() as u64,
+        files: plan.files,
         dirs: plan.dirs.len() as u64,
         symlinks: plan.symlinks.len() as u64,
         special: plan.specials.len() as u64 - skipped,
@@ -158,10 +178,13 @@ pub async fn restore(
     })
 }
 
-/// The manifest sorted into what to create, every path already checked.
+/// What a restore creates besides regular files, every path already
+/// checked, and the files counted; the files themselves are read from the
+/// manifest again as they are restored.
 pub struct Plan {
     dirs: Vec<(PathBuf, FileEntry)>,
-    files: Vec<(PathBuf, FileEntry)>,
+    files: u64,
+    file_bytes: u64,
     symlinks: Vec<(PathBuf, FileEntry)>,
     /// FIFOs, sockets and devices.
     specials: Vec<(PathBuf, FileEntry)>,
@@ -170,26 +193,46 @@ pub struct Plan {
 impl Plan {
     /// Checks the whole manifest; refuses it (naming the first problem and
     /// saying nothing was written) before anything touches the target.
-    pub fn new(entries: Vec<FileEntry>, target: &Path) -> Result<Plan, AgentError> {
+    pub fn new(
+        entries: impl Iterator<Item = Result<FileEntry, AgentError>>,
+        target: &Path,
+    ) -> Result<Plan, AgentError> {
         let refuse = |why: String| {
             AgentError::UnsafePath(format!("{why} (nothing was written to {})", target.display()))
         };
         let mut plan = Plan {
             dirs: Vec::new(),
-            files: Vec::new(),
+            files: 0,
+            file_bytes: 0,
             symlinks: Vec::new(),
             specials: Vec::new(),
         };
+        // A 128-bit hash of each name rather than the name: a million paths
+        // in 16 bytes each.
         let mut names = HashSet::new();
+        // The directory each entry sits in, with one entry that does.
+        let mut parents: HashMap<PathBuf, PathBuf> = HashMap::new();
         for entry in entries {
+            let entry = entry?;
             let path = validate_relative_path(path_bytes(&entry)).map_err(|e| refuse(e.to_string()))?;
-            if !names.insert(path.clone()) {
+            let name: [u8; 16] = blake3::hash(path.as_os_str().as_bytes()).as_bytes()[..16]
+                .try_into()
+                .map_err(|_| refuse("a path hash is not 16 bytes".into()))?;
+            if !names.insert(name) {
                 return Err(refuse(format!("the snapshot names {} twice", path.display())));
             }
             check_entry(&entry).map_err(refuse)?;
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+                && !parents.contains_key(parent)
+            {
+                parents.insert(parent.to_path_buf(), path.clone());
+            }
             match entry.kind() {
                 EntryKind::Dir => plan.dirs.push((path, entry)),
-                EntryKind::File => plan.files.push((path, entry)),
+                EntryKind::File => {
+                    plan.files += 1;
+                    plan.file_bytes += entry.size;
+                }
                 EntryKind::Symlink => plan.symlinks.push((path, entry)),
                 EntryKind::Fifo | EntryKind::Socket | EntryKind::CharDevice | EntryKind::BlockDevice => {
                     plan.specials.push((path, entry))
@@ -198,33 +241,28 @@ impl Plan {
             }
         }
         plan.dirs.sort_by(|a, b| a.0.cmp(&b.0));
-        plan.check_parents_are_dirs().map_err(refuse)?;
+        plan.check_parents_are_dirs(&parents).map_err(refuse)?;
         Ok(plan)
     }
 
     /// Every entry's parent must be a directory of the snapshot itself, so
     /// no entry sits below a file or a symlink, and none can be reached
     /// through a symlink the snapshot creates.
-    fn check_parents_are_dirs(&self) -> Result<(), String> {
+    fn check_parents_are_dirs(&self, parents: &HashMap<PathBuf, PathBuf>) -> Result<(), String> {
         let dirs: HashSet<&Path> = self.dirs.iter().map(|(p, _)| p.as_path()).collect();
-        let all = self
-            .dirs
+        let mut outside: Vec<(&PathBuf, &PathBuf)> = parents
             .iter()
-            .chain(&self.files)
-            .chain(&self.symlinks)
-            .chain(&self.specials);
-        for (path, _) in all {
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
-                && !dirs.contains(parent)
-            {
-                return Err(format!(
-                    "{} is inside {}, which is not a directory of the snapshot",
-                    path.display(),
-                    parent.display()
-                ));
-            }
+            .filter(|(parent, _)| !dirs.contains(parent.as_path()))
+            .collect();
+        outside.sort();
+        match outside.first() {
+            Some((parent, path)) => Err(format!(
+                "{} is inside {}, which is not a directory of the snapshot",
+                path.display(),
+                parent.display()
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -253,8 +291,8 @@ async fn restore_file(
     progress: &ProgressBar,
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
-    check_parents(target, path)?;
-    let out = unbuffered::create(&full, entry.size).map_err(AgentError::io(&full))?;
+    let dir = ParentDir::open(target, path)?;
+    let out = dir.create(&full, entry.size)?;
     let mut unfinished = Unfinished(Some(&full));
     let (out, written) = write_chunks(out, storage, keys, entry, &full, progress).await?;
     let file = out.finish().map_err(AgentError::io(&full))?;
@@ -269,7 +307,7 @@ async fn restore_small(
     storage: StorageClient,
     keys: Arc<Keys>,
     target: &Path,
-    group: &[(PathBuf, FileEntry)],
+    group: Vec<(PathBuf, FileEntry)>,
     progress: &ProgressBar,
 ) -> Result<u64, AgentError> {
     let ids: Vec<Vec<u8>> = group.iter().flat_map(|(_, e)| e.chunks.iter().cloned()).collect();
@@ -280,13 +318,20 @@ async fn restore_small(
             chunks.push(plain);
         }
     }
-    let (target, group, progress) = (target.to_path_buf(), group.to_vec(), progress.clone());
+    let (target, progress) = (target.to_path_buf(), progress.clone());
     tokio::task::spawn_blocking(move || {
         let mut chunks = chunks.into_iter();
         let mut written = 0;
+        // Consecutive files mostly share a directory: opened once for them.
+        let mut dir: Option<ParentDir> = None;
         for (path, entry) in &group {
+            let parent = path.parent().unwrap_or(Path::new(""));
+            let dir = match dir.take() {
+                Some(d) if d.parent == parent => dir.insert(d),
+                _ => dir.insert(ParentDir::open(&target, path)?),
+            };
             let data = chunks.by_ref().take(entry.chunks.len());
-            written += write_small(&target, path, entry, data)?;
+            written += write_small(&target, dir, path, entry, data)?;
         }
         progress.inc(written);
         Ok(written)
@@ -297,13 +342,13 @@ async fn restore_small(
 
 fn write_small(
     target: &Path,
+    dir: &ParentDir,
     path: &Path,
     entry: &FileEntry,
     chunks: impl Iterator<Item = Vec<u8>>,
 ) -> Result<u64, AgentError> {
     let full = target.join(path);
-    check_parents(target, path)?;
-    let mut out = unbuffered::create(&full, entry.size).map_err(AgentError::io(&full))?;
+    let mut out = dir.create(&full, entry.size)?;
     let mut unfinished = Unfinished(Some(&full));
     let mut written = 0u64;
     for data in chunks {
@@ -314,6 +359,47 @@ fn write_small(
     finish_file(&file, &full, entry, written)?;
     unfinished.0 = None;
     Ok(written)
+}
+
+/// The directory a file is restored into, opened component by component
+/// from the target without following a symlink, so the file is created in
+/// it even if a directory above is swapped for a symlink meanwhile.
+struct ParentDir {
+    /// Relative to the target.
+    parent: PathBuf,
+    fd: OwnedFd,
+}
+
+impl ParentDir {
+    /// The directory `path` sits in.
+    fn open(target: &Path, path: &Path) -> Result<ParentDir, AgentError> {
+        let parent = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut fd =
+            rustix::fs::open(target, flags, Mode::empty()).map_err(|e| AgentError::io(target)(e.into()))?;
+        let mut at = target.to_path_buf();
+        for part in parent.components() {
+            at.push(part);
+            fd = rustix::fs::openat(&fd, part.as_os_str(), flags | OFlags::NOFOLLOW, Mode::empty()).map_err(
+                |e| match e {
+                    Errno::LOOP | Errno::NOTDIR => AgentError::UnsafePath(format!(
+                        "{} is not a directory (a symlink or file stands where a directory should be)",
+                        at.display()
+                    )),
+                    e => AgentError::io(&at)(e.into()),
+                },
+            )?;
+        }
+        Ok(ParentDir { parent, fd })
+    }
+
+    /// Creates (or truncates) the file `full` names in this directory.
+    fn create(&self, full: &Path, size: u64) -> Result<UnbufferedWriter, AgentError> {
+        let name = full
+            .file_name()
+            .ok_or_else(|| AgentError::UnsafePath(format!("{} names no file", full.display())))?;
+        unbuffered::create_at(&self.fd, name, size).map_err(AgentError::io(full))
+    }
 }
 
 /// Checks what was written against the manifest, then sets the mode and
@@ -512,13 +598,48 @@ mod tests {
     fn refused(entries: Vec<FileEntry>) -> String {
         let target = tempfile::tempdir().expect("tempdir");
         let into = target.path().join("restore");
-        let err = Plan::new(entries, &into).err().expect("refused").to_string();
+        let err = Plan::new(entries.into_iter().map(Ok), &into)
+            .err()
+            .expect("refused")
+            .to_string();
         assert!(
             !into.exists(),
             "nothing may be written before the manifest is checked"
         );
         assert!(err.contains("nothing was written"), "{err}");
         err
+    }
+
+    #[test]
+    fn a_file_is_created_in_its_directory_and_never_through_a_symlink() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (target, outside) = (root.path().join("target"), root.path().join("outside"));
+        std::fs::create_dir_all(target.join("a/b")).expect("mkdir");
+        std::fs::create_dir(&outside).expect("mkdir");
+        let path = Path::new("a/b/f");
+        let dir = ParentDir::open(&target, path).expect("a real directory opens");
+        // Swapped for a symlink once opened: the file still lands in the
+        // directory that was opened, not where the symlink points.
+        std::fs::rename(target.join("a/b"), root.path().join("moved")).expect("rename");
+        std::os::unix::fs::symlink(&outside, target.join("a/b")).expect("symlink");
+        for size in [3, unbuffered::DIRECT_MIN] {
+            let mut out = dir.create(&target.join(path), size).expect("create");
+            out.write(b"abc").expect("write");
+            out.finish().expect("finish");
+            assert_eq!(std::fs::read(root.path().join("moved/f")).expect("read"), b"abc");
+            assert!(!outside.join("f").exists());
+        }
+        // Opened afresh, the symlink is refused, as a file standing there is.
+        let err = ParentDir::open(&target, path).err().expect("refused").to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        std::fs::remove_file(target.join("a/b")).expect("rm");
+        std::fs::write(target.join("a/b"), b"").expect("file");
+        let err = ParentDir::open(&target, path).err().expect("refused").to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        // A file at the top of the target has the target as its directory.
+        let top = ParentDir::open(&target, Path::new("g")).expect("target");
+        top.create(&target.join("g"), 0).expect("create").finish().expect("finish");
+        assert!(target.join("g").is_file());
     }
 
     #[test]
@@ -536,10 +657,13 @@ mod tests {
         files.extend((0..GROUP_FILES + 1).map(|_| file(1)));
         files.push(file(GROUP_BYTES - 1));
         files.push(file(2));
-        let sizes: Vec<usize> = groups(&files).map(<[_]>::len).collect();
+        let n = files.len();
+        let sizes: Vec<usize> = groups(files.into_iter().map(Ok))
+            .map(|g| g.unwrap().len())
+            .collect();
         // [10], [large], [10 + 511 small], [2 small], [near the limit], [2].
         assert_eq!(sizes, [1, 1, GROUP_FILES, 2, 1, 1]);
-        assert_eq!(sizes.iter().sum::<usize>(), files.len());
+        assert_eq!(sizes.iter().sum::<usize>(), n);
     }
 
     #[test]
@@ -573,7 +697,9 @@ mod tests {
         let target = tempfile::tempdir().expect("tempdir");
         assert!(
             Plan::new(
-                vec![entry("a", Dir), entry("a/f", File), entry("a/l", Symlink)],
+                vec![entry("a", Dir), entry("a/f", File), entry("a/l", Symlink)]
+                    .into_iter()
+                    .map(Ok),
                 target.path()
             )
             .is_ok()

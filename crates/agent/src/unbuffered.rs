@@ -10,14 +10,13 @@
 //! A file system that refuses `O_DIRECT` (tmpfs on older kernels, some
 //! network file systems) gets the same bytes written through the cache.
 
-use std::fs::{File, OpenOptions};
+use std::ffi::OsStr;
+use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 
-use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use rustix::fs::{Mode, OFlags};
 
 /// Offsets, lengths and the buffer's address are multiples of this: the
 /// largest logical block size in common use.
@@ -34,23 +33,34 @@ pub const DIRECT_MIN: u64 = 1024 * 1024;
 /// a symlink, direct when `size` is at least [`DIRECT_MIN`] and the file
 /// system allows it.
 pub fn create(path: &Path, size: u64) -> std::io::Result<UnbufferedWriter> {
-    let open = |extra: i32| {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_NOFOLLOW | extra)
-            .mode(0o600)
-            .open(path)
-    };
+    let dir = rustix::fs::CWD;
+    open_with(
+        |extra| rustix::fs::openat(dir, path, extra, Mode::from_raw_mode(0o600)),
+        size,
+    )
+}
+
+/// Like [`create`], for the file `name` in the open directory `dir`.
+pub fn create_at(dir: &OwnedFd, name: &OsStr, size: u64) -> std::io::Result<UnbufferedWriter> {
+    open_with(
+        |extra| rustix::fs::openat(dir, name, extra, Mode::from_raw_mode(0o600)),
+        size,
+    )
+}
+
+fn open_with(
+    open: impl Fn(OFlags) -> rustix::io::Result<OwnedFd>,
+    size: u64,
+) -> std::io::Result<UnbufferedWriter> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if size >= DIRECT_MIN {
-        match open(libc::O_DIRECT) {
-            Ok(file) => return Ok(UnbufferedWriter::new(file, true, size)),
-            Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {}
-            Err(e) => return Err(e),
+        match open(flags | OFlags::DIRECT) {
+            Ok(fd) => return Ok(UnbufferedWriter::new(File::from(fd), true, size)),
+            Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(UnbufferedWriter::new(open(0)?, false, size))
+    Ok(UnbufferedWriter::new(File::from(open(flags)?), false, size))
 }
 
 /// Appends to a file, through an aligned buffer when the file was opened
@@ -138,16 +148,15 @@ impl UnbufferedWriter {
     fn flush_region(&mut self, n: usize) -> std::io::Result<()> {
         let region = &self.buf[self.start..self.start + n];
         match self.file.write_all(region) {
-            Err(e) if self.direct && e.raw_os_error() == Some(Errno::EINVAL as i32) => {
+            Err(e) if self.direct && e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                 // The file system took the open but not the write: go on
                 // through the cache. The failed write wrote nothing, and
                 // every earlier one was whole blocks, so the offset is
                 // where this region belongs.
                 self.direct = false;
                 self.file.seek(SeekFrom::Start(self.len - self.filled as u64))?;
-                let flags = fcntl(self.file.as_fd(), FcntlArg::F_GETFL)?;
-                let flags = OFlag::from_bits_truncate(flags) - OFlag::O_DIRECT;
-                fcntl(self.file.as_fd(), FcntlArg::F_SETFL(flags))?;
+                let flags = rustix::fs::fcntl_getfl(self.file.as_fd())?;
+                rustix::fs::fcntl_setfl(self.file.as_fd(), flags - OFlags::DIRECT)?;
                 let region = &self.buf[self.start..self.start + self.filled];
                 self.file.write_all(region)?;
             }
