@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::manifest::{fetch_chunks, fetch_manifest, path_bytes};
+use crate::manifest::{entries_of, fetch_chunks, fetch_manifest, fetch_manifest_bytes, path_bytes};
 use crate::session::Session;
 
 /// Every entry of a snapshot, in manifest order.
@@ -56,13 +56,33 @@ fn within(entry: &FileEntry, path: &[u8]) -> bool {
             .is_some_and(|rest| rest.starts_with(b"/"))
 }
 
+/// A snapshot's manifest, fetched and opened but left encoded: `ls` and
+/// `dump` decode it one entry at a time and keep only what they show.
+pub async fn manifest(
+    session: &Session,
+    keys: &Arc<Keys>,
+    info: &SnapshotInfo,
+) -> Result<Vec<u8>, AgentError> {
+    fetch_manifest_bytes(&session.storage, keys, &info.manifest_chunks).await
+}
+
 /// The entries at or below `path` (all of them for none); an error naming
 /// the path when nothing is there.
-pub fn under(entries: Vec<FileEntry>, path: Option<&OsStr>) -> Result<Vec<FileEntry>, AgentError> {
-    let Some(path) = path.map(normalized) else {
-        return Ok(entries);
+pub fn under(
+    entries: impl Iterator<Item = Result<FileEntry, AgentError>>,
+    path: Option<&OsStr>,
+) -> Result<Vec<FileEntry>, AgentError> {
+    let path = path.map(normalized);
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if path.is_none_or(|p| within(&entry, p)) {
+            found.push(entry);
+        }
+    }
+    let Some(path) = path else {
+        return Ok(found);
     };
-    let found: Vec<FileEntry> = entries.into_iter().filter(|e| within(e, path)).collect();
     if found.is_empty() {
         return Err(AgentError::Invalid(format!(
             "no {:?} in the snapshot",
@@ -135,16 +155,20 @@ impl Includes {
 pub async fn dump(
     session: &Session,
     keys: &Arc<Keys>,
-    entries: &[FileEntry],
+    manifest: &[u8],
     path: &OsStr,
     out: &mut dyn Write,
 ) -> Result<u64, AgentError> {
     let wanted = normalized(path);
     let path = shown(wanted);
-    let entry = entries
-        .iter()
-        .find(|e| path_bytes(e) == wanted)
-        .ok_or_else(|| AgentError::Invalid(format!("no {path:?} in the snapshot")))?;
+    let mut entries = entries_of(manifest);
+    let entry = loop {
+        match entries.next().transpose()? {
+            Some(e) if path_bytes(&e) == wanted => break e,
+            Some(_) => {}
+            None => return Err(AgentError::Invalid(format!("no {path:?} in the snapshot"))),
+        }
+    };
     if entry.kind != EntryKind::File as i32 {
         return Err(AgentError::Invalid(format!("{path:?} is not a file")));
     }
@@ -238,9 +262,9 @@ mod tests {
 
     #[test]
     fn a_subtree_is_the_path_and_what_is_below_it_not_its_namesakes() {
-        let found = under(tree(), Some(OsStr::new("/home/docs/"))).unwrap();
+        let found = under(tree().into_iter().map(Ok), Some(OsStr::new("/home/docs/"))).unwrap();
         assert_eq!(paths(&found), ["home/docs", "home/docs/a"]);
-        assert!(under(tree(), Some(OsStr::new("home/doc"))).is_err());
+        assert!(under(tree().into_iter().map(Ok), Some(OsStr::new("home/doc"))).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use duplex_agent::crypto::Keys;
 use duplex_agent::forget;
 use duplex_agent::keys::{KeyService, Unlocked, unlock};
+use duplex_agent::manifest::entries_of;
 use duplex_agent::scan::Selection;
 use duplex_agent::secret::{self, Passphrase};
 use duplex_agent::session::{Options, Session, login};
@@ -342,14 +343,15 @@ async fn run_command(
         }
         Command::Ls { snapshot, path } => {
             let info = restore::find(session, snapshot).await?;
-            let entries = browse::entries(session, &keys().await?, &info).await?;
+            let manifest = browse::manifest(session, &keys().await?, &info).await?;
+            let entries = entries_of(&manifest);
             print_ls(&browse::under(entries, path.as_deref())?, cli.json)
         }
         Command::Dump { snapshot, path } => {
             let info = restore::find(session, snapshot).await?;
             let keys = keys().await?;
-            let entries = browse::entries(session, &keys, &info).await?;
-            browse::dump(session, &keys, &entries, path, &mut std::io::stdout().lock()).await?;
+            let manifest = browse::manifest(session, &keys, &info).await?;
+            browse::dump(session, &keys, &manifest, path, &mut std::io::stdout().lock()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { a, b } => {

@@ -638,7 +638,10 @@ mod tests {
         assert!(err.contains("is not a directory"), "{err}");
         // A file at the top of the target has the target as its directory.
         let top = ParentDir::open(&target, Path::new("g")).expect("target");
-        top.create(&target.join("g"), 0).expect("create").finish().expect("finish");
+        top.create(&target.join("g"), 0)
+            .expect("create")
+            .finish()
+            .expect("finish");
         assert!(target.join("g").is_file());
     }
 
