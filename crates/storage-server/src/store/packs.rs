@@ -3,8 +3,7 @@
 //! never need locking.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use duplex_proto::v1::Chunk;
 use duplex_types::{AccountId, ChunkId};
 
+use super::appender::Appender;
 use super::codec;
 use super::tables::ChunkLoc;
 use super::{StoreError, fsync_dir};
@@ -51,11 +51,14 @@ pub enum Caching {
     /// An agent's upload: the mirror's pull reads it back at once.
     Keep,
     /// A mirrored, repaired or compacted copy: nothing reads it soon, so
-    /// each synced range is dropped from the page cache. Caching it would
-    /// only evict what is read (the index, fresh uploads), and on a VM
-    /// whose free memory the host reclaims, every new cache page costs a
-    /// fault on the host: writing 512 MiB took 1.2 to 1.7 s of system
-    /// time cached against 0.25 s dropped behind (docs/AGENT_SPEED.md).
+    /// it is written around the page cache (`O_DIRECT`), or, where the
+    /// file system refuses that, each synced range is dropped from the
+    /// cache. Caching it would only evict what is read (the index, fresh
+    /// uploads), and on a VM whose free memory the host reclaims, every
+    /// new cache page costs a fault on the host: writing 512 MiB took 1.2
+    /// to 1.7 s of system time cached, 0.25 s dropped behind, and the
+    /// copy into the cache was still 38 % of a mirror destination's CPU
+    /// (docs/AGENT_SPEED.md).
     DropBehind,
 }
 
@@ -67,7 +70,8 @@ pub struct PackWriter {
     /// Buffered: small chunks are written in large pieces, not one write
     /// each. Flushed before every fsync, which is before anything indexes
     /// what was appended, so no reader ever looks past what is on disk.
-    file: BufWriter<File>,
+    /// Direct (around the page cache) for `DropBehind`.
+    file: Appender,
     offset: u64,
     caching: Caching,
     /// Where the bytes still in the page cache begin (`DropBehind`).
@@ -76,9 +80,6 @@ pub struct PackWriter {
     pending: Vec<PendingChunk>,
     pending_bytes: u64,
 }
-
-/// How much of a pack is gathered before it is written.
-const WRITE_BUFFER: usize = 1024 * 1024;
 
 pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
     dir.join(format!("{pack:016x}.pack"))
@@ -96,14 +97,14 @@ impl PackWriter {
             // Registered before the file exists, so a collector that lists
             // the directory next cannot see it unregistered.
             lock(active)?.insert(pack);
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match Appender::create_new(&path, caching == Caching::DropBehind) {
                 Ok(file) => {
                     return Ok(PackWriter {
                         pack,
                         active: active.clone(),
                         path,
                         dir: dir.to_path_buf(),
-                        file: BufWriter::with_capacity(WRITE_BUFFER, file),
+                        file,
                         offset: 0,
                         caching,
                         cached_from: 0,
@@ -227,10 +228,10 @@ impl PackWriter {
             .flush()
             .map_err(StoreError::io(format!("writing {}", self.path.display())))?;
         self.file
-            .get_ref()
+            .file()
             .sync_data()
             .map_err(StoreError::io(format!("fsync of {}", self.path.display())))?;
-        if self.caching == Caching::DropBehind {
+        if self.caching == Caching::DropBehind && !self.file.is_direct() {
             self.drop_synced();
         }
         Ok(())
@@ -247,7 +248,7 @@ impl PackWriter {
             return;
         };
         let _ = nix::fcntl::posix_fadvise(
-            self.file.get_ref(),
+            self.file.file(),
             from,
             len,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
