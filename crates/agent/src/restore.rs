@@ -398,7 +398,7 @@ impl ParentDir {
         let name = full
             .file_name()
             .ok_or_else(|| AgentError::UnsafePath(format!("{} names no file", full.display())))?;
-        unbuffered::create_at(&self.fd, name, size).map_err(AgentError::io(full))
+        unbuffered::create_at(&self.fd, Path::new(name), size).map_err(AgentError::io(full))
     }
 }
 

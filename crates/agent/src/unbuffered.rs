@@ -10,10 +10,9 @@
 //! A file system that refuses `O_DIRECT` (tmpfs on older kernels, some
 //! network file systems) gets the same bytes written through the cache.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::Path;
 
 use rustix::fs::{Mode, OFlags};
@@ -29,29 +28,11 @@ const BLOCK: usize = 4 * 1024 * 1024;
 /// the cache copy saves.
 pub const DIRECT_MIN: u64 = 1024 * 1024;
 
-/// Opens `path` for a restore's writes: new or truncated, never through
-/// a symlink, direct when `size` is at least [`DIRECT_MIN`] and the file
-/// system allows it.
-pub fn create(path: &Path, size: u64) -> std::io::Result<UnbufferedWriter> {
-    let dir = rustix::fs::CWD;
-    open_with(
-        |extra| rustix::fs::openat(dir, path, extra, Mode::from_raw_mode(0o600)),
-        size,
-    )
-}
-
-/// Like [`create`], for the file `name` in the open directory `dir`.
-pub fn create_at(dir: &OwnedFd, name: &OsStr, size: u64) -> std::io::Result<UnbufferedWriter> {
-    open_with(
-        |extra| rustix::fs::openat(dir, name, extra, Mode::from_raw_mode(0o600)),
-        size,
-    )
-}
-
-fn open_with(
-    open: impl Fn(OFlags) -> rustix::io::Result<OwnedFd>,
-    size: u64,
-) -> std::io::Result<UnbufferedWriter> {
+/// Opens the file `name` in the directory `dir` for a restore's writes:
+/// new or truncated, never through a symlink, direct when `size` is at
+/// least [`DIRECT_MIN`] and the file system allows it.
+pub fn create_at(dir: impl AsFd, name: &Path, size: u64) -> std::io::Result<UnbufferedWriter> {
+    let open = |extra| rustix::fs::openat(&dir, name, extra, Mode::from_raw_mode(0o600));
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if size >= DIRECT_MIN {
         match open(flags | OFlags::DIRECT) {
@@ -174,6 +155,10 @@ mod tests {
     /// Whether this file system takes `O_DIRECT` at all.
     fn direct_supported(dir: &Path) -> bool {
         create(&dir.join("probe"), DIRECT_MIN).unwrap().direct
+    }
+
+    fn create(path: &Path, size: u64) -> std::io::Result<UnbufferedWriter> {
+        create_at(rustix::fs::CWD, path, size)
     }
 
     fn write_through(path: &Path, sizes: &[usize], declared: u64) {
