@@ -15,7 +15,6 @@ pub mod restore;
 pub mod scan;
 pub mod secret;
 pub mod session;
-pub mod unbuffered;
 pub mod verify;
 
 pub use error::AgentError;

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod direct_io;
 pub mod discovery;
 pub mod exit;
 pub mod health;

@@ -7,7 +7,6 @@
 //! before any RPC returns OK. A crash in between leaves only unindexed bytes
 //! in a pack, which nothing can see.
 
-mod appender;
 mod codec;
 mod error;
 pub mod gc;

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use duplex_proto::v1::Chunk;
+use duplex_rpc::direct_io::Appender;
 use duplex_types::{AccountId, ChunkId};
 
-use super::appender::Appender;
 use super::codec;
 use super::tables::ChunkLoc;
 use super::{StoreError, fsync_dir};
@@ -81,6 +81,10 @@ pub struct PackWriter {
     pending_bytes: u64,
 }
 
+/// Bytes gathered before a write to a pack: small chunks go to the kernel
+/// in large pieces, not one write each.
+const APPEND_BUFFER: usize = 1024 * 1024;
+
 pub fn pack_path(dir: &Path, pack: u64) -> PathBuf {
     dir.join(format!("{pack:016x}.pack"))
 }
@@ -97,7 +101,7 @@ impl PackWriter {
             // Registered before the file exists, so a collector that lists
             // the directory next cannot see it unregistered.
             lock(active)?.insert(pack);
-            match Appender::create_new(&path, caching == Caching::DropBehind) {
+            match Appender::create_new(&path, caching == Caching::DropBehind, APPEND_BUFFER) {
                 Ok(file) => {
                     return Ok(PackWriter {
                         pack,
