@@ -29,6 +29,8 @@ struct Took {
     secs: f64,
     /// On all cores, of every process that took part.
     cpu: f64,
+    /// The client's alone (duplex's agent; all of restic).
+    client_cpu: f64,
 }
 
 /// First and unchanged second backup, and a full restore.
@@ -101,12 +103,14 @@ fn main() {
             ("full restore", d.restore, r.restore),
         ] {
             rows.push_str(&format!(
-                "| {name}, {what} | {:.2} | {:.2} | **{:.2}×** | {:.2} | {:.2} |\n",
+                "| {name}, {what} | {:.2} | {:.2} | **{:.2}×** | {:.2} | {:.2} | {:.2} | {:.2}× |\n",
                 d.secs,
                 r.secs,
                 d.secs / r.secs,
                 d.cpu,
+                d.client_cpu,
                 r.cpu,
+                d.client_cpu / r.cpu,
             ));
         }
     }
@@ -122,9 +126,11 @@ fn main() {
          (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
          fsynced, mirrored synchronously to site b); restic {} writes a local repository \
          (compression `auto`). CPU is user and system seconds on all cores: for duplex the \
-         agent's and every playground server's (both sites), for restic its own. Machine: {}.\n\n\
-         | tree, operation | duplex s | restic s | duplex / restic | duplex CPU s | restic CPU s |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: |\n{rows}",
+         agent's and every playground server's (both sites), for restic its own; the agent's CPU alone is also shown, with its ratio \
+         to restic's (what a backup costs the machine being backed up when the storage servers \
+         run elsewhere, as they do outside the playground). Machine: {}.\n\n\
+         | tree, operation | duplex s | restic s | duplex / restic | duplex CPU s (all) | agent CPU s | restic CPU s | agent / restic CPU |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{rows}",
         restic_version(),
         machine(),
     );
@@ -152,6 +158,7 @@ fn medians(rounds: &[Vec<Times>]) -> Vec<Times> {
         Took {
             secs: median(&took.iter().map(|t| t.secs).collect::<Vec<_>>()),
             cpu: median(&took.iter().map(|t| t.cpu).collect::<Vec<_>>()),
+            client_cpu: median(&took.iter().map(|t| t.client_cpu).collect::<Vec<_>>()),
         }
     };
     (0..rounds[0].len())
@@ -167,6 +174,7 @@ fn took(run: &Run) -> Took {
     Took {
         secs: run.secs,
         cpu: run.cpu_secs,
+        client_cpu: run.agent_cpu_secs,
     }
 }
 
@@ -219,6 +227,7 @@ fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
         Took {
             secs: run.secs,
             cpu: run.cpu_secs,
+            client_cpu: run.cpu_secs,
         }
     };
     restic(&["init", "--repository-version", "2"]);

@@ -1,6 +1,7 @@
 //! Memory at a large file count: the agent's and the storage servers'
 //! peak resident set while backing up a tree of many small files through
-//! the playground, first and unchanged again, and restoring it whole. Writes docs/BENCHMARKS.md.
+//! the playground, first and unchanged again, diffing the two and
+//! restoring it whole. Writes docs/BENCHMARKS.md.
 //!
 //!     cargo build --release --bins && cargo bench -p duplex-tests --bench memory
 //!
@@ -46,14 +47,21 @@ fn main() {
     let (first, report) = backup(&pg, &tree, &cache);
     assert_eq!(report["files"], files, "{report}");
     eprintln!("unchanged second backup");
+    let first_snapshot = report["snapshot"].as_str().unwrap().to_owned();
     let (again, report) = backup(&pg, &tree, &cache);
     assert_eq!(report["read_bytes"], 0, "{report}");
+    eprintln!("diff of the two");
+    let second_snapshot = report["snapshot"].as_str().unwrap().to_owned();
+    let diff = measured(pg.agent_command(&["diff", &first_snapshot, &second_snapshot, "--json"]));
+    let changes: serde_json::Value = serde_json::from_slice(&diff.stdout).unwrap();
+    for list in ["added", "removed", "modified"] {
+        assert_eq!(changes[list], serde_json::json!([]), "{changes}");
+    }
     eprintln!("restore");
     let restored = work.path().join("restored");
-    let snapshot = report["snapshot"].as_str().unwrap().to_owned();
     let restore = measured(pg.agent_command(&[
         "restore",
-        &snapshot,
+        &second_snapshot,
         "--target",
         restored.to_str().unwrap(),
         "--json",
@@ -67,10 +75,11 @@ fn main() {
          `cargo build --release --bins && cargo bench -p duplex-tests --bench memory`\n\n\
          {files} files of 60 to 140 bytes of text, a thousand to a directory, backed up through the playground \
          (TLS, encryption, sync mirroring to site b), then again unchanged, then restored whole into an empty \
-         directory. Peak resident set: the agent's from wait4, the servers' VmHWM over all three. Machine: {}.\n\n\
+         directory; the two backups are also diffed. Peak resident set: the agent's from wait4, the servers' VmHWM over all three. Machine: {}.\n\n\
          | | seconds | peak RSS (MiB) |\n| --- | ---: | ---: |\n\
          | agent, first backup | {:.1} | {:.0} |\n\
          | agent, unchanged second backup | {:.1} | {:.0} |\n\
+         | agent, diff of the two backups | {:.1} | {:.0} |\n\
          | agent, full restore | {:.1} | {:.0} |\n\
          | storage-a (primary) | | {storage_a:.0} |\n\
          | storage-b (mirror destination) | | {storage_b:.0} |\n",
@@ -79,6 +88,8 @@ fn main() {
         first.peak_rss as f64 / MIB,
         again.secs,
         again.peak_rss as f64 / MIB,
+        diff.secs,
+        diff.peak_rss as f64 / MIB,
         restore.secs,
         restore.peak_rss as f64 / MIB,
     );

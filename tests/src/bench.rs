@@ -201,6 +201,7 @@ impl Playground {
         Run {
             secs: agent.secs,
             cpu_secs: agent.cpu_secs + self.servers_cpu_secs() - before,
+            agent_cpu_secs: agent.cpu_secs,
             stdout: agent.stdout,
         }
     }
@@ -234,6 +235,8 @@ pub struct Run {
     pub secs: f64,
     /// The agent's and every server's, on all cores.
     pub cpu_secs: f64,
+    /// The agent's alone.
+    pub agent_cpu_secs: f64,
     pub stdout: Vec<u8>,
 }
 

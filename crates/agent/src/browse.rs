@@ -3,7 +3,7 @@
 //! manifest's: relative, `/`-separated, starting with the name of the
 //! directory that was backed up.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -11,23 +11,13 @@ use std::sync::Arc;
 
 use duplex_proto::v1::{EntryKind, FileEntry, SnapshotInfo};
 use futures::TryStreamExt;
+use prost::Message;
 use serde::Serialize;
 
 use crate::AgentError;
 use crate::crypto::Keys;
-use crate::manifest::{entries_of, fetch_chunks, fetch_manifest, fetch_manifest_bytes, path_bytes};
+use crate::manifest::{entries_of, fetch_chunks, fetch_manifest_bytes, path_bytes};
 use crate::session::Session;
-
-/// Every entry of a snapshot, in manifest order.
-pub async fn entries(
-    session: &Session,
-    keys: &Arc<Keys>,
-    info: &SnapshotInfo,
-) -> Result<Vec<FileEntry>, AgentError> {
-    Ok(fetch_manifest(&session.storage, keys, &info.manifest_chunks)
-        .await?
-        .entries)
-}
 
 /// A path as the user typed it (bytes, as Unix names are), in the
 /// manifest's form.
@@ -200,23 +190,47 @@ pub struct Diff {
     pub modified: Vec<String>,
 }
 
+/// The first 16 bytes of a BLAKE3 hash: of a path, or of a whole entry
+/// encoded (prost encodes equal entries to equal bytes).
+type Digest = [u8; 16];
+
+fn digest(bytes: &[u8]) -> Digest {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
+    out
+}
+
 /// Entries are matched by their exact names; the lists show names in
-/// their display form.
-pub fn diff(a: Vec<FileEntry>, b: Vec<FileEntry>) -> Diff {
-    let mut before: BTreeMap<Vec<u8>, FileEntry> =
-        a.into_iter().map(|e| (path_bytes(&e).to_vec(), e)).collect();
+/// their display form, sorted. Both manifests stay encoded, and of the
+/// first only two digests per entry are held (the path's and the whole
+/// entry's), so a diff of millions of files holds tens of MiB, not
+/// every entry decoded twice; names are kept only for what is listed.
+pub fn diff(a: &[u8], b: &[u8]) -> Result<Diff, AgentError> {
+    let mut before = HashMap::new();
+    for entry in entries_of(a) {
+        let entry = entry?;
+        before.insert(digest(path_bytes(&entry)), digest(&entry.encode_to_vec()));
+    }
     let mut out = Diff::default();
-    for entry in b {
-        match before.remove(path_bytes(&entry)) {
+    for entry in entries_of(b) {
+        let entry = entry?;
+        match before.remove(&digest(path_bytes(&entry))) {
             None => out.added.push(entry.path),
-            Some(old) if old != entry => out.modified.push(entry.path),
+            Some(old) if old != digest(&entry.encode_to_vec()) => out.modified.push(entry.path),
             Some(_) => {}
         }
     }
-    out.removed = before.into_values().map(|e| e.path).collect();
+    // What is left of the first was removed: named by reading it again.
+    for entry in entries_of(a) {
+        let entry = entry?;
+        if before.remove(&digest(path_bytes(&entry))).is_some() {
+            out.removed.push(entry.path);
+        }
+    }
     out.added.sort();
+    out.removed.sort();
     out.modified.sort();
-    out
+    Ok(out)
 }
 
 pub fn kind_name(kind: i32) -> &'static str {
@@ -235,6 +249,7 @@ pub fn kind_name(kind: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use duplex_proto::v1::Manifest;
 
     fn entry(path: &str, kind: EntryKind, size: u64) -> FileEntry {
         FileEntry {
@@ -281,9 +296,18 @@ mod tests {
         b.retain(|e| e.path != "home/top");
         b[2].size = 9;
         b.push(entry("home/new", EntryKind::File, 1));
-        let d = diff(tree(), b);
+        let encoded = |entries| {
+            Manifest {
+                entries,
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let d = diff(&encoded(tree()), &encoded(b)).unwrap();
         assert_eq!(d.added, ["home/new"]);
         assert_eq!(d.removed, ["home/top"]);
         assert_eq!(d.modified, ["home/docs/a"]);
+        let same = diff(&encoded(tree()), &encoded(tree())).unwrap();
+        assert_eq!(same, Diff::default(), "equal snapshots differ in nothing");
     }
 }

@@ -358,10 +358,10 @@ async fn run_command(
             let (a, b) = (restore::find(session, a).await?, restore::find(session, b).await?);
             let keys = keys().await?;
             let (a, b) = (
-                browse::entries(session, &keys, &a).await?,
-                browse::entries(session, &keys, &b).await?,
+                browse::manifest(session, &keys, &a).await?,
+                browse::manifest(session, &keys, &b).await?,
             );
-            print_diff(&browse::diff(a, b), cli.json)
+            print_diff(&browse::diff(&a, &b)?, cli.json)
         }
         Command::Verify { snapshot, read_data } => {
             let report = if snapshot.is_none() && !read_data {

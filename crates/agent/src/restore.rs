@@ -409,7 +409,12 @@ impl ParentDir {
             .file_name()
             .ok_or_else(|| AgentError::UnsafePath(format!("{} names no file", full.display())))?;
         let direct = size >= DIRECT_MIN;
-        let capacity = size.min(DIRECT_BLOCK) as usize;
+        // A small file is written as its chunks arrive, unbuffered.
+        let capacity = if direct {
+            size.min(DIRECT_BLOCK) as usize
+        } else {
+            0
+        };
         Appender::create_at(&self.fd, Path::new(name), direct, capacity).map_err(AgentError::io(full))
     }
 }

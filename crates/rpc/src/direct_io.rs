@@ -92,10 +92,19 @@ impl Appender {
         Ok(Appender::new(File::from(open(flags)?), false, capacity))
     }
 
-    /// `capacity` is rounded up to whole aligned blocks.
+    /// `capacity` is rounded up to whole aligned blocks; a file written
+    /// through the cache with none gets each append as its own write.
     fn new(file: File, direct: bool, capacity: usize) -> Appender {
-        let capacity = capacity.next_multiple_of(ALIGN).max(ALIGN);
-        let buf = vec![0u8; capacity + ALIGN];
+        let capacity = if direct || capacity > 0 {
+            capacity.next_multiple_of(ALIGN).max(ALIGN)
+        } else {
+            0
+        };
+        let buf = if capacity > 0 {
+            vec![0u8; capacity + ALIGN]
+        } else {
+            Vec::new()
+        };
         let start = buf.as_ptr().align_offset(ALIGN).min(ALIGN);
         Appender {
             file,
@@ -118,6 +127,11 @@ impl Appender {
     }
 
     pub fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        if self.capacity == 0 {
+            self.file.write_all_at(data, self.base)?;
+            self.base += data.len() as u64;
+            return Ok(());
+        }
         while !data.is_empty() {
             let n = data.len().min(self.capacity - self.filled);
             let at = self.start + self.filled;
@@ -258,13 +272,11 @@ mod tests {
                 probe.is_direct(),
                 "direct where the file system allows it"
             );
-            let path = dir.path().join(format!("b{k}"));
-            assert!(!check(
-                Appender::create_new(&path, false, CAPACITY).expect("create"),
-                &path,
-                pieces,
-                false
-            ));
+            for capacity in [CAPACITY, 0] {
+                let path = dir.path().join(format!("b{k}-{capacity}"));
+                let w = Appender::create_new(&path, false, capacity).expect("create");
+                assert!(!check(w, &path, pieces, false));
+            }
         }
     }
 
