@@ -201,36 +201,72 @@ fn digest(bytes: &[u8]) -> Digest {
 }
 
 /// Entries are matched by their exact names; the lists show names in
-/// their display form, sorted. Both manifests stay encoded, and of the
-/// first only two digests per entry are held (the path's and the whole
-/// entry's), so a diff of millions of files holds tens of MiB, not
-/// every entry decoded twice; names are kept only for what is listed.
-pub fn diff(a: &[u8], b: &[u8]) -> Result<Diff, AgentError> {
-    let mut before = HashMap::new();
-    for entry in entries_of(a) {
-        let entry = entry?;
-        before.insert(digest(path_bytes(&entry)), digest(&entry.encode_to_vec()));
+/// their display form, sorted. Only one manifest is held at a time, kept
+/// encoded, and of the first only two digests per entry (the path's and
+/// the whole entry's): at a million files a diff holds one manifest and
+/// tens of MiB, not both manifests decoded. The first is fetched again
+/// only to name what was removed, if anything was.
+pub async fn diff(
+    session: &Session,
+    keys: &Arc<Keys>,
+    a: &SnapshotInfo,
+    b: &SnapshotInfo,
+) -> Result<Diff, AgentError> {
+    let mut before = Digests::of(&manifest(session, keys, a).await?)?;
+    let mut out = before.compare(&manifest(session, keys, b).await?)?;
+    if !before.is_empty() {
+        out.removed = before.named(&manifest(session, keys, a).await?)?;
     }
-    let mut out = Diff::default();
-    for entry in entries_of(b) {
-        let entry = entry?;
-        match before.remove(&digest(path_bytes(&entry))) {
-            None => out.added.push(entry.path),
-            Some(old) if old != digest(&entry.encode_to_vec()) => out.modified.push(entry.path),
-            Some(_) => {}
-        }
-    }
-    // What is left of the first was removed: named by reading it again.
-    for entry in entries_of(a) {
-        let entry = entry?;
-        if before.remove(&digest(path_bytes(&entry))).is_some() {
-            out.removed.push(entry.path);
-        }
-    }
-    out.added.sort();
-    out.removed.sort();
-    out.modified.sort();
     Ok(out)
+}
+
+/// A snapshot's entries as (path digest, entry digest) pairs.
+struct Digests(HashMap<Digest, Digest>);
+
+impl Digests {
+    fn of(manifest: &[u8]) -> Result<Digests, AgentError> {
+        let mut map = HashMap::new();
+        for entry in entries_of(manifest) {
+            let entry = entry?;
+            map.insert(digest(path_bytes(&entry)), digest(&entry.encode_to_vec()));
+        }
+        Ok(Digests(map))
+    }
+
+    /// The paths of `manifest` added and modified; those it shares are
+    /// taken out, leaving what it lacks.
+    fn compare(&mut self, manifest: &[u8]) -> Result<Diff, AgentError> {
+        let mut out = Diff::default();
+        for entry in entries_of(manifest) {
+            let entry = entry?;
+            match self.0.remove(&digest(path_bytes(&entry))) {
+                None => out.added.push(entry.path),
+                Some(old) if old != digest(&entry.encode_to_vec()) => out.modified.push(entry.path),
+                Some(_) => {}
+            }
+        }
+        out.added.sort();
+        out.modified.sort();
+        Ok(out)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names, sorted, of the entries left, read from the manifest
+    /// they came from.
+    fn named(mut self, manifest: &[u8]) -> Result<Vec<String>, AgentError> {
+        let mut names = Vec::new();
+        for entry in entries_of(manifest) {
+            let entry = entry?;
+            if self.0.remove(&digest(path_bytes(&entry))).is_some() {
+                names.push(entry.path);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
 }
 
 pub fn kind_name(kind: i32) -> &'static str {
@@ -303,11 +339,18 @@ mod tests {
             }
             .encode_to_vec()
         };
-        let d = diff(&encoded(tree()), &encoded(b)).unwrap();
+        let diff = |a: Vec<FileEntry>, b| {
+            let a = encoded(a);
+            let mut before = Digests::of(&a).unwrap();
+            let mut out = before.compare(&encoded(b)).unwrap();
+            out.removed = before.named(&a).unwrap();
+            out
+        };
+        let d = diff(tree(), b);
         assert_eq!(d.added, ["home/new"]);
         assert_eq!(d.removed, ["home/top"]);
         assert_eq!(d.modified, ["home/docs/a"]);
-        let same = diff(&encoded(tree()), &encoded(tree())).unwrap();
+        let same = diff(tree(), tree());
         assert_eq!(same, Diff::default(), "equal snapshots differ in nothing");
     }
 }

@@ -357,11 +357,7 @@ async fn run_command(
         Command::Diff { a, b } => {
             let (a, b) = (restore::find(session, a).await?, restore::find(session, b).await?);
             let keys = keys().await?;
-            let (a, b) = (
-                browse::manifest(session, &keys, &a).await?,
-                browse::manifest(session, &keys, &b).await?,
-            );
-            print_diff(&browse::diff(&a, &b)?, cli.json)
+            print_diff(&browse::diff(session, &keys, &a, &b).await?, cli.json)
         }
         Command::Verify { snapshot, read_data } => {
             let report = if snapshot.is_none() && !read_data {
