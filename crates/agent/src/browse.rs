@@ -332,13 +332,7 @@ mod tests {
         b.retain(|e| e.path != "home/top");
         b[2].size = 9;
         b.push(entry("home/new", EntryKind::File, 1));
-        let encoded = |entries| {
-            Manifest {
-                entries,
-                ..Default::default()
-            }
-            .encode_to_vec()
-        };
+        let encoded = |entries| Manifest { entries }.encode_to_vec();
         let diff = |a: Vec<FileEntry>, b| {
             let a = encoded(a);
             let mut before = Digests::of(&a).unwrap();

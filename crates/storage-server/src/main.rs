@@ -52,6 +52,11 @@ struct Cli {
     /// RESOURCE_EXHAUSTED, which agents retry. At least 1.
     #[arg(long, env = "DUPLEX_MAX_REQUESTS_PER_ACCOUNT", value_name = "PER_SECOND", value_parser = at_least_one, default_value_t = DEFAULT_RATE, global = true)]
     max_requests_per_account: NonZeroU32,
+    /// MiB of the chunk index's pages kept in memory at most (redb's page
+    /// cache). The index takes about 300 bytes a chunk (all its tables); below its size,
+    /// lookups read pages from the file (the kernel's cache) instead.
+    #[arg(long, env = "DUPLEX_INDEX_CACHE_MIB", value_name = "MIB", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    index_cache_mib: u32,
     #[command(flatten)]
     gc: GcArgs,
     #[command(subcommand)]
@@ -144,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         coordinator: cli.server.coordinator_link(&secured),
         secured,
         data_dir,
+        index_cache: cli.index_cache_mib as usize * (1 << 20),
         name: cli.server.name()?,
         site: cli.server.site.clone(),
         advertise: cli.server.advertised(bound.addr),

@@ -30,6 +30,8 @@ use crate::store::{Store, StoreError};
 
 pub struct Config {
     pub data_dir: PathBuf,
+    /// Bytes of index pages kept in memory at most.
+    pub index_cache: usize,
     pub name: String,
     pub site: String,
     /// Address clients use to reach this server.
@@ -62,7 +64,8 @@ pub enum ServerError {
 
 pub async fn run(config: Config, bound: Bound, shutdown: CancellationToken) -> Result<(), ServerError> {
     let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+    let index_cache = config.index_cache;
+    let store = tokio::task::spawn_blocking(move || Store::open_with(&dir, index_cache))
         .await
         .map_err(|e| ServerError::Store {
             dir: config.data_dir.display().to_string(),

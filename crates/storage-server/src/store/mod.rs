@@ -76,15 +76,28 @@ pub struct Store {
     gc_round: std::sync::Mutex<()>,
 }
 
+/// redb's own default: the whole index of about ten million chunks.
+pub const DEFAULT_INDEX_CACHE: usize = 1 << 30;
+
 impl Store {
-    /// Opens (or creates) the store in `dir`, generating the server id on first start.
+    /// Opens (or creates) the store in `dir` with redb's default index
+    /// cache (1 GiB at most).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(dir, DEFAULT_INDEX_CACHE)
+    }
+
+    /// Opens (or creates) the store in `dir`, generating the server id on
+    /// first start; the index's page cache holds at most `index_cache`
+    /// bytes.
+    pub fn open_with(dir: &Path, index_cache: usize) -> Result<Store, StoreError> {
         let packs_dir = dir.join("packs");
         std::fs::create_dir_all(&packs_dir)
             .map_err(StoreError::io(format!("creating {}", packs_dir.display())))?;
         fsync_dir(dir)?;
         let meta_path = dir.join("meta.redb");
-        let db = Database::create(&meta_path)?;
+        let db = Database::builder()
+            .set_cache_size(index_cache)
+            .create(&meta_path)?;
         // The index names every account's chunks: the owner's only.
         {
             use std::os::unix::fs::PermissionsExt;
