@@ -254,17 +254,25 @@ mod tests {
         &[(ALIGN + 1, false), (3, false), (CAPACITY, false), (5000, false)],
     ];
 
+    /// `check` on a new file `name` in `dir`.
+    fn check_new(
+        dir: &Path,
+        name: &str,
+        direct: bool,
+        capacity: usize,
+        pieces: &[(usize, bool)],
+        misalign: bool,
+    ) -> bool {
+        let path = dir.join(name);
+        let w = Appender::create_new(&path, direct, capacity).expect("create");
+        check(w, &path, pieces, misalign)
+    }
+
     #[test]
     fn what_is_appended_reads_back_after_every_flush_direct_or_not() {
         let dir = tempfile::tempdir().expect("tempdir");
         for (k, pieces) in CASES.iter().enumerate() {
-            let path = dir.path().join(format!("d{k}"));
-            let direct = check(
-                Appender::create_new(&path, true, CAPACITY).expect("create"),
-                &path,
-                pieces,
-                false,
-            );
+            let direct = check_new(dir.path(), &format!("d{k}"), true, CAPACITY, pieces, false);
             let probe =
                 Appender::create_new(&dir.path().join(format!("p{k}")), true, CAPACITY).expect("probe");
             assert_eq!(
@@ -273,9 +281,14 @@ mod tests {
                 "direct where the file system allows it"
             );
             for capacity in [CAPACITY, 0] {
-                let path = dir.path().join(format!("b{k}-{capacity}"));
-                let w = Appender::create_new(&path, false, capacity).expect("create");
-                assert!(!check(w, &path, pieces, false));
+                assert!(!check_new(
+                    dir.path(),
+                    &format!("b{k}-{capacity}"),
+                    false,
+                    capacity,
+                    pieces,
+                    false
+                ));
             }
         }
     }
@@ -292,9 +305,14 @@ mod tests {
         for (k, pieces) in CASES.iter().enumerate().skip(1) {
             // A region off the alignment is what the kernel refuses with
             // EINVAL, as a file system with larger blocks would.
-            let path = dir.path().join(format!("m{k}"));
-            let w = Appender::create_new(&path, true, CAPACITY).expect("create");
-            assert!(!check(w, &path, pieces, true));
+            assert!(!check_new(
+                dir.path(),
+                &format!("m{k}"),
+                true,
+                CAPACITY,
+                pieces,
+                true
+            ));
         }
     }
 
