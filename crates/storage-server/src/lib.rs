@@ -1,6 +1,7 @@
 //! Duplex storage server: the storage engine (`store`) and its gRPC face.
 
 pub mod auth;
+pub mod chunk_stream;
 pub mod collector;
 mod error;
 pub mod limits;

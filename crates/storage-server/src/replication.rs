@@ -53,31 +53,24 @@ impl StorageReplication for StorageApi {
         let account = AccountId(req.account_id);
         let ids = chunk_ids(&req.ids)?;
         let skip_missing = req.skip_missing;
-        let (tx, rx) = mpsc::channel(4);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let read = store.read_chunks(account, &ids, |id, found| {
-                let item = match found {
-                    Ok(Some(c)) => Ok(AccountChunk {
-                        account_id: account.0,
-                        chunk: Some(c.into_proto()),
-                        origin: String::new(),
-                    }),
-                    Ok(None) if skip_missing => return true,
-                    Ok(None) => Err(Status::not_found(format!(
-                        "chunk {id} of account {} not found",
-                        account.0
-                    ))),
-                    Err(e) => Err(Status::from(e)),
-                };
-                let stop = item.is_err();
-                tx.blocking_send(item).is_ok() && !stop
-            });
-            if let Err(e) = read {
-                let _ = tx.blocking_send(Err(Status::from(e)));
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(crate::chunk_stream::read_chunks(
+            self.store.clone(),
+            account,
+            ids,
+            move |id, found| match found {
+                Ok(Some(c)) => Some(Ok(AccountChunk {
+                    account_id: account.0,
+                    chunk: Some(c.into_proto()),
+                    origin: String::new(),
+                })),
+                Ok(None) if skip_missing => None,
+                Ok(None) => Some(Err(Status::not_found(format!(
+                    "chunk {id} of account {} not found",
+                    account.0
+                )))),
+                Err(e) => Some(Err(Status::from(e))),
+            },
+        )))
     }
 
     async fn pull_batch(

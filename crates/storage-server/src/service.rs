@@ -1,7 +1,6 @@
 //! Thin gRPC handlers over the storage engine: authenticate, validate,
 //! run the engine call off the async threads, map errors.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use duplex_proto::v1::storage_admin_server::StorageAdmin;
@@ -21,12 +20,11 @@ use tonic::metadata::MetadataValue;
 
 use crate::mirroring::Mirroring;
 use crate::store::mirror::{Role, RoleState};
-use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Access, Auth, Caller};
+use crate::chunk_stream;
 use crate::store::references::blob_ids;
 use crate::store::snapshots::{NewSnapshot, check_record};
 use crate::store::{MAX_CHUNK_BYTES, PackWriter, PutStats, Store, StoreError};
@@ -165,7 +163,7 @@ pub fn check_chunk_shape(chunk: &Chunk) -> Result<(), Status> {
     Ok(())
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, Status>> + Send>>;
+type ChunkStream = chunk_stream::ItemStream<Chunk>;
 
 #[tonic::async_trait]
 impl StorageService for StorageApi {
@@ -229,23 +227,18 @@ impl StorageService for StorageApi {
     async fn get_chunks(&self, request: Request<GetChunksRequest>) -> Result<Response<ChunkStream>, Status> {
         let caller = self.authorize(request.metadata(), Access::Read).await?;
         let ids = chunk_ids(&request.get_ref().ids)?;
-        let (tx, rx) = mpsc::channel(4);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let read = store.read_chunks(caller.account, &ids, |id, found| {
-                let item = match found {
+        Ok(Response::new(chunk_stream::read_chunks(
+            self.store.clone(),
+            caller.account,
+            ids,
+            |id, found| {
+                Some(match found {
                     Ok(Some(c)) => Ok(c.into_proto()),
                     Ok(None) => Err(Status::not_found(format!("chunk {id} not found"))),
                     Err(e) => Err(Status::from(e)),
-                };
-                let stop = item.is_err();
-                tx.blocking_send(item).is_ok() && !stop
-            });
-            if let Err(e) = read {
-                let _ = tx.blocking_send(Err(Status::from(e)));
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+                })
+            },
+        )))
     }
 
     async fn commit_snapshot(
