@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use duplex_tests::bench::{
-    Playground, Run, env_or, generate_tree, machine, measured, median, small_files, write_section,
+    Playground, RestoreTarget, Run, env_or, generate_tree, machine, measured, median, small_files,
+    write_section,
 };
 
 /// Wall and CPU seconds of one operation.
@@ -120,8 +121,9 @@ fn main() {
          Two generated trees: {mib} MiB (60 % random data in 32 MiB files, 30 % text, 10 % small \
          files) and {small} files of about 140 bytes, 500 to a directory, and a real system tree as \
          it is. Each is backed up into the repository, then again unchanged (duplex skips unchanged \
-         files by its file cache, restic by its parent snapshot), then restored whole into an empty \
-         directory; warm page cache. Median of {runs} rounds, each on a fresh playground and a \
+         files by its file cache, restic by its parent snapshot), then restored whole into a new ext4 \
+         file system of its own (a loop device with direct I/O; an empty directory where the bench \
+         cannot mount); warm page cache. Median of {runs} rounds, each on a fresh playground and a \
          fresh restic repository. Duplex goes through the playground \
          (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
          fsynced, mirrored synchronously to site b); restic {} writes a local repository \
@@ -192,9 +194,14 @@ fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
             };
             let (first, snapshot) = backup();
             let (again, _) = backup();
-            let target = work.join(format!("duplex-restore-{i}"));
-            let restore =
-                took(&playground.measured_run(&["restore", &snapshot, "--target", target.to_str().unwrap()]));
+            let target = RestoreTarget::new(&work.join(format!("duplex-restore-{i}")));
+            let restore = took(&playground.measured_run(&[
+                "restore",
+                &snapshot,
+                "--target",
+                target.path().to_str().unwrap(),
+            ]));
+            drop(target);
             eprintln!(
                 "duplex {}: {:.2} s, then {:.2} s, restore {:.2} s",
                 tree.display(),
@@ -238,15 +245,16 @@ fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
         .map(|(i, tree)| {
             let first = timed(tree);
             let again = timed(tree);
-            let target = work.join(format!("restic-restore-{i}"));
+            let target = RestoreTarget::new(&work.join(format!("restic-restore-{i}")));
             let restore = restic(&[
                 "restore",
                 "latest",
                 "--path",
                 tree.to_str().unwrap(),
                 "--target",
-                target.to_str().unwrap(),
+                target.path().to_str().unwrap(),
             ]);
+            drop(target);
             eprintln!(
                 "restic {}: {:.2} s, then {:.2} s, restore {:.2} s",
                 tree.display(),

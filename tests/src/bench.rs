@@ -318,3 +318,75 @@ impl Drop for Playground {
         let _ = self.child.wait();
     }
 }
+
+/// Where a bench restores to. Where it may (root, with `mkfs.ext4` and
+/// `losetup`), a new ext4 file system of its own on a loop device that
+/// writes around the host's page cache, unmounted when dropped; else a new
+/// directory beside the others.
+///
+/// Restores back to back into one file system each ran slower than the
+/// last (the kernel keeps the inodes and dentries of everything restored,
+/// and ext4 searches past recently freed inodes), so whichever tool went
+/// later paid for the earlier ones; a file system of its own gives every
+/// restore, of either tool, the same start.
+pub struct RestoreTarget {
+    dir: PathBuf,
+    mount: Option<(PathBuf, String)>,
+}
+
+impl RestoreTarget {
+    pub fn new(dir: &Path) -> RestoreTarget {
+        std::fs::create_dir_all(dir).unwrap();
+        let image = dir.with_extension("img");
+        let run = |cmd: &str, args: &[&str]| {
+            std::process::Command::new(cmd)
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        };
+        let img = image.to_str().unwrap();
+        let mounted = std::fs::File::create(&image)
+            .and_then(|f| f.set_len(8 << 30))
+            .ok()
+            .and_then(|()| run("mkfs.ext4", &["-q", "-F", img]))
+            .and_then(|_| run("losetup", &["--direct-io=on", "--find", "--show", img]))
+            .and_then(|device| {
+                let ok = run("mount", &[&device, dir.to_str().unwrap()]);
+                if ok.is_none() {
+                    run("losetup", &["-d", &device]);
+                }
+                ok.map(|_| device)
+            });
+        if mounted.is_none() {
+            let _ = std::fs::remove_file(&image);
+        }
+        RestoreTarget {
+            dir: dir.to_owned(),
+            mount: mounted.map(|device| (image, device)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether the restore goes to a file system of its own.
+    pub fn is_mounted(&self) -> bool {
+        self.mount.is_some()
+    }
+}
+
+impl Drop for RestoreTarget {
+    fn drop(&mut self) {
+        if let Some((image, device)) = &self.mount {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", device])
+                .status();
+            let _ = std::fs::remove_file(image);
+        }
+    }
+}
