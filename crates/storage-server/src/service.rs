@@ -373,6 +373,7 @@ pub async fn blocking_add(
                     || writer.pending_chunks() >= COMMIT_EVERY_CHUNKS
                 {
                     stats += store.commit_pack(&mut writer, account, quota)?;
+                    store.roll_if_full(&mut writer)?;
                 }
                 Ok::<(), StoreError>(())
             })

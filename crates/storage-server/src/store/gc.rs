@@ -54,8 +54,6 @@ pub const RECLAIMED_BYTES: &str = "gc_reclaimed_bytes";
 const SWEEP_BATCH: usize = 4096;
 /// A compaction writes its copy to disk every this many bytes.
 const WRITE_BACK_EVERY: u64 = 8 << 20;
-/// Largest pack a compaction writes.
-const MAX_COMPACTED_PACK: u64 = 512 << 20;
 /// Most chunk keys remembered as answered present; past it, sweeping waits
 /// a grace period (the memory would otherwise grow with every backup).
 const MAX_TOUCHED: usize = 4 << 20;
@@ -353,7 +351,7 @@ impl Store {
             group_live += live_bytes.get(&pack).copied().unwrap_or(0);
             group.push((pack, size));
             group_entries.extend(entries.remove(&pack).unwrap_or_default());
-            if group_live >= MAX_COMPACTED_PACK {
+            if group_live >= super::MAX_PACK_BYTES {
                 let (packs, moving) = (std::mem::take(&mut group), std::mem::take(&mut group_entries));
                 self.rewrite(&packs, &moving, &mut pacer, report)?;
                 group_live = 0;

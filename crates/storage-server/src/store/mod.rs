@@ -31,6 +31,11 @@ pub use codec::MAX_CHUNK_BYTES;
 
 /// Chunk ids looked up in one read transaction by `Store::read_chunks`.
 const READ_RUN: usize = 256;
+/// Largest pack an upload or a compaction writes before going on in a new
+/// one. A compaction rewrites a pack whole to reclaim its dead bytes, and
+/// one upload stream used to be one pack however long it ran: a terabyte
+/// backup made a pack a compaction would have to copy a terabyte of.
+pub const MAX_PACK_BYTES: u64 = 512 << 20;
 pub use error::StoreError;
 pub use packs::{Caching, PackWriter, PutStats};
 pub use repair::Damaged;
@@ -162,6 +167,22 @@ impl Store {
     /// a compaction): dropped from the page cache once on disk.
     pub fn begin_cold_pack(&self) -> Result<PackWriter, StoreError> {
         PackWriter::create(&self.packs_dir, &self.active, Caching::DropBehind)
+    }
+
+    /// Goes on in a new pack once `writer`'s has reached [`MAX_PACK_BYTES`]
+    /// and everything in it is committed.
+    pub fn roll_if_full(&self, writer: &mut PackWriter) -> Result<(), StoreError> {
+        self.roll_at(writer, MAX_PACK_BYTES)
+    }
+
+    fn roll_at(&self, writer: &mut PackWriter, limit: u64) -> Result<(), StoreError> {
+        if writer.written() < limit || writer.pending_chunks() > 0 {
+            return Ok(());
+        }
+        let next = PackWriter::create(&self.packs_dir, &self.active, writer.caching())?;
+        // Dropping the full one leaves its pack to compaction like any other.
+        drop(std::mem::replace(writer, next));
+        Ok(())
     }
 
     /// Makes the chunks `account` wrote to `writer` durable and visible.

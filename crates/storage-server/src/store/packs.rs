@@ -130,6 +130,10 @@ impl PackWriter {
         self.pack
     }
 
+    pub fn caching(&self) -> Caching {
+        self.caching
+    }
+
     /// Bytes appended so far.
     pub fn written(&self) -> u64 {
         self.offset

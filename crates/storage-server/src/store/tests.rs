@@ -303,3 +303,37 @@ fn a_cold_pack_reads_back_across_commits() {
         assert_eq!(stored.data, chunk(name).data, "{}", String::from_utf8_lossy(name));
     }
 }
+
+#[test]
+fn a_full_upload_pack_is_closed_and_the_upload_goes_on_in_a_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = AccountId(1);
+    let store = Store::open(dir.path()).expect("open");
+    let mut w = store.begin_pack().expect("pack");
+    let first = w.pack();
+    w.add(a, &chunk(b"one")).expect("add");
+    // Not rolled while anything appended is uncommitted.
+    store.roll_at(&mut w, 1).expect("roll");
+    assert_eq!(w.pack(), first);
+    store.commit_pack(&mut w, a, None).expect("commit");
+    store.roll_at(&mut w, u64::MAX).expect("roll");
+    assert_eq!(w.pack(), first, "not rolled below the limit");
+    store.roll_at(&mut w, 1).expect("roll");
+    let second = w.pack();
+    assert_ne!(second, first);
+    let active = super::packs::lock(&store.active).expect("lock").clone();
+    assert!(!active.contains(&first), "the full pack is left to compaction");
+    assert!(active.contains(&second));
+    w.add(a, &chunk(b"two")).expect("add");
+    store.commit_pack(&mut w, a, None).expect("commit");
+    drop(w);
+    drop(store);
+    let store = Store::open(dir.path()).expect("reopen");
+    for name in [&b"one"[..], b"two"] {
+        let read = store
+            .read_chunk(a, ChunkId::of(name))
+            .expect("read")
+            .expect("found");
+        assert_eq!(read.id, ChunkId::of(name));
+    }
+}
