@@ -233,9 +233,28 @@ fn ls_dump_diff_and_a_partial_restore_read_only_what_they_name() {
     let missing = cluster.duplex(&token, &["dump", &first, "home/nope"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("home/nope"));
+    // A file is also named by its path on the machine backed up.
+    let note = src.join("docs/deep/note.txt");
+    let dumped = cluster.duplex(&token, &["dump", &first, note.to_str().unwrap()]);
+    assert!(
+        dumped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dumped.stderr)
+    );
+    assert_eq!(dumped.stdout, b"deep note");
+    let listed = cluster.duplex_json(&token, &["ls", &first, src.join("docs2").to_str().unwrap()]);
+    let paths: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["home/docs2", "home/docs2/other.txt"]);
 
-    // One subtree and one file, with the directories above them.
+    // One subtree and one file (named by its path on the machine), with
+    // the directories above them.
     let target = cluster.path("partial");
+    let gone = src.join("gone.txt");
     let out = cluster.duplex(
         &token,
         &[
@@ -246,7 +265,7 @@ fn ls_dump_diff_and_a_partial_restore_read_only_what_they_name() {
             "--include",
             "home/docs/deep",
             "--include",
-            "home/gone.txt",
+            gone.to_str().unwrap(),
         ],
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

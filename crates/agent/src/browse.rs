@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::Arc;
 
 use duplex_proto::v1::{EntryKind, FileEntry, SnapshotInfo};
@@ -30,6 +31,38 @@ fn normalized(path: &OsStr) -> &[u8] {
         bytes = rest;
     }
     bytes
+}
+
+/// `path` as the manifest names it. Manifest paths start with the name of
+/// each directory backed up (`docs/x` in a backup of `/home/ann/docs`), so
+/// an absolute path inside one of `roots`, the directories the snapshot
+/// backed up, is taken as the file the user knows by it. Any other path
+/// is the manifest's own form, with leading and trailing slashes dropped.
+pub fn as_named(path: &OsStr, roots: &[String]) -> OsString {
+    let path = Path::new(path);
+    if !path.has_root() {
+        return path.as_os_str().to_owned();
+    }
+    // The longest root that holds it: roots may nest.
+    let found = roots
+        .iter()
+        .map(Path::new)
+        .filter_map(|root| Some((root, root.file_name()?, path.strip_prefix(root).ok()?)))
+        .max_by_key(|(root, _, _)| root.as_os_str().len());
+    match found {
+        Some((_, name, rest)) if rest.as_os_str().is_empty() => name.to_owned(),
+        Some((_, name, rest)) => Path::new(name).join(rest).into_os_string(),
+        None => path.as_os_str().to_owned(),
+    }
+}
+
+/// The directories `info` backed up, from its sealed summary (none for a
+/// snapshot without one).
+pub fn roots(keys: &Keys, info: &SnapshotInfo) -> Result<Vec<String>, AgentError> {
+    if info.summary.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(keys.open_summary(&info.id, &info.summary)?.paths)
 }
 
 fn shown(path: &[u8]) -> String {
@@ -285,6 +318,25 @@ pub fn kind_name(kind: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_absolute_path_inside_a_backed_up_directory_is_taken_as_its_file() {
+        let roots = [
+            "/home/ann/docs".to_owned(),
+            "/home/ann".to_owned(),
+            "/".to_owned(),
+        ];
+        let named = |p: &str| as_named(OsStr::new(p), &roots);
+        assert_eq!(named("/home/ann/docs/x/y"), "docs/x/y");
+        assert_eq!(named("/home/ann/docs"), "docs");
+        assert_eq!(named("/home/ann/mail/z"), "ann/mail/z");
+        // Component by component: a sibling that shares a prefix is not inside.
+        assert_eq!(named("/home/ann/docs2/z"), "ann/docs2/z");
+        // The manifest's own form, relative or with a leading slash, stays.
+        assert_eq!(named("docs/x"), "docs/x");
+        assert_eq!(named("/docs/x"), "/docs/x");
+        assert_eq!(as_named(OsStr::new("/docs/x"), &[]), "/docs/x");
+    }
     use duplex_proto::v1::Manifest;
 
     fn entry(path: &str, kind: EntryKind, size: u64) -> FileEntry {

@@ -339,19 +339,26 @@ async fn run_command(
         } => {
             // Found first: a snapshot that is not there is the error to give.
             let info = restore::find(session, snapshot).await?;
-            run_restore(session, keys().await?, info, target, include, cli.json).await
+            let keys = keys().await?;
+            let roots = browse::roots(&keys, &info)?;
+            let include: Vec<_> = include.iter().map(|p| browse::as_named(p, &roots)).collect();
+            run_restore(session, keys, info, target, &include, cli.json).await
         }
         Command::Ls { snapshot, path } => {
             let info = restore::find(session, snapshot).await?;
-            let manifest = browse::manifest(session, &keys().await?, &info).await?;
+            let keys = keys().await?;
+            let roots = browse::roots(&keys, &info)?;
+            let path = path.as_deref().map(|p| browse::as_named(p, &roots));
+            let manifest = browse::manifest(session, &keys, &info).await?;
             let entries = entries_of(&manifest);
             print_ls(&browse::under(entries, path.as_deref())?, cli.json)
         }
         Command::Dump { snapshot, path } => {
             let info = restore::find(session, snapshot).await?;
             let keys = keys().await?;
+            let path = browse::as_named(path, &browse::roots(&keys, &info)?);
             let manifest = browse::manifest(session, &keys, &info).await?;
-            browse::dump(session, &keys, &manifest, path, &mut std::io::stdout().lock()).await?;
+            browse::dump(session, &keys, &manifest, &path, &mut std::io::stdout().lock()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Diff { a, b } => {
