@@ -12,7 +12,10 @@
 //! Each tree is also restored whole by both. `DUPLEX_BENCH_RUNS` rounds
 //! (default 3), each on a fresh playground and a fresh restic repository,
 //! alternate between the two tools; the table gives each figure's median,
-//! since single runs on a VM drift by a third.
+//! since single runs on a VM drift by a third. Where there are two CPUs or
+//! more and `taskset`, the rounds are run again with the client held to
+//! one CPU and duplex's servers to the others, as when the servers run on
+//! other machines.
 
 #![allow(clippy::unwrap_used)]
 
@@ -20,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use duplex_tests::bench::{
-    Playground, RestoreTarget, Run, env_or, generate_tree, machine, measured, median, small_files,
-    write_section,
+    Pinning, Playground, RestoreTarget, Run, command_on, env_or, generate_tree, machine, measured, median,
+    small_files, write_section,
 };
 
 /// Wall and CPU seconds of one operation.
@@ -88,16 +91,62 @@ fn main() {
     // thousands of deletions a restore spent most of its time in that
     // search (perf: `recently_deleted` under `ext4_create`), tripling
     // whichever restore came next.
-    let (mut duplex, mut restic) = (Vec::new(), Vec::new());
-    for round in 0..runs {
-        let dir = work.path().join(format!("round{round}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        duplex.push(time_duplex(&dir, &trees));
-        restic.push(time_restic(&dir, &trees));
-    }
-    let (duplex, restic) = (medians(&duplex), medians(&restic));
+    let rounds = |pinning: Option<&Pinning>| {
+        let (mut duplex, mut restic) = (Vec::new(), Vec::new());
+        for round in 0..runs {
+            let pinned = if pinning.is_some() { "-pinned" } else { "" };
+            let dir = work.path().join(format!("round{round}{pinned}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            duplex.push(time_duplex(&dir, &trees, pinning));
+            restic.push(time_restic(&dir, &trees, pinning));
+        }
+        table(&names, &medians(&duplex), &medians(&restic))
+    };
+    let rows = rounds(None);
+    // The same with the client (duplex's agent, restic) held to one CPU and
+    // duplex's servers to the others, as when they run on other machines:
+    // what a backup takes on the machine being backed up.
+    let pinning = Pinning::split();
+    let pinned = pinning.as_ref().map(|p| (p, rounds(Some(p))));
+    let body = format!(
+        "## Backup: duplex vs restic\n\n\
+         `cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic`\n\n\
+         Two generated trees: {mib} MiB (60 % random data in 32 MiB files, 30 % text, 10 % small \
+         files) and {small} files of about 140 bytes, 500 to a directory, and a real system tree as \
+         it is. Each is backed up into the repository, then again unchanged (duplex skips unchanged \
+         files by its file cache, restic by its parent snapshot), then restored whole into a new ext4 \
+         file system of its own (a loop device with direct I/O; an empty directory where the bench \
+         cannot mount); warm page cache. Median of {runs} rounds, each on a fresh playground and a \
+         fresh restic repository. Duplex goes through the playground \
+         (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
+         fsynced, mirrored synchronously to site b); restic {} writes a local repository \
+         (compression `auto`). CPU is user and system seconds on all cores: for duplex the \
+         agent's and every playground server's (both sites), for restic its own; the agent's CPU alone is also shown, with its ratio \
+         to restic's (what a backup costs the machine being backed up when the storage servers \
+         run elsewhere, as they do outside the playground). Machine: {}.\n\n\
+         {HEADER}{rows}{}",
+        restic_version(),
+        machine(),
+        pinned.map_or(String::new(), |(p, rows)| format!(
+            "\n**Client on one CPU, servers on the others.** The same rounds with the agent and \
+             restic each held to CPU {} and every playground server to CPUs {} (`taskset`), as \
+             when the storage servers run on other machines: the time a backup or restore takes \
+             on the machine being backed up, with one core for the client.\n\n{HEADER}{rows}",
+            p.client, p.servers
+        )),
+    );
+    let path = write_section("backup-vs-restic", &body);
+    println!("{body}");
+    eprintln!("written to {}", path.display());
+}
+
+const HEADER: &str = "| tree, operation | duplex s | restic s | duplex / restic | duplex CPU s (all) | agent CPU s | restic CPU s | agent / restic CPU |\n\
+     | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+
+/// A row per tree and operation, from the medians of both tools.
+fn table(names: &[String], duplex: &[Times], restic: &[Times]) -> String {
     let mut rows = String::new();
-    for ((name, d), r) in names.iter().zip(&duplex).zip(&restic) {
+    for ((name, d), r) in names.iter().zip(duplex).zip(restic) {
         for (what, d, r) in [
             ("first backup", d.first, r.first),
             ("unchanged again", d.again, r.again),
@@ -115,30 +164,7 @@ fn main() {
             ));
         }
     }
-    let body = format!(
-        "## Backup: duplex vs restic\n\n\
-         `cargo build --release --bins && cargo bench -p duplex-tests --bench backup_vs_restic`\n\n\
-         Two generated trees: {mib} MiB (60 % random data in 32 MiB files, 30 % text, 10 % small \
-         files) and {small} files of about 140 bytes, 500 to a directory, and a real system tree as \
-         it is. Each is backed up into the repository, then again unchanged (duplex skips unchanged \
-         files by its file cache, restic by its parent snapshot), then restored whole into a new ext4 \
-         file system of its own (a loop device with direct I/O; an empty directory where the bench \
-         cannot mount); warm page cache. Median of {runs} rounds, each on a fresh playground and a \
-         fresh restic repository. Duplex goes through the playground \
-         (agent → storage server over TLS on loopback, chunks encrypted by the agent, every chunk \
-         fsynced, mirrored synchronously to site b); restic {} writes a local repository \
-         (compression `auto`). CPU is user and system seconds on all cores: for duplex the \
-         agent's and every playground server's (both sites), for restic its own; the agent's CPU alone is also shown, with its ratio \
-         to restic's (what a backup costs the machine being backed up when the storage servers \
-         run elsewhere, as they do outside the playground). Machine: {}.\n\n\
-         | tree, operation | duplex s | restic s | duplex / restic | duplex CPU s (all) | agent CPU s | restic CPU s | agent / restic CPU |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{rows}",
-        restic_version(),
-        machine(),
-    );
-    let path = write_section("backup-vs-restic", &body);
-    println!("{body}");
-    eprintln!("written to {}", path.display());
+    rows
 }
 
 /// Files and MiB under `tree`.
@@ -180,8 +206,8 @@ fn took(run: &Run) -> Took {
     }
 }
 
-fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
-    let playground = Playground::start(&work.join("playground"), &[]);
+fn time_duplex(work: &Path, trees: &[PathBuf], pinning: Option<&Pinning>) -> Vec<Times> {
+    let playground = Playground::start_pinned(&work.join("playground"), &[], pinning);
     trees
         .iter()
         .enumerate()
@@ -218,14 +244,14 @@ fn time_duplex(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
         .collect()
 }
 
-fn time_restic(work: &Path, trees: &[PathBuf]) -> Vec<Times> {
+fn time_restic(work: &Path, trees: &[PathBuf], pinning: Option<&Pinning>) -> Vec<Times> {
     let repo = work.join("restic-repo");
     assert!(
         Command::new("restic").arg("version").output().is_ok(),
         "restic is not installed (apt-get install restic)"
     );
     let restic = |args: &[&str]| {
-        let mut cmd = Command::new("restic");
+        let mut cmd = command_on(pinning.map(|p| p.client.as_str()), "restic");
         cmd.args(args)
             .env("RESTIC_REPOSITORY", &repo)
             .env("RESTIC_PASSWORD", "bench")

@@ -103,6 +103,44 @@ pub struct Playground {
     pub info: serde_json::Value,
     /// The `duplex` binary [`Playground::duplex`] runs.
     pub agent: PathBuf,
+    /// The CPUs the agent is held to, if any.
+    agent_cpus: Option<String>,
+}
+
+/// Which CPUs a bench holds the client and the servers to: the client on
+/// one, the servers on the rest, as when they run on other machines.
+#[derive(Clone, Debug)]
+pub struct Pinning {
+    pub client: String,
+    pub servers: String,
+}
+
+impl Pinning {
+    /// Client on CPU 0, servers on the others; none on one CPU or without
+    /// `taskset`.
+    pub fn split() -> Option<Pinning> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let taskset = std::process::Command::new("taskset")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        (cores >= 2 && taskset).then(|| Pinning {
+            client: "0".into(),
+            servers: format!("1-{}", cores - 1),
+        })
+    }
+}
+
+/// `program`, held to `cpus` when given (children inherit it).
+pub fn command_on(cpus: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    match cpus {
+        Some(cpus) => {
+            let mut cmd = std::process::Command::new("taskset");
+            cmd.args(["--cpu-list", cpus]).arg(program);
+            cmd
+        }
+        None => std::process::Command::new(program),
+    }
 }
 
 impl Playground {
@@ -110,8 +148,14 @@ impl Playground {
     /// playground.json. The bench's own gRPC calls then trust its CA and
     /// present its operator token.
     pub fn start(dir: &Path, extra: &[&str]) -> Playground {
-        use std::process::{Command, Stdio};
-        let child = Command::new(crate::bin("duplexctl"))
+        Playground::start_pinned(dir, extra, None)
+    }
+
+    /// Like [`Playground::start`], with the servers and the agent held to
+    /// the CPUs `pinning` gives them.
+    pub fn start_pinned(dir: &Path, extra: &[&str], pinning: Option<&Pinning>) -> Playground {
+        use std::process::Stdio;
+        let child = command_on(pinning.map(|p| p.servers.as_str()), crate::bin("duplexctl"))
             .args(["playground", "--dir", dir.to_str().unwrap()])
             .args(extra)
             .stdout(Stdio::null())
@@ -134,6 +178,7 @@ impl Playground {
             child,
             info,
             agent: crate::bin("duplex"),
+            agent_cpus: pinning.map(|p| p.client.clone()),
         }
     }
 
@@ -143,7 +188,7 @@ impl Playground {
 
     /// `duplex ARGS` as the demo account, to run.
     pub fn agent_command(&self, args: &[&str]) -> std::process::Command {
-        let mut cmd = std::process::Command::new(&self.agent);
+        let mut cmd = command_on(self.agent_cpus.as_deref(), &self.agent);
         cmd.args(args)
             .env("DUPLEX_ENDPOINT", self.info["endpoints"][0].as_str().unwrap())
             .env("DUPLEX_TOKEN", self.info["account"]["token"].as_str().unwrap())
