@@ -126,7 +126,11 @@ impl Pinning {
             .is_ok_and(|o| o.status.success());
         (cores >= 2 && taskset).then(|| Pinning {
             client: "0".into(),
-            servers: format!("1-{}", cores - 1),
+            servers: if cores == 2 {
+                "1".into()
+            } else {
+                format!("1-{}", cores - 1)
+            },
         })
     }
 }

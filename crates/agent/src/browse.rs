@@ -318,6 +318,7 @@ pub fn kind_name(kind: i32) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use duplex_proto::v1::Manifest;
 
     #[test]
     fn an_absolute_path_inside_a_backed_up_directory_is_taken_as_its_file() {
@@ -337,7 +338,6 @@ mod tests {
         assert_eq!(named("/docs/x"), "/docs/x");
         assert_eq!(as_named(OsStr::new("/docs/x"), &[]), "/docs/x");
     }
-    use duplex_proto::v1::Manifest;
 
     fn entry(path: &str, kind: EntryKind, size: u64) -> FileEntry {
         FileEntry {
