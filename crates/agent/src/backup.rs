@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use duplex_proto::v1::{Chunk, CommitSnapshotRequest, SnapshotSummary};
 use duplex_types::ChunkId;
+use futures::StreamExt;
 use indicatif::ProgressBar;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -135,11 +136,12 @@ async fn backup_once(
     let mut txs = Vec::new();
     let mut uploads = Vec::new();
     for _ in 0..UPLOAD_STREAMS {
-        let (tx, rx) = mpsc::channel::<Chunk>(4);
+        // Groups of about 1 MiB (`chunking::SEND_BYTES`), so a stream holds
+        // a few MiB at most, as it did chunk by chunk.
+        let (tx, rx) = mpsc::channel::<Vec<Chunk>>(4);
         let mut storage = session.storage.clone();
-        uploads.push(tokio::spawn(async move {
-            storage.put_chunks(ReceiverStream::new(rx)).await
-        }));
+        let chunks = ReceiverStream::new(rx).flat_map(futures::stream::iter);
+        uploads.push(tokio::spawn(async move { storage.put_chunks(chunks).await }));
         txs.push(tx);
     }
     let upload = async move {

@@ -37,6 +37,12 @@ const WINDOW: usize = 8192;
 /// with the server at once.
 const WALK_BATCH: usize = 1024;
 const IDS_PER_CHECK: usize = 4096;
+/// Files handed to a chunking thread at once, and results handed back at
+/// once: a hand-off per file (a lock, often a wake-up) cost small files
+/// more than reading them. A job of big files is cut at `JOB_BYTES` so
+/// they still spread over every thread.
+const JOB_FILES: usize = 64;
+const JOB_BYTES: u64 = 4 * 1024 * 1024;
 
 /// What the pipeline is given.
 pub struct Inputs<'a> {
@@ -83,6 +89,11 @@ struct Window {
 }
 
 impl Window {
+    /// Whether `index` is within the window now (or the backup stopped).
+    fn admits(&self, index: usize) -> bool {
+        self.state.lock().map_or(true, |s| s.1 || index < s.0 + WINDOW)
+    }
+
     /// Waits until `index` is within the window; false once stopped.
     fn wait_for(&self, index: usize) -> bool {
         let Ok(mut state) = self.state.lock() else {
@@ -129,8 +140,8 @@ pub fn run(inputs: &Inputs) -> Result<Streamed, AgentError> {
     };
     let window = Window::default();
     let read = AtomicU64::new(0);
-    let (jobs_tx, jobs_rx) = sync_channel::<Job>(WALK_BATCH);
-    let (done_tx, done_rx) = sync_channel::<Done>(WALK_BATCH);
+    let (jobs_tx, jobs_rx) = sync_channel::<Vec<Job>>(WALK_BATCH / JOB_FILES);
+    let (done_tx, done_rx) = sync_channel::<Vec<Done>>(WALK_BATCH / JOB_FILES);
     let (manifest_in, manifest_out) =
         std::io::pipe().map_err(|e| AgentError::Invalid(format!("pipe: {e}")))?;
     std::thread::scope(|scope| {
@@ -196,7 +207,7 @@ fn join<T>(
 /// The walk: hands every item over in order, with the chunk list of a
 /// file the cache knows unchanged once the server has said it still holds
 /// every chunk of it (a file with one collected is read again).
-fn walk(inputs: &Inputs, mut cache: CacheReader, jobs: SyncSender<Job>) -> Result<(), AgentError> {
+fn walk(inputs: &Inputs, mut cache: CacheReader, jobs: SyncSender<Vec<Job>>) -> Result<(), AgentError> {
     let mut pending: Vec<Job> = Vec::new();
     let mut pending_ids = 0;
     let mut index = 0;
@@ -229,7 +240,11 @@ fn walk(inputs: &Inputs, mut cache: CacheReader, jobs: SyncSender<Job>) -> Resul
 }
 
 /// Hands the walked files over; false when the chunkers have stopped.
-fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) -> Result<bool, AgentError> {
+fn release(
+    pending: &mut Vec<Job>,
+    uploader: &Uploader,
+    jobs: &SyncSender<Vec<Job>>,
+) -> Result<bool, AgentError> {
     let ids: Vec<Vec<u8>> = pending
         .iter()
         .filter_map(|j| j.reuse.as_ref())
@@ -240,6 +255,7 @@ fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) 
         true => HashSet::new(),
         false => uploader.lacking(ids)?,
     };
+    let (mut group, mut bytes) = (Vec::new(), 0);
     for mut job in pending.drain(..) {
         if job
             .reuse
@@ -248,11 +264,19 @@ fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) 
         {
             job.reuse = None;
         }
-        if jobs.send(job).is_err() {
+        if job.reuse.is_none() {
+            bytes += job.item.stat.size;
+        }
+        group.push(job);
+        if (group.len() >= JOB_FILES || bytes >= JOB_BYTES) && jobs.send(std::mem::take(&mut group)).is_err()
+        {
             return Ok(false);
         }
+        if group.is_empty() {
+            bytes = 0;
+        }
     }
-    Ok(true)
+    Ok(group.is_empty() || jobs.send(group).is_ok())
 }
 
 /// A chunking thread: files are cut, hashed and sealed here, and their
@@ -260,47 +284,65 @@ fn release(pending: &mut Vec<Job>, uploader: &Uploader, jobs: &SyncSender<Job>) 
 /// with a warning rather than failing the whole backup.
 fn chunker(
     inputs: &Inputs,
-    jobs: &Mutex<Receiver<Job>>,
-    done: &SyncSender<Done>,
+    jobs: &Mutex<Receiver<Vec<Job>>>,
+    done: &SyncSender<Vec<Done>>,
     window: &Window,
     read: &AtomicU64,
 ) -> Result<(), AgentError> {
     let mut batch = Batch::default();
-    loop {
+    let mut results = Vec::new();
+    'jobs: loop {
         let next = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return Err(AgentError::Invalid("a chunking thread panicked".into())),
         };
-        let Ok(job) = next else { break };
-        if !window.wait_for(job.index) {
-            break;
-        }
-        let entry = match job.reuse {
-            Some(chunks) => Some(unchanged(&job.item, chunks, inputs.progress)),
-            None => match chunk_file(&job.item, inputs.uploader, &mut batch, inputs.progress, read) {
-                Ok(entry) => Some(entry),
-                Err(AgentError::Io { path, source }) => {
-                    (inputs.warn)(format!("skipped {}: {source}", path.display()));
-                    None
-                }
+        let Ok(group) = next else { break };
+        for job in group {
+            // The results held here may be what the window waits for.
+            if !results.is_empty()
+                && !window.admits(job.index)
+                && done.send(std::mem::take(&mut results)).is_err()
+            {
+                break 'jobs;
+            }
+            if !window.wait_for(job.index) {
+                break 'jobs;
+            }
+            match chunk_job(inputs, job, &mut batch, read) {
+                Ok(result) => results.push(result),
                 Err(e) => {
                     // The results wait for this file forever otherwise.
                     window.stop();
                     return Err(e);
                 }
-            },
-        };
-        let result = Done {
-            index: job.index,
-            root: job.item.root,
-            stat: job.item.stat,
-            entry,
-        };
-        if done.send(result).is_err() {
+            }
+        }
+        if done.send(std::mem::take(&mut results)).is_err() {
             break;
         }
     }
     inputs.uploader.flush(&mut batch).inspect_err(|_| window.stop())
+}
+
+/// One file's result; an error only for what must end the backup.
+fn chunk_job(inputs: &Inputs, job: Job, batch: &mut Batch, read: &AtomicU64) -> Result<Done, AgentError> {
+    let entry = match job.reuse {
+        Some(chunks) => Some(unchanged(&job.item, chunks, inputs.progress)),
+        None => match chunk_file(&job.item, inputs.uploader, batch, inputs.progress, read) {
+            Ok(entry) => Some(entry),
+            Err(AgentError::Io { path, source }) => {
+                (inputs.warn)(format!("skipped {}: {source}", path.display()));
+                None
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    Ok(Done {
+        index: job.index,
+        root: job.item.root,
+        stat: job.item.stat,
+        entry,
+    })
 }
 
 /// The entry of a file the cache knows unchanged: its chunks, unread.
@@ -351,7 +393,7 @@ struct Ordered {
 /// Puts the chunkers' results back in walk order and writes each entry
 /// to the manifest stream and, for a file, to the new cache.
 fn in_order(
-    done: Receiver<Done>,
+    done: Receiver<Vec<Done>>,
     window: &Window,
     manifest: std::io::PipeWriter,
     mut cache: Option<CacheWriter>,
@@ -367,8 +409,8 @@ fn in_order(
     let mut waiting: BTreeMap<usize, Done> = BTreeMap::new();
     let mut next = 0;
     let mut encoded = Vec::new();
-    for result in done {
-        waiting.insert(result.index, result);
+    for results in done {
+        waiting.extend(results.into_iter().map(|r| (r.index, r)));
         while let Some(result) = waiting.remove(&next) {
             next += 1;
             let Some(entry) = result.entry else { continue };
