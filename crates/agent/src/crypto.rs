@@ -293,6 +293,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_key_encryption_key_matches_the_argon2_reference() {
+        // From the reference implementation (argon2-cffi's
+        // `hash_secret_raw`, Argon2id v1.3, the default parameters): a
+        // passphrase set under any earlier agent must unlock under this one,
+        // whatever the Argon2 crate's version or lane scheduling.
+        let record = KeyRecord {
+            salt: (0u8..16).collect(),
+            m_cost_kib: DEFAULT_M_COST_KIB,
+            t_cost: DEFAULT_T_COST,
+            p_cost: DEFAULT_P_COST,
+            ..KeyRecord::default()
+        };
+        let derived = kek(b"correct horse battery staple", &record).expect("kek");
+        assert_eq!(
+            hex::encode(derived.as_slice()),
+            "853b272a44db1421c02962669a55eb0994f3cab385ed1c4c79253eee19bab49e"
+        );
+    }
+
+    #[test]
     fn chunks_round_trip_and_tampering_is_caught() {
         let keys = Keys::generate();
         let plain = b"some file content".repeat(100);
