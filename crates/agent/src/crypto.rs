@@ -96,8 +96,20 @@ impl Keys {
         if chunk.id != expected.as_bytes() {
             return Err(AgentError::Corrupt(expected.to_string()));
         }
-        let mut sealed = chunk.data.to_vec();
-        let compressed = match open(&self.chunks, expected.as_bytes(), &mut sealed) {
+        SEALED.with_borrow_mut(|sealed| self.open_chunk_in(chunk, expected, sealed))
+    }
+
+    /// `open_chunk` with `sealed` as room to decrypt in: the received
+    /// bytes stay as they came, to be hashed if the tag fails.
+    fn open_chunk_in(
+        &self,
+        chunk: &Chunk,
+        expected: ChunkId,
+        sealed: &mut Vec<u8>,
+    ) -> Result<Vec<u8>, AgentError> {
+        sealed.clear();
+        sealed.extend_from_slice(&chunk.data);
+        let compressed = match open(&self.chunks, expected.as_bytes(), sealed) {
             Ok(compressed) => compressed,
             // The tag covers every byte the payload hash does (the format
             // byte is checked, the nonce feeds the cipher), so the hash is
@@ -167,6 +179,9 @@ thread_local! {
         std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+    // Room to decrypt a received chunk in, kept by each thread: a new
+    // megabyte per chunk was faulted in and given back every time.
+    static SEALED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn seal(cipher: &XChaCha20Poly1305, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, AgentError> {
