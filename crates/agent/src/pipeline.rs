@@ -268,12 +268,11 @@ fn release(
             bytes += job.item.stat.size;
         }
         group.push(job);
-        if (group.len() >= JOB_FILES || bytes >= JOB_BYTES) && jobs.send(std::mem::take(&mut group)).is_err()
-        {
-            return Ok(false);
-        }
-        if group.is_empty() {
+        if group.len() >= JOB_FILES || bytes >= JOB_BYTES {
             bytes = 0;
+            if jobs.send(std::mem::take(&mut group)).is_err() {
+                return Ok(false);
+            }
         }
     }
     Ok(group.is_empty() || jobs.send(group).is_ok())
