@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use duplex_proto::v1::{Chunk, MissingChunksRequest};
 use duplex_types::ChunkId;
+use duplex_types::sealed::payload_hash;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
@@ -127,11 +128,10 @@ impl Uploader {
             if !missing.contains(id.as_bytes().as_slice()) {
                 continue;
             }
-            let data_hash = blake3::hash(&data).as_bytes().to_vec();
             let chunk = Chunk {
                 id: id.to_vec(),
+                data_hash: payload_hash(&data).to_vec(),
                 data: data.into(),
-                data_hash,
             };
             if group.push(chunk) {
                 self.send(group.take())?;

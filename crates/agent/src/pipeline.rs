@@ -91,7 +91,11 @@ struct Window {
 impl Window {
     /// Whether `index` is within the window now (or the backup stopped).
     fn admits(&self, index: usize) -> bool {
-        self.state.lock().map_or(true, |s| s.1 || index < s.0 + WINDOW)
+        self.state.lock().map_or(true, |s| Window::open_to(&s, index))
+    }
+
+    fn open_to(&(emitted, stopped): &(usize, bool), index: usize) -> bool {
+        stopped || index < emitted + WINDOW
     }
 
     /// Waits until `index` is within the window; false once stopped.
@@ -99,7 +103,7 @@ impl Window {
         let Ok(mut state) = self.state.lock() else {
             return false;
         };
-        while !state.1 && index >= state.0 + WINDOW {
+        while !Window::open_to(&state, index) {
             state = match self.moved.wait(state) {
                 Ok(s) => s,
                 Err(_) => return false,
