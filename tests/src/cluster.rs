@@ -103,10 +103,9 @@ impl Cluster {
 
     /// `duplex ARGS`, where an argument may be a name that is not UTF-8.
     pub fn duplex_os(&self, token: &str, args: &[&std::ffi::OsStr]) -> Output {
-        duplex(&self.account.addr, token, args)
-            .env("DUPLEX_CACHE_DIR", self.path("agent-cache"))
-            .output()
-            .unwrap()
+        let mut cmd = duplex(&self.account.addr, token, args);
+        cmd.env("DUPLEX_CACHE_DIR", self.path("agent-cache"));
+        crate::output_within(&mut cmd, crate::COMMAND_LIMIT)
     }
 
     /// `duplex ARGS --json`, asserting success; the parsed output.

@@ -274,7 +274,7 @@ impl TwoSites {
 
     /// `duplex ARGS` through the coordinator, as the account with `token`.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
-        self.duplex_command(token).args(args).output().unwrap()
+        crate::output_within(self.duplex_command(token).args(args), crate::COMMAND_LIMIT)
     }
 
     /// The agent with this cluster's endpoint and credentials, to add

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use duplex_proto::TICKET_METADATA_KEY;
 use duplex_proto::v1::storage_service_client::StorageServiceClient;
-use duplex_proto::v1::{Chunk, ListSnapshotsRequest, Purpose, Ticket, TicketClaims};
+use duplex_proto::v1::{Chunk, ListSnapshotsRequest, Purpose, PutChunksResponse, Ticket, TicketClaims};
 use duplex_tests::tree::{assert_same_tree, mixed_tree};
 use duplex_tests::{Cluster, runtime, scrape, wait_for};
 use prost::Message;
@@ -57,6 +57,26 @@ fn limited(cluster: &Cluster, limit: &str) -> u64 {
         .unwrap()
 }
 
+/// An upload that holds one of the account's places until its sender is
+/// dropped: the server waits for chunks that do not come.
+fn hold_upload(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    ticket: &[u8],
+) -> (
+    mpsc::Sender<Chunk>,
+    tokio::task::JoinHandle<Result<tonic::Response<PutChunksResponse>, Status>>,
+) {
+    let (tx, rx) = mpsc::channel::<Chunk>(1);
+    let request = with_ticket(ReceiverStream::new(rx), ticket);
+    let addr = cluster.storage.addr.clone();
+    let upload = rt.spawn(async move {
+        let channel = duplex_rpc::channel(&addr).unwrap();
+        StorageServiceClient::new(channel).put_chunks(request).await
+    });
+    (tx, upload)
+}
+
 #[test]
 fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
     let cluster = Cluster::start_with(&["--max-streams-per-account", "2"]);
@@ -67,16 +87,7 @@ fn an_account_at_its_stream_limit_is_refused_while_another_is_served() {
     let (_, bob_ticket) = rt.block_on(login(&cluster, &bob, Purpose::Read));
 
     // Two uploads held open: the server waits for chunks that do not come.
-    let hold = || {
-        let (tx, rx) = mpsc::channel::<Chunk>(1);
-        let request = with_ticket(ReceiverStream::new(rx), &alice_ticket);
-        let addr = cluster.storage.addr.clone();
-        let upload = rt.spawn(async move {
-            let channel = duplex_rpc::channel(&addr).unwrap();
-            StorageServiceClient::new(channel).put_chunks(request).await
-        });
-        (tx, upload)
-    };
+    let hold = || hold_upload(&rt, &cluster, &alice_ticket);
     let mut held = vec![hold(), hold()];
     // The probe is one of alice's calls too: while an upload is still on
     // its way, the probe may take its place and the upload be the one
@@ -223,4 +234,45 @@ fn a_throttled_agent_waits_and_still_restores_bit_for_bit() {
         limited(&cluster, "rate") > before,
         "the restore never met 2 requests a second"
     );
+}
+
+#[test]
+fn an_agent_whose_upload_stream_is_refused_tries_again_and_the_backup_restores() {
+    // Three places, two of them held by uploads that never end: the
+    // agent's first upload stream takes the last place and its second is
+    // refused, each attempt, until the held ones are let go.
+    let cluster = Cluster::start_with(&["--max-streams-per-account", "3"]);
+    let token = cluster.create_account("erin", None);
+    let rt = runtime();
+    let (_, ticket) = rt.block_on(login(&cluster, &token, Purpose::Backup));
+    let hold = || hold_upload(&rt, &cluster, &ticket);
+    // Held until a probe is refused: then all three places are taken,
+    // and letting one go leaves exactly one for the agent.
+    let mut held = vec![hold(), hold(), hold()];
+    wait_for("erin's three places to be taken", DEADLINE, || {
+        for slot in &mut held {
+            if slot.1.is_finished() {
+                *slot = hold();
+            }
+        }
+        rt.block_on(list_snapshots(&cluster, &ticket)).err()
+    });
+    drop(held.pop());
+    let src = cluster.path("data");
+    mixed_tree(&src, 4 * MIB);
+    let before = limited(&cluster, "streams");
+    let snapshot = std::thread::scope(|scope| {
+        let backup = scope.spawn(|| cluster.backup(&token, &src));
+        wait_for("the agent to meet the stream limit", DEADLINE, || {
+            (limited(&cluster, "streams") > before).then_some(())
+        });
+        assert!(
+            !backup.is_finished(),
+            "the backup ended while the account was at its limit"
+        );
+        drop(held);
+        backup.join().unwrap()["snapshot"].as_str().unwrap().to_owned()
+    });
+    let target = cluster.restore(&token, &snapshot, "restored");
+    assert_same_tree(&src, &target.join("data"));
 }

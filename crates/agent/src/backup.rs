@@ -21,7 +21,7 @@ use crate::chunking::{UploadLimit, Uploader};
 use crate::crypto::Keys;
 use crate::pipeline::{self, Streamed};
 use crate::scan::Selection;
-use crate::session::{Session, throttled};
+use crate::session::{Session, is_throttled, throttled, throttled_pauses};
 
 /// Parallel upload streams (each its own pack on the server).
 const UPLOAD_STREAMS: usize = 2;
@@ -68,6 +68,7 @@ pub async fn backup(
         ));
     }
     let mut attempt = 1;
+    let mut pauses = throttled_pauses();
     loop {
         // Counted per attempt: an item skipped by an attempt that was then
         // redone is not missing from the snapshot the last one made.
@@ -99,6 +100,20 @@ pub async fn backup(
             Err(Attempt::ChunksGone(status)) => {
                 return Err(AgentError::rpc("committing the snapshot")(status));
             }
+            Err(Attempt::Refused(status)) => match pauses.next() {
+                // Refused before the server read a byte of it, so what the
+                // other stream sent is kept and the next attempt sends
+                // only the rest.
+                Some(pause) => {
+                    tracing::debug!(
+                        message = status.message(),
+                        "an upload stream was refused; trying again"
+                    );
+                    progress.set_position(0);
+                    tokio::time::sleep(pause).await;
+                }
+                None => return Err(AgentError::rpc("uploading chunks")(status)),
+            },
             Err(Attempt::Failed(e)) => return Err(e),
             Ok(report) => {
                 return Ok(BackupReport {
@@ -114,6 +129,8 @@ pub async fn backup(
 enum Attempt {
     /// The commit named chunks the server no longer holds.
     ChunksGone(tonic::Status),
+    /// An upload stream was refused for the account's per-account limits.
+    Refused(tonic::Status),
     Failed(AgentError),
 }
 
@@ -190,7 +207,11 @@ async fn backup_once(
     };
     let (streamed, reference_blobs) = match streamed {
         Ok(v) => v,
-        Err(e) => return Err(upload_error(upload, e).await.into()),
+        Err(e) => {
+            // The upload streams end only once every sender is gone.
+            drop(uploader);
+            return Err(upload_error(upload, e).await);
+        }
     };
     let Streamed {
         manifest_chunks,
@@ -201,7 +222,7 @@ async fn backup_once(
     } = streamed;
     let uploaded_bytes = uploader.uploaded_bytes.load(Ordering::Relaxed);
     drop(uploader);
-    upload.await.map_err(AgentError::rpc("uploading chunks"))?;
+    upload.await.map_err(upload_failed)?;
 
     let summary = keys.seal_summary(&SnapshotSummary {
         paths: roots.iter().map(|p| p.display().to_string()).collect(),
@@ -243,14 +264,23 @@ fn now_ns() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// The upload's own error when it failed, else `fallback`.
+/// The upload's own error when it failed, else `fallback`: a stream that
+/// was refused or broke leaves the chunking threads without a place to
+/// send, and that is the cause to report.
 async fn upload_error(
     upload: impl std::future::Future<Output = Result<(), tonic::Status>>,
     fallback: AgentError,
-) -> AgentError {
+) -> Attempt {
     match upload.await {
-        Err(status) => AgentError::rpc("uploading chunks")(status),
-        Ok(()) => fallback,
+        Err(status) => upload_failed(status),
+        Ok(()) => Attempt::Failed(fallback),
+    }
+}
+
+fn upload_failed(status: tonic::Status) -> Attempt {
+    match is_throttled(&status) {
+        true => Attempt::Refused(status),
+        false => Attempt::Failed(AgentError::rpc("uploading chunks")(status)),
     }
 }
 

@@ -52,6 +52,20 @@ pub struct Session {
 /// account is over its per-account limits; after that the error goes to
 /// the command's own retry.
 const THROTTLED_FOR: Duration = Duration::from_secs(30);
+const THROTTLED_MIN: Duration = Duration::from_millis(50);
+const THROTTLED_MAX: Duration = Duration::from_secs(2);
+
+/// Whether the server refused a call for the account's per-account limits
+/// (not its quota, which waiting does not cure).
+pub fn is_throttled(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted && !duplex_rpc::client::is_quota(status)
+}
+
+/// The pauses [`throttled`] waits, for a caller that must redo more than
+/// one call when it is refused (a backup whose upload stream was).
+pub fn throttled_pauses() -> impl Iterator<Item = Duration> {
+    duplex_rpc::backoff::pauses(THROTTLED_MIN, THROTTLED_MAX, THROTTLED_FOR)
+}
 
 /// Runs a storage call again, after a growing pause, while the server
 /// refuses it with RESOURCE_EXHAUSTED: the account has too many calls in
@@ -67,11 +81,11 @@ where
 {
     use duplex_rpc::backoff::Retryable;
     call.retry(duplex_rpc::backoff::policy(
-        Duration::from_millis(50),
-        Duration::from_secs(2),
+        THROTTLED_MIN,
+        THROTTLED_MAX,
         Some(THROTTLED_FOR),
     ))
-    .when(|status| status.code() == Code::ResourceExhausted && !duplex_rpc::client::is_quota(status))
+    .when(is_throttled)
     .notify(|status, _| tracing::debug!(message = status.message(), "over the account's limit; waiting"))
     .await
 }

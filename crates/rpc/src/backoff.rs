@@ -19,6 +19,12 @@ pub fn policy(min: Duration, max: Duration, total: Option<Duration>) -> Exponent
         .with_jitter()
 }
 
+/// The pauses of [`policy`] for a loop that retries by hand: it ends
+/// once `total` has been waited.
+pub fn pauses(min: Duration, max: Duration, total: Duration) -> impl Iterator<Item = Duration> {
+    policy(min, max, Some(total)).build()
+}
+
 /// The pauses of a loop that runs until cancelled: growing while attempts
 /// fail, starting over after one succeeds.
 pub struct Backoff {
