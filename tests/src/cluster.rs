@@ -68,12 +68,13 @@ impl Cluster {
 
     /// `duplexctl ARGS` against this cluster.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("duplexctl"))
-            .args(args)
-            .env("DUPLEX_ENDPOINT", &self.account.addr)
-            .env("DUPLEX_INSECURE_PLAINTEXT", "1")
-            .output()
-            .unwrap()
+        crate::output_within(
+            Command::new(bin("duplexctl"))
+                .args(args)
+                .env("DUPLEX_ENDPOINT", &self.account.addr)
+                .env("DUPLEX_INSECURE_PLAINTEXT", "1"),
+            crate::COMMAND_LIMIT,
+        )
     }
 
     /// Creates an account and returns its token.

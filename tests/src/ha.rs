@@ -62,14 +62,15 @@ impl Ha {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("duplexctl"))
-            .args(args)
-            .env("DUPLEX_COORDINATOR", self.info("coordinator"))
-            .env("DUPLEX_CA", self.info("ca"))
-            .env("DUPLEX_OPERATOR_TOKEN", self.info("operator_token"))
-            .env_remove("DUPLEX_ENDPOINT")
-            .output()
-            .unwrap()
+        crate::output_within(
+            Command::new(bin("duplexctl"))
+                .args(args)
+                .env("DUPLEX_COORDINATOR", self.info("coordinator"))
+                .env("DUPLEX_CA", self.info("ca"))
+                .env("DUPLEX_OPERATOR_TOKEN", self.info("operator_token"))
+                .env_remove("DUPLEX_ENDPOINT"),
+            crate::COMMAND_LIMIT,
+        )
     }
 
     pub fn status(&self) -> Option<Value> {
@@ -87,14 +88,15 @@ impl Ha {
             .iter()
             .map(|e| e.as_str().unwrap())
             .collect();
-        Command::new(bin("duplex"))
-            .args(args)
-            .env("DUPLEX_ENDPOINT", endpoints.join(","))
-            .env("DUPLEX_TOKEN", self.pg.info["account"]["token"].as_str().unwrap())
-            .env("DUPLEX_PASSWORD", self.info("password"))
-            .env("DUPLEX_CA", self.info("ca"))
-            .output()
-            .unwrap()
+        crate::output_within(
+            Command::new(bin("duplex"))
+                .args(args)
+                .env("DUPLEX_ENDPOINT", endpoints.join(","))
+                .env("DUPLEX_TOKEN", self.pg.info["account"]["token"].as_str().unwrap())
+                .env("DUPLEX_PASSWORD", self.info("password"))
+                .env("DUPLEX_CA", self.info("ca")),
+            crate::COMMAND_LIMIT,
+        )
     }
 
     pub fn pid(&self, service: &str) -> i32 {

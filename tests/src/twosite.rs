@@ -213,14 +213,15 @@ impl TwoSites {
 
     /// `duplexctl ARGS` as the operator with `token`.
     pub fn ctl_as(&self, token: &str, args: &[&str]) -> Output {
-        Command::new(bin("duplexctl"))
-            .args(args)
-            .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
-            .env("DUPLEX_CA", &self.ca)
-            .env("DUPLEX_OPERATOR_TOKEN", token)
-            .env_remove("DUPLEX_ENDPOINT")
-            .output()
-            .unwrap()
+        crate::output_within(
+            Command::new(bin("duplexctl"))
+                .args(args)
+                .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
+                .env("DUPLEX_CA", &self.ca)
+                .env("DUPLEX_OPERATOR_TOKEN", token)
+                .env_remove("DUPLEX_ENDPOINT"),
+            crate::COMMAND_LIMIT,
+        )
     }
 
     /// Creates an operator with `role`; its token.
