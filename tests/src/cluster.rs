@@ -68,12 +68,11 @@ impl Cluster {
 
     /// `duplexctl ARGS` against this cluster.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        crate::output_within(
+        crate::output_within_limit(
             Command::new(bin("duplexctl"))
                 .args(args)
                 .env("DUPLEX_ENDPOINT", &self.account.addr)
                 .env("DUPLEX_INSECURE_PLAINTEXT", "1"),
-            crate::COMMAND_LIMIT,
         )
     }
 
@@ -106,7 +105,7 @@ impl Cluster {
     pub fn duplex_os(&self, token: &str, args: &[&std::ffi::OsStr]) -> Output {
         let mut cmd = duplex(&self.account.addr, token, args);
         cmd.env("DUPLEX_CACHE_DIR", self.path("agent-cache"));
-        crate::output_within(&mut cmd, crate::COMMAND_LIMIT)
+        crate::output_within_limit(&mut cmd)
     }
 
     /// `duplex ARGS --json`, asserting success; the parsed output.

@@ -62,14 +62,13 @@ impl Ha {
     }
 
     pub fn ctl(&self, args: &[&str]) -> Output {
-        crate::output_within(
+        crate::output_within_limit(
             Command::new(bin("duplexctl"))
                 .args(args)
                 .env("DUPLEX_COORDINATOR", self.info("coordinator"))
                 .env("DUPLEX_CA", self.info("ca"))
                 .env("DUPLEX_OPERATOR_TOKEN", self.info("operator_token"))
                 .env_remove("DUPLEX_ENDPOINT"),
-            crate::COMMAND_LIMIT,
         )
     }
 
@@ -88,14 +87,13 @@ impl Ha {
             .iter()
             .map(|e| e.as_str().unwrap())
             .collect();
-        crate::output_within(
+        crate::output_within_limit(
             Command::new(bin("duplex"))
                 .args(args)
                 .env("DUPLEX_ENDPOINT", endpoints.join(","))
                 .env("DUPLEX_TOKEN", self.pg.info["account"]["token"].as_str().unwrap())
                 .env("DUPLEX_PASSWORD", self.info("password"))
                 .env("DUPLEX_CA", self.info("ca")),
-            crate::COMMAND_LIMIT,
         )
     }
 

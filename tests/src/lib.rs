@@ -111,11 +111,10 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Op
 pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
 
 /// Runs `cmd` to its end like `Command::output`, but a command still
-/// running after `limit` is a hang: its threads' stacks are printed (when
-/// gdb is here), it is killed, and the test fails naming it, rather than
-/// the whole run waiting for CI's own timeout.
-pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::process::Output {
-    use std::io::Read;
+/// running after `COMMAND_LIMIT` is a hang: its threads' stacks are
+/// printed (when gdb is here), it is killed, and the test fails naming
+/// it, rather than the whole run waiting for CI's own timeout.
+pub fn output_within_limit(cmd: &mut std::process::Command) -> std::process::Output {
     use std::process::Stdio;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -123,29 +122,20 @@ pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::p
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        if start.elapsed() > limit {
+        if start.elapsed() > COMMAND_LIMIT {
             let stacks = stacks_of(child.id());
             let _ = child.kill();
             let _ = child.wait();
             let stderr = stderr.join().unwrap_or_default();
             panic!(
-                "{cmd:?} still ran after {limit:?}; its threads were:\n{stacks}\nits stderr:\n{}",
+                "{cmd:?} still ran after {COMMAND_LIMIT:?}; its threads were:\n{stacks}\nits stderr:\n{}",
                 String::from_utf8_lossy(&stderr)
             );
         }
@@ -156,6 +146,18 @@ pub fn output_within(cmd: &mut std::process::Command, limit: Duration) -> std::p
         stdout: stdout.join().unwrap_or_default(),
         stderr: stderr.join().unwrap_or_default(),
     }
+}
+
+/// Reads a child's pipe to its end on a thread of its own, so neither
+/// pipe fills while the other is read.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 /// Every thread's stack of process `pid`, from gdb if it is installed.

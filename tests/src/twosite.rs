@@ -213,14 +213,13 @@ impl TwoSites {
 
     /// `duplexctl ARGS` as the operator with `token`.
     pub fn ctl_as(&self, token: &str, args: &[&str]) -> Output {
-        crate::output_within(
+        crate::output_within_limit(
             Command::new(bin("duplexctl"))
                 .args(args)
                 .env("DUPLEX_COORDINATOR", &self.coordinator.addr)
                 .env("DUPLEX_CA", &self.ca)
                 .env("DUPLEX_OPERATOR_TOKEN", token)
                 .env_remove("DUPLEX_ENDPOINT"),
-            crate::COMMAND_LIMIT,
         )
     }
 
@@ -275,7 +274,7 @@ impl TwoSites {
 
     /// `duplex ARGS` through the coordinator, as the account with `token`.
     pub fn duplex(&self, token: &str, args: &[&str]) -> Output {
-        crate::output_within(self.duplex_command(token).args(args), crate::COMMAND_LIMIT)
+        crate::output_within_limit(self.duplex_command(token).args(args))
     }
 
     /// The agent with this cluster's endpoint and credentials, to add
